@@ -1,0 +1,297 @@
+//! `keel-bench`: reproducible measurements of Keel, printed as a table and (`--json`) as JSON.
+//!
+//! `keel-bench foundation` measures, on a throwaway profile on free loopback ports:
+//! - server start to open: `keel server start` wall time (spawn, start sequence, readiness
+//!   check by the node agent) and the in-process time from `WSVR0100I` to `WSVR0001I`;
+//! - restart after SIGKILL: from the kill to the node agent reporting the new process open,
+//!   with the monitor policy's ping interval at 1 s;
+//! - admin invoke round trip: `state` on the Server object, directly and forwarded by the
+//!   node agent.
+//!
+//! It drives the real `keel` binary (`--keel`, default: beside this executable), so build both
+//! in the same profile: `cargo build --release --bin keel --bin keel-bench`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use keel_admin::{AdminClient, Credential};
+use serde_json::{json, Value};
+
+mod engine_bench;
+
+#[derive(Parser)]
+#[command(about = "Keel benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    what: What,
+}
+
+#[derive(clap::Subcommand)]
+enum What {
+    /// One engine in-process: assured 1 KiB sends (group commit), receive+accept, restart, RSS.
+    Engine {
+        #[arg(long, default_value_t = 200_000)]
+        messages: u64,
+        #[arg(long, default_value_t = 64)]
+        producers: u32,
+        #[arg(long, default_value_t = 4)]
+        consumers: u32,
+        #[arg(long, default_value_t = 1024)]
+        body_bytes: usize,
+        /// Keep the store here instead of a temp directory.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Server start, restart after SIGKILL, admin round trip.
+    Foundation {
+        /// The keel binary (default: next to keel-bench).
+        #[arg(long)]
+        keel: Option<PathBuf>,
+        /// Start/stop cycles and kill/restart cycles.
+        #[arg(long, default_value_t = 10)]
+        cycles: u32,
+        /// Admin invokes per mode.
+        #[arg(long, default_value_t = 2000)]
+        invokes: u32,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().what {
+        What::Engine {
+            messages,
+            producers,
+            consumers,
+            body_bytes,
+            dir,
+            json,
+        } => engine_bench::run(engine_bench::Opts {
+            messages,
+            producers,
+            consumers,
+            body_bytes,
+            dir,
+            json,
+        }),
+        What::Foundation {
+            keel,
+            cycles,
+            invokes,
+            json,
+        } => {
+            let keel = match keel {
+                Some(k) => k,
+                None => std::env::current_exe()?.with_file_name("keel"),
+            };
+            if !keel.exists() {
+                bail!("keel binary not found at {}; build it with `cargo build --release --bin keel` or pass --keel", keel.display());
+            }
+            foundation(&keel, cycles.max(1), invokes.max(1), json)
+        }
+    }
+}
+
+struct Profile {
+    keel: PathBuf,
+    dir: PathBuf,
+    base_port: u16,
+}
+
+impl Profile {
+    fn keel(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(&self.keel)
+            .arg("--profile")
+            .arg(&self.dir)
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "keel {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+    fn status(&self) -> Result<Value> {
+        Ok(serde_json::from_str(
+            &self.keel(&["server", "status", "server1", "--json"])?,
+        )?)
+    }
+}
+
+fn free_base_port() -> u16 {
+    let seed = std::process::id() as u16;
+    (0..1000u16)
+        .map(|i| 30_000 + (seed.wrapping_add(i * 37) % 2_000) * 10)
+        .find(|b| (0..10).all(|p| std::net::TcpListener::bind(("127.0.0.1", b + p)).is_ok()))
+        .unwrap_or(37_270)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn summary(name: &str, mut ms: Vec<f64>) -> Value {
+    ms.sort_by(|a, b| a.total_cmp(b));
+    json!({"metric": name, "n": ms.len(), "p50_ms": percentile(&ms, 0.5), "p99_ms": percentile(&ms, 0.99), "max_ms": ms.last().copied().unwrap_or(f64::NAN)})
+}
+
+/// Milliseconds between the last WSVR0100I and the following WSVR0001I in a SystemOut.log.
+fn in_process_start_ms(log: &Path) -> Option<f64> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let ts = |line: &str| -> Option<std::time::SystemTime> { humantime_parse(line.get(1..25)?) };
+    let start = text.lines().rev().find(|l| l.contains("WSVR0100I"))?;
+    let open = text.lines().rev().find(|l| l.contains("WSVR0001I"))?;
+    Some(ts(open)?.duration_since(ts(start)?).ok()?.as_secs_f64() * 1000.0)
+}
+
+/// Parses `2026-11-24T10:36:08.123Z` (the log's timestamp) without another dependency.
+fn humantime_parse(s: &str) -> Option<std::time::SystemTime> {
+    let (date, time) = s.trim_end_matches('Z').split_once('T')?;
+    let mut d = date.split('-').map(|x| x.parse::<i64>().ok());
+    let (y, mo, da) = (d.next()??, d.next()??, d.next()??);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let mut t = hms.split(':').map(|x| x.parse::<i64>().ok());
+    let (h, mi, se) = (t.next()??, t.next()??, t.next()??);
+    // Days from civil (Howard Hinnant's algorithm).
+    let y2 = if mo <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let doy = (153 * (if mo > 2 { mo - 3 } else { mo + 9 }) + 2) / 5 + da - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + h * 3600 + mi * 60 + se;
+    let ms: u64 = format!("{frac:0<3}")[..3].parse().ok()?;
+    Some(std::time::UNIX_EPOCH + Duration::from_secs(secs as u64) + Duration::from_millis(ms))
+}
+
+fn foundation(keel: &Path, cycles: u32, invokes: u32, json_out: bool) -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let base_port = free_base_port();
+    let p = Profile {
+        keel: keel.to_path_buf(),
+        dir: tmp.path().join("profile"),
+        base_port,
+    };
+    p.keel(&[
+        "profile",
+        "create",
+        p.dir.to_str().context("path")?,
+        "--base-port",
+        &base_port.to_string(),
+    ])?;
+    p.keel(&[
+        "server",
+        "set-monitor-policy",
+        "server1",
+        "--ping-interval-s",
+        "1",
+    ])?;
+    p.keel(&["node", "start"])?;
+    let result = measure(&p, cycles, invokes);
+    let _ = p.keel(&["node", "stop", "--stop-servers"]);
+    let results = result?;
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&Value::Array(results))?);
+    } else {
+        println!(
+            "{:<40} {:>6} {:>10} {:>10} {:>10}",
+            "metric", "n", "p50 ms", "p99 ms", "max ms"
+        );
+        for r in &results {
+            println!(
+                "{:<40} {:>6} {:>10.2} {:>10.2} {:>10.2}",
+                r["metric"].as_str().unwrap_or(""),
+                r["n"],
+                r["p50_ms"].as_f64().unwrap_or(f64::NAN),
+                r["p99_ms"].as_f64().unwrap_or(f64::NAN),
+                r["max_ms"].as_f64().unwrap_or(f64::NAN)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn measure(p: &Profile, cycles: u32, invokes: u32) -> Result<Vec<Value>> {
+    let log = p.dir.join("logs/server1/SystemOut.log");
+    let (mut start_wall, mut start_inproc) = (Vec::new(), Vec::new());
+    for _ in 0..cycles {
+        let t0 = Instant::now();
+        p.keel(&["server", "start", "server1"])?;
+        start_wall.push(t0.elapsed().as_secs_f64() * 1000.0);
+        if let Some(ms) = in_process_start_ms(&log) {
+            start_inproc.push(ms);
+        }
+        p.keel(&["server", "stop", "server1"])?;
+    }
+    p.keel(&["server", "start", "server1"])?;
+
+    let mut restart = Vec::new();
+    for _ in 0..cycles {
+        let pid = p.status()?["pid"].as_u64().context("pid")?;
+        let t0 = Instant::now();
+        Command::new("kill")
+            .arg("-9")
+            .arg(pid.to_string())
+            .status()?;
+        loop {
+            let st = p.status()?;
+            if st["state"] == "started" && st["pid"].as_u64() != Some(pid) {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                bail!("server1 was not restarted within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        restart.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+
+    let password = std::fs::read_to_string(p.dir.join("secrets/admin-password"))?
+        .trim()
+        .to_string();
+    let cred = Credential {
+        user: "admin".into(),
+        password,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let name = "Keel:type=Server,name=server1,node=node01,process=server1";
+    let mut rtt = Vec::new();
+    for (label, port) in [
+        ("admin invoke, direct to server", p.base_port + 1),
+        ("admin invoke, forwarded by node agent", p.base_port),
+    ] {
+        let client = AdminClient::new(
+            std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            cred.clone(),
+        );
+        let mut ms = Vec::with_capacity(invokes as usize);
+        for _ in 0..invokes {
+            let t0 = Instant::now();
+            rt.block_on(client.invoke(name, "state", vec![]))?;
+            ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+        }
+        rtt.push(summary(label, ms));
+    }
+    let mut out = vec![
+        summary("server start to open (keel server start)", start_wall),
+        summary("server start, WSVR0100I to WSVR0001I", start_inproc),
+        summary("restart after SIGKILL (ping interval 1 s)", restart),
+    ];
+    out.extend(rtt);
+    Ok(out)
+}

@@ -1,0 +1,340 @@
+//! Delivery streams between messaging engines (DESIGN §5), as pure state machines: no I/O, no
+//! clock, no store. The engine persists each state change in the same store transaction as the
+//! message change it describes and carries frames over ME-to-ME links; this crate decides what
+//! the states and frames mean, so the protocol can be tested exhaustively on its own.
+//!
+//! A stream carries messages from one source engine to one target engine, numbered by *ticks*
+//! 1, 2, 3 … under a random `stream_id`.
+//! - Source: assigns ticks, keeps every unacknowledged message, forgets a message when the
+//!   target's cumulative ack covers it, resends from any tick the target asks for.
+//! - Target: keeps `prefix`, the highest tick such that every tick up to it is complete. Tick ≤
+//!   prefix: a duplicate, dropped and re-acked. Tick = prefix + 1: delivered, prefix advances.
+//!   Beyond: a gap; the target asks for a resend from prefix + 1.
+//! - Connect: the source states its `next_tick` and `acked`; the target answers with its prefix,
+//!   or finds one of the two impossible situations that only a store gone back in time causes:
+//!   1. the target completed ticks the source says it never sent: the *source* was restored;
+//!   2. the source holds acks beyond the target's prefix: the *target* was restored.
+//!
+//!   Either holds the stream (nothing is dropped: the source keeps its messages) until a FLUSH.
+//! - FLUSH: the source moves its unacknowledged messages, in order, onto a new stream with
+//!   ticks from 1, and the target discards the old stream's state.
+//!
+//! Invariants (asserted): `acked < next_tick`; the unacked ticks are exactly
+//! `acked+1 .. next_tick`; a target's prefix only grows within one stream.
+
+pub mod link;
+
+use std::collections::BTreeMap;
+
+/// What a source announces when a link comes up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub stream_id: String,
+    /// The tick the next new message will get (every tick below it was assigned).
+    pub next_tick: u64,
+    /// Every tick up to this one was acknowledged by the target.
+    pub acked: u64,
+}
+
+/// The target's answer to a `Hello`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Consistent: the source resends from `from` (everything at or below `from - 1` is
+    /// complete at the target, so the source may forget it).
+    Resume { from: u64 },
+    /// The target completed ticks the source never sent: the source's store went back in time.
+    SourceRestored {
+        target_prefix: u64,
+        source_next_tick: u64,
+    },
+    /// The source was acknowledged beyond the target's prefix: the target's store went back.
+    TargetRestored {
+        target_prefix: u64,
+        source_acked: u64,
+    },
+}
+
+/// Frames on an ME-to-ME link for one stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame<M> {
+    Data {
+        stream_id: String,
+        tick: u64,
+        msg: M,
+    },
+    /// Cumulative: every tick up to `upto` is complete at the target.
+    Ack { stream_id: String, upto: u64 },
+    /// The target has a gap: resend from `from`.
+    Resend { stream_id: String, from: u64 },
+}
+
+/// The sending side of one stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source<M> {
+    stream_id: String,
+    next_tick: u64,
+    acked: u64,
+    unacked: BTreeMap<u64, M>,
+    /// Held after a handshake found a restored store: nothing is sent until a FLUSH.
+    held: bool,
+}
+
+impl<M: Clone> Source<M> {
+    pub fn new(stream_id: impl Into<String>) -> Source<M> {
+        Source {
+            stream_id: stream_id.into(),
+            next_tick: 1,
+            acked: 0,
+            unacked: BTreeMap::new(),
+            held: false,
+        }
+    }
+
+    pub fn stream_id(&self) -> &str {
+        &self.stream_id
+    }
+
+    pub fn hello(&self) -> Hello {
+        Hello {
+            stream_id: self.stream_id.clone(),
+            next_tick: self.next_tick,
+            acked: self.acked,
+        }
+    }
+
+    pub fn is_held(&self) -> bool {
+        self.held
+    }
+
+    /// Messages waiting for an ack, in tick order.
+    pub fn unacked(&self) -> impl Iterator<Item = (u64, &M)> {
+        self.unacked.iter().map(|(t, m)| (*t, m))
+    }
+
+    /// Assigns the next tick to `msg` and keeps it until acked; returns the frame to send
+    /// (None while the stream is held: the message waits in the source).
+    pub fn send(&mut self, msg: M) -> (u64, Option<Frame<M>>) {
+        let tick = self.next_tick;
+        self.next_tick += 1;
+        self.unacked.insert(tick, msg.clone());
+        self.check();
+        let frame = (!self.held).then(|| Frame::Data {
+            stream_id: self.stream_id.clone(),
+            tick,
+            msg,
+        });
+        (tick, frame)
+    }
+
+    /// A cumulative ack; acks for another stream or below what is known are ignored (late or
+    /// duplicated frames). An ack beyond what was sent is a protocol violation (returned).
+    pub fn on_ack(&mut self, stream_id: &str, upto: u64) -> Result<(), String> {
+        if stream_id != self.stream_id || upto <= self.acked {
+            return Ok(());
+        }
+        if upto >= self.next_tick {
+            return Err(format!(
+                "stream {stream_id}: ack of tick {upto}, but only ticks below {} were sent",
+                self.next_tick
+            ));
+        }
+        self.unacked = self.unacked.split_off(&(upto + 1));
+        self.acked = upto;
+        self.check();
+        Ok(())
+    }
+
+    /// Frames resending every unacked message from `from` on, in order.
+    pub fn resend_from(&self, from: u64) -> Vec<Frame<M>> {
+        if self.held {
+            return Vec::new();
+        }
+        self.unacked
+            .range(from.max(self.acked + 1)..)
+            .map(|(t, m)| Frame::Data {
+                stream_id: self.stream_id.clone(),
+                tick: *t,
+                msg: m.clone(),
+            })
+            .collect()
+    }
+
+    /// Applies the target's verdict after a connect; returns the frames to (re)send.
+    pub fn on_verdict(&mut self, v: &Verdict) -> Vec<Frame<M>> {
+        match v {
+            Verdict::Resume { from } => {
+                self.held = false;
+                // The target holds everything below `from`: same as an ack.
+                if *from > 1 {
+                    let _ = self.on_ack(&self.stream_id.clone(), from - 1);
+                }
+                self.resend_from(*from)
+            }
+            Verdict::SourceRestored { .. } | Verdict::TargetRestored { .. } => {
+                self.held = true;
+                Vec::new()
+            }
+        }
+    }
+
+    /// FLUSH: every unacked message moves, in order, onto `new_stream_id` with ticks from 1.
+    /// Returns the old stream's id (the target must discard it).
+    pub fn flush(&mut self, new_stream_id: impl Into<String>) -> String {
+        let new_id = new_stream_id.into();
+        assert_ne!(new_id, self.stream_id, "a flush needs a new stream id");
+        let old = std::mem::replace(&mut self.stream_id, new_id);
+        let msgs: Vec<M> = std::mem::take(&mut self.unacked).into_values().collect();
+        self.acked = 0;
+        self.next_tick = 1;
+        self.held = false;
+        for m in msgs {
+            self.unacked.insert(self.next_tick, m);
+            self.next_tick += 1;
+        }
+        self.check();
+        old
+    }
+
+    fn check(&self) {
+        assert!(
+            self.acked < self.next_tick,
+            "acked {} must be below next_tick {}",
+            self.acked,
+            self.next_tick
+        );
+        debug_assert!(
+            self.unacked
+                .keys()
+                .copied()
+                .eq(self.acked + 1..self.next_tick),
+            "unacked ticks must be exactly acked+1..next_tick"
+        );
+    }
+}
+
+/// What a target does with one data frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery<M> {
+    /// New and in order: deliver it and persist the new prefix in the same store transaction,
+    /// then send the ack.
+    Deliver { msg: M, ack: Frame<M> },
+    /// Already complete: drop it, re-send the ack.
+    Duplicate { ack: Frame<M> },
+    /// Ahead of the prefix: drop it and ask for the missing ticks.
+    Gap { resend: Frame<M> },
+    /// For a stream this target does not know, or one it was told to discard.
+    UnknownStream,
+}
+
+/// The receiving side of the streams of one source engine.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Target {
+    /// Completed prefix per stream id.
+    prefixes: BTreeMap<String, u64>,
+}
+
+impl Target {
+    pub fn prefix(&self, stream_id: &str) -> Option<u64> {
+        self.prefixes.get(stream_id).copied()
+    }
+
+    /// The connect handshake (see the crate docs). A stream the target has never seen starts at
+    /// prefix 0, unless the source already holds acks for it (case 2).
+    pub fn on_hello(&mut self, h: &Hello) -> Verdict {
+        let prefix = self.prefixes.get(&h.stream_id).copied().unwrap_or(0);
+        if prefix >= h.next_tick {
+            return Verdict::SourceRestored {
+                target_prefix: prefix,
+                source_next_tick: h.next_tick,
+            };
+        }
+        if h.acked > prefix {
+            return Verdict::TargetRestored {
+                target_prefix: prefix,
+                source_acked: h.acked,
+            };
+        }
+        self.prefixes.entry(h.stream_id.clone()).or_insert(0);
+        Verdict::Resume { from: prefix + 1 }
+    }
+
+    pub fn on_data<M>(&mut self, stream_id: &str, tick: u64, msg: M) -> Delivery<M> {
+        assert!(tick >= 1, "ticks start at 1");
+        let Some(prefix) = self.prefixes.get_mut(stream_id) else {
+            return Delivery::UnknownStream;
+        };
+        let ack = |upto| Frame::Ack {
+            stream_id: stream_id.to_string(),
+            upto,
+        };
+        if tick <= *prefix {
+            return Delivery::Duplicate { ack: ack(*prefix) };
+        }
+        if tick > *prefix + 1 {
+            return Delivery::Gap {
+                resend: Frame::Resend {
+                    stream_id: stream_id.to_string(),
+                    from: *prefix + 1,
+                },
+            };
+        }
+        *prefix = tick;
+        Delivery::Deliver {
+            msg,
+            ack: ack(tick),
+        }
+    }
+
+    /// FLUSH: forget a stream the source has replaced.
+    pub fn discard(&mut self, stream_id: &str) {
+        self.prefixes.remove(stream_id);
+    }
+}
+
+/// The target's memory of recently delivered message IDs from one source engine, so that
+/// pre-backup messages resent after a FLUSH (new stream, new ticks, same IDs) are recognised
+/// and dropped. Bounded: the oldest IDs leave first; a window that covers the backup's age
+/// gives zero duplicates (DESIGN §5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DedupWindow {
+    capacity: usize,
+    order: std::collections::VecDeque<String>,
+    ids: std::collections::HashSet<String>,
+}
+
+impl DedupWindow {
+    pub fn new(capacity: usize) -> DedupWindow {
+        assert!(capacity > 0, "a window holds at least one ID");
+        DedupWindow {
+            capacity,
+            order: std::collections::VecDeque::with_capacity(capacity.min(1 << 16)),
+            ids: std::collections::HashSet::new(),
+        }
+    }
+
+    /// Records `id`; returns false when it was already there (a duplicate to drop).
+    pub fn admit(&mut self, id: &str) -> bool {
+        if self.ids.contains(id) {
+            return false;
+        }
+        if self.order.len() == self.capacity {
+            let old = self.order.pop_front().expect("a full window is non-empty");
+            self.ids.remove(&old);
+        }
+        self.order.push_back(id.to_string());
+        self.ids.insert(id.to_string());
+        debug_assert_eq!(self.order.len(), self.ids.len());
+        true
+    }
+
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,123 @@
+//! What every command needs: the profile, the admin credential, clients for the node agent and
+//! servers, and a small runtime to drive them.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use keel_admin::{AdminClient, AdminError, Credential, Value};
+use keel_config::{Config, Profile};
+use keel_core::layout::NODE_AGENT;
+use keel_core::ObjectName;
+
+pub struct Ctx {
+    profile_dir: PathBuf,
+}
+
+impl Ctx {
+    pub fn new(profile: Option<PathBuf>) -> Ctx {
+        Ctx {
+            profile_dir: profile.unwrap_or_else(|| PathBuf::from("keel-profile")),
+        }
+    }
+
+    pub fn profile_dir(&self) -> &std::path::Path {
+        &self.profile_dir
+    }
+
+    pub fn profile(&self) -> Result<Profile> {
+        Ok(Profile::open(&self.profile_dir)?)
+    }
+
+    pub fn credential(&self, profile: &Profile) -> Result<Credential> {
+        Ok(Credential {
+            user: "admin".into(),
+            password: profile.admin_password()?,
+        })
+    }
+
+    /// The node's synchronized configuration when present, else the master (before the first
+    /// node agent start the copy may not exist yet).
+    pub fn config(&self, profile: &Profile) -> Result<(String, Config)> {
+        let node = profile.local_node()?;
+        let cfg = match profile.node_copy(&node).load() {
+            Ok(c) => c,
+            Err(_) => profile.master().load()?,
+        };
+        Ok((node, cfg))
+    }
+}
+
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+pub fn local(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+/// A connection to the node agent, or the sentence an operator needs when it is not running.
+pub struct NodeAgent {
+    pub client: AdminClient,
+    pub name: String,
+    pub node: String,
+}
+
+impl NodeAgent {
+    pub fn connect(
+        ctx: &Ctx,
+        rt: &tokio::runtime::Runtime,
+        profile: &Profile,
+    ) -> Result<NodeAgent> {
+        let (node, cfg) = ctx.config(profile)?;
+        let port = cfg
+            .node(&node)
+            .map(|n| n.admin_port)
+            .ok_or_else(|| anyhow!("node {node} is not in the configuration"))?;
+        let client = AdminClient::new(local(port), ctx.credential(profile)?);
+        match rt.block_on(client.clone().with_timeout_ms(2_000).ping()) {
+            Ok(_) => {}
+            Err(AdminError::Unreachable { .. }) | Err(AdminError::Timeout { .. }) => {
+                return Err(anyhow!(
+                    "the node agent of node {node} is not running (nothing answers at 127.0.0.1:{port}); start it with `keel --profile {} node start`, then retry",
+                    ctx.profile_dir.display()
+                ))
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let name = ObjectName::new(&[
+            ("type", "NodeAgent"),
+            ("name", NODE_AGENT),
+            ("node", &node),
+            ("process", NODE_AGENT),
+        ])
+        .to_string();
+        Ok(NodeAgent { client, name, node })
+    }
+
+    pub fn invoke(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        op: &str,
+        args: Vec<Value>,
+        timeout: Duration,
+    ) -> Result<Value> {
+        let client = self
+            .client
+            .clone()
+            .with_timeout_ms(timeout.as_millis() as u64);
+        Ok(rt.block_on(client.invoke(&self.name, op, args))?)
+    }
+}
+
+/// Prints JSON for `--json` (pretty, one document).
+pub fn print_json(v: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+    );
+}

@@ -1,0 +1,142 @@
+//! `keel send` and `keel receive`: operator access to queues, through the queue point's admin
+//! object on the server that holds the queue (the AMQP endpoint is the application path).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use keel_admin::{AdminClient, Value};
+use serde_json::json;
+
+use crate::ctx::{local, runtime, Ctx};
+
+#[derive(Args, Debug)]
+pub struct SendArgs {
+    /// Destination (queue) name.
+    dest: String,
+    /// The server whose engine holds the destination.
+    #[arg(long)]
+    server: String,
+    /// Send the same body this many times.
+    #[arg(long, default_value_t = 1)]
+    count: u32,
+    /// best_effort, express, reliable_persistent or assured_persistent (capped at the destination's maximum).
+    #[arg(long)]
+    reliability: Option<String>,
+    #[arg(long)]
+    priority: Option<u8>,
+    #[arg(long)]
+    ttl_ms: Option<u64>,
+    #[arg(long, conflicts_with = "file")]
+    body: Option<String>,
+    #[arg(long)]
+    file: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct ReceiveArgs {
+    dest: String,
+    #[arg(long)]
+    server: String,
+    /// Receive at most this many messages.
+    #[arg(long, default_value_t = 1)]
+    count: u32,
+    /// Wait up to this long for messages (0: take what is there).
+    #[arg(long, default_value_t = 0)]
+    timeout_s: u64,
+    /// One JSON object per line instead of the bodies.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Bounds one admin call's batch so a large `--count` streams in pieces.
+const BATCH_MAX: u32 = 1_000;
+
+fn queue_point(ctx: &Ctx, server: &str, dest: &str) -> Result<(AdminClient, String)> {
+    let profile = ctx.profile()?;
+    let (node, cfg) = ctx.config(&profile)?;
+    let (_, s) = cfg
+        .find_server(server)
+        .ok_or_else(|| anyhow!("server {server} is not defined on node {node}"))?;
+    let (bus, m) = cfg.mes_of_server(&node, server).into_iter().next().ok_or_else(|| anyhow!("server {server} is not a member of any bus; add it with `keel bus add-member BUS --server {server}`"))?;
+    let d = cfg.find_destination(&bus.name, dest).ok_or_else(|| anyhow!("destination {dest} is not defined on bus {}; create it with `keel destination create {} {dest} --type queue`", bus.name, bus.name))?;
+    if d.me != m.me {
+        bail!("destination {dest} is held by messaging engine {}, not by {} on server {server}; use the server of {}", d.me, m.me, d.me);
+    }
+    let name = keel_core::ObjectName::new(&[
+        ("type", "SIBQueuePoint"),
+        ("name", &format!("{dest}@{}", m.me)),
+        ("bus", &bus.name),
+        ("node", &node),
+        ("process", server),
+    ])
+    .to_string();
+    Ok((
+        AdminClient::new(local(s.admin_port), ctx.credential(&profile)?),
+        name,
+    ))
+}
+
+pub fn send(ctx: &Ctx, a: SendArgs) -> Result<ExitCode> {
+    let body = match (a.body, a.file) {
+        (Some(b), _) => b,
+        (None, Some(f)) => {
+            std::fs::read_to_string(&f).with_context(|| format!("cannot read {}", f.display()))?
+        }
+        (None, None) => bail!("give the message with --body TEXT or --file FILE"),
+    };
+    let (client, name) = queue_point(ctx, &a.server, &a.dest)?;
+    let mut opts = json!({});
+    if let Some(r) = a.reliability {
+        opts["reliability"] = Value::from(r);
+    }
+    if let Some(p) = a.priority {
+        opts["priority"] = Value::from(p);
+    }
+    if let Some(t) = a.ttl_ms {
+        opts["ttl_ms"] = Value::from(t);
+    }
+    let rt = runtime()?;
+    for _ in 0..a.count {
+        let id = rt.block_on(client.invoke(
+            &name,
+            "send",
+            vec![Value::from(body.clone()), opts.clone()],
+        ))?;
+        println!("{}", id.as_str().unwrap_or_default());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn receive(ctx: &Ctx, a: ReceiveArgs) -> Result<ExitCode> {
+    let (client, name) = queue_point(ctx, &a.server, &a.dest)?;
+    let rt = runtime()?;
+    let client = client.with_timeout_ms(a.timeout_s.saturating_mul(1000) + 30_000);
+    let mut left = a.count;
+    let deadline = std::time::Instant::now() + Duration::from_secs(a.timeout_s);
+    while left > 0 {
+        let timeout_ms = deadline
+            .saturating_duration_since(std::time::Instant::now())
+            .as_millis() as u64;
+        let got = rt.block_on(client.invoke(
+            &name,
+            "receive",
+            vec![json!({"count": left.min(BATCH_MAX), "timeout_ms": timeout_ms})],
+        ))?;
+        let msgs = got.as_array().cloned().unwrap_or_default();
+        if msgs.is_empty() {
+            break;
+        }
+        for m in &msgs {
+            if a.json {
+                println!("{m}");
+            } else {
+                println!("{}", m["body"].as_str().unwrap_or_default());
+            }
+        }
+        left -= msgs.len() as u32;
+    }
+    Ok(ExitCode::SUCCESS)
+}

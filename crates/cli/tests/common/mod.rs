@@ -1,0 +1,236 @@
+//! Test harness: a temporary profile on free ports, `keel` commands run as real processes, and
+//! cleanup that kills every process the profile's pid files name (so a failed test leaks
+//! nothing into the next one).
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+pub struct Env {
+    _dir: tempfile::TempDir,
+    pub profile: PathBuf,
+    pub base_port: u16,
+}
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(o: Output) -> Run {
+        Run {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into(),
+            stderr: String::from_utf8_lossy(&o.stderr).into(),
+        }
+    }
+}
+
+pub fn keel_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_keel")
+}
+
+/// A base port with `count` free consecutive ports above it. Tests run in parallel processes,
+/// so the start is spread by pid and time; each candidate range is checked by binding it.
+pub fn free_base_port(count: u16) -> u16 {
+    let seed = (std::process::id() as u64).wrapping_mul(7919)
+        ^ (Instant::now().elapsed().as_nanos() as u64)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos() as u64;
+    for i in 0..500u64 {
+        let base = 20_000 + ((seed.wrapping_add(i * 104_729)) % 3_000) as u16 * 10;
+        let ok = (0..count).all(|p| TcpListener::bind(("127.0.0.1", base + p)).is_ok());
+        if ok {
+            return base;
+        }
+    }
+    panic!("no free port range found");
+}
+
+impl Env {
+    /// A fresh profile (not started).
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Env {
+        Env::new_with(&[])
+    }
+
+    /// A fresh profile made with extra `profile create` options.
+    pub fn new_with(extra: &[&str]) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let profile = dir.path().join("profile");
+        let base_port = free_base_port(10);
+        let env = Env {
+            _dir: dir,
+            profile,
+            base_port,
+        };
+        let port = base_port.to_string();
+        let mut args = vec![
+            "profile",
+            "create",
+            env.profile.to_str().unwrap(),
+            "--base-port",
+            &port,
+        ];
+        args.extend_from_slice(extra);
+        let r = env.keel(&args);
+        assert_eq!(r.code, 0, "profile create failed: {}", r.stderr);
+        env
+    }
+
+    pub fn dir(&self) -> &Path {
+        self._dir.path()
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(keel_bin());
+        c.arg("--profile").arg(&self.profile).args(args);
+        c.env_remove("KEEL_FAULTS").env_remove("KEEL_PROFILE");
+        c
+    }
+
+    pub fn keel(&self, args: &[&str]) -> Run {
+        Run::from(self.cmd(args).output().unwrap())
+    }
+
+    /// Runs a command that must succeed; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let r = self.keel(args);
+        assert_eq!(
+            r.code,
+            0,
+            "`keel {}` failed:\nstdout: {}\nstderr: {}",
+            args.join(" "),
+            r.stdout,
+            r.stderr
+        );
+        r.stdout
+    }
+
+    /// Runs a command that must fail with one sentence on stderr; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let r = self.keel(args);
+        assert_ne!(
+            r.code,
+            0,
+            "`keel {}` should have failed:\nstdout: {}",
+            args.join(" "),
+            r.stdout
+        );
+        assert!(
+            r.stderr.starts_with("keel: "),
+            "stderr should be one `keel: ...` sentence: {}",
+            r.stderr
+        );
+        assert_eq!(
+            r.stderr.trim_end().lines().count(),
+            1,
+            "stderr should be one line: {}",
+            r.stderr
+        );
+        r.stderr
+    }
+
+    pub fn status(&self, server: &str) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["server", "status", server, "--json"])).unwrap()
+    }
+
+    pub fn log(&self, process: &str) -> String {
+        std::fs::read_to_string(
+            self.profile
+                .join("logs")
+                .join(process)
+                .join("SystemOut.log"),
+        )
+        .unwrap_or_default()
+    }
+
+    /// Polls `f` every 50 ms until it returns Some, or panics after `limit` with `what`.
+    pub fn wait_for<T>(&self, limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(v) = f() {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {limit:?} waiting for {what}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn admin_password(&self) -> String {
+        std::fs::read_to_string(self.profile.join("secrets/admin-password"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let run = self.profile.join("run");
+        if let Ok(entries) = std::fs::read_dir(&run) {
+            for e in entries.flatten() {
+                if e.path().extension().is_some_and(|x| x == "pid") {
+                    if let Some(pid) = std::fs::read_to_string(e.path())
+                        .ok()
+                        .and_then(|t| t.trim().parse::<i32>().ok())
+                    {
+                        // A stale pid file (a crashed process) may name a pid the kernel has
+                        // given to another test's process by now (pid_max is 32768 here):
+                        // kill only a process whose command line names this profile.
+                        let cmdline =
+                            std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                        if String::from_utf8_lossy(&cmdline)
+                            .contains(self.profile.to_str().unwrap())
+                        {
+                            let _ = nix_kill(pid);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn nix_kill(pid: i32) -> std::io::Result<()> {
+    let st = Command::new("kill")
+        .arg("-9")
+        .arg(pid.to_string())
+        .output()?;
+    let _ = st;
+    Ok(())
+}
+
+pub fn sigkill(pid: u64) {
+    let st = Command::new("kill")
+        .arg("-9")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(st.success(), "kill -9 {pid} failed");
+}
+
+/// Sends one raw HTTP request to 127.0.0.1:port and returns the status code.
+pub fn http_status(port: u16, request: &str) -> u16 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"))
+}

@@ -1,0 +1,293 @@
+//! The one message catalog: every log line with a message ID takes its text from here, and
+//! `keel explain ID` prints the explanation and the user action.
+//!
+//! IDs follow `PREFIXnnnnS`: prefix by component (`CWSIP` messaging, `WTRN` transactions,
+//! `WSVR` server runtime, `ADMN` admin and node agent), four digits, and the severity letter
+//! (`I`, `W`, `E`). IDs named by the seed procedures keep their meaning (`CWSIP0783E`,
+//! `CWSIP0784E`, `WSVR0024I`, `WSVR0001I`). Text templates name fields in braces (`{server}`);
+//! the log writer fills them from the event's fields.
+//!
+//! Log with `keel_core::emit!(catalog::WSVR0001I, server = name, pid = pid)`.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Severity {
+    Info,
+    Warning,
+    Error,
+}
+
+impl Severity {
+    pub fn letter(self) -> char {
+        match self {
+            Severity::Info => 'I',
+            Severity::Warning => 'W',
+            Severity::Error => 'E',
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Msg {
+    pub id: &'static str,
+    pub severity: Severity,
+    pub text: &'static str,
+    pub explanation: &'static str,
+    pub action: &'static str,
+}
+
+macro_rules! catalog {
+    ($( $id:ident, $sev:ident, $text:expr, $expl:expr, $action:expr; )*) => {
+        $( pub const $id: &Msg = &Msg {
+            id: stringify!($id), severity: Severity::$sev, text: $text, explanation: $expl, action: $action,
+        }; )*
+        /// Every message, in catalog order.
+        pub const ALL: &[&Msg] = &[ $( $id ),* ];
+    };
+}
+
+catalog! {
+    // --- server runtime -------------------------------------------------------------------
+    WSVR0001I, Info, "Server {server} open for work (pid {pid}, admin port {admin_port}, bus port {bus_port}).",
+        "The server finished starting: its endpoints are bound and it accepts work.",
+        "None.";
+    WSVR0024I, Info, "Server {server} stopped.",
+        "The server shut down normally: every component stopped and the process is about to exit.",
+        "None.";
+    WSVR0100I, Info, "Server {server} starting in {mode} mode (pid {pid}, config version {config_version}).",
+        "A server process began its start sequence.",
+        "None. Look for WSVR0001I (open) or WSVR0101E (failed).";
+    WSVR0101E, Error, "Server {server} could not start: {reason}",
+        "A component of the server failed during start; the process exits with a non-zero status.",
+        "Read the reason: fix the named file, port or permission, then start the server again.";
+    WSVR0102I, Info, "Server {server} stopping ({reason}).",
+        "The server began a normal shutdown.",
+        "None. WSVR0024I follows when it is complete.";
+    WSVR0103I, Info, "Server {server} started in recovery mode: it accepts no new work and stops when recovery is complete.",
+        "A `--recovery` start runs only the services transaction recovery needs: no bus port, no applications.",
+        "Wait for WSVR0105I and for the process to exit, then start the server normally.";
+    WSVR0104E, Error, "Server {server} cannot start in recovery mode: it has no recovery logs under {path}.",
+        "A recovery-mode start finishes in-doubt transactions recorded in the recovery logs; without logs there is nothing to recover (the last stop was clean, or the logs were moved).",
+        "Start the server normally (`keel server start NAME`). If you moved the logs, put them back under the named directory first.";
+    WSVR0105I, Info, "Server {server} finished recovery: {resolved} in-doubt transaction(s) resolved; the server stops now.",
+        "Every transaction in the recovery logs reached an outcome at every resource and their locks are released.",
+        "None. Start the server normally when you are ready.";
+    WSVR0106W, Warning, "Fault point names in KEEL_FAULTS are not known and will never fire: {points}.",
+        "KEEL_FAULTS names fault points for crash tests; these names match no point in this build.",
+        "Correct the names; `keel explain WSVR0106W` and docs/OPERATIONS.md list the points.";
+    // --- admin API and node agent -----------------------------------------------------------
+    ADMN0001I, Info, "Node agent of node {node} started (pid {pid}, admin port {admin_port}).",
+        "The node agent is up and supervises the servers of its node.",
+        "None.";
+    ADMN0002I, Info, "Node agent of node {node} stopped.",
+        "The node agent shut down on request. Servers it launched keep running unless they were stopped with it.",
+        "None.";
+    ADMN0003W, Warning, "Admin request {method} {path} from {peer} refused: {why}.",
+        "Every admin request must carry the profile's admin credential (HTTP basic auth, user `admin`, password in secrets/admin-password).",
+        "Use `keel admin` from the profile, or send the credential. Repeated refusals from an unknown peer may be an attack.";
+    ADMN0010I, Info, "Launching server {server} in {mode} mode (attempt {attempt} of {max_attempts}).",
+        "The node agent is starting a server process.",
+        "None.";
+    ADMN0011I, Info, "Server {server} is open for work (pid {pid}), {elapsed_ms} ms after launch.",
+        "The server answered its admin ping after launch.",
+        "None.";
+    ADMN0012W, Warning, "Server {server} (pid {pid}) ended unexpectedly: {status}.",
+        "A server the node agent supervises exited without being asked to stop.",
+        "Look in logs/{server}/SystemOut.log and native_stderr.log for the cause. The monitor policy decides whether it is restarted.";
+    ADMN0013I, Info, "Restarting server {server} in normal mode as its monitor policy asks (auto_restart = true).",
+        "The node agent restarts a crashed server automatically.",
+        "None. If the server keeps crashing, find the cause in its logs.";
+    ADMN0014W, Warning, "Server {server} is not restarted: {why}.",
+        "The server ended and the node agent leaves it down.",
+        "Start it with `keel server start NAME` when the cause is fixed.";
+    ADMN0015E, Error, "Server {server} failed to start {attempts} time(s) in a row; the node agent stops trying: {reason}",
+        "Each start attempt ended before the server opened for work; max_start_attempts of its monitor policy was reached.",
+        "Read the reason and logs/{server}/native_stderr.log, fix the cause, then `keel server start NAME`.";
+    ADMN0016W, Warning, "Server {server} (pid {pid}) did not answer its admin ping for {silent_ms} ms (ping timeout {timeout_ms} ms); killing it.",
+        "A hung server is killed so that the monitor policy can restart it.",
+        "Look in the server's logs for why it stopped responding.";
+    ADMN0017I, Info, "Server {server} (pid {pid}) stopped on request{how}.",
+        "A requested stop finished.",
+        "None.";
+    ADMN0018I, Info, "Recovery-mode server {server} (pid {pid}) ended: {status}; recovery-mode starts are never restarted.",
+        "A `--recovery` start ends by itself when recovery is complete.",
+        "If the status is not success, read the server's log; otherwise start the server normally.";
+    ADMN0019I, Info, "Adopted running server {server} (pid {pid}) left by an earlier node agent.",
+        "At start the node agent found a live server of its node and supervises it again.",
+        "None.";
+    ADMN0020I, Info, "Configuration of node {node} synchronized from version {from} to version {to}.",
+        "The node's copy of the configuration now matches the master repository.",
+        "Servers read configuration when they start: restart a running server to apply the change to it.";
+    ADMN0021E, Error, "Configuration could not be synchronized to node {node}: {reason}",
+        "The node keeps its previous copy of the configuration.",
+        "Run `keel config validate`, fix the named file, then synchronize again with `--sync`.";
+    // --- messaging engines and data stores ----------------------------------------------------
+    CWSIP0100I, Info, "Messaging engine {me} starting in {mode} mode (data store {backend} {location}).",
+        "A messaging engine began its start sequence.",
+        "None. CWSIP0101I follows when it is started.";
+    CWSIP0101I, Info, "Messaging engine {me} started (uuid {uuid}, incarnation {incarnation}, {messages} stored message(s)).",
+        "The engine's data store is open and the engine accepts work.",
+        "None.";
+    CWSIP0102I, Info, "Messaging engine {me} stopped ({how}).",
+        "The engine closed its data store; messages stay in the store.",
+        "None. Start it with `keel me start ME`.";
+    CWSIP0103E, Error, "Messaging engine {me} was not started: its data store was restored from a backup ({restored}), so a normal start could make other engines discard its new messages.",
+        "A restored data store is behind the engines it exchanged messages with. Only a restart-after-restore (FLUSH) start resynchronises the delivery streams.",
+        "Start the engine in restart-after-restore mode: `keel me start ME --flush`, or `AdminControl.invoke(me, \"start\", [\"FLUSH\"])` in `keel admin`.";
+    CWSIP0104W, Warning, "Messaging engine {me} started in normal mode on a restored data store because the operator overrode the check.",
+        "The restored mark was overridden (`--force-normal`); other engines may discard this engine's new messages until their streams are flushed.",
+        "Stop the engine and start it with `--flush` unless you know no other engine exchanged messages with it.";
+    CWSIP0105E, Error, "Messaging engine {me} could not start: {reason}",
+        "The engine's data store could not be opened or checked; the engine stays stopped and the server keeps running.",
+        "Read the reason: a store of another engine, a damaged file (restore from a backup), or a full disk.";
+    CWSIP0106I, Info, "Messaging engine {me} is not started with its server: {why}.",
+        "The server opened for work with this engine stopped.",
+        "Start it when ready: `keel me start ME` (or with `--flush` after a restore).";
+    CWSIP0107I, Info, "Data store of messaging engine {me} backed up to {path} ({bytes} bytes, {messages} message(s)).",
+        "An online, consistent copy of the data store was written with its manifest.",
+        "Keep the backup with the configuration backup taken at the same time.";
+    CWSIP0108I, Info, "Messaging engine {me} in recovery-mode server: not started{flush}.",
+        "A server started in recovery mode only resolves in-doubt transactions; restart-after-restore (FLUSH) is ignored in recovery mode.",
+        "After recovery completes and the server stops, start it normally and then start the engine with `--flush` if its store was restored.";
+    // --- messaging (named by the restore procedure) ----------------------------------------------
+    CWSIP0783E, Error, "Messaging engine {me} started; flush of all delivery streams completed.",
+        "The engine was started in restart-after-restore (FLUSH) mode and every peer confirmed the new delivery streams. New messages are neither lost nor duplicated from here on.",
+        "None. The `restored` mark of the data store is cleared; later starts are normal starts.";
+    CWSIP0784E, Error, "Messaging engine {receiver} received a message from messaging engine {producer} that was not expected.",
+        "The delivery stream state of the two engines disagrees in a way only a data store that went back in time can cause (a backup was restored). The stream is held: nothing is dropped, new messages wait in the producer's store.",
+        "Stop the messaging engine whose store was restored and start it in restart-after-restore mode (`keel me start ME --flush`). Do this only if you know a backup was restored.";
+}
+
+/// Finds a message by ID, case-insensitively (operators type IDs by hand).
+pub fn lookup(id: &str) -> Option<&'static Msg> {
+    ALL.iter()
+        .copied()
+        .find(|m| m.id.eq_ignore_ascii_case(id.trim()))
+}
+
+/// Fills `{field}` placeholders from `fields`; unknown placeholders stay as written, so a
+/// missing field shows up in the log instead of vanishing.
+pub fn render(text: &str, fields: &[(&str, String)]) -> String {
+    let mut out = String::with_capacity(text.len() + 32);
+    let mut rest = text;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        match after.find('}') {
+            Some(close) => {
+                let key = &after[..close];
+                match fields.iter().find(|(k, _)| *k == key) {
+                    Some((_, v)) => out.push_str(v),
+                    None => {
+                        out.push('{');
+                        out.push_str(key);
+                        out.push('}');
+                    }
+                }
+                rest = &after[close + 1..];
+            }
+            None => {
+                out.push_str(&rest[open..]);
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Logs a catalog message at its severity with the given fields (each must be `Display`).
+/// The log writer renders the catalog text from the fields; structured sinks keep the fields.
+#[macro_export]
+macro_rules! emit {
+    ($msg:expr $(, $k:ident = $v:expr)* $(,)?) => {{
+        let m: &'static $crate::catalog::Msg = $msg;
+        match m.severity {
+            $crate::catalog::Severity::Info =>
+                $crate::tracing::info!(msg_id = m.id $(, $k = %$v)*),
+            $crate::catalog::Severity::Warning =>
+                $crate::tracing::warn!(msg_id = m.id $(, $k = %$v)*),
+            $crate::catalog::Severity::Error =>
+                $crate::tracing::error!(msg_id = m.id $(, $k = %$v)*),
+        }
+    }};
+}
+
+/// The catalog as Markdown: `docs/MESSAGES.md` is this text (a test keeps them equal).
+pub fn markdown() -> String {
+    let mut out = String::from(
+        "# Keel message catalog\n\nGenerated from `crates/core/src/catalog.rs` (the one catalog); `keel explain ID` prints the same.\nRegenerate with `KEEL_UPDATE_DOCS=1 cargo test -p keel-core catalog`.\n",
+    );
+    for m in ALL {
+        let sev = match m.severity {
+            Severity::Info => "informational",
+            Severity::Warning => "warning",
+            Severity::Error => "error",
+        };
+        out.push_str(&format!(
+            "\n## {}\n\n{} ({sev})\n\n- Explanation: {}\n- User action: {}\n",
+            m.id, m.text, m.explanation, m.action
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docs_messages_md_matches_the_catalog() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/MESSAGES.md");
+        let want = markdown();
+        if std::env::var("KEEL_UPDATE_DOCS").is_ok() {
+            std::fs::write(path, &want).unwrap();
+        }
+        let have = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(have == want, "docs/MESSAGES.md is out of date: run `KEEL_UPDATE_DOCS=1 cargo test -p keel-core catalog`");
+    }
+
+    #[test]
+    fn ids_are_unique_well_formed_and_match_their_severity() {
+        let prefixes = ["CWSIP", "WTRN", "WSVR", "ADMN"];
+        for (i, m) in ALL.iter().enumerate() {
+            assert!(
+                ALL[i + 1..].iter().all(|o| o.id != m.id),
+                "duplicate id {}",
+                m.id
+            );
+            let prefix = prefixes
+                .iter()
+                .find(|p| m.id.starts_with(**p))
+                .unwrap_or_else(|| panic!("{} has no known prefix", m.id));
+            let digits = &m.id[prefix.len()..m.id.len() - 1];
+            assert_eq!(digits.len(), 4, "{}", m.id);
+            assert!(digits.chars().all(|c| c.is_ascii_digit()), "{}", m.id);
+            assert_eq!(
+                m.id.chars().last(),
+                Some(m.severity.letter()),
+                "{} severity letter",
+                m.id
+            );
+            assert!(
+                !m.explanation.is_empty() && !m.action.is_empty(),
+                "{} needs explanation and action",
+                m.id
+            );
+        }
+    }
+
+    #[test]
+    fn render_fills_known_fields_and_keeps_unknown_ones() {
+        let s = render(
+            "Server {server} open ({pid}) {missing} {",
+            &[("server", "s1".into()), ("pid", "42".into())],
+        );
+        assert_eq!(s, "Server s1 open (42) {missing} {");
+    }
+
+    #[test]
+    fn lookup_is_case_insensitive() {
+        assert_eq!(lookup("wsvr0001i").map(|m| m.id), Some("WSVR0001I"));
+        assert!(lookup("NOPE0000I").is_none());
+    }
+}

@@ -1,0 +1,409 @@
+//! Messaging engines: one per bus a server is a member of, each with its own data store.
+//!
+//! This part holds an engine's lifecycle (`stopped` → `starting` → `started` → `stopping`),
+//! opens and stamps its data store, refuses a normal start of a restored store (`CWSIP0103E`),
+//! and performs the single-engine part of a restart-after-restore (FLUSH) start: a new
+//! incarnation so message IDs minted from now on never collide with pre-backup ones, then
+//! `CWSIP0783E` and the restored mark cleared. The multi-engine stream flush arrives with the bus
+//! (issue 4) and plugs in before the mark is cleared.
+//!
+//! Invariants:
+//! - an open store holds an exclusive lock on `<store>.lock` (keel-store), and a store restore
+//!   takes the same lock, so a restore can never replace the file under a running engine, and an
+//!   engine can never start on a file half restored;
+//! - the store is opened only in `start` and closed in `stop`: a stopped engine holds no file;
+//! - state transitions are serialised by one async mutex, so concurrent start/stop requests
+//!   (admin API, server start, server stop) see a consistent state.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use keel_core::{catalog, emit, ObjectName};
+use keel_store::{PgStore, RestoreState, SqliteStore, Store, StoreInfo};
+
+mod admin;
+pub mod messaging;
+pub mod queue;
+
+pub use admin::{EngineObject, QueuePointObject};
+
+/// How an engine is started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartMode {
+    Normal,
+    /// Restart after restore.
+    Flush,
+    /// Normal start on a restored store, on the operator's explicit say-so (logged).
+    ForceNormal,
+}
+
+impl StartMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StartMode::Normal => "normal",
+            StartMode::Flush => "restart-after-restore (FLUSH)",
+            StartMode::ForceNormal => "normal (restored check overridden)",
+        }
+    }
+
+    /// Parses the admin argument (`FLUSH`, `NORMAL`, `FORCE_NORMAL`, any case).
+    pub fn parse(s: &str) -> Option<StartMode> {
+        match s.to_ascii_uppercase().as_str() {
+            "" | "NORMAL" => Some(StartMode::Normal),
+            "FLUSH" => Some(StartMode::Flush),
+            "FORCE_NORMAL" | "FORCE-NORMAL" => Some(StartMode::ForceNormal),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MeState {
+    Stopped,
+    Starting,
+    Started,
+    Stopping,
+}
+
+impl MeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MeState::Stopped => "stopped",
+            MeState::Starting => "starting",
+            MeState::Started => "started",
+            MeState::Stopping => "stopping",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("messaging engine {me} is not started: its data store was restored from a backup; start it in restart-after-restore mode with `keel me start {me} --flush` (or AdminControl.invoke(me, \"start\", [\"FLUSH\"]))")]
+    Restored { me: String },
+    #[error("messaging engine {me} is already {state}")]
+    AlreadyInState { me: String, state: &'static str },
+    #[error("messaging engine {me} is in a recovery-mode server: it is not started there (FLUSH is ignored in recovery mode); start the server normally, then start the engine")]
+    RecoveryMode { me: String },
+    #[error("messaging engine {me} could not open its data store: {source}")]
+    Store {
+        me: String,
+        #[source]
+        source: keel_store::StoreError,
+    },
+}
+
+/// What an engine needs to know, from the configuration.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub me: String,
+    pub uuid: String,
+    pub bus: String,
+    pub node: String,
+    pub server: String,
+    pub store_path: PathBuf,
+    /// Every destination of the bus; the engine serves those whose `me` is itself.
+    pub destinations: Vec<keel_config::DestinationCfg>,
+    pub max_message_bytes: u64,
+    /// PostgreSQL store URL; None = the SQLite file at `store_path`.
+    pub store_url: Option<String>,
+}
+
+impl EngineConfig {
+    /// `Keel:type=SIBMessagingEngine,name=ME,bus=B,node=N,process=S` (DESIGN §3).
+    pub fn object_name(&self) -> ObjectName {
+        ObjectName::new(&[
+            ("type", "SIBMessagingEngine"),
+            ("name", &self.me),
+            ("bus", &self.bus),
+            ("node", &self.node),
+            ("process", &self.server),
+        ])
+    }
+}
+
+/// The store file of an engine inside a profile: `databases/<me>.sqlite`.
+pub use keel_store::sqlite_path as store_path;
+
+struct Running {
+    store: Arc<dyn Store>,
+    /// The same store when it is the embedded SQLite file (file backups need it).
+    sqlite: Option<Arc<SqliteStore>>,
+    messaging: Arc<messaging::Messaging>,
+}
+
+/// The PostgreSQL schema of an engine's store: `keel_<me>_<uuid prefix>`, lowercased with
+/// other characters as `_`. The UUID part keeps two names that map alike apart.
+pub fn pg_schema(me: &str, uuid: &str) -> String {
+    let tail: String = uuid
+        .chars()
+        .filter(|c| c.is_ascii_hexdigit())
+        .take(8)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    let mut body: String = me
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    // PostgreSQL keeps 63 bytes of a name: "keel_" + body + "_" + 8.
+    body.truncate(63 - 5 - 1 - tail.len());
+    format!("keel_{body}_{tail}")
+}
+
+pub struct Engine {
+    cfg: EngineConfig,
+    /// Serialises lifecycle transitions.
+    transition: tokio::sync::Mutex<()>,
+    state: Mutex<MeState>,
+    running: Mutex<Option<Running>>,
+    recovery_mode: bool,
+}
+
+impl Engine {
+    pub fn new(cfg: EngineConfig, recovery_mode: bool) -> Arc<Engine> {
+        Arc::new(Engine {
+            cfg,
+            transition: tokio::sync::Mutex::new(()),
+            state: Mutex::new(MeState::Stopped),
+            running: Mutex::new(None),
+            recovery_mode,
+        })
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    pub fn state(&self) -> MeState {
+        *self.state.lock().expect("state lock")
+    }
+
+    fn set_state(&self, s: MeState) {
+        *self.state.lock().expect("state lock") = s;
+    }
+
+    /// The open SQLite store of a started engine (None when stopped or in PostgreSQL).
+    pub fn sqlite_store(&self) -> Option<Arc<SqliteStore>> {
+        self.running
+            .lock()
+            .expect("running lock")
+            .as_ref()
+            .and_then(|r| r.sqlite.clone())
+    }
+
+    fn open_store(&self) -> Option<Arc<dyn Store>> {
+        self.running
+            .lock()
+            .expect("running lock")
+            .as_ref()
+            .map(|r| r.store.clone())
+    }
+
+    /// "sqlite" or "postgresql", and where.
+    pub fn store_location(&self) -> (&'static str, String) {
+        match &self.cfg.store_url {
+            Some(url) => (
+                "postgresql",
+                format!("{url} schema {}", pg_schema(&self.cfg.me, &self.cfg.uuid)),
+            ),
+            None => ("sqlite", self.cfg.store_path.display().to_string()),
+        }
+    }
+
+    async fn open_pg(&self, url: &str) -> Result<PgStore, keel_store::StoreError> {
+        let schema = pg_schema(&self.cfg.me, &self.cfg.uuid);
+        match PgStore::open(url, &schema, &self.cfg.me, &self.cfg.uuid).await {
+            Err(keel_store::StoreError::Missing { .. }) => {
+                PgStore::create(url, &schema, &self.cfg.me, &self.cfg.uuid).await
+            }
+            other => other,
+        }
+    }
+
+    pub async fn start(&self, mode: StartMode) -> Result<(), EngineError> {
+        let me = &self.cfg.me;
+        let _t = self.transition.lock().await;
+        if self.recovery_mode {
+            return Err(EngineError::RecoveryMode { me: me.clone() });
+        }
+        let state = self.state();
+        if state != MeState::Stopped {
+            return Err(EngineError::AlreadyInState {
+                me: me.clone(),
+                state: state.as_str(),
+            });
+        }
+        self.set_state(MeState::Starting);
+        let result = self.open(mode).await;
+        match &result {
+            Ok(info) => {
+                self.set_state(MeState::Started);
+                emit!(
+                    catalog::CWSIP0101I,
+                    me = me,
+                    uuid = info.uuid,
+                    incarnation = info.incarnation,
+                    messages = info.messages
+                );
+            }
+            Err(e) => {
+                self.set_state(MeState::Stopped);
+                match e {
+                    EngineError::Restored { .. } => {}
+                    other => emit!(catalog::CWSIP0105E, me = me, reason = other),
+                }
+            }
+        }
+        result.map(|_| ())
+    }
+
+    async fn open(&self, mode: StartMode) -> Result<StoreInfo, EngineError> {
+        let me = &self.cfg.me;
+        let path = &self.cfg.store_path;
+        let (backend, location) = self.store_location();
+        emit!(
+            catalog::CWSIP0100I,
+            me = me,
+            mode = mode.as_str(),
+            backend = backend,
+            location = location
+        );
+        let store_err = |source| EngineError::Store {
+            me: me.clone(),
+            source,
+        };
+        let (store, sqlite): (Arc<dyn Store>, Option<Arc<SqliteStore>>) = match &self.cfg.store_url
+        {
+            Some(url) => (Arc::new(self.open_pg(url).await.map_err(store_err)?), None),
+            None => {
+                let s = Arc::new(if path.exists() {
+                    SqliteStore::open(path, me, &self.cfg.uuid).map_err(store_err)?
+                } else {
+                    SqliteStore::create(path, me, &self.cfg.uuid).map_err(store_err)?
+                });
+                (s.clone(), Some(s))
+            }
+        };
+        let mut info = store.info().await.map_err(store_err)?;
+        if info.restore_state == RestoreState::Restored {
+            match mode {
+                StartMode::Normal => {
+                    emit!(
+                        catalog::CWSIP0103E,
+                        me = me,
+                        restored = "restore state: restored"
+                    );
+                    let _ = store.close().await;
+                    return Err(EngineError::Restored { me: me.clone() });
+                }
+                StartMode::ForceNormal => emit!(catalog::CWSIP0104W, me = me),
+                StartMode::Flush => {}
+            }
+        }
+        if mode == StartMode::Flush {
+            // The stream flush with peer engines (issue 4) goes here, before the mark is
+            // cleared; a single engine has no peers, so its flush is complete at once.
+            info.incarnation = store
+                .begin_incarnation_and_clear_restored()
+                .await
+                .map_err(store_err)?;
+            info.restore_state = RestoreState::None;
+            emit!(catalog::CWSIP0783E, me = me);
+        }
+        let messaging = messaging::Messaging::new(
+            me,
+            &self.cfg.uuid,
+            &self.cfg.bus,
+            info.incarnation,
+            store.clone(),
+            &self.cfg.destinations,
+            self.cfg.max_message_bytes,
+        );
+        messaging.load_subscriptions().await.map_err(store_err)?;
+        messaging.init_depths().await.map_err(store_err)?;
+        *self.running.lock().expect("running lock") = Some(Running {
+            store,
+            sqlite,
+            messaging: Arc::new(messaging),
+        });
+        Ok(info)
+    }
+
+    /// Stops the engine: closes the store (committed data stays) and releases the lock.
+    pub async fn stop(&self, force: bool) -> Result<(), EngineError> {
+        let _t = self.transition.lock().await;
+        let state = self.state();
+        if state != MeState::Started {
+            return Err(EngineError::AlreadyInState {
+                me: self.cfg.me.clone(),
+                state: state.as_str(),
+            });
+        }
+        self.set_state(MeState::Stopping);
+        let running = self.running.lock().expect("running lock").take();
+        if let Some(r) = running {
+            r.messaging.close();
+            if !force {
+                if let Err(e) = r.store.close().await {
+                    tracing::warn!(target: "keel_engine", me = %self.cfg.me, error = %e, "closing the data store failed");
+                }
+            }
+            drop(r);
+        }
+        self.set_state(MeState::Stopped);
+        emit!(
+            catalog::CWSIP0102I,
+            me = self.cfg.me,
+            how = if force { "forced" } else { "normal" }
+        );
+        Ok(())
+    }
+
+    /// The messaging side of a started engine.
+    pub fn messaging(&self) -> Result<Arc<messaging::Messaging>, messaging::MessagingError> {
+        self.running
+            .lock()
+            .expect("running lock")
+            .as_ref()
+            .map(|r| r.messaging.clone())
+            .ok_or_else(|| messaging::MessagingError::NotStarted {
+                me: self.cfg.me.clone(),
+            })
+    }
+
+    /// Store facts for the admin API and `keel store info`, whether started or not.
+    pub async fn info(&self) -> Result<StoreInfo, keel_store::StoreError> {
+        if let Some(s) = self.open_store() {
+            return s.info().await;
+        }
+        match &self.cfg.store_url {
+            None => keel_store::read_info(&self.cfg.store_path),
+            Some(url) => {
+                let s = self.open_pg(url).await?;
+                let info = s.info().await;
+                s.close().await?;
+                info
+            }
+        }
+    }
+}
+
+/// The JSON of `keel store info --json` (DESIGN §3: at least me, uuid, backend, path,
+/// restore_state, messages).
+pub fn info_json(me: &str, info: &StoreInfo) -> serde_json::Value {
+    serde_json::json!({
+        "me": me,
+        "uuid": info.uuid,
+        "backend": info.backend,
+        "path": info.location,
+        "restore_state": info.restore_state.as_str(),
+        "messages": info.messages,
+        "incarnation": info.incarnation,
+        "schema_version": info.schema_version,
+    })
+}

@@ -1,0 +1,1124 @@
+//! Sending, receiving and settling messages on an engine's queue points.
+//!
+//! Order of effects, always: the store commit first, then the in-memory change. A send is
+//! acknowledged to its producer only after `commit` resolved (durable), so an acknowledged
+//! persistent message survives a crash; a settle that fails to commit leaves the delivery
+//! locked and the message in the store.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use keel_config::{DestinationCfg, DestinationKind, Reliability};
+use keel_store::{Op, Store, StoredMessage};
+
+use crate::queue::{Entry, QueueState, NONPERSISTENT_MAX, REFILL_BATCH};
+
+pub type Properties = serde_json::Map<String, serde_json::Value>;
+
+/// Separates topic and subscription in a subscription's queue name (`prices::audit`); never
+/// part of a configured destination name, so the two cannot collide.
+pub const SUBSCRIPTION_SEPARATOR: &str = "::";
+/// Store key-value space recording durable subscriptions.
+const SUBSCRIPTIONS_KV: &str = "subscriptions";
+
+pub fn subscription_queue(topic: &str, sub: &str) -> String {
+    format!("{topic}{SUBSCRIPTION_SEPARATOR}{sub}")
+}
+
+/// A message as a producer hands it to the engine.
+#[derive(Debug, Clone, Default)]
+pub struct OutgoingMessage {
+    pub body: Vec<u8>,
+    pub properties: Properties,
+    pub priority: Option<u8>,
+    pub reliability: Option<Reliability>,
+    pub ttl_ms: Option<u64>,
+}
+
+/// A message handed to a consumer; locked until settled.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub dest: String,
+    pub seq: u64,
+    pub id: String,
+    pub priority: u8,
+    pub reliability: Reliability,
+    /// Earlier failed deliveries of this message.
+    pub delivery_count: u32,
+    pub properties: Properties,
+    pub body: Vec<u8>,
+}
+
+/// How a consumer settles a delivery (the AMQP outcomes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Processed: the message is gone.
+    Accepted,
+    /// Not processed, no fault: available again, count unchanged.
+    Released,
+    /// Processing failed: count + 1, then redelivered or moved to the exception destination.
+    Failed,
+    /// The message is bad: moved to the exception destination at once.
+    Rejected,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MessagingError {
+    #[error("messaging engine {me} is not started; start it with `keel me start {me}`")]
+    NotStarted { me: String },
+    #[error("destination {dest} is not defined on bus {bus} (defined: {}); create it with `keel destination create {bus} {dest} --type queue`", if known.is_empty() { "none".to_string() } else { known.join(", ") })]
+    UnknownDestination {
+        dest: String,
+        bus: String,
+        known: Vec<String>,
+    },
+    #[error("destination {dest} is held by messaging engine {holder}, not {me}; connect to the server of {holder} (remote put and get between engines come with the bus)")]
+    NotHere {
+        dest: String,
+        me: String,
+        holder: String,
+    },
+    #[error("topic space {dest} is published on another messaging engine; connect to the server of that engine (remote publication comes with the bus)")]
+    TopicNotServed { dest: String },
+    #[error("{dest} is a topic space: receive from one of its subscriptions (`{dest}::NAME`), created with a subscribe")]
+    NotAQueue { dest: String },
+    #[error(
+        "topic space {topic} has no durable subscription named {subscription}; subscribe first"
+    )]
+    NoSubscription { topic: String, subscription: String },
+    #[error(
+        "`{name}` is not a valid subscription name: use 1 to 128 letters, digits, `_`, `.` or `-`"
+    )]
+    BadSubscriptionName { name: String },
+    #[error("message of {bytes} bytes for {dest} is larger than the bus limit of {max} bytes (max_message_bytes of the bus)")]
+    TooLarge { dest: String, bytes: u64, max: u64 },
+    #[error("destination {dest} holds {max} non-persistent messages already; consume some, or send persistent messages")]
+    QueueFull { dest: String, max: usize },
+    #[error("a transaction holds at most {max} sends and settles; commit in smaller transactions")]
+    TransactionTooLarge { max: usize },
+    #[error("no delivery {seq} is locked on destination {dest} (already settled, or the engine restarted)")]
+    UnknownDelivery { dest: String, seq: u64 },
+    /// Boxed: the store's error is large and this one travels on every hot-path result.
+    #[error(transparent)]
+    Store(Box<keel_store::StoreError>),
+}
+
+impl From<keel_store::StoreError> for MessagingError {
+    fn from(e: keel_store::StoreError) -> MessagingError {
+        MessagingError::Store(Box::new(e))
+    }
+}
+
+/// Sends plus settles one transaction may hold: it is one store transaction, so it is bounded.
+pub const TX_WORK_MAX: usize = 10_000;
+
+struct TxSend {
+    q: Arc<QueuePoint>,
+    prepared: Prepared,
+    body: Vec<u8>,
+}
+
+/// A local transaction (see `Messaging::begin`). Dropping one that was neither committed nor
+/// rolled back (a lost connection) releases the deliveries it claimed, unchanged.
+pub struct Transaction {
+    sends: Vec<TxSend>,
+    settles: Vec<(Arc<QueuePoint>, Entry, SettlePlan)>,
+    done: bool,
+}
+
+impl Transaction {
+    /// Work items held so far.
+    pub fn len(&self) -> usize {
+        self.sends.len() + self.settles.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Drop for Transaction {
+    fn drop(&mut self) {
+        for (q, e, _) in self.settles.drain(..) {
+            let mut st = q.state.lock().expect("queue lock");
+            if e.persistent {
+                st.offer_persistent(e);
+            } else {
+                st.volatile.insert(e.key(), e);
+            }
+            drop(st);
+            q.notify.notify_one();
+        }
+    }
+}
+
+struct SettlePlan {
+    ops: Vec<Op>,
+    outcome: Outcome,
+    to_exception: bool,
+    new_count: u32,
+}
+
+#[derive(Clone)]
+struct Prepared {
+    reliability: Reliability,
+    priority: u8,
+    properties: Vec<u8>,
+    expiry_ms: Option<u64>,
+    code: u8,
+}
+
+/// The live state of one queue point.
+pub struct QueuePoint {
+    pub cfg: DestinationCfg,
+    pub state: Mutex<QueueState>,
+    pub notify: tokio::sync::Notify,
+    /// One refill at a time per queue (they read after the same cursor).
+    refill: tokio::sync::Mutex<()>,
+    pub counters: Counters,
+}
+
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Messages on the queue point (stored and non-persistent, locked ones included).
+    pub depth: AtomicU64,
+    pub sent: AtomicU64,
+    pub delivered: AtomicU64,
+    pub accepted: AtomicU64,
+    pub redelivered: AtomicU64,
+    pub to_exception: AtomicU64,
+}
+
+impl QueuePoint {
+    fn new(cfg: DestinationCfg) -> Arc<QueuePoint> {
+        Arc::new(QueuePoint {
+            cfg,
+            state: Mutex::new(QueueState::unloaded()),
+            notify: tokio::sync::Notify::new(),
+            refill: tokio::sync::Mutex::new(()),
+            counters: Counters::default(),
+        })
+    }
+}
+
+/// The messaging side of a started engine: its queue points over its store.
+pub struct Messaging {
+    pub me: String,
+    pub uuid: String,
+    pub bus: String,
+    incarnation: u64,
+    store: Arc<dyn Store>,
+    /// Every destination of the bus (for "held elsewhere" answers), by name.
+    bus_destinations: HashMap<String, DestinationCfg>,
+    /// Queue points by destination name: configured queues, the exception destination, and
+    /// one per durable subscription (`<topic>::<subscription>`), which are added at run time.
+    queues: std::sync::RwLock<HashMap<String, Arc<QueuePoint>>>,
+    /// Topic spaces published on this engine, with their durable subscriptions' queue names.
+    topics: HashMap<String, DestinationCfg>,
+    subscriptions: Mutex<HashMap<String, Vec<String>>>,
+    exception: String,
+    max_message_bytes: u64,
+    /// Set when the engine stops: waiting receivers wake up and every call answers NotStarted.
+    closed: std::sync::atomic::AtomicBool,
+    /// Seqs of non-persistent messages: from 2^63 up, never colliding with store seqs.
+    volatile_seq: AtomicU64,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+pub fn reliability_code(r: Reliability) -> u8 {
+    match r {
+        Reliability::BestEffort => 1,
+        Reliability::Express => 2,
+        Reliability::ReliablePersistent => 3,
+        Reliability::AssuredPersistent => 4,
+    }
+}
+
+fn reliability_of(code: u8) -> Reliability {
+    match code {
+        1 => Reliability::BestEffort,
+        2 => Reliability::Express,
+        3 => Reliability::ReliablePersistent,
+        _ => Reliability::AssuredPersistent,
+    }
+}
+
+fn entry_of(m: StoredMessage) -> Entry {
+    Entry {
+        seq: m.seq,
+        id: m.id,
+        priority: m.priority,
+        reliability: m.reliability,
+        expiry_ms: m.expiry_ms,
+        delivery_count: m.delivery_count,
+        properties: m.properties,
+        body: m.body,
+        persistent: true,
+    }
+}
+
+impl Messaging {
+    pub fn new(
+        me: &str,
+        uuid: &str,
+        bus: &str,
+        incarnation: u64,
+        store: Arc<dyn Store>,
+        destinations: &[DestinationCfg],
+        max_message_bytes: u64,
+    ) -> Messaging {
+        let exception = keel_config::system_exception_destination(me);
+        let mut queues: HashMap<String, Arc<QueuePoint>> = destinations
+            .iter()
+            .filter(|d| d.me == me && d.kind == DestinationKind::Queue)
+            .map(|d| (d.name.clone(), QueuePoint::new(d.clone())))
+            .collect();
+        let mut exc = DestinationCfg::new(&exception, DestinationKind::Queue, me);
+        // Nothing leaves the exception destination by failing again: it has nowhere to go.
+        exc.max_failed_deliveries = u32::MAX;
+        queues.insert(exception.clone(), QueuePoint::new(exc));
+        Messaging {
+            me: me.into(),
+            uuid: uuid.into(),
+            bus: bus.into(),
+            incarnation,
+            store,
+            bus_destinations: destinations
+                .iter()
+                .map(|d| (d.name.clone(), d.clone()))
+                .collect(),
+            queues: std::sync::RwLock::new(queues),
+            topics: destinations
+                .iter()
+                .filter(|d| d.me == me && d.kind == DestinationKind::Topic)
+                .map(|d| (d.name.clone(), d.clone()))
+                .collect(),
+            subscriptions: Mutex::new(HashMap::new()),
+            exception,
+            max_message_bytes,
+            volatile_seq: AtomicU64::new(1 << 63),
+            closed: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    pub fn queue(&self, dest: &str) -> Result<Arc<QueuePoint>, MessagingError> {
+        if let Some(q) = self.queues.read().expect("queues lock").get(dest) {
+            return Ok(q.clone());
+        }
+        match self.bus_destinations.get(dest) {
+            Some(d) if d.kind == DestinationKind::Topic && d.me == self.me => {
+                Err(MessagingError::NotAQueue { dest: dest.into() })
+            }
+            Some(d) if d.kind == DestinationKind::Topic => {
+                Err(MessagingError::TopicNotServed { dest: dest.into() })
+            }
+            Some(d) => Err(MessagingError::NotHere {
+                dest: dest.into(),
+                me: self.me.clone(),
+                holder: d.me.clone(),
+            }),
+            None => {
+                if let Some((topic, sub)) = dest.split_once(SUBSCRIPTION_SEPARATOR) {
+                    return Err(MessagingError::NoSubscription {
+                        topic: topic.into(),
+                        subscription: sub.into(),
+                    });
+                }
+                let mut known: Vec<String> = self.bus_destinations.keys().cloned().collect();
+                known.sort();
+                Err(MessagingError::UnknownDestination {
+                    dest: dest.into(),
+                    bus: self.bus.clone(),
+                    known,
+                })
+            }
+        }
+    }
+
+    /// The queue points of this engine (configured queues and the exception destination).
+    pub fn queue_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .queues
+            .read()
+            .expect("queues lock")
+            .keys()
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Reads each queue's depth from the store once at start; counters keep it current after.
+    pub async fn init_depths(&self) -> Result<(), keel_store::StoreError> {
+        let stored: HashMap<String, u64> = self.store.destinations().await?.into_iter().collect();
+        for (name, q) in self.queues.read().expect("queues lock").iter() {
+            q.counters
+                .depth
+                .store(stored.get(name).copied().unwrap_or(0), Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Called by the engine's stop: later calls answer NotStarted, and receivers waiting for a
+    /// message wake up now instead of at their timeout.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        for q in self.queues.read().expect("queues lock").values() {
+            q.notify.notify_waiters();
+        }
+    }
+
+    fn check_open(&self) -> Result<(), MessagingError> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(MessagingError::NotStarted {
+                me: self.me.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// What a send needs from a message and its destination: effective reliability (capped at
+    /// the destination's maximum) and priority, encoded properties, expiry, and the size check.
+    fn prepare(
+        &self,
+        d: &DestinationCfg,
+        msg: &OutgoingMessage,
+    ) -> Result<Prepared, MessagingError> {
+        let reliability = msg
+            .reliability
+            .unwrap_or(d.default_reliability)
+            .min(d.reliability);
+        let priority = msg
+            .priority
+            .unwrap_or(d.default_priority)
+            .min(keel_config::MAX_PRIORITY);
+        let properties = if msg.properties.is_empty() {
+            Vec::new()
+        } else {
+            serde_json::to_vec(&msg.properties).expect("a JSON map serializes")
+        };
+        let bytes = (msg.body.len() + properties.len()) as u64;
+        if bytes > self.max_message_bytes {
+            return Err(MessagingError::TooLarge {
+                dest: d.name.clone(),
+                bytes,
+                max: self.max_message_bytes,
+            });
+        }
+        Ok(Prepared {
+            reliability,
+            priority,
+            properties,
+            expiry_ms: msg.ttl_ms.map(|t| now_ms().saturating_add(t)),
+            code: reliability_code(reliability),
+        })
+    }
+
+    /// Stores (persistent) or holds (non-persistent) a message; returns its system ID. For a
+    /// persistent message this resolves only once it is durable.
+    pub async fn send(&self, dest: &str, msg: OutgoingMessage) -> Result<String, MessagingError> {
+        self.check_open()?;
+        if let Some(topic) = self.topics.get(dest) {
+            return self.publish(topic.clone(), msg).await;
+        }
+        let q = self.queue(dest)?;
+        let Prepared {
+            reliability,
+            priority,
+            properties,
+            expiry_ms,
+            code,
+        } = self.prepare(&q.cfg, &msg)?;
+        let id;
+        if reliability.is_persistent() {
+            let out = self
+                .store
+                .commit(vec![Op::Put {
+                    dest: dest.into(),
+                    id: String::new(),
+                    priority,
+                    reliability: code,
+                    expiry_ms,
+                    properties: properties.clone(),
+                    body: msg.body.clone(),
+                    stream: None,
+                }])
+                .await?;
+            keel_core::faults::hit("me.after_store_commit");
+            let seq = *out.assigned_seqs.first().expect("one Put assigns one seq");
+            id = format!("{}:{}:{seq}", self.uuid, self.incarnation);
+            let e = Entry {
+                seq,
+                id: id.clone(),
+                priority,
+                reliability: code,
+                expiry_ms,
+                delivery_count: 0,
+                properties,
+                body: msg.body,
+                persistent: true,
+            };
+            q.state.lock().expect("queue lock").offer_persistent(e);
+        } else {
+            let seq = self.volatile_seq.fetch_add(1, Ordering::Relaxed);
+            id = format!("{}:{}:{seq}", self.uuid, self.incarnation);
+            let mut st = q.state.lock().expect("queue lock");
+            if st.volatile.len() >= NONPERSISTENT_MAX {
+                return Err(MessagingError::QueueFull {
+                    dest: dest.into(),
+                    max: NONPERSISTENT_MAX,
+                });
+            }
+            let e = Entry {
+                seq,
+                id: id.clone(),
+                priority,
+                reliability: code,
+                expiry_ms,
+                delivery_count: 0,
+                properties,
+                body: msg.body,
+                persistent: false,
+            };
+            st.volatile.insert(e.key(), e);
+        }
+        q.counters.sent.fetch_add(1, Ordering::Relaxed);
+        q.counters.depth.fetch_add(1, Ordering::Relaxed);
+        q.notify.notify_one();
+        Ok(id)
+    }
+
+    async fn refill(&self, q: &QueuePoint) -> Result<(), MessagingError> {
+        let _one = q.refill.lock().await;
+        let (after, skipped_before) = {
+            let st = q.state.lock().expect("queue lock");
+            // An empty window with more in the store is below half too.
+            if !st.needs_refill() {
+                return Ok(());
+            }
+            (st.loaded_up_to.map(|(p, s)| (p.0, s)), st.skipped_offers)
+        };
+        let page = self.store.page(&q.cfg.name, after, REFILL_BATCH).await?;
+        let complete = page.len() < REFILL_BATCH;
+        q.state.lock().expect("queue lock").refill(
+            page.into_iter().map(entry_of).collect(),
+            complete,
+            skipped_before,
+        );
+        Ok(())
+    }
+
+    /// The next message of `dest` in delivery order, waiting up to `timeout` for one.
+    pub async fn receive(
+        &self,
+        dest: &str,
+        timeout: Duration,
+    ) -> Result<Option<Delivery>, MessagingError> {
+        let q = self.queue(dest)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_open()?;
+            // Register interest before looking, so a send between the look and the wait wakes us.
+            let notified = q.notify.notified();
+            self.refill(&q).await?;
+            let taken = q.state.lock().expect("queue lock").take_next();
+            if let Some(e) = taken {
+                if e.expiry_ms.is_some_and(|x| x <= now_ms()) {
+                    self.discard_expired(&q, e).await?;
+                    continue;
+                }
+                q.counters.delivered.fetch_add(1, Ordering::Relaxed);
+                let properties = if e.properties.is_empty() {
+                    Properties::new()
+                } else {
+                    serde_json::from_slice(&e.properties).unwrap_or_default()
+                };
+                return Ok(Some(Delivery {
+                    dest: dest.into(),
+                    seq: e.seq,
+                    id: e.id,
+                    priority: e.priority,
+                    reliability: reliability_of(e.reliability),
+                    delivery_count: e.delivery_count,
+                    properties,
+                    body: e.body,
+                }));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            let _ = tokio::time::timeout(left, notified).await;
+        }
+    }
+
+    async fn discard_expired(&self, q: &QueuePoint, e: Entry) -> Result<(), MessagingError> {
+        if e.persistent {
+            self.store
+                .commit(vec![Op::Delete {
+                    dest: q.cfg.name.clone(),
+                    seq: e.seq,
+                }])
+                .await?;
+        }
+        q.state.lock().expect("queue lock").locked.remove(&e.seq);
+        q.counters.depth.fetch_sub(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Settles a locked delivery (see `Outcome`).
+    pub async fn settle(
+        &self,
+        dest: &str,
+        seq: u64,
+        outcome: Outcome,
+    ) -> Result<(), MessagingError> {
+        self.check_open()?;
+        let (q, e) = self.claim(dest, seq)?;
+        let plan = self.settle_plan(&q, &e, outcome);
+        // Durable effect first; the in-memory change only once it committed.
+        if !plan.ops.is_empty() {
+            if let Err(err) = self.store.commit(plan.ops.clone()).await {
+                // Nothing changed durably: the delivery stays locked, to be settled again.
+                q.state.lock().expect("queue lock").locked.insert(seq, e);
+                return Err(err.into());
+            }
+        }
+        self.settle_apply(&q, e, &plan)
+    }
+
+    /// Takes a locked delivery out of the locked set: a second settle of the same one (a
+    /// repeated disposition) finds nothing instead of racing this one.
+    fn claim(&self, dest: &str, seq: u64) -> Result<(Arc<QueuePoint>, Entry), MessagingError> {
+        let q = self.queue(dest)?;
+        let e = q
+            .state
+            .lock()
+            .expect("queue lock")
+            .locked
+            .remove(&seq)
+            .ok_or_else(|| MessagingError::UnknownDelivery {
+                dest: dest.into(),
+                seq,
+            })?;
+        Ok((q, e))
+    }
+
+    /// The store operations a settle needs, and where the message goes.
+    fn settle_plan(&self, q: &QueuePoint, e: &Entry, outcome: Outcome) -> SettlePlan {
+        let dest = &q.cfg.name;
+        let failed_count = e.delivery_count.saturating_add(1);
+        let to_exception = *dest != self.exception
+            && (outcome == Outcome::Rejected
+                || (outcome == Outcome::Failed && failed_count >= q.cfg.max_failed_deliveries));
+        let mut ops = Vec::new();
+        if e.persistent {
+            let moved = Op::Move {
+                from: dest.clone(),
+                seq: e.seq,
+                to: self.exception.clone(),
+            };
+            let counted = Op::SetDeliveryCount {
+                dest: dest.clone(),
+                seq: e.seq,
+                count: failed_count,
+            };
+            ops = match outcome {
+                Outcome::Accepted => vec![Op::Delete {
+                    dest: dest.clone(),
+                    seq: e.seq,
+                }],
+                // The final count travels with the message (one batch: both or neither).
+                Outcome::Failed if to_exception => vec![counted, moved],
+                _ if to_exception => vec![moved],
+                Outcome::Failed => vec![counted],
+                Outcome::Released | Outcome::Rejected => vec![],
+            };
+        }
+        let new_count = if outcome == Outcome::Failed {
+            failed_count
+        } else {
+            e.delivery_count
+        };
+        SettlePlan {
+            ops,
+            outcome,
+            to_exception,
+            new_count,
+        }
+    }
+
+    /// The in-memory part of a settle, once its store operations committed.
+    fn settle_apply(
+        &self,
+        q: &QueuePoint,
+        mut e: Entry,
+        plan: &SettlePlan,
+    ) -> Result<(), MessagingError> {
+        e.delivery_count = plan.new_count;
+        if plan.outcome == Outcome::Accepted {
+            q.counters.accepted.fetch_add(1, Ordering::Relaxed);
+            q.counters.depth.fetch_sub(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        let target = if plan.to_exception {
+            q.counters.to_exception.fetch_add(1, Ordering::Relaxed);
+            q.counters.depth.fetch_sub(1, Ordering::Relaxed);
+            let xq = self.queue(&self.exception.clone())?;
+            xq.counters.depth.fetch_add(1, Ordering::Relaxed);
+            xq
+        } else {
+            q.counters.redelivered.fetch_add(1, Ordering::Relaxed);
+            self.queue(&q.cfg.name)?
+        };
+        let mut st = target.state.lock().expect("queue lock");
+        if e.persistent {
+            st.offer_persistent(e);
+        } else {
+            st.volatile.insert(e.key(), e);
+        }
+        drop(st);
+        target.notify.notify_one();
+        Ok(())
+    }
+
+    /// Records durable subscriptions found in the store at start.
+    pub async fn load_subscriptions(&self) -> Result<(), keel_store::StoreError> {
+        for (key, _) in self.store.kv_scan(SUBSCRIPTIONS_KV).await? {
+            let Some((topic, sub)) = key.split_once(SUBSCRIPTION_SEPARATOR) else {
+                continue;
+            };
+            if let Some(cfg) = self.topics.get(topic) {
+                self.add_subscription_point(cfg, sub);
+            }
+        }
+        Ok(())
+    }
+
+    fn add_subscription_point(&self, topic: &DestinationCfg, sub: &str) -> Arc<QueuePoint> {
+        let name = subscription_queue(&topic.name, sub);
+        let mut cfg = topic.clone();
+        cfg.name = name.clone();
+        cfg.kind = DestinationKind::Queue;
+        let q = self
+            .queues
+            .write()
+            .expect("queues lock")
+            .entry(name.clone())
+            .or_insert_with(|| QueuePoint::new(cfg))
+            .clone();
+        let mut subs = self.subscriptions.lock().expect("subscriptions lock");
+        let list = subs.entry(topic.name.clone()).or_default();
+        if !list.contains(&name) {
+            list.push(name);
+            list.sort();
+        }
+        q
+    }
+
+    /// Creates (or finds) the durable subscription `sub` of topic space `topic`; returns the
+    /// queue to receive from. Durable: it survives restarts and collects publications while no
+    /// consumer is attached.
+    pub async fn subscribe(&self, topic: &str, sub: &str) -> Result<String, MessagingError> {
+        let cfg = self.topics.get(topic).cloned().ok_or_else(|| {
+            match self.bus_destinations.get(topic) {
+                Some(d) if d.kind == DestinationKind::Topic => {
+                    MessagingError::TopicNotServed { dest: topic.into() }
+                }
+                Some(_) => MessagingError::NotAQueue { dest: topic.into() },
+                None => MessagingError::UnknownDestination {
+                    dest: topic.into(),
+                    bus: self.bus.clone(),
+                    known: self.bus_destinations.keys().cloned().collect(),
+                },
+            }
+        })?;
+        let valid = !sub.is_empty()
+            && sub.len() <= 128
+            && sub
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        if !valid {
+            return Err(MessagingError::BadSubscriptionName { name: sub.into() });
+        }
+        let name = subscription_queue(topic, sub);
+        if self.queues.read().expect("queues lock").contains_key(&name) {
+            return Ok(name);
+        }
+        // Durable first: the subscription exists once the store says so.
+        self.store
+            .commit(vec![Op::SetKv {
+                space: SUBSCRIPTIONS_KV.into(),
+                key: name.clone(),
+                value: now_ms().to_string().into_bytes(),
+            }])
+            .await?;
+        let q = self.add_subscription_point(&cfg, sub);
+        // A new subscription holds nothing yet: no refill needed until something is published.
+        q.state.lock().expect("queue lock").store_has_more = false;
+        Ok(name)
+    }
+
+    /// Removes a durable subscription and every message it holds (in bounded batches).
+    pub async fn unsubscribe(&self, topic: &str, sub: &str) -> Result<u64, MessagingError> {
+        let name = subscription_queue(topic, sub);
+        let q = self.queue(&name)?;
+        {
+            let mut subs = self.subscriptions.lock().expect("subscriptions lock");
+            if let Some(list) = subs.get_mut(topic) {
+                list.retain(|n| n != &name);
+            }
+        }
+        self.queues.write().expect("queues lock").remove(&name);
+        let mut removed = 0u64;
+        loop {
+            let page = self.store.page(&name, None, REFILL_BATCH).await?;
+            if page.is_empty() {
+                break;
+            }
+            removed += page.len() as u64;
+            self.store
+                .commit(
+                    page.iter()
+                        .map(|m| Op::Delete {
+                            dest: name.clone(),
+                            seq: m.seq,
+                        })
+                        .collect(),
+                )
+                .await?;
+        }
+        self.store
+            .commit(vec![Op::DeleteKv {
+                space: SUBSCRIPTIONS_KV.into(),
+                key: name.clone(),
+            }])
+            .await?;
+        q.notify.notify_waiters();
+        Ok(removed)
+    }
+
+    /// One store commit with a copy per durable subscription; with none, the publication
+    /// reaches nobody (topic semantics) and nothing is stored. Returns the first copy's ID.
+    async fn publish(
+        &self,
+        topic: DestinationCfg,
+        msg: OutgoingMessage,
+    ) -> Result<String, MessagingError> {
+        let subs: Vec<Arc<QueuePoint>> = {
+            let names = self
+                .subscriptions
+                .lock()
+                .expect("subscriptions lock")
+                .get(&topic.name)
+                .cloned()
+                .unwrap_or_default();
+            let queues = self.queues.read().expect("queues lock");
+            names
+                .iter()
+                .filter_map(|n| queues.get(n).cloned())
+                .collect()
+        };
+        let Prepared {
+            reliability,
+            priority,
+            properties,
+            expiry_ms,
+            code,
+        } = self.prepare(&topic, &msg)?;
+        if subs.is_empty() {
+            let seq = self.volatile_seq.fetch_add(1, Ordering::Relaxed);
+            return Ok(format!("{}:{}:{seq}", self.uuid, self.incarnation));
+        }
+        let mut ids = Vec::with_capacity(subs.len());
+        if reliability.is_persistent() {
+            let ops = subs
+                .iter()
+                .map(|q| Op::Put {
+                    dest: q.cfg.name.clone(),
+                    id: String::new(),
+                    priority,
+                    reliability: code,
+                    expiry_ms,
+                    properties: properties.clone(),
+                    body: msg.body.clone(),
+                    stream: None,
+                })
+                .collect();
+            let out = self.store.commit(ops).await?;
+            keel_core::faults::hit("me.after_store_commit");
+            for (q, seq) in subs.iter().zip(out.assigned_seqs) {
+                let id = format!("{}:{}:{seq}", self.uuid, self.incarnation);
+                ids.push(id.clone());
+                q.state.lock().expect("queue lock").offer_persistent(Entry {
+                    seq,
+                    id,
+                    priority,
+                    reliability: code,
+                    expiry_ms,
+                    delivery_count: 0,
+                    properties: properties.clone(),
+                    body: msg.body.clone(),
+                    persistent: true,
+                });
+            }
+        } else {
+            for q in &subs {
+                let seq = self.volatile_seq.fetch_add(1, Ordering::Relaxed);
+                let id = format!("{}:{}:{seq}", self.uuid, self.incarnation);
+                ids.push(id.clone());
+                let mut st = q.state.lock().expect("queue lock");
+                if st.volatile.len() >= NONPERSISTENT_MAX {
+                    continue; // a full subscriber misses a non-persistent publication, as best effort allows
+                }
+                st.volatile.insert(
+                    crate::queue::key(priority, seq),
+                    Entry {
+                        seq,
+                        id,
+                        priority,
+                        reliability: code,
+                        expiry_ms,
+                        delivery_count: 0,
+                        properties: properties.clone(),
+                        body: msg.body.clone(),
+                        persistent: false,
+                    },
+                );
+            }
+        }
+        for q in &subs {
+            q.counters.sent.fetch_add(1, Ordering::Relaxed);
+            q.counters.depth.fetch_add(1, Ordering::Relaxed);
+            q.notify.notify_one();
+        }
+        Ok(ids.swap_remove(0))
+    }
+
+    /// Messages in the whole store (every destination).
+    pub async fn store_messages(&self) -> Result<u64, MessagingError> {
+        Ok(self
+            .store
+            .destinations()
+            .await?
+            .iter()
+            .map(|(_, n)| n)
+            .sum())
+    }
+
+    /// Starts a local transaction: its sends and settles take effect together at `commit`, in
+    /// one store transaction (atomic and durable), or not at all.
+    pub fn begin(&self) -> Transaction {
+        Transaction {
+            sends: Vec::new(),
+            settles: Vec::new(),
+            done: false,
+        }
+    }
+
+    /// Adds a send to `tx`. Checked now (destination, size), stored at commit. A topic space
+    /// gets one copy per subscription it has at this moment.
+    pub fn tx_send(
+        &self,
+        tx: &mut Transaction,
+        dest: &str,
+        msg: OutgoingMessage,
+    ) -> Result<(), MessagingError> {
+        self.check_open()?;
+        assert!(!tx.done, "a finished transaction takes no more work");
+        if tx.sends.len() + tx.settles.len() >= TX_WORK_MAX {
+            return Err(MessagingError::TransactionTooLarge { max: TX_WORK_MAX });
+        }
+        let (cfg, targets) = match self.topics.get(dest) {
+            Some(topic) => {
+                let names = self
+                    .subscriptions
+                    .lock()
+                    .expect("subscriptions lock")
+                    .get(dest)
+                    .cloned()
+                    .unwrap_or_default();
+                let queues = self.queues.read().expect("queues lock");
+                (
+                    topic.clone(),
+                    names
+                        .iter()
+                        .filter_map(|n| queues.get(n).cloned())
+                        .collect(),
+                )
+            }
+            None => {
+                let q = self.queue(dest)?;
+                (q.cfg.clone(), vec![q])
+            }
+        };
+        let prepared = self.prepare(&cfg, &msg)?;
+        for q in targets {
+            tx.sends.push(TxSend {
+                q,
+                prepared: prepared.clone(),
+                body: msg.body.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Adds a settle of a locked delivery to `tx`; the delivery is claimed now, so nothing else
+    /// can settle it meanwhile.
+    pub fn tx_settle(
+        &self,
+        tx: &mut Transaction,
+        dest: &str,
+        seq: u64,
+        outcome: Outcome,
+    ) -> Result<(), MessagingError> {
+        self.check_open()?;
+        assert!(!tx.done, "a finished transaction takes no more work");
+        if tx.sends.len() + tx.settles.len() >= TX_WORK_MAX {
+            return Err(MessagingError::TransactionTooLarge { max: TX_WORK_MAX });
+        }
+        let (q, e) = self.claim(dest, seq)?;
+        let plan = self.settle_plan(&q, &e, outcome);
+        tx.settles.push((q, e, plan));
+        Ok(())
+    }
+
+    /// Applies the whole transaction in one store commit, then in memory. Returns the IDs of
+    /// the messages it sent. On a store error nothing took effect and the claimed deliveries
+    /// are locked again (settle them, or roll back).
+    pub async fn commit(&self, mut tx: Transaction) -> Result<Vec<String>, MessagingError> {
+        self.check_open()?;
+        let mut ops = Vec::new();
+        for s in tx
+            .sends
+            .iter()
+            .filter(|s| s.prepared.reliability.is_persistent())
+        {
+            let p = &s.prepared;
+            ops.push(Op::Put {
+                dest: s.q.cfg.name.clone(),
+                id: String::new(),
+                priority: p.priority,
+                reliability: p.code,
+                expiry_ms: p.expiry_ms,
+                properties: p.properties.clone(),
+                body: s.body.clone(),
+                stream: None,
+            });
+        }
+        for (_, _, plan) in &tx.settles {
+            ops.extend(plan.ops.iter().cloned());
+        }
+        let mut seqs = Vec::new().into_iter();
+        if !ops.is_empty() {
+            match self.store.commit(ops).await {
+                Ok(out) => seqs = out.assigned_seqs.into_iter(),
+                Err(err) => {
+                    for (q, e, _) in tx.settles.drain(..) {
+                        q.state.lock().expect("queue lock").locked.insert(e.seq, e);
+                    }
+                    tx.done = true;
+                    return Err(err.into());
+                }
+            }
+        }
+        keel_core::faults::hit("me.after_store_commit");
+        tx.done = true;
+        let mut ids = Vec::with_capacity(tx.sends.len());
+        for s in std::mem::take(&mut tx.sends) {
+            let p = s.prepared;
+            let persistent = p.reliability.is_persistent();
+            let seq = if persistent {
+                seqs.next().expect("one seq per persistent send")
+            } else {
+                self.volatile_seq.fetch_add(1, Ordering::Relaxed)
+            };
+            let id = format!("{}:{}:{seq}", self.uuid, self.incarnation);
+            let e = Entry {
+                seq,
+                id: id.clone(),
+                priority: p.priority,
+                reliability: p.code,
+                expiry_ms: p.expiry_ms,
+                delivery_count: 0,
+                properties: p.properties,
+                body: s.body,
+                persistent,
+            };
+            let mut st = s.q.state.lock().expect("queue lock");
+            if persistent {
+                st.offer_persistent(e);
+            } else if st.volatile.len() < NONPERSISTENT_MAX {
+                st.volatile.insert(e.key(), e);
+            }
+            drop(st);
+            s.q.counters.sent.fetch_add(1, Ordering::Relaxed);
+            s.q.counters.depth.fetch_add(1, Ordering::Relaxed);
+            s.q.notify.notify_one();
+            ids.push(id);
+        }
+        for (q, e, plan) in std::mem::take(&mut tx.settles) {
+            self.settle_apply(&q, e, &plan)?;
+        }
+        Ok(ids)
+    }
+
+    /// Discards the transaction's sends; every delivery it settled counts one failed delivery
+    /// (redelivered, or moved to the exception destination after max_failed_deliveries), so a
+    /// message that always makes its transaction fail cannot loop forever.
+    pub async fn rollback(&self, mut tx: Transaction) -> Result<(), MessagingError> {
+        tx.done = true;
+        tx.sends.clear();
+        let settles: Vec<(Arc<QueuePoint>, Entry)> =
+            tx.settles.drain(..).map(|(q, e, _)| (q, e)).collect();
+        let plans: Vec<SettlePlan> = settles
+            .iter()
+            .map(|(q, e)| self.settle_plan(q, e, Outcome::Failed))
+            .collect();
+        let ops: Vec<Op> = plans.iter().flat_map(|p| p.ops.iter().cloned()).collect();
+        if !ops.is_empty() {
+            if let Err(err) = self.store.commit(ops).await {
+                // The counts did not change: release the deliveries as they were.
+                for (q, e) in settles {
+                    let mut st = q.state.lock().expect("queue lock");
+                    if e.persistent {
+                        st.offer_persistent(e);
+                    } else {
+                        st.volatile.insert(e.key(), e);
+                    }
+                }
+                return Err(err.into());
+            }
+        }
+        for ((q, e), plan) in settles.into_iter().zip(plans) {
+            self.settle_apply(&q, e, &plan)?;
+        }
+        Ok(())
+    }
+
+    /// Durable subscriptions of a topic space.
+    pub fn subscriptions_of(&self, topic: &str) -> Vec<String> {
+        self.subscriptions
+            .lock()
+            .expect("subscriptions lock")
+            .get(topic)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Messages on `dest`: stored (persistent, including locked ones) plus non-persistent.
+    pub async fn depth(&self, dest: &str) -> Result<u64, MessagingError> {
+        let q = self.queue(dest)?;
+        let stored = self.store.depth(dest).await?;
+        let st = q.state.lock().expect("queue lock");
+        let volatile = st.volatile.len() + st.locked.values().filter(|e| !e.persistent).count();
+        Ok(stored + volatile as u64)
+    }
+}

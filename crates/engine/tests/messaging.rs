@@ -1,0 +1,441 @@
+//! Messaging through a real engine over a real SQLite store in a temp directory.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_config::{DestinationCfg, DestinationKind, Reliability};
+use keel_engine::messaging::{MessagingError, Outcome, OutgoingMessage};
+use keel_engine::{Engine, EngineConfig, StartMode};
+
+const ME: &str = "node01.server1-bus1";
+
+fn engine(dir: &std::path::Path) -> Arc<Engine> {
+    let mut q = DestinationCfg::new("q1", DestinationKind::Queue, ME);
+    q.max_failed_deliveries = 3;
+    let small = DestinationCfg::new("express", DestinationKind::Queue, ME);
+    let topic = DestinationCfg::new("t1", DestinationKind::Topic, ME);
+    let remote = DestinationCfg::new("elsewhere", DestinationKind::Queue, "node01.server2-bus1");
+    Engine::new(
+        EngineConfig {
+            me: ME.into(),
+            uuid: "6f1c2f2e-8f0a-4a57-9d1e-1b7c1e0f0a11".into(),
+            bus: "bus1".into(),
+            node: "node01".into(),
+            server: "server1".into(),
+            store_path: dir.join("me.sqlite"),
+            destinations: vec![q, small, topic, remote],
+            max_message_bytes: 64 * 1024,
+            store_url: None,
+        },
+        false,
+    )
+}
+
+fn msg(body: &str, priority: u8) -> OutgoingMessage {
+    OutgoingMessage {
+        body: body.as_bytes().to_vec(),
+        priority: Some(priority),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn delivery_order_accept_and_depth() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(dir.path());
+    e.start(StartMode::Normal).await.unwrap();
+    let m = e.messaging().unwrap();
+    for (b, p) in [("a", 4), ("b", 9), ("c", 4), ("d", 0), ("e", 9)] {
+        m.send("q1", msg(b, p)).await.unwrap();
+    }
+    assert_eq!(m.depth("q1").await.unwrap(), 5);
+    let mut got = Vec::new();
+    while let Some(d) = m.receive("q1", Duration::ZERO).await.unwrap() {
+        got.push(String::from_utf8(d.body.clone()).unwrap());
+        m.settle("q1", d.seq, Outcome::Accepted).await.unwrap();
+    }
+    assert_eq!(got, ["b", "e", "a", "c", "d"]);
+    assert_eq!(m.depth("q1").await.unwrap(), 0);
+    // Settling twice is refused.
+    let id = m.send("q1", msg("x", 4)).await.unwrap();
+    assert!(
+        id.starts_with("6f1c2f2e-8f0a-4a57-9d1e-1b7c1e0f0a11:1:"),
+        "{id}"
+    );
+    let d = m.receive("q1", Duration::ZERO).await.unwrap().unwrap();
+    m.settle("q1", d.seq, Outcome::Accepted).await.unwrap();
+    assert!(matches!(
+        m.settle("q1", d.seq, Outcome::Accepted).await,
+        Err(MessagingError::UnknownDelivery { .. })
+    ));
+}
+
+#[tokio::test]
+async fn failures_count_and_end_on_the_exception_destination() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(dir.path());
+    e.start(StartMode::Normal).await.unwrap();
+    let m = e.messaging().unwrap();
+    m.send("q1", msg("poison", 4)).await.unwrap();
+    // Released: same count.
+    let d = m.receive("q1", Duration::ZERO).await.unwrap().unwrap();
+    m.settle("q1", d.seq, Outcome::Released).await.unwrap();
+    let d = m.receive("q1", Duration::ZERO).await.unwrap().unwrap();
+    assert_eq!(d.delivery_count, 0);
+    // Failed twice: counts 1, 2; the third failure reaches max_failed_deliveries = 3.
+    for expected in [1, 2] {
+        m.settle("q1", d.seq, Outcome::Failed).await.unwrap();
+        let again = m.receive("q1", Duration::ZERO).await.unwrap().unwrap();
+        assert_eq!(again.delivery_count, expected);
+    }
+    m.settle("q1", d.seq, Outcome::Failed).await.unwrap();
+    assert!(m.receive("q1", Duration::ZERO).await.unwrap().is_none());
+    let exc = keel_config::system_exception_destination(ME);
+    let x = m.receive(&exc, Duration::ZERO).await.unwrap().unwrap();
+    assert_eq!(x.body, b"poison");
+    assert_eq!(x.delivery_count, 3);
+    // Rejected goes there at once; the exception destination keeps what fails on it.
+    m.send("q1", msg("bad", 4)).await.unwrap();
+    let d = m.receive("q1", Duration::ZERO).await.unwrap().unwrap();
+    m.settle("q1", d.seq, Outcome::Rejected).await.unwrap();
+    m.settle(&exc, x.seq, Outcome::Failed).await.unwrap();
+    assert_eq!(m.depth(&exc).await.unwrap(), 2);
+    // And the moves are durable.
+    e.stop(false).await.unwrap();
+    e.start(StartMode::Normal).await.unwrap();
+    let m = e.messaging().unwrap();
+    assert_eq!(m.depth(&exc).await.unwrap(), 2);
+    assert_eq!(m.depth("q1").await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn persistent_messages_survive_a_restart_in_order_and_volatile_ones_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(dir.path());
+    e.start(StartMode::Normal).await.unwrap();
+    let m = e.messaging().unwrap();
+    // More than the in-memory window, so delivery pages through the store.
+    let n = 3_000u32;
+    for i in 0..n {
+        m.send("q1", msg(&format!("{i}"), (i % 3) as u8))
+            .await
+            .unwrap();
+    }
+    let mut ex = msg("gone", 4);
+    ex.reliability = Some(Reliability::Express);
+    m.send("express", ex).await.unwrap();
+    e.stop(false).await.unwrap();
+    e.start(StartMode::Normal).await.unwrap();
+    let m = e.messaging().unwrap();
+    assert!(
+        m.receive("express", Duration::ZERO)
+            .await
+            .unwrap()
+            .is_none(),
+        "express messages are not persisted"
+    );
+    let mut last: Option<(u8, u64)> = None;
+    let mut seen = BTreeSet::new();
+    while let Some(d) = m.receive("q1", Duration::ZERO).await.unwrap() {
+        if let Some((lp, ls)) = last {
+            assert!(
+                d.priority < lp || (d.priority == lp && d.seq > ls),
+                "order broken at {}",
+                d.seq
+            );
+        }
+        last = Some((d.priority, d.seq));
+        assert!(seen.insert(String::from_utf8(d.body.clone()).unwrap()));
+        m.settle("q1", d.seq, Outcome::Accepted).await.unwrap();
+    }
+    assert_eq!(seen.len(), n as usize);
+}
+
+#[tokio::test]
+async fn expiry_and_bad_input_are_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(dir.path());
+    e.start(StartMode::Normal).await.unwrap();
+    let m = e.messaging().unwrap();
+    let mut short = msg("short-lived", 4);
+    short.ttl_ms = Some(1);
+    m.send("q1", short).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(m.receive("q1", Duration::ZERO).await.unwrap().is_none());
+    assert_eq!(m.depth("q1").await.unwrap(), 0);
+    let big = OutgoingMessage {
+        body: vec![b'x'; 65 * 1024],
+        ..Default::default()
+    };
+    assert!(matches!(
+        m.send("q1", big).await,
+        Err(MessagingError::TooLarge { .. })
+    ));
+    let err = m.send("nosuch", msg("x", 4)).await.unwrap_err();
+    assert!(err.to_string().contains("keel destination create"), "{err}");
+    // A topic space is served: a publication with no subscription reaches nobody.
+    assert!(m.send("t1", msg("x", 4)).await.is_ok());
+    assert!(matches!(
+        m.send("elsewhere", msg("x", 4)).await,
+        Err(MessagingError::NotHere { .. })
+    ));
+    e.stop(false).await.unwrap();
+    assert!(matches!(
+        e.messaging(),
+        Err(MessagingError::NotStarted { .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_producers_and_consumers_see_each_message_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(dir.path());
+    e.start(StartMode::Normal).await.unwrap();
+    let m = e.messaging().unwrap();
+    let producers = 8;
+    let per = 300;
+    let mut tasks = Vec::new();
+    for p in 0..producers {
+        let m = m.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..per {
+                m.send("q1", msg(&format!("{p}-{i}"), (i % 10) as u8))
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    let mut consumers = Vec::new();
+    for _ in 0..2 {
+        let m = m.clone();
+        consumers.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(d) = m.receive("q1", Duration::from_millis(500)).await.unwrap() {
+                got.push(String::from_utf8(d.body.clone()).unwrap());
+                m.settle("q1", d.seq, Outcome::Accepted).await.unwrap();
+            }
+            got
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut all = Vec::new();
+    for c in consumers {
+        all.extend(c.await.unwrap());
+    }
+    let unique: BTreeSet<_> = all.iter().cloned().collect();
+    assert_eq!(all.len(), producers * per, "each message exactly once");
+    assert_eq!(unique.len(), producers * per);
+    assert_eq!(m.depth("q1").await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_settle_is_refused_not_fatal() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(dir.path());
+    e.start(StartMode::Normal).await.unwrap();
+    let m = e.messaging().unwrap();
+    for outcome in [Outcome::Released, Outcome::Accepted, Outcome::Failed] {
+        m.send("q1", msg("x", 4)).await.unwrap();
+        let d = m.receive("q1", Duration::ZERO).await.unwrap().unwrap();
+        let (a, b) = tokio::join!(
+            m.settle("q1", d.seq, outcome),
+            m.settle("q1", d.seq, outcome)
+        );
+        assert!(
+            a.is_ok() != b.is_ok(),
+            "exactly one of two concurrent settles wins: {a:?} {b:?}"
+        );
+        if outcome != Outcome::Accepted {
+            let again = m.receive("q1", Duration::ZERO).await.unwrap().unwrap();
+            m.settle("q1", again.seq, Outcome::Accepted).await.unwrap();
+        }
+    }
+    assert_eq!(m.depth("q1").await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn topic_publications_reach_every_durable_subscription_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(dir.path());
+    e.start(StartMode::Normal).await.unwrap();
+    let m = e.messaging().unwrap();
+    // No subscription yet: a publication reaches nobody and nothing is stored.
+    m.send("t1", msg("lost", 4)).await.unwrap();
+    assert!(m.store_messages().await.unwrap() == 0);
+    let a = m.subscribe("t1", "audit").await.unwrap();
+    let b = m.subscribe("t1", "billing").await.unwrap();
+    assert_eq!(a, "t1::audit");
+    assert_eq!(
+        m.subscribe("t1", "audit").await.unwrap(),
+        a,
+        "subscribing again finds the same subscription"
+    );
+    for i in 0..5 {
+        m.send("t1", msg(&format!("p{i}"), 4)).await.unwrap();
+    }
+    assert_eq!(m.depth(&a).await.unwrap(), 5);
+    assert_eq!(m.depth(&b).await.unwrap(), 5);
+    // Consuming one subscription leaves the other's copies alone.
+    while let Some(d) = m.receive(&a, Duration::ZERO).await.unwrap() {
+        m.settle(&a, d.seq, Outcome::Accepted).await.unwrap();
+    }
+    assert_eq!(m.depth(&b).await.unwrap(), 5);
+    // Durable: the subscription and its messages survive a restart.
+    e.stop(false).await.unwrap();
+    e.start(StartMode::Normal).await.unwrap();
+    let m = e.messaging().unwrap();
+    assert_eq!(
+        m.subscriptions_of("t1"),
+        vec!["t1::audit".to_string(), "t1::billing".to_string()]
+    );
+    let mut got = Vec::new();
+    while let Some(d) = m.receive(&b, Duration::ZERO).await.unwrap() {
+        got.push(String::from_utf8(d.body.clone()).unwrap());
+        m.settle(&b, d.seq, Outcome::Accepted).await.unwrap();
+    }
+    assert_eq!(got, ["p0", "p1", "p2", "p3", "p4"]);
+    m.send("t1", msg("after", 4)).await.unwrap();
+    assert_eq!(m.unsubscribe("t1", "billing").await.unwrap(), 1);
+    assert!(
+        m.receive(&b, Duration::ZERO).await.is_err(),
+        "an unsubscribed subscription is gone"
+    );
+    assert_eq!(m.depth(&a).await.unwrap(), 1);
+    // Errors name the fix.
+    assert!(m
+        .receive("t1", Duration::ZERO)
+        .await
+        .unwrap_err()
+        .to_string()
+        .contains("subscriptions"));
+    assert!(m.subscribe("t1", "bad name").await.is_err());
+    assert!(m.subscribe("q1", "x").await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_the_engine_wakes_waiting_receivers() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(dir.path());
+    e.start(StartMode::Normal).await.unwrap();
+    let m = e.messaging().unwrap();
+    let waiter = tokio::spawn(async move { m.receive("q1", Duration::from_secs(60)).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    e.stop(false).await.unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("the receiver wakes up")
+        .unwrap();
+    assert!(matches!(r, Err(MessagingError::NotStarted { .. })), "{r:?}");
+}
+
+#[tokio::test]
+async fn transactions_apply_sends_and_settles_together_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(dir.path());
+    e.start(StartMode::Normal).await.unwrap();
+    let m = e.messaging().unwrap();
+    m.send("q1", msg("in-1", 4)).await.unwrap();
+    m.send("q1", msg("in-2", 4)).await.unwrap();
+    let a = m.receive("q1", Duration::ZERO).await.unwrap().unwrap();
+    let b = m.receive("q1", Duration::ZERO).await.unwrap().unwrap();
+
+    // Consume two, produce three, in one transaction: nothing shows before commit.
+    let mut tx = m.begin();
+    m.tx_settle(&mut tx, "q1", a.seq, Outcome::Accepted)
+        .unwrap();
+    m.tx_settle(&mut tx, "q1", b.seq, Outcome::Accepted)
+        .unwrap();
+    for i in 0..3 {
+        m.tx_send(
+            &mut tx,
+            "express",
+            OutgoingMessage {
+                body: format!("out-{i}").into_bytes(),
+                reliability: Some(Reliability::AssuredPersistent),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    }
+    assert_eq!(tx.len(), 5);
+    assert!(m
+        .receive("express", Duration::ZERO)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(
+        m.settle("q1", a.seq, Outcome::Accepted).await.is_err(),
+        "a delivery in a transaction is claimed by it"
+    );
+    let ids = m.commit(tx).await.unwrap();
+    assert_eq!(ids.len(), 3);
+    assert_eq!(m.depth("q1").await.unwrap(), 0);
+    assert_eq!(m.depth("express").await.unwrap(), 3);
+
+    // Durable: the committed effects survive a restart.
+    e.stop(false).await.unwrap();
+    e.start(StartMode::Normal).await.unwrap();
+    let m = e.messaging().unwrap();
+    assert_eq!(m.depth("q1").await.unwrap(), 0);
+    assert_eq!(m.depth("express").await.unwrap(), 3);
+}
+
+#[tokio::test]
+async fn rollback_counts_a_failed_delivery_and_drop_releases() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(dir.path());
+    e.start(StartMode::Normal).await.unwrap();
+    let m = e.messaging().unwrap();
+    m.send("q1", msg("work", 4)).await.unwrap();
+    // max_failed_deliveries of q1 is 3: two rollbacks redeliver, the third moves it away.
+    for expected_count in 1..=3u32 {
+        let d = m
+            .receive("q1", Duration::ZERO)
+            .await
+            .unwrap()
+            .expect("redelivered");
+        assert_eq!(d.delivery_count, expected_count - 1);
+        let mut tx = m.begin();
+        m.tx_settle(&mut tx, "q1", d.seq, Outcome::Accepted)
+            .unwrap();
+        m.tx_send(&mut tx, "q1", msg("never", 4)).unwrap();
+        m.rollback(tx).await.unwrap();
+    }
+    assert!(
+        m.receive("q1", Duration::ZERO).await.unwrap().is_none(),
+        "the rolled-back send never appears"
+    );
+    let exc = keel_config::system_exception_destination(ME);
+    let x = m.receive(&exc, Duration::ZERO).await.unwrap().unwrap();
+    assert_eq!(
+        (x.body.as_slice(), x.delivery_count),
+        (b"work".as_slice(), 3)
+    );
+
+    // A transaction dropped unfinished (a lost connection) releases its claims unchanged,
+    // and its uncommitted sends leave no trace, also after a restart.
+    m.send("q1", msg("again", 4)).await.unwrap();
+    let d = m.receive("q1", Duration::ZERO).await.unwrap().unwrap();
+    let mut tx = m.begin();
+    m.tx_settle(&mut tx, "q1", d.seq, Outcome::Accepted)
+        .unwrap();
+    m.tx_send(&mut tx, "q1", msg("ghost", 4)).unwrap();
+    drop(tx);
+    let again = m.receive("q1", Duration::ZERO).await.unwrap().unwrap();
+    assert_eq!(
+        (again.body.as_slice(), again.delivery_count),
+        (b"again".as_slice(), 0)
+    );
+    m.settle("q1", again.seq, Outcome::Released).await.unwrap();
+    e.stop(false).await.unwrap();
+    e.start(StartMode::Normal).await.unwrap();
+    let m = e.messaging().unwrap();
+    assert_eq!(
+        m.depth("q1").await.unwrap(),
+        1,
+        "only `again`, never `ghost`"
+    );
+}

@@ -1,0 +1,291 @@
+//! Process logs: `logs/<process>/SystemOut.log`, one line per `tracing` event:
+//!
+//! ```text
+//! [2026-11-24T10:36:08.123Z] 00000003 server I WSVR0001I: Server server1 open for work (...)
+//! ```
+//!
+//! `[timestamp] thread component level ID: text`. The text of an event carrying `msg_id` is the
+//! catalog template filled from the event's fields (so call sites never format message text),
+//! which keeps every ID's wording in one place and the fields structured for the binary
+//! repository that will sit beside this writer as a second layer.
+//!
+//! Invariant: a line is written with one `write_all` under the writer's lock, so concurrent
+//! threads never interleave inside a line. No fsync: the log is diagnostics, not state.
+
+use std::fmt::Write as _;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use keel_core::catalog;
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::layer::{Context, SubscriberExt};
+use tracing_subscriber::Layer;
+
+/// Environment variable that lowers the level of Keel's own events (`debug`, `trace`).
+pub const LEVEL_ENV: &str = "KEEL_LOG";
+
+/// Bounds one rendered line, so a runaway field cannot fill the disk one event at a time.
+const LINE_BYTES_MAX: usize = 16 * 1024;
+
+#[derive(Clone)]
+struct Sink {
+    file: Arc<Mutex<File>>,
+    echo_stdout: bool,
+}
+
+/// The `tracing` layer writing SystemOut.log lines.
+pub struct SystemOutLayer {
+    sink: Sink,
+    keel_level: Level,
+}
+
+impl SystemOutLayer {
+    /// Opens (appending, creating the directory) `path`.
+    pub fn open(path: &Path, echo_stdout: bool) -> io::Result<SystemOutLayer> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(SystemOutLayer {
+            sink: Sink {
+                file: Arc::new(Mutex::new(file)),
+                echo_stdout,
+            },
+            keel_level: level_from_env(),
+        })
+    }
+
+    fn enabled_for(&self, target: &str, level: &Level) -> bool {
+        // Keel's own events down to KEEL_LOG (default INFO); dependencies only warn and worse,
+        // so a chatty library cannot drown the operator's log.
+        if target.starts_with("keel") {
+            *level <= self.keel_level
+        } else {
+            *level <= Level::WARN
+        }
+    }
+}
+
+fn level_from_env() -> Level {
+    match std::env::var(LEVEL_ENV)
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+        .as_str()
+    {
+        "trace" => Level::TRACE,
+        "debug" => Level::DEBUG,
+        "warn" => Level::WARN,
+        "error" => Level::ERROR,
+        _ => Level::INFO,
+    }
+}
+
+#[derive(Default)]
+struct Fields {
+    msg_id: Option<String>,
+    message: Option<String>,
+    rest: Vec<(&'static str, String)>,
+}
+
+impl Visit for Fields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.put(field, value.to_string());
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.put(field, format!("{value:?}"));
+    }
+}
+
+impl Fields {
+    fn put(&mut self, field: &Field, value: String) {
+        match field.name() {
+            "msg_id" => self.msg_id = Some(value),
+            "message" => self.message = Some(value),
+            name => self.rest.push((name, value)),
+        }
+    }
+}
+
+thread_local! {
+    static THREAD_NO: u32 = {
+        static NEXT: AtomicU32 = AtomicU32::new(1);
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    };
+}
+
+/// Renders one event as a log line (without the trailing newline). Public for the viewer
+/// and for tests; the layer is its only writer.
+pub fn render_line(
+    time: std::time::SystemTime,
+    thread: u32,
+    target: &str,
+    level: &Level,
+    fields_in: &[(&str, String)],
+    msg_id: Option<&str>,
+    message: Option<&str>,
+) -> String {
+    let level_letter = match *level {
+        Level::ERROR => 'E',
+        Level::WARN => 'W',
+        Level::INFO => 'I',
+        Level::DEBUG => 'D',
+        Level::TRACE => 'T',
+    };
+    let component = target
+        .strip_prefix("keel_")
+        .unwrap_or(target)
+        .replace("::", ".");
+    let mut line = String::with_capacity(160);
+    let _ = write!(
+        line,
+        "[{}] {thread:08x} {component} {level_letter} ",
+        humantime::format_rfc3339_millis(time)
+    );
+    match msg_id.and_then(catalog::lookup) {
+        Some(m) => {
+            let _ = write!(line, "{}: {}", m.id, catalog::render(m.text, fields_in));
+        }
+        None => {
+            if let Some(id) = msg_id {
+                // An ID missing from the catalog is a bug; say so in the line rather than drop it.
+                let _ = write!(line, "{id} (not in catalog): ");
+            }
+            line.push_str(message.unwrap_or(""));
+            for (k, v) in fields_in {
+                let _ = write!(line, " {k}={v}");
+            }
+        }
+    }
+    if line.len() > LINE_BYTES_MAX {
+        let mut cut = LINE_BYTES_MAX;
+        while !line.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        line.truncate(cut);
+        line.push_str(" ...(truncated)");
+    }
+    // One event is one line: a newline inside a field would forge a second entry.
+    line.replace('\n', "\\n")
+}
+
+impl<S: Subscriber> Layer<S> for SystemOutLayer {
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        let meta = event.metadata();
+        if !self.enabled_for(meta.target(), meta.level()) {
+            return;
+        }
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        let thread = THREAD_NO.with(|n| *n);
+        let mut line = render_line(
+            std::time::SystemTime::now(),
+            thread,
+            meta.target(),
+            meta.level(),
+            &fields.rest,
+            fields.msg_id.as_deref(),
+            fields.message.as_deref(),
+        );
+        line.push('\n');
+        if let Ok(mut f) = self.sink.file.lock() {
+            // A failed log write must not take the server down; stderr is the last resort.
+            if let Err(e) = f.write_all(line.as_bytes()) {
+                eprintln!("keel: cannot write SystemOut.log ({e}): {line}");
+            }
+        }
+        if self.sink.echo_stdout {
+            let _ = io::stdout().write_all(line.as_bytes());
+        }
+    }
+}
+
+/// Keeps the process's log installed; dropping it changes nothing (lines are unbuffered) but
+/// holding it documents where logging was set up.
+pub struct LogGuard {
+    pub path: PathBuf,
+}
+
+/// Installs the global subscriber of a Keel process (server or node agent): SystemOut.log
+/// under `logs/<process>/`, optionally echoed to stdout (foreground runs such as quickstart).
+pub fn init_process(
+    layout: &keel_core::Layout,
+    process: &str,
+    echo_stdout: bool,
+) -> io::Result<LogGuard> {
+    let path = layout.system_out(process);
+    let layer = SystemOutLayer::open(&path, echo_stdout)?;
+    let subscriber = tracing_subscriber::registry().with(layer);
+    tracing::subscriber::set_global_default(subscriber)
+        .map_err(|e| io::Error::other(format!("logging already initialised: {e}")))?;
+    Ok(LogGuard { path })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    #[test]
+    fn catalog_events_render_their_template() {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123);
+        let line = render_line(
+            t,
+            26,
+            "keel_server::runtime",
+            &Level::INFO,
+            &[("server", "server1".into())],
+            Some("WSVR0024I"),
+            None,
+        );
+        assert_eq!(line, "[2023-11-14T22:13:20.123Z] 0000001a server.runtime I WSVR0024I: Server server1 stopped.");
+    }
+
+    #[test]
+    fn plain_events_keep_message_and_fields_on_one_line() {
+        let t = std::time::UNIX_EPOCH;
+        let line = render_line(
+            t,
+            1,
+            "keel_node",
+            &Level::WARN,
+            &[("k", "a\nb".into())],
+            None,
+            Some("hello"),
+        );
+        assert_eq!(
+            line,
+            "[1970-01-01T00:00:00.000Z] 00000001 node W hello k=a\\nb"
+        );
+    }
+
+    #[test]
+    fn layer_writes_lines_with_ids_to_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("logs/s1/SystemOut.log");
+        let layer = SystemOutLayer::open(&path, false).unwrap();
+        let subscriber = tracing_subscriber::registry().with(layer);
+        tracing::subscriber::with_default(subscriber, || {
+            keel_core::emit!(keel_core::catalog::WSVR0024I, server = "s1");
+            tracing::debug!(target: "keel_server", "not at default level");
+            tracing::info!(target: "hyper", "dependency chatter is filtered");
+            tracing::warn!(target: "hyper", "dependency warning is kept");
+        });
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(
+            lines[0].ends_with("I WSVR0024I: Server s1 stopped."),
+            "{}",
+            lines[0]
+        );
+        assert!(
+            lines[1].contains("hyper W dependency warning is kept"),
+            "{}",
+            lines[1]
+        );
+    }
+}

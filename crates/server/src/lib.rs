@@ -1,0 +1,528 @@
+//! The server process: `keel server run NAME` (launched by the node agent, never by hand).
+//!
+//! Start sequence, normal mode: read the node's synchronized configuration, open the log, bind
+//! the admin port and the bus port (a port in use fails the start with one sentence), write the
+//! pid file, register admin objects, log `WSVR0001I`. Stop (SIGTERM, SIGINT or the `stop`
+//! operation of the `Server` admin object): `WSVR0102I`, components stop in reverse order, pid
+//! file removed, `WSVR0024I`, exit 0.
+//!
+//! Recovery mode (`--recovery`): refused with `WSVR0104E` when the server has no recovery logs;
+//! otherwise only the admin port and the recovery participants run (no bus port, no
+//! applications), then `WSVR0105I` and exit 0. The transaction service plugs in as a
+//! participant.
+//!
+//! Exit codes (read by the node agent): 0 normal stop or recovery complete, 2 refused by
+//! configuration or state, 3 a port or file could not be opened.
+//!
+//! Invariant: a fatal start error is written both to SystemOut.log (`WSVR0101E`) and as one line
+//! on stderr, which the node agent captures in native_stderr.log and hands back to the operator.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use keel_admin::{AdminError, AdminObject, Credential, OpFuture, Registry, Value};
+use keel_config::Profile;
+use keel_core::{catalog, emit, faults, ObjectName};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub mod recovery;
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub profile: PathBuf,
+    pub server: String,
+    pub recovery: bool,
+}
+
+/// Exit codes of a server process; the node agent reads them.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const REFUSED: u8 = 2;
+    pub const RESOURCE: u8 = 3;
+}
+
+#[derive(Debug)]
+struct Fatal {
+    code: u8,
+    reason: String,
+}
+
+impl Fatal {
+    fn refused(reason: impl Into<String>) -> Fatal {
+        Fatal {
+            code: exit::REFUSED,
+            reason: reason.into(),
+        }
+    }
+    fn resource(reason: impl Into<String>) -> Fatal {
+        Fatal {
+            code: exit::RESOURCE,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Runs a server process to completion and returns its exit code.
+pub fn run(opts: RunOptions) -> u8 {
+    let profile = match Profile::open(&opts.profile) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("keel server: {e}");
+            return exit::REFUSED;
+        }
+    };
+    if let Err(e) = keel_logs::init_process(profile.layout(), &opts.server, false) {
+        eprintln!(
+            "keel server: cannot open the log of server {} under {}: {e}",
+            opts.server,
+            profile.layout().logs(&opts.server).display()
+        );
+        return exit::RESOURCE;
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("keel server: cannot start the async runtime: {e}");
+            return exit::RESOURCE;
+        }
+    };
+    match rt.block_on(serve(profile, &opts)) {
+        Ok(()) => exit::OK,
+        Err(fatal) => {
+            emit!(
+                catalog::WSVR0101E,
+                server = opts.server,
+                reason = fatal.reason
+            );
+            eprintln!("{}", fatal.reason);
+            fatal.code
+        }
+    }
+}
+
+/// Server lifecycle states as the admin API shows them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum State {
+    Starting = 0,
+    Started = 1,
+    Stopping = 2,
+}
+
+impl State {
+    fn from_u8(v: u8) -> State {
+        match v {
+            0 => State::Starting,
+            1 => State::Started,
+            _ => State::Stopping,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Started => "started",
+            State::Stopping => "stopping",
+        }
+    }
+}
+
+async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
+    let started_at = SystemTime::now();
+    let t0 = Instant::now();
+    let node = profile
+        .local_node()
+        .map_err(|e| Fatal::refused(e.to_string()))?;
+    let cfg = profile.node_copy(&node).load().map_err(|e| Fatal::refused(format!("{e} (this is the node's synchronized copy; run `keel config sync` after fixing the master)")))?;
+    let (_, server_cfg) = cfg.find_server(&opts.server).ok_or_else(|| {
+        Fatal::refused(format!(
+            "server {} is not defined on node {node}; create it with `keel server create {}`",
+            opts.server, opts.server
+        ))
+    })?;
+    let mode = if opts.recovery { "recovery" } else { "normal" };
+    emit!(
+        catalog::WSVR0100I,
+        server = opts.server,
+        mode = mode,
+        pid = std::process::id(),
+        config_version = cfg.version
+    );
+    let unknown = faults::unknown_points();
+    if !unknown.is_empty() {
+        emit!(catalog::WSVR0106W, points = unknown.join(", "));
+    }
+
+    let tranlog_dir = profile
+        .layout()
+        .tranlog(&cfg.cell.name, &node, &opts.server);
+    if opts.recovery && !recovery::has_logs(&tranlog_dir) {
+        emit!(
+            catalog::WSVR0104E,
+            server = opts.server,
+            path = tranlog_dir.display()
+        );
+        return Err(Fatal::refused(format!(
+            "server {} cannot start in recovery mode: it has no recovery logs under {}; start it normally with `keel server start {}`",
+            opts.server,
+            tranlog_dir.display(),
+            opts.server
+        )));
+    }
+
+    let admin_listener = bind(
+        server_cfg.admin_port,
+        "admin_port",
+        &profile,
+        &node,
+        &opts.server,
+    )
+    .await?;
+    // The bus port is reserved in normal mode so a conflict shows at start, not when the
+    // messaging engine arrives; recovery mode opens no bus port (it takes no new work).
+    let bus_listener = if opts.recovery {
+        None
+    } else {
+        Some(
+            bind(
+                server_cfg.bus_port,
+                "bus_port",
+                &profile,
+                &node,
+                &opts.server,
+            )
+            .await?,
+        )
+    };
+
+    let pid_file = profile.layout().pid_file(&opts.server);
+    write_pid_file(&pid_file).map_err(|e| {
+        Fatal::resource(format!(
+            "cannot write pid file {}: {e}; check that the profile is writable",
+            pid_file.display()
+        ))
+    })?;
+
+    let password = profile
+        .admin_password()
+        .map_err(|e| Fatal::refused(e.to_string()))?;
+    let (stop_tx, mut stop_rx) = watch::channel(None::<String>);
+    let state = Arc::new(AtomicU8::new(State::Starting as u8));
+    let registry = Registry::new();
+    let server_obj = Arc::new(ServerObject {
+        name: ObjectName::new(&[
+            ("type", "Server"),
+            ("name", &opts.server),
+            ("node", &node),
+            ("process", &opts.server),
+        ]),
+        server: opts.server.clone(),
+        node: node.clone(),
+        cell: cfg.cell.name.clone(),
+        mode,
+        admin_port: server_cfg.admin_port,
+        bus_port: bus_listener.as_ref().map(|_| server_cfg.bus_port),
+        config_version: cfg.version,
+        started_at,
+        state: state.clone(),
+        stop: stop_tx.clone(),
+    });
+    registry.register(server_obj.clone());
+    let engines = engines_of(&profile, &cfg, &node, &opts.server, opts.recovery);
+    for e in &engines {
+        registry.register(Arc::new(keel_engine::EngineObject::new(e.clone())));
+        for qp in keel_engine::QueuePointObject::all(e) {
+            registry.register(Arc::new(qp));
+        }
+    }
+
+    let admin_shutdown = {
+        let mut rx = stop_tx.subscribe();
+        async move {
+            let _ = rx.wait_for(|v| v.is_some()).await;
+        }
+    };
+    let credential = Credential {
+        user: "admin".into(),
+        password,
+    };
+    let admin_task = tokio::spawn(keel_admin::serve(
+        admin_listener,
+        registry.clone(),
+        credential,
+        admin_shutdown,
+    ));
+    let bus_task = bus_listener.map(|l| tokio::spawn(reserve_bus_port(l)));
+    spawn_signal_watch(stop_tx.clone());
+
+    if opts.recovery {
+        state.store(State::Started as u8, Ordering::Release);
+        emit!(catalog::WSVR0103I, server = opts.server);
+        let resolved = recovery::run_participants(&[], &tranlog_dir)
+            .await
+            .map_err(|e| {
+                Fatal::refused(format!("recovery of server {} failed: {e}", opts.server))
+            })?;
+        emit!(
+            catalog::WSVR0105I,
+            server = opts.server,
+            resolved = resolved
+        );
+        let _ = stop_tx.send(Some("recovery complete".into()));
+    } else {
+        start_engines(&cfg, &engines).await;
+        faults::hit("server.before_open");
+        emit!(
+            catalog::WSVR0001I,
+            server = opts.server,
+            pid = std::process::id(),
+            admin_port = server_cfg.admin_port,
+            bus_port = server_cfg.bus_port
+        );
+        // Flipped after WSVR0001I is written: whoever sees `started` finds the line in the log.
+        state.store(State::Started as u8, Ordering::Release);
+        tracing::debug!(target: "keel_server", elapsed_ms = t0.elapsed().as_millis() as u64, "start sequence finished");
+        faults::hit("server.after_open");
+    }
+
+    let reason = stop_rx
+        .wait_for(|v| v.is_some())
+        .await
+        .ok()
+        .and_then(|v| v.clone())
+        .unwrap_or_else(|| "stop requested".into());
+    state.store(State::Stopping as u8, Ordering::Release);
+    faults::hit("server.before_stop");
+    if !opts.recovery {
+        emit!(catalog::WSVR0102I, server = opts.server, reason = reason);
+    }
+    // Reverse order of start: bus, engines, then admin (so status stays answerable while
+    // stopping).
+    if let Some(t) = bus_task {
+        t.abort();
+    }
+    for e in &engines {
+        if e.state() == keel_engine::MeState::Started {
+            if let Err(err) = e.stop(false).await {
+                tracing::warn!(target: "keel_server", me = %e.config().me, error = %err, "stopping the messaging engine failed");
+            }
+        }
+    }
+    match admin_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(target: "keel_server", error = %e, "admin endpoint ended with an error")
+        }
+        Err(e) => tracing::warn!(target: "keel_server", error = %e, "admin endpoint task failed"),
+    }
+    if let Err(e) = std::fs::remove_file(&pid_file) {
+        tracing::warn!(target: "keel_server", error = %e, path = %pid_file.display(), "cannot remove pid file");
+    }
+    emit!(catalog::WSVR0024I, server = opts.server);
+    Ok(())
+}
+
+/// One engine per bus this server is a member of. In recovery mode they exist (so their state
+/// can be queried) but refuse to start.
+fn engines_of(
+    profile: &Profile,
+    cfg: &keel_config::Config,
+    node: &str,
+    server: &str,
+    recovery: bool,
+) -> Vec<Arc<keel_engine::Engine>> {
+    cfg.mes_of_server(node, server)
+        .into_iter()
+        .map(|(bus, m)| {
+            let ecfg = keel_engine::EngineConfig {
+                me: m.me.clone(),
+                uuid: m.uuid.clone(),
+                bus: bus.name.clone(),
+                node: node.to_string(),
+                server: server.to_string(),
+                store_path: keel_engine::store_path(profile.layout(), &m.me),
+                destinations: bus.destinations.clone(),
+                max_message_bytes: bus.max_message_bytes,
+                store_url: m.store_url.clone(),
+            };
+            if recovery {
+                emit!(
+                    catalog::CWSIP0108I,
+                    me = m.me,
+                    flush = "; restart after restore (FLUSH) is ignored in recovery mode"
+                );
+            }
+            keel_engine::Engine::new(ecfg, recovery)
+        })
+        .collect()
+}
+
+/// Starts the engines whose initial state is `started`. A failure (a restored store, a damaged
+/// file) leaves that engine stopped with its reason logged: the server still opens, so the
+/// operator can act from the console, as the restore procedure expects.
+async fn start_engines(cfg: &keel_config::Config, engines: &[Arc<keel_engine::Engine>]) {
+    for e in engines {
+        let me = &e.config().me;
+        let initial = cfg.find_me(me).map(|(_, m)| m.initial_state);
+        if initial != Some(keel_config::InitialState::Started) {
+            emit!(
+                catalog::CWSIP0106I,
+                me = me,
+                why = "its initial state is stopped"
+            );
+            continue;
+        }
+        match e.start(keel_engine::StartMode::Normal).await {
+            Ok(()) => {}
+            Err(keel_engine::EngineError::Restored { .. }) => {
+                emit!(catalog::CWSIP0106I, me = me, why = "its data store was restored and needs a restart-after-restore (FLUSH) start")
+            }
+            Err(err) => emit!(catalog::CWSIP0106I, me = me, why = err),
+        }
+    }
+}
+
+async fn bind(
+    port: u16,
+    key: &str,
+    profile: &Profile,
+    node: &str,
+    server: &str,
+) -> Result<TcpListener, Fatal> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    TcpListener::bind(addr).await.map_err(|e| {
+        let file = profile.layout().master_config().join("nodes").join(node).join("servers").join(format!("{server}.toml"));
+        Fatal::resource(format!(
+            "cannot listen on {addr} ({key} of server {server}): {e}; stop the process using it, or change `{key}` in {} and run `keel config sync`",
+            file.display()
+        ))
+    })
+}
+
+/// Holds the bus port until the messaging engine serves it: connections are accepted and closed
+/// at once, so a client fails fast instead of hanging in the listen backlog.
+async fn reserve_bus_port(listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((sock, peer)) => {
+                tracing::debug!(target: "keel_server", %peer, "bus port has no messaging engine yet; connection closed");
+                drop(sock);
+            }
+            Err(e) => {
+                tracing::warn!(target: "keel_server", error = %e, "bus port accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+fn spawn_signal_watch(stop: watch::Sender<Option<String>>) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::warn!(target: "keel_server", "cannot install signal handlers; stop the server through its admin API");
+            return;
+        };
+        let why = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        let _ = stop.send(Some(format!("{why} received")));
+    });
+}
+
+/// Writes `<pid>\n` atomically (temp + rename) so a reader never sees a partial pid.
+pub fn write_pid_file(path: &Path) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension(format!("pid.tmp{}", std::process::id()));
+    std::fs::write(&tmp, format!("{}\n", std::process::id()))?;
+    std::fs::rename(&tmp, path)
+}
+
+/// The `Server` admin object (`Keel:type=Server,name=S,node=N,process=S`).
+struct ServerObject {
+    name: ObjectName,
+    server: String,
+    node: String,
+    cell: String,
+    mode: &'static str,
+    admin_port: u16,
+    bus_port: Option<u16>,
+    config_version: u64,
+    started_at: SystemTime,
+    state: Arc<AtomicU8>,
+    stop: watch::Sender<Option<String>>,
+}
+
+impl ServerObject {
+    fn state(&self) -> State {
+        State::from_u8(self.state.load(Ordering::Acquire))
+    }
+}
+
+impl AdminObject for ServerObject {
+    fn name(&self) -> ObjectName {
+        self.name.clone()
+    }
+
+    fn attributes(&self) -> serde_json::Map<String, Value> {
+        let uptime_s = self.started_at.elapsed().map(|d| d.as_secs()).unwrap_or(0);
+        keel_admin::attribute_map(json!({
+            "name": self.server,
+            "node": self.node,
+            "cell": self.cell,
+            "state": self.state().as_str(),
+            "mode": self.mode,
+            "pid": std::process::id(),
+            "admin_port": self.admin_port,
+            "bus_port": self.bus_port,
+            "config_version": self.config_version,
+            "started_at": humantime::format_rfc3339_seconds(self.started_at).to_string(),
+            "uptime_s": uptime_s,
+        }))
+    }
+
+    fn operations(&self) -> Vec<(&'static str, &'static str)> {
+        vec![
+            ("state", "the server's state: starting, started or stopping"),
+            ("stop", "stop the server normally (WSVR0024I)"),
+            ("ping", "answers \"pong\""),
+        ]
+    }
+
+    fn invoke<'a>(&'a self, op: &'a str, args: Vec<Value>) -> OpFuture<'a> {
+        Box::pin(async move {
+            if !args.is_empty() {
+                return Err(AdminError::BadArguments {
+                    name: self.name.to_string(),
+                    op: op.into(),
+                    why: "this operation takes no arguments".into(),
+                });
+            }
+            match op {
+                "state" => Ok(Value::from(self.state().as_str())),
+                "ping" => Ok(Value::from("pong")),
+                "stop" => {
+                    let _ = self
+                        .stop
+                        .send(Some("stop requested through the admin API".into()));
+                    Ok(Value::from("stopping"))
+                }
+                _ => Err(keel_admin::OpErrors::new(&self.name, op).unknown(self)),
+            }
+        })
+    }
+}

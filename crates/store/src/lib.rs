@@ -1,0 +1,226 @@
+//! A messaging engine's durable data store, behind one trait ([`Store`]) so that backends are
+//! interchangeable: SQLite ([`SqliteStore`], the embedded default with an online backup) and
+//! PostgreSQL ([`PgStore`], a shared store, so an ME can move to another server). Every
+//! backend must pass the same [`conformance`] suite.
+//!
+//! What the store guarantees (DESIGN.md §4, §5):
+//! - it is stamped with its ME's UUID and name and refuses to open for another ME;
+//! - it records its *restore state* (`none` / `restored`) and an *incarnation* that a FLUSH start
+//!   bumps, so system message IDs minted after a restore never collide with older ones;
+//! - [`Store::commit`] applies a batch of [`Op`]s atomically and resolves only once durable;
+//!   concurrent batches are group-committed (one transaction, one fsync, many callers);
+//! - messages, transmission-queue entries (`stream`) and small durable state (`SetKv`: stream
+//!   prefixes, subscriptions, prepared-xid markers) change in the same transaction;
+//! - reads are paged with a bound, so an ME holding millions of messages uses bounded RAM.
+
+pub mod conformance;
+mod error;
+mod fsx;
+mod pg;
+#[doc(hidden)]
+pub mod pgtest;
+mod sqlite;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+
+pub use error::{Result, StoreError};
+pub use pg::PgStore;
+pub use sqlite::{
+    manifest_path, read_info, restore_from, verify_file, BackupManifest, RestoreReport, SqliteStore,
+};
+
+/// The current schema version of the data store. A store with a newer one is refused; older
+/// ones are migrated on open (there are none yet).
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The most messages one [`Store::page`] or [`Store::by_stream`] call may return. Bounds the
+/// memory of one read; an ME pages through a destination instead of loading it.
+pub const PAGE_LIMIT_MAX: usize = 10_000;
+
+/// The most ops one [`Store::commit`] call may carry. A bigger batch is a caller bug (an ME
+/// commits one consumer transaction or one producer batch at a time).
+pub const BATCH_OPS_MAX: usize = 4_096;
+
+/// The most payload bytes (bodies, properties, ids, kv values) one commit call may carry.
+pub const BATCH_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// Where the SQLite data store of messaging engine `me_name` lives inside a profile.
+pub fn sqlite_path(layout: &keel_core::Layout, me_name: &str) -> PathBuf {
+    assert!(!me_name.is_empty(), "a messaging engine has a name");
+    layout.databases().join(format!("{me_name}.sqlite"))
+}
+
+/// Whether the store was put back from a backup and not yet FLUSH-started since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestoreState {
+    None,
+    Restored,
+}
+
+impl RestoreState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestoreState::None => "none",
+            RestoreState::Restored => "restored",
+        }
+    }
+    pub fn parse(s: &str) -> Option<RestoreState> {
+        match s {
+            "none" => Some(RestoreState::None),
+            "restored" => Some(RestoreState::Restored),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for RestoreState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a store says about itself (`keel store info`, the admin API, the start-up checks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreInfo {
+    pub me: String,
+    pub uuid: String,
+    /// `"sqlite"` or `"postgresql"`.
+    pub backend: &'static str,
+    /// The file path, or the URL without its password.
+    pub location: String,
+    pub restore_state: RestoreState,
+    pub messages: u64,
+    pub schema_version: u32,
+    pub incarnation: u64,
+}
+
+/// One message as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    pub dest: String,
+    /// Assigned by the store on Put: strictly increasing per store, never reused, survives a
+    /// restart. Kept by [`Op::Move`].
+    pub seq: u64,
+    /// The system ID (`<me-uuid>:<incarnation>:<seq>`) or a foreign one.
+    pub id: String,
+    /// 0..=9; higher is delivered first.
+    pub priority: u8,
+    pub reliability: u8,
+    /// Unix time in milliseconds after which the message expires.
+    pub expiry_ms: Option<u64>,
+    pub delivery_count: u32,
+    /// Opaque to the store.
+    pub properties: Vec<u8>,
+    pub body: Vec<u8>,
+    /// `(stream_id, tick)` of a transmission-queue entry.
+    pub stream: Option<(String, u64)>,
+}
+
+/// One change inside a [`Store::commit`] batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Stores a message; the store assigns its `seq` (returned in [`CommitOutcome`] in op
+    /// order). An empty `id` asks the store for the system ID `<me-uuid>:<incarnation>:<seq>`.
+    Put {
+        dest: String,
+        id: String,
+        priority: u8,
+        reliability: u8,
+        expiry_ms: Option<u64>,
+        properties: Vec<u8>,
+        body: Vec<u8>,
+        stream: Option<(String, u64)>,
+    },
+    /// Removes a message. Fails (the whole batch) if it is absent: acknowledging a message
+    /// twice is a bug upstream.
+    Delete { dest: String, seq: u64 },
+    /// Records a redelivery count. Fails if the message is absent.
+    SetDeliveryCount { dest: String, seq: u64, count: u32 },
+    /// Moves a message to another destination (e.g. the exception destination), keeping its
+    /// seq. Fails if it is absent from `from`; `from` and `to` must differ.
+    Move { from: String, seq: u64, to: String },
+    /// Durable small state: stream prefixes, subscriptions, prepared-xid markers …
+    SetKv {
+        space: String,
+        key: String,
+        value: Vec<u8>,
+    },
+    /// Removes a key; removing an absent key is not an error (idempotent clean-up).
+    DeleteKv { space: String, key: String },
+}
+
+impl Op {
+    /// Payload bytes the op carries, for the batch and transaction byte bounds.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Op::Put {
+                dest,
+                id,
+                properties,
+                body,
+                stream,
+                ..
+            } => {
+                dest.len()
+                    + id.len()
+                    + properties.len()
+                    + body.len()
+                    + stream.as_ref().map_or(0, |s| s.0.len())
+                    + 32
+            }
+            Op::Delete { dest, .. } | Op::SetDeliveryCount { dest, .. } => dest.len() + 16,
+            Op::Move { from, to, .. } => from.len() + to.len() + 16,
+            Op::SetKv { space, key, value } => space.len() + key.len() + value.len(),
+            Op::DeleteKv { space, key } => space.len() + key.len(),
+        }
+    }
+}
+
+/// What a successful commit returns.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CommitOutcome {
+    /// The seq of every [`Op::Put`] of the batch, in op order.
+    pub assigned_seqs: Vec<u64>,
+}
+
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
+
+/// A messaging engine's data store. Every method is cancel-safe in the sense that dropping the
+/// future never leaves a batch half-applied (a commit either happens whole or not at all).
+pub trait Store: Send + Sync + 'static {
+    /// Atomically applies all ops; resolves only once durable. Concurrent callers are
+    /// group-committed; a batch whose op fails fails alone.
+    fn commit(&self, ops: Vec<Op>) -> StoreFuture<'_, CommitOutcome>;
+    /// Messages of `dest` in delivery order (priority DESC, then seq ASC), strictly after the
+    /// cursor `after = Some((priority, seq))`, at most `limit` (≤ [`PAGE_LIMIT_MAX`]).
+    fn page(
+        &self,
+        dest: &str,
+        after: Option<(u8, u64)>,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<StoredMessage>>;
+    /// How many messages `dest` holds.
+    fn depth(&self, dest: &str) -> StoreFuture<'_, u64>;
+    /// Every destination holding messages, with its count, sorted by name.
+    fn destinations(&self) -> StoreFuture<'_, Vec<(String, u64)>>;
+    /// Transmission-queue entries of `stream_id` with tick ≥ `from_tick`, in tick order, at
+    /// most `limit` (≤ [`PAGE_LIMIT_MAX`]).
+    fn by_stream(
+        &self,
+        stream_id: &str,
+        from_tick: u64,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<StoredMessage>>;
+    fn kv_get(&self, space: &str, key: &str) -> StoreFuture<'_, Option<Vec<u8>>>;
+    /// Every key of `space`, sorted by key.
+    fn kv_scan(&self, space: &str) -> StoreFuture<'_, Vec<(String, Vec<u8>)>>;
+    fn info(&self) -> StoreFuture<'_, StoreInfo>;
+    /// Bumps and returns the incarnation and sets the restore state to `none`, in one durable
+    /// transaction (a FLUSH start).
+    fn begin_incarnation_and_clear_restored(&self) -> StoreFuture<'_, u64>;
+    /// Finishes queued work and releases the store; later calls fail with
+    /// [`StoreError::Closed`].
+    fn close(&self) -> StoreFuture<'_, ()>;
+}

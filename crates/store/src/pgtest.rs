@@ -1,0 +1,150 @@
+//! A throwaway PostgreSQL cluster for tests (initdb + pg_ctl from /usr/lib/postgresql/*/bin,
+//! run as the `postgres` user when we are root, data and socket in a temp dir, a free port,
+//! trust authentication on the unix socket and 127.0.0.1). Test support shared by the store's
+//! and the product's integration tests; not part of the store API.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The newest installed PostgreSQL bin directory holding initdb and pg_ctl.
+pub fn pg_bin() -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("bin"))
+        .filter(|b| b.join("initdb").is_file() && b.join("pg_ctl").is_file())
+        .collect();
+    dirs.sort_by_key(|d| {
+        d.parent()
+            .and_then(|v| v.file_name())
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    dirs.pop()
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// A running throwaway cluster; stopped (immediately) on drop.
+pub struct Cluster {
+    bin: PathBuf,
+    data: PathBuf,
+    root: bool,
+    socket_dir: PathBuf,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn run(&self, program: &str, args: &[&str]) -> std::process::Output {
+        let exe = self.bin.join(program);
+        let mut cmd = if self.root {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&exe);
+            c
+        } else {
+            Command::new(&exe)
+        };
+        let out = cmd.args(args).output().expect("run a PostgreSQL tool");
+        assert!(
+            out.status.success(),
+            "{program} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    pub fn start(bin: PathBuf) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let root = is_root();
+        if root {
+            let out = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "chown the cluster dir to postgres");
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let c = Cluster {
+            bin,
+            data: dir.path().join("data"),
+            root,
+            socket_dir: dir.path().to_path_buf(),
+            port,
+            _dir: dir,
+        };
+        let data = c.data.display().to_string();
+        c.run(
+            "initdb",
+            &[
+                "-D",
+                &data,
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        );
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=50",
+            c.port,
+            c.socket_dir.display()
+        );
+        let log = c.socket_dir.join("server.log").display().to_string();
+        c.run(
+            "pg_ctl",
+            &[
+                "-D", &data, "-o", &opts, "-l", &log, "-w", "-t", "60", "start",
+            ],
+        );
+        c
+    }
+
+    /// libpq key-value form over the unix socket.
+    pub fn url(&self) -> String {
+        format!(
+            "host={} port={} user=postgres dbname=postgres",
+            self.socket_dir.display(),
+            self.port
+        )
+    }
+}
+
+impl Cluster {
+    /// URL form over TCP on 127.0.0.1 (trust authentication, no password).
+    pub fn tcp_url(&self) -> String {
+        format!("postgresql://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let data = self.data.display().to_string();
+        let exe = self.bin.join("pg_ctl");
+        let mut cmd = if self.root {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&exe);
+            c
+        } else {
+            Command::new(&exe)
+        };
+        let _ = cmd
+            .args(["-D", &data, "-m", "immediate", "-w", "stop"])
+            .output();
+    }
+}

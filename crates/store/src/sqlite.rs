@@ -1,0 +1,1747 @@
+//! The SQLite backend: one file per messaging engine (`<profile>/databases/<me>.sqlite`), WAL
+//! mode with `synchronous=FULL`, one writer thread that group-commits, one reader thread, an
+//! online backup and an offline restore.
+//!
+//! Schema (version 1):
+//! ```text
+//! meta(key PRIMARY KEY, value)      me_name, me_uuid, schema_version, incarnation,
+//!                                   restore_state, next_seq, created_at
+//! messages(seq INTEGER PRIMARY KEY, dest, id, priority, reliability, expiry_ms,
+//!          delivery_count, properties, body, stream_id, tick)
+//!   index (dest, priority DESC, seq)             delivery-order paging
+//!   index (stream_id, tick) WHERE stream_id …    transmission-queue resend
+//! dests(dest PRIMARY KEY, depth)    maintained in the same transaction, so depth() and
+//!                                   destinations() never count a whole destination
+//! kv(space, key, value, PRIMARY KEY (space, key))
+//! ```
+//! Beside the database: `<store>.lock`, flock-held while a store is open (one writer per
+//! store; no restore under a running ME), and SQLite's own `-wal`/`-shm` files.
+//!
+//! `seq` is unique per store (a Move keeps it), so it is the rowid: `next_seq` in `meta` is
+//! advanced in the same transaction as the Puts, so a seq is never reused, even after the
+//! message holding the highest one is deleted.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{io_err, Result, StoreError};
+use crate::fsx;
+use crate::{
+    CommitOutcome, Op, RestoreState, Store, StoreFuture, StoreInfo, StoredMessage, BATCH_BYTES_MAX,
+    BATCH_OPS_MAX, PAGE_LIMIT_MAX, SCHEMA_VERSION,
+};
+
+/// Bounds of one group commit (one SQLite transaction, one fsync). A group stops growing at
+/// the first bound reached; a single batch larger than a bound still commits, alone.
+pub(crate) const TXN_BATCHES_MAX: usize = 256;
+pub(crate) const TXN_OPS_MAX: usize = 8_192;
+pub(crate) const TXN_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// How long the writer waits for more batches when callers are known to be on their way. Short
+/// against an fsync (milliseconds), long enough for woken tasks to enqueue.
+pub(crate) const LINGER_US: u64 = 1_000;
+/// Batches queued for the writer before callers wait (backpressure, bounded memory).
+pub(crate) const WRITE_QUEUE_MAX: usize = 1_024;
+/// Read requests queued for the reader thread.
+const READ_QUEUE_MAX: usize = 1_024;
+/// Pages copied per backup step: small enough to report progress, big enough to be quick.
+const BACKUP_STEP_PAGES: i32 = 1_024;
+/// A manifest is a few hundred bytes; anything much larger is not ours.
+const MANIFEST_BYTES_MAX: u64 = 64 * 1024;
+
+const SELECT_COLS: &str = "dest, seq, id, priority, reliability, expiry_ms, delivery_count, \
+                           properties, body, stream_id, tick";
+
+fn sql_err(me: &str, file: &Path, action: &str, e: rusqlite::Error) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::DiskFull) => StoreError::DiskFull {
+            me: me.to_string(),
+            file: file.to_path_buf(),
+        },
+        Some(ErrorCode::DatabaseCorrupt) | Some(ErrorCode::NotADatabase) => StoreError::Corrupt {
+            me: me.to_string(),
+            file: file.to_path_buf(),
+            detail: format!("{action}: {e}"),
+        },
+        _ => StoreError::Sqlite {
+            me: me.to_string(),
+            file: file.to_path_buf(),
+            action: action.to_string(),
+            source: Arc::new(e),
+        },
+    }
+}
+
+/// The identity and location every error names.
+#[derive(Debug, Clone)]
+struct Ctx {
+    me: String,
+    uuid: String,
+    file: PathBuf,
+}
+
+impl Ctx {
+    fn err(&self, action: &str) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
+        let action = action.to_string();
+        move |e| sql_err(&self.me, &self.file, &action, e)
+    }
+    fn invalid(&self, problem: impl Into<String>) -> StoreError {
+        StoreError::Invalid {
+            me: self.me.clone(),
+            problem: problem.into(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Opening, stamping, checking.
+
+/// Takes the store's writer lock: an exclusive `flock` on `<store>.lock`, held for the life of
+/// an open store (the kernel drops it if the process dies). Two writers would each hand out
+/// the same seqs, and a restore under a running ME would pull the file from under it. A
+/// separate file, because closing any other descriptor of the database itself would drop
+/// SQLite's own POSIX locks. The lock file is never deleted (deleting lock files races).
+fn take_lock(path: &Path, me: &str) -> Result<File> {
+    let lock_path = fsx::with_suffix(path, ".lock");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .map_err(io_err("open lock file", &lock_path))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(TryLockError::WouldBlock) => Err(StoreError::InUse {
+            me: me.to_string(),
+            location: path.display().to_string(),
+        }),
+        Err(TryLockError::Error(e)) => Err(io_err("lock", &lock_path)(e)),
+    }
+}
+
+const SCHEMA: &str = "
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE messages (
+    seq INTEGER PRIMARY KEY,
+    dest TEXT NOT NULL,
+    id TEXT NOT NULL,
+    priority INTEGER NOT NULL CHECK (priority BETWEEN 0 AND 9),
+    reliability INTEGER NOT NULL,
+    expiry_ms INTEGER,
+    delivery_count INTEGER NOT NULL,
+    properties BLOB NOT NULL,
+    body BLOB NOT NULL,
+    stream_id TEXT,
+    tick INTEGER,
+    CHECK ((stream_id IS NULL) = (tick IS NULL))
+);
+CREATE INDEX messages_delivery ON messages (dest, priority DESC, seq);
+CREATE INDEX messages_stream ON messages (stream_id, tick) WHERE stream_id IS NOT NULL;
+CREATE TABLE dests (dest TEXT PRIMARY KEY, depth INTEGER NOT NULL CHECK (depth > 0)) WITHOUT ROWID;
+CREATE TABLE kv (space TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL,
+                 PRIMARY KEY (space, key)) WITHOUT ROWID;
+";
+
+fn set_pragmas(conn: &Connection, ctx: &Ctx) -> Result<()> {
+    // WAL: readers never block the writer (backup and paging run while commits go on).
+    // synchronous=FULL: a commit is durable when it returns, which `commit` promises.
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        .map_err(ctx.err("set journal_mode=WAL"))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(ctx.invalid(format!(
+            "the file system refused WAL journal mode (got `{mode}`)"
+        )));
+    }
+    conn.execute_batch(
+        "PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=10000;",
+    )
+    .map_err(ctx.err("set pragmas"))?;
+    Ok(())
+}
+
+fn meta_get(conn: &Connection, ctx: &Ctx, key: &str) -> Result<Option<String>> {
+    conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()
+        .map_err(ctx.err("read meta"))
+}
+
+fn meta_req(conn: &Connection, ctx: &Ctx, key: &str) -> Result<String> {
+    meta_get(conn, ctx, key)?.ok_or_else(|| StoreError::Corrupt {
+        me: ctx.me.clone(),
+        file: ctx.file.clone(),
+        detail: format!("meta key `{key}` is missing"),
+    })
+}
+
+fn meta_u64(conn: &Connection, ctx: &Ctx, key: &str) -> Result<u64> {
+    let v = meta_req(conn, ctx, key)?;
+    v.parse().map_err(|_| StoreError::Corrupt {
+        me: ctx.me.clone(),
+        file: ctx.file.clone(),
+        detail: format!("meta key `{key}` holds `{v}`, not a number"),
+    })
+}
+
+fn meta_set(conn: &Connection, ctx: &Ctx, key: &str, value: &str) -> Result<()> {
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        params![key, value],
+    )
+    .map_err(ctx.err("write meta"))?;
+    Ok(())
+}
+
+/// What the meta table says, read back and checked.
+#[derive(Debug, Clone)]
+struct Meta {
+    me: String,
+    uuid: String,
+    schema_version: u32,
+    incarnation: u64,
+    restore_state: RestoreState,
+    next_seq: u64,
+}
+
+fn read_meta(conn: &Connection, ctx: &Ctx) -> Result<Meta> {
+    let corrupt = |detail: String| StoreError::Corrupt {
+        me: ctx.me.clone(),
+        file: ctx.file.clone(),
+        detail,
+    };
+    let schema_version = meta_u64(conn, ctx, "schema_version")?;
+    let restore = meta_req(conn, ctx, "restore_state")?;
+    let meta = Meta {
+        me: meta_req(conn, ctx, "me_name")?,
+        uuid: meta_req(conn, ctx, "me_uuid")?,
+        schema_version: u32::try_from(schema_version)
+            .map_err(|_| corrupt(format!("schema_version {schema_version} is out of range")))?,
+        incarnation: meta_u64(conn, ctx, "incarnation")?,
+        restore_state: RestoreState::parse(&restore)
+            .ok_or_else(|| corrupt(format!("restore_state `{restore}` is unknown")))?,
+        next_seq: meta_u64(conn, ctx, "next_seq")?,
+    };
+    if meta.next_seq == 0 || meta.incarnation == 0 {
+        return Err(corrupt("next_seq and incarnation start at 1".into()));
+    }
+    Ok(meta)
+}
+
+/// Checks a file is a Keel store of this ME with a schema we understand. Returns its meta.
+fn check_identity(conn: &Connection, ctx: &Ctx) -> Result<Meta> {
+    // Schema version first: a newer store may lay meta out differently.
+    let has_meta: bool = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'meta'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .map(|n| n == 1)
+        .map_err(ctx.err("read schema"))?;
+    if !has_meta {
+        return Err(StoreError::Corrupt {
+            me: ctx.me.clone(),
+            file: ctx.file.clone(),
+            detail: "it is an SQLite database but not a Keel data store (no meta table)".into(),
+        });
+    }
+    let found = meta_u64(conn, ctx, "schema_version")?;
+    if found > u64::from(SCHEMA_VERSION) {
+        return Err(StoreError::SchemaTooNew {
+            file: ctx.file.clone(),
+            found: u32::try_from(found).unwrap_or(u32::MAX),
+            supported: SCHEMA_VERSION,
+        });
+    }
+    let meta = read_meta(conn, ctx)?;
+    if meta.uuid != ctx.uuid || meta.me != ctx.me {
+        return Err(StoreError::WrongOwner {
+            file: ctx.file.clone(),
+            found_me: meta.me,
+            found_uuid: meta.uuid,
+            want_me: ctx.me.clone(),
+            want_uuid: ctx.uuid.clone(),
+        });
+    }
+    // Older schemas would be migrated here, in one transaction; version 1 is the first.
+    assert_eq!(meta.schema_version, SCHEMA_VERSION);
+    Ok(meta)
+}
+
+fn quick_check(conn: &Connection, ctx: &Ctx, pragma: &str) -> Result<()> {
+    let mut stmt = conn
+        .prepare(&format!("PRAGMA {pragma}"))
+        .map_err(ctx.err(pragma))?;
+    // Both checks stop after 100 problems by default; keep only the first few for the message.
+    let rows: Vec<String> = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .map_err(ctx.err(pragma))?
+        .take(5)
+        .collect::<std::result::Result<_, _>>()
+        .map_err(ctx.err(pragma))?;
+    if rows.len() == 1 && rows[0] == "ok" {
+        return Ok(());
+    }
+    Err(StoreError::Corrupt {
+        me: ctx.me.clone(),
+        file: ctx.file.clone(),
+        detail: format!("{pragma} reports: {}", rows.join("; ")),
+    })
+}
+
+/// Opens a connection on an existing store file, sets it up and checks its identity. `check`
+/// runs `quick_check`, which reads the whole file: O(store size), about 46 s for 5 million
+/// 1 KiB messages here, so it is never part of an engine start (restart must stay under 2 s).
+/// Damage in pages not read at open surfaces as `Corrupt` on first access instead, and
+/// `verify_file` runs the full check on demand (`keel store verify`).
+fn open_conn(ctx: &Ctx, check: bool) -> Result<(Connection, Meta)> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        | OpenFlags::SQLITE_OPEN_URI;
+    let conn = Connection::open_with_flags(&ctx.file, flags).map_err(ctx.err("open"))?;
+    set_pragmas(&conn, ctx)?;
+    if check {
+        quick_check(&conn, ctx, "quick_check")?;
+    }
+    let meta = check_identity(&conn, ctx)?;
+    Ok((conn, meta))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The store.
+
+enum WriteReq {
+    Commit {
+        ops: Vec<Op>,
+        ops_bytes: usize,
+        reply: oneshot::Sender<Result<CommitOutcome>>,
+    },
+    NewIncarnation {
+        reply: oneshot::Sender<Result<u64>>,
+    },
+    Close {
+        reply: oneshot::Sender<()>,
+    },
+    /// Test hook: caps the file at `pages` pages, as a full disk would.
+    LimitPages {
+        pages: u64,
+        reply: oneshot::Sender<Result<()>>,
+    },
+}
+
+type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
+
+enum ReadReq {
+    Job(ReadJob),
+    Close { reply: oneshot::Sender<()> },
+}
+
+/// State shared by the store handle and its writer thread.
+struct Shared {
+    ctx: Ctx,
+    /// Commit callers that have announced a batch the writer has not taken yet: when non-zero
+    /// and the queue is momentarily empty, the writer lingers for them.
+    pending_batches: AtomicUsize,
+    transactions_committed: AtomicU64,
+    closed: AtomicBool,
+}
+
+/// The SQLite data store of one messaging engine. Construction and [`SqliteStore::backup_to`]
+/// block (file I/O): call them from `spawn_blocking` inside a server.
+pub struct SqliteStore {
+    shared: Arc<Shared>,
+    writer_tx: mpsc::Sender<WriteReq>,
+    reader_tx: mpsc::Sender<ReadReq>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("me", &self.shared.ctx.me)
+            .field("file", &self.shared.ctx.file)
+            .finish()
+    }
+}
+
+impl SqliteStore {
+    /// Creates a new, empty store stamped with the ME's name and UUID. Refuses an existing file.
+    pub fn create(path: &Path, me_name: &str, me_uuid: &str) -> Result<SqliteStore> {
+        assert!(!me_name.is_empty() && !me_uuid.is_empty());
+        let ctx = Ctx {
+            me: me_name.to_string(),
+            uuid: me_uuid.to_string(),
+            file: path.to_path_buf(),
+        };
+        if path.exists() {
+            return Err(StoreError::AlreadyExists {
+                file: path.to_path_buf(),
+            });
+        }
+        let dir = fsx::parent_of(path);
+        std::fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
+        // Build the stamped file under a temp name and rename it into place, so a crash never
+        // leaves a half-initialised store at the real path.
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = dir.join(format!(".{name}.create-{}", fsx::random_hex(6)));
+        let tmp_ctx = Ctx {
+            file: tmp.clone(),
+            ..ctx.clone()
+        };
+        let built = (|| {
+            let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+            let mut conn =
+                Connection::open_with_flags(&tmp, flags).map_err(tmp_ctx.err("create"))?;
+            // The temp file is built in rollback mode so that it is one self-contained file
+            // at rename time; the real store switches to WAL when opened.
+            conn.execute_batch("PRAGMA journal_mode=DELETE; PRAGMA synchronous=FULL;")
+                .map_err(tmp_ctx.err("set pragmas"))?;
+            let tx = conn.transaction().map_err(tmp_ctx.err("begin"))?;
+            tx.execute_batch(SCHEMA)
+                .map_err(tmp_ctx.err("create schema"))?;
+            for (k, v) in [
+                ("me_name", me_name.to_string()),
+                ("me_uuid", me_uuid.to_string()),
+                ("schema_version", SCHEMA_VERSION.to_string()),
+                ("incarnation", "1".to_string()),
+                ("restore_state", RestoreState::None.as_str().to_string()),
+                ("next_seq", "1".to_string()),
+                ("created_at", fsx::now_rfc3339()),
+            ] {
+                meta_set(&tx, &tmp_ctx, k, &v)?;
+            }
+            tx.commit().map_err(tmp_ctx.err("commit schema"))?;
+            conn.close().map_err(|(_, e)| tmp_ctx.err("close")(e))?;
+            fsx::fsync_file(&tmp)?;
+            // No-replace rename semantics: check again right before (a racing create loses).
+            if path.exists() {
+                return Err(StoreError::AlreadyExists {
+                    file: path.to_path_buf(),
+                });
+            }
+            std::fs::rename(&tmp, path).map_err(io_err("rename new store into", path))?;
+            fsx::fsync_dir(&dir)
+        })();
+        if built.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+            let _ = std::fs::remove_file(fsx::with_suffix(&tmp, "-journal"));
+        }
+        built?;
+        tracing::info!(me = me_name, file = %path.display(), "created data store");
+        SqliteStore::open(path, me_name, me_uuid)
+    }
+
+    /// Opens an existing store of this ME: checks it is a database, passes `quick_check`, is
+    /// stamped with this ME and has a schema we understand; then starts the writer and reader.
+    pub fn open(path: &Path, me_name: &str, me_uuid: &str) -> Result<SqliteStore> {
+        assert!(!me_name.is_empty() && !me_uuid.is_empty());
+        let ctx = Ctx {
+            me: me_name.to_string(),
+            uuid: me_uuid.to_string(),
+            file: path.to_path_buf(),
+        };
+        if !path.is_file() {
+            return Err(StoreError::Missing {
+                file: path.to_path_buf(),
+            });
+        }
+        let lock = take_lock(path, me_name)?;
+        let (wconn, meta) = open_conn(&ctx, false)?;
+        let (rconn, _) = open_conn(&ctx, false)?;
+        let shared = Arc::new(Shared {
+            ctx: ctx.clone(),
+            pending_batches: AtomicUsize::new(0),
+            transactions_committed: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+        });
+        let (writer_tx, writer_rx) = mpsc::channel(WRITE_QUEUE_MAX);
+        let (reader_tx, reader_rx) = mpsc::channel(READ_QUEUE_MAX);
+        let w_shared = shared.clone();
+        let w_meta = meta.clone();
+        std::thread::Builder::new()
+            .name(format!("store-w-{me_name}"))
+            .spawn(move || Writer::new(w_shared, wconn, lock, w_meta).run(writer_rx))
+            .map_err(io_err("start the writer thread of", path))?;
+        std::thread::Builder::new()
+            .name(format!("store-r-{me_name}"))
+            .spawn(move || reader_loop(rconn, reader_rx))
+            .map_err(io_err("start the reader thread of", path))?;
+        tracing::info!(me = me_name, file = %path.display(), incarnation = meta.incarnation,
+            restore_state = meta.restore_state.as_str(), "opened data store");
+        Ok(SqliteStore {
+            shared,
+            writer_tx,
+            reader_tx,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.shared.ctx.file
+    }
+
+    /// SQLite transactions committed by the writer since open (group commit makes this far
+    /// smaller than the number of `commit` calls under concurrency).
+    pub fn transactions_committed(&self) -> u64 {
+        self.shared.transactions_committed.load(Ordering::Relaxed)
+    }
+
+    /// Test hook: makes the file behave as if the disk filled up at `pages` pages of the
+    /// page size (SQLite then fails writes with SQLITE_FULL). Raise it again to recover.
+    #[doc(hidden)]
+    pub async fn simulate_disk_full_at_pages(&self, pages: u64) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.writer_tx
+            .send(WriteReq::LimitPages { pages, reply: tx })
+            .await
+            .map_err(|_| self.closed_err())?;
+        rx.await.map_err(|_| self.closed_err())?
+    }
+
+    fn closed_err(&self) -> StoreError {
+        StoreError::Closed {
+            me: self.shared.ctx.me.clone(),
+        }
+    }
+
+    /// Runs `f` on the reader thread's connection and returns its result.
+    fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection, &Ctx) -> Result<T> + Send + 'static,
+    ) -> StoreFuture<'_, T> {
+        Box::pin(async move {
+            if self.shared.closed.load(Ordering::Acquire) {
+                return Err(self.closed_err());
+            }
+            let (tx, rx) = oneshot::channel();
+            let ctx = self.shared.ctx.clone();
+            let job: ReadJob = Box::new(move |conn: &Connection| {
+                let _ = tx.send(f(conn, &ctx));
+            });
+            self.reader_tx
+                .send(ReadReq::Job(job))
+                .await
+                .map_err(|_| self.closed_err())?;
+            rx.await.map_err(|_| self.closed_err())?
+        })
+    }
+
+    /// Copies the live store to `target` while writers keep committing, and writes
+    /// `<target>.manifest.json` beside it. The copy is one consistent snapshot: it is read in
+    /// one read transaction (WAL lets commits go on meanwhile), in steps so `progress` can be
+    /// reported. Refuses an existing target. Blocking.
+    pub fn backup_to(
+        &self,
+        target: &Path,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<BackupManifest> {
+        let ctx = &self.shared.ctx;
+        let manifest_path = manifest_path(target);
+        for p in [target, manifest_path.as_path()] {
+            if p.exists() {
+                return Err(StoreError::TargetExists {
+                    path: p.to_path_buf(),
+                });
+            }
+        }
+        let dir = fsx::parent_of(target);
+        std::fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = dir.join(format!(".{name}.tmp-{}", fsx::random_hex(6)));
+        let tmp_ctx = Ctx {
+            file: tmp.clone(),
+            ..ctx.clone()
+        };
+        let result = (|| -> Result<BackupManifest> {
+            let (src, _) = open_conn(ctx, false)?;
+            // Hold one read transaction across every step: the snapshot cannot move, so the
+            // backup neither restarts when the writer commits nor mixes two states.
+            src.execute_batch("BEGIN DEFERRED")
+                .map_err(ctx.err("begin backup snapshot"))?;
+            let meta = read_meta(&src, ctx)?;
+            let messages = count_messages(&src, ctx)?;
+            let mut dst = Connection::open(&tmp).map_err(tmp_ctx.err("create backup file"))?;
+            {
+                let backup = rusqlite::backup::Backup::new(&src, &mut dst)
+                    .map_err(ctx.err("start backup"))?;
+                // Bound: each step copies BACKUP_STEP_PAGES pages of a fixed snapshot, so the
+                // loop ends after page_count / step + 1 rounds; the cap catches a broken promise.
+                let mut rounds: u64 = 0;
+                loop {
+                    rounds += 1;
+                    assert!(rounds < (1 << 40), "backup made no progress");
+                    let step = backup
+                        .step(BACKUP_STEP_PAGES)
+                        .map_err(ctx.err("copy pages to the backup"))?;
+                    let p = backup.progress();
+                    let total = u64::try_from(p.pagecount).unwrap_or(0);
+                    let left = u64::try_from(p.remaining).unwrap_or(0);
+                    progress(total.saturating_sub(left), total);
+                    match step {
+                        rusqlite::backup::StepResult::Done => break,
+                        rusqlite::backup::StepResult::More => {}
+                        // Only the destination (ours alone) could be busy; wait briefly.
+                        _ => std::thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+            }
+            src.execute_batch("COMMIT")
+                .map_err(ctx.err("end backup snapshot"))?;
+            // The copy must be a self-contained file: no WAL beside it.
+            dst.execute_batch("PRAGMA journal_mode=DELETE")
+                .map_err(tmp_ctx.err("finish backup file"))?;
+            dst.close()
+                .map_err(|(_, e)| tmp_ctx.err("close backup file")(e))?;
+            fsx::fsync_file(&tmp)?;
+            let (crc, bytes) = fsx::crc32c_file(&tmp)?;
+            if target.exists() {
+                return Err(StoreError::TargetExists {
+                    path: target.to_path_buf(),
+                });
+            }
+            std::fs::rename(&tmp, target).map_err(io_err("rename backup into", target))?;
+            let manifest = BackupManifest {
+                me: meta.me.clone(),
+                uuid: meta.uuid.clone(),
+                created_at: fsx::now_rfc3339(),
+                bytes,
+                crc32c: crc,
+                schema_version: meta.schema_version,
+                incarnation: meta.incarnation,
+                messages,
+            };
+            write_manifest(&manifest_path, &manifest)?;
+            fsx::fsync_dir(&dir)?;
+            Ok(manifest)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+            let _ = std::fs::remove_file(fsx::with_suffix(&tmp, "-journal"));
+        }
+        let manifest = result?;
+        tracing::info!(me = %ctx.me, target = %target.display(), messages = manifest.messages,
+            bytes = manifest.bytes, "backed up data store");
+        Ok(manifest)
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        // Dropping the senders ends both threads once their queues drain; queued commits
+        // still complete (their callers may be gone, which is fine: they were not answered).
+        self.shared.closed.store(true, Ordering::Release);
+    }
+}
+
+fn count_messages(conn: &Connection, ctx: &Ctx) -> Result<u64> {
+    let n: i64 = conn
+        .query_row("SELECT coalesce(sum(depth), 0) FROM dests", [], |r| {
+            r.get(0)
+        })
+        .map_err(ctx.err("count messages"))?;
+    assert!(n >= 0);
+    Ok(n as u64)
+}
+
+fn row_to_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
+    let stream_id: Option<String> = r.get(9)?;
+    let tick: Option<i64> = r.get(10)?;
+    Ok(StoredMessage {
+        dest: r.get(0)?,
+        seq: r.get::<_, i64>(1)? as u64,
+        id: r.get(2)?,
+        priority: r.get(3)?,
+        reliability: r.get(4)?,
+        expiry_ms: r.get::<_, Option<i64>>(5)?.map(|v| v as u64),
+        delivery_count: r.get(6)?,
+        properties: r.get(7)?,
+        body: r.get(8)?,
+        stream: stream_id.zip(tick.map(|t| t as u64)),
+    })
+}
+
+fn query_messages(
+    conn: &Connection,
+    ctx: &Ctx,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<StoredMessage>> {
+    let mut stmt = conn.prepare_cached(sql).map_err(ctx.err("prepare read"))?;
+    let rows = stmt
+        .query_map(params, row_to_message)
+        .map_err(ctx.err("read messages"))?
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(ctx.err("read messages"))?;
+    Ok(rows)
+}
+
+pub(crate) fn check_limit(me: &str, limit: usize) -> Result<()> {
+    if limit == 0 || limit > PAGE_LIMIT_MAX {
+        return Err(StoreError::Invalid {
+            me: me.to_string(),
+            problem: format!(
+                "a read of {limit} messages is outside 1..={PAGE_LIMIT_MAX}; page in smaller steps"
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn page_impl(
+    conn: &Connection,
+    ctx: &Ctx,
+    dest: &str,
+    after: Option<(u8, u64)>,
+    limit: usize,
+) -> Result<Vec<StoredMessage>> {
+    check_limit(&ctx.me, limit)?;
+    // Two index range scans instead of one OR: the rest of the cursor's priority, then the
+    // lower priorities. Each uses (dest, priority DESC, seq) without sorting.
+    let mut out = match after {
+        None => Vec::new(),
+        Some((p, s)) => query_messages(
+            conn,
+            ctx,
+            &format!(
+                "SELECT {SELECT_COLS} FROM messages WHERE dest = ?1 AND priority = ?2 AND seq > ?3 \
+                 ORDER BY seq LIMIT ?4"
+            ),
+            params![dest, p, s as i64, limit as i64],
+        )?,
+    };
+    if out.len() < limit {
+        let below: i64 = after.map_or(10, |(p, _)| i64::from(p));
+        let rest = query_messages(
+            conn,
+            ctx,
+            &format!(
+                "SELECT {SELECT_COLS} FROM messages WHERE dest = ?1 AND priority < ?2 \
+                 ORDER BY priority DESC, seq LIMIT ?3"
+            ),
+            params![dest, below, (limit - out.len()) as i64],
+        )?;
+        out.extend(rest);
+    }
+    // Read back, assert: delivery order, strictly after the cursor, bounded.
+    assert!(out.len() <= limit);
+    let mut prev = after;
+    for m in &out {
+        assert_eq!(m.dest, dest);
+        if let Some((p, s)) = prev {
+            assert!(
+                m.priority < p || (m.priority == p && m.seq > s),
+                "page out of delivery order"
+            );
+        }
+        prev = Some((m.priority, m.seq));
+    }
+    Ok(out)
+}
+
+fn reader_loop(conn: Connection, mut rx: mpsc::Receiver<ReadReq>) {
+    while let Some(req) = rx.blocking_recv() {
+        match req {
+            ReadReq::Job(job) => job(&conn),
+            ReadReq::Close { reply } => {
+                drop(conn);
+                let _ = reply.send(());
+                return;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The writer: group commit.
+
+struct Writer {
+    shared: Arc<Shared>,
+    conn: Connection,
+    /// The writer lock; released after `conn` is closed.
+    lock: File,
+    /// The next seq to assign; persisted in `meta.next_seq` in every transaction with Puts.
+    next_seq: u64,
+    incarnation: u64,
+}
+
+/// One caller's batch inside a group, with its outcome so far.
+struct Batch {
+    ops: Vec<Op>,
+    reply: oneshot::Sender<Result<CommitOutcome>>,
+}
+
+impl Writer {
+    fn new(shared: Arc<Shared>, conn: Connection, lock: File, meta: Meta) -> Writer {
+        Writer {
+            shared,
+            conn,
+            lock,
+            next_seq: meta.next_seq,
+            incarnation: meta.incarnation,
+        }
+    }
+
+    fn run(mut self, mut rx: mpsc::Receiver<WriteReq>) {
+        // A request taken from the queue that did not fit the previous group.
+        let mut carry: Option<WriteReq> = None;
+        loop {
+            let first = match carry.take() {
+                Some(r) => r,
+                None => match rx.blocking_recv() {
+                    Some(r) => r,
+                    None => return,
+                },
+            };
+            match first {
+                WriteReq::Close { reply } => {
+                    // Connection first (it checkpoints and removes the WAL), then the lock,
+                    // then the answer: a reopen right after close finds the store free.
+                    let Writer { conn, lock, .. } = self;
+                    drop(conn);
+                    drop(lock);
+                    let _ = reply.send(());
+                    return;
+                }
+                WriteReq::NewIncarnation { reply } => {
+                    let _ = reply.send(self.new_incarnation());
+                }
+                WriteReq::LimitPages { pages, reply } => {
+                    let ctx = self.ctx();
+                    let r = self
+                        .conn
+                        .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| {
+                            r.get::<_, i64>(0)
+                        })
+                        .map(|_| ())
+                        .map_err(ctx.err("limit pages"));
+                    let _ = reply.send(r);
+                }
+                WriteReq::Commit {
+                    ops,
+                    ops_bytes,
+                    reply,
+                } => {
+                    self.shared.pending_batches.fetch_sub(1, Ordering::AcqRel);
+                    let mut group = vec![Batch { ops, reply }];
+                    let mut group_ops = group[0].ops.len();
+                    let mut group_bytes = ops_bytes;
+                    let started = Instant::now();
+                    let linger = Duration::from_micros(LINGER_US);
+                    // Bounded by TXN_BATCHES_MAX pushes and by the linger deadline.
+                    while group.len() < TXN_BATCHES_MAX
+                        && group_ops < TXN_OPS_MAX
+                        && group_bytes < TXN_BYTES_MAX
+                    {
+                        match rx.try_recv() {
+                            Ok(WriteReq::Commit {
+                                ops,
+                                ops_bytes,
+                                reply,
+                            }) => {
+                                self.shared.pending_batches.fetch_sub(1, Ordering::AcqRel);
+                                if group_ops + ops.len() > TXN_OPS_MAX
+                                    || group_bytes + ops_bytes > TXN_BYTES_MAX
+                                {
+                                    // Re-announce it: it is pending again until the next group.
+                                    self.shared.pending_batches.fetch_add(1, Ordering::AcqRel);
+                                    carry = Some(WriteReq::Commit {
+                                        ops,
+                                        ops_bytes,
+                                        reply,
+                                    });
+                                    break;
+                                }
+                                group_ops += ops.len();
+                                group_bytes += ops_bytes;
+                                group.push(Batch { ops, reply });
+                            }
+                            Ok(other) => {
+                                carry = Some(other);
+                                break;
+                            }
+                            Err(mpsc::error::TryRecvError::Empty) => {
+                                // Linger only when callers are on their way (announced but not
+                                // yet queued, or blocked on a full queue), and at most LINGER_US.
+                                if self.shared.pending_batches.load(Ordering::Acquire) > 0
+                                    && started.elapsed() < linger
+                                {
+                                    std::thread::sleep(Duration::from_micros(20));
+                                    continue;
+                                }
+                                break;
+                            }
+                            Err(mpsc::error::TryRecvError::Disconnected) => break,
+                        }
+                    }
+                    self.commit_group(group);
+                }
+            }
+        }
+    }
+
+    fn ctx(&self) -> Ctx {
+        self.shared.ctx.clone()
+    }
+
+    /// Commits a group in one transaction: each batch inside its own SAVEPOINT, so a failing
+    /// batch rolls back alone and the others commit. Answers every caller.
+    fn commit_group(&mut self, group: Vec<Batch>) {
+        assert!(!group.is_empty() && group.len() <= TXN_BATCHES_MAX);
+        let ctx = self.ctx();
+        let next_seq_before = self.next_seq;
+        let mut outcomes: Vec<Result<CommitOutcome>> = Vec::with_capacity(group.len());
+        let txn = (|| -> Result<()> {
+            let tx = self
+                .conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(ctx.err("begin transaction"))?;
+            for batch in &group {
+                tx.execute_batch("SAVEPOINT batch")
+                    .map_err(ctx.err("savepoint"))?;
+                let seq_before = self.next_seq;
+                match apply_batch(&tx, &ctx, &batch.ops, &mut self.next_seq, self.incarnation) {
+                    Ok(outcome) => {
+                        tx.execute_batch("RELEASE batch")
+                            .map_err(ctx.err("release savepoint"))?;
+                        outcomes.push(Ok(outcome));
+                    }
+                    Err(e) if tx.is_autocommit() => {
+                        // SQLite rolled the whole transaction back by itself (SQLITE_FULL,
+                        // an I/O error): the group fails, with this batch's error.
+                        return Err(e);
+                    }
+                    Err(e) => {
+                        tx.execute_batch("ROLLBACK TO batch; RELEASE batch")
+                            .map_err(ctx.err("roll back savepoint"))?;
+                        // The seqs it took are skipped, not handed out again: strictly
+                        // increasing is the rule, gaps are allowed.
+                        assert!(self.next_seq >= seq_before);
+                        outcomes.push(Err(e));
+                    }
+                }
+            }
+            if self.next_seq != next_seq_before {
+                meta_set(&tx, &ctx, "next_seq", &self.next_seq.to_string())?;
+            }
+            tx.commit().map_err(ctx.err("commit transaction"))?;
+            Ok(())
+        })();
+        match txn {
+            Ok(()) => {
+                self.shared
+                    .transactions_committed
+                    .fetch_add(1, Ordering::Relaxed);
+                assert_eq!(outcomes.len(), group.len());
+                for (batch, outcome) in group.into_iter().zip(outcomes) {
+                    let _ = batch.reply.send(outcome);
+                }
+            }
+            Err(e) => {
+                // Nothing of the group committed: every caller gets the transaction's error
+                // (a batch that failed alone keeps its own, more precise one).
+                tracing::error!(me = %ctx.me, error = %e, batches = group.len(), "group commit failed");
+                let mut own = outcomes.into_iter();
+                for batch in group {
+                    let r = match own.next() {
+                        Some(Err(mine)) => Err(mine),
+                        _ => Err(e.clone()),
+                    };
+                    let _ = batch.reply.send(r);
+                }
+            }
+        }
+    }
+
+    fn new_incarnation(&mut self) -> Result<u64> {
+        let ctx = self.ctx();
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(ctx.err("begin transaction"))?;
+        let meta = read_meta(&tx, &ctx)?;
+        assert_eq!(
+            meta.incarnation, self.incarnation,
+            "incarnation changed behind the writer"
+        );
+        let next = meta.incarnation + 1;
+        meta_set(&tx, &ctx, "incarnation", &next.to_string())?;
+        meta_set(&tx, &ctx, "restore_state", RestoreState::None.as_str())?;
+        tx.commit().map_err(ctx.err("commit new incarnation"))?;
+        self.incarnation = next;
+        self.shared
+            .transactions_committed
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(me = %ctx.me, incarnation = next, "began new incarnation; restore state cleared");
+        Ok(next)
+    }
+}
+
+/// Applies one caller's ops inside the open transaction. Any error leaves the caller to roll
+/// back the savepoint.
+fn apply_batch(
+    tx: &Transaction<'_>,
+    ctx: &Ctx,
+    ops: &[Op],
+    next_seq: &mut u64,
+    incarnation: u64,
+) -> Result<CommitOutcome> {
+    let mut outcome = CommitOutcome::default();
+    for op in ops {
+        match op {
+            Op::Put {
+                dest,
+                id,
+                priority,
+                reliability,
+                expiry_ms,
+                properties,
+                body,
+                stream,
+            } => {
+                let seq = *next_seq;
+                assert!(seq > 0 && seq < i64::MAX as u64);
+                *next_seq += 1;
+                let id = if id.is_empty() {
+                    format!("{}:{incarnation}:{seq}", ctx.uuid)
+                } else {
+                    id.clone()
+                };
+                tx.prepare_cached(
+                    "INSERT INTO messages (seq, dest, id, priority, reliability, expiry_ms, \
+                     delivery_count, properties, body, stream_id, tick) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?9, ?10)",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        seq as i64,
+                        dest,
+                        id,
+                        priority,
+                        reliability,
+                        expiry_ms.map(|v| v as i64),
+                        properties,
+                        body,
+                        stream.as_ref().map(|s| s.0.as_str()),
+                        stream.as_ref().map(|s| s.1 as i64),
+                    ])
+                })
+                .map_err(ctx.err("insert message"))?;
+                depth_add(tx, ctx, dest, 1)?;
+                outcome.assigned_seqs.push(seq);
+            }
+            Op::Delete { dest, seq } => {
+                let n = tx
+                    .prepare_cached("DELETE FROM messages WHERE seq = ?1 AND dest = ?2")
+                    .and_then(|mut s| s.execute(params![*seq as i64, dest]))
+                    .map_err(ctx.err("delete message"))?;
+                assert!(n <= 1);
+                if n == 0 {
+                    return Err(no_such(ctx, dest, *seq));
+                }
+                depth_add(tx, ctx, dest, -1)?;
+            }
+            Op::SetDeliveryCount { dest, seq, count } => {
+                let n = tx
+                    .prepare_cached(
+                        "UPDATE messages SET delivery_count = ?3 WHERE seq = ?1 AND dest = ?2",
+                    )
+                    .and_then(|mut s| s.execute(params![*seq as i64, dest, count]))
+                    .map_err(ctx.err("update delivery count"))?;
+                if n == 0 {
+                    return Err(no_such(ctx, dest, *seq));
+                }
+            }
+            Op::Move { from, seq, to } => {
+                let n = tx
+                    .prepare_cached("UPDATE messages SET dest = ?3 WHERE seq = ?1 AND dest = ?2")
+                    .and_then(|mut s| s.execute(params![*seq as i64, from, to]))
+                    .map_err(ctx.err("move message"))?;
+                if n == 0 {
+                    return Err(no_such(ctx, from, *seq));
+                }
+                depth_add(tx, ctx, from, -1)?;
+                depth_add(tx, ctx, to, 1)?;
+            }
+            Op::SetKv { space, key, value } => {
+                tx.prepare_cached(
+                    "INSERT INTO kv (space, key, value) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (space, key) DO UPDATE SET value = excluded.value",
+                )
+                .and_then(|mut s| s.execute(params![space, key, value]))
+                .map_err(ctx.err("write kv"))?;
+            }
+            Op::DeleteKv { space, key } => {
+                tx.prepare_cached("DELETE FROM kv WHERE space = ?1 AND key = ?2")
+                    .and_then(|mut s| s.execute(params![space, key]))
+                    .map_err(ctx.err("delete kv"))?;
+            }
+        }
+    }
+    Ok(outcome)
+}
+
+fn no_such(ctx: &Ctx, dest: &str, seq: u64) -> StoreError {
+    StoreError::NoSuchMessage {
+        me: ctx.me.clone(),
+        dest: dest.to_string(),
+        seq,
+    }
+}
+
+/// Keeps `dests.depth` equal to the number of messages of `dest`; a row exists only while the
+/// destination holds messages.
+fn depth_add(tx: &Transaction<'_>, ctx: &Ctx, dest: &str, delta: i64) -> Result<()> {
+    assert!(delta == 1 || delta == -1);
+    if delta > 0 {
+        tx.prepare_cached(
+            "INSERT INTO dests (dest, depth) VALUES (?1, 1) \
+             ON CONFLICT (dest) DO UPDATE SET depth = depth + 1",
+        )
+        .and_then(|mut s| s.execute([dest]))
+        .map_err(ctx.err("count message"))?;
+    } else {
+        let n = tx
+            .prepare_cached("UPDATE dests SET depth = depth - 1 WHERE dest = ?1 AND depth > 1")
+            .and_then(|mut s| s.execute([dest]))
+            .map_err(ctx.err("count message"))?;
+        if n == 0 {
+            let gone = tx
+                .prepare_cached("DELETE FROM dests WHERE dest = ?1 AND depth = 1")
+                .and_then(|mut s| s.execute([dest]))
+                .map_err(ctx.err("count message"))?;
+            // A message was just removed from `dest`, so its count was at least 1.
+            assert_eq!(gone, 1, "destination count out of step with its messages");
+        }
+    }
+    Ok(())
+}
+
+/// Checks a batch before it is queued: bounds and per-op rules. Never touches the database.
+pub(crate) fn validate_ops(me: &str, ops: &[Op]) -> Result<usize> {
+    let invalid = |problem: String| StoreError::Invalid {
+        me: me.to_string(),
+        problem,
+    };
+    if ops.is_empty() {
+        return Err(invalid("a commit needs at least one op".into()));
+    }
+    if ops.len() > BATCH_OPS_MAX {
+        return Err(invalid(format!(
+            "a commit of {} ops exceeds the maximum of {BATCH_OPS_MAX}",
+            ops.len()
+        )));
+    }
+    let mut bytes = 0usize;
+    for op in ops {
+        bytes = bytes.saturating_add(op.bytes());
+        match op {
+            Op::Put {
+                dest,
+                priority,
+                stream,
+                ..
+            } => {
+                if dest.is_empty() {
+                    return Err(invalid("Put with an empty destination name".into()));
+                }
+                if *priority > 9 {
+                    return Err(invalid(format!("Put with priority {priority} (0..=9)")));
+                }
+                if let Some((sid, _)) = stream {
+                    if sid.is_empty() {
+                        return Err(invalid("Put with an empty stream_id".into()));
+                    }
+                }
+            }
+            Op::Delete { dest, .. } | Op::SetDeliveryCount { dest, .. } => {
+                if dest.is_empty() {
+                    return Err(invalid("an op with an empty destination name".into()));
+                }
+            }
+            Op::Move { from, to, .. } => {
+                if from.is_empty() || to.is_empty() || from == to {
+                    return Err(invalid(format!(
+                        "Move from `{from}` to `{to}` (both named, and different)"
+                    )));
+                }
+            }
+            Op::SetKv { space, key, .. } | Op::DeleteKv { space, key } => {
+                if space.is_empty() || key.is_empty() {
+                    return Err(invalid("a kv op with an empty space or key".into()));
+                }
+            }
+        }
+    }
+    if bytes > BATCH_BYTES_MAX {
+        return Err(invalid(format!(
+            "a commit of {bytes} bytes exceeds the maximum of {BATCH_BYTES_MAX}"
+        )));
+    }
+    Ok(bytes)
+}
+
+/// Decrements `pending_batches` if the commit future is dropped before its batch was queued.
+pub(crate) struct PendingGuard<'a> {
+    pub(crate) pending: &'a AtomicUsize,
+    pub(crate) armed: bool,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Store for SqliteStore {
+    fn commit(&self, ops: Vec<Op>) -> StoreFuture<'_, CommitOutcome> {
+        Box::pin(async move {
+            if self.shared.closed.load(Ordering::Acquire) {
+                return Err(self.closed_err());
+            }
+            let ops_bytes = validate_ops(&self.shared.ctx.me, &ops)?;
+            let puts = ops.iter().filter(|o| matches!(o, Op::Put { .. })).count();
+            let (tx, rx) = oneshot::channel();
+            self.shared.pending_batches.fetch_add(1, Ordering::AcqRel);
+            let mut guard = PendingGuard {
+                pending: &self.shared.pending_batches,
+                armed: true,
+            };
+            let sent = self
+                .writer_tx
+                .send(WriteReq::Commit {
+                    ops,
+                    ops_bytes,
+                    reply: tx,
+                })
+                .await;
+            match sent {
+                // The writer decrements when it takes the batch.
+                Ok(()) => guard.armed = false,
+                Err(_) => return Err(self.closed_err()),
+            }
+            let outcome = rx.await.map_err(|_| self.closed_err())??;
+            assert_eq!(outcome.assigned_seqs.len(), puts);
+            assert!(outcome.assigned_seqs.windows(2).all(|w| w[0] < w[1]));
+            Ok(outcome)
+        })
+    }
+
+    fn page(
+        &self,
+        dest: &str,
+        after: Option<(u8, u64)>,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<StoredMessage>> {
+        let dest = dest.to_string();
+        self.read(move |conn, ctx| page_impl(conn, ctx, &dest, after, limit))
+    }
+
+    fn depth(&self, dest: &str) -> StoreFuture<'_, u64> {
+        let dest = dest.to_string();
+        self.read(move |conn, ctx| {
+            let n: Option<i64> = conn
+                .query_row("SELECT depth FROM dests WHERE dest = ?1", [&dest], |r| {
+                    r.get(0)
+                })
+                .optional()
+                .map_err(ctx.err("read depth"))?;
+            assert!(n.is_none_or(|n| n > 0));
+            Ok(n.unwrap_or(0) as u64)
+        })
+    }
+
+    fn destinations(&self) -> StoreFuture<'_, Vec<(String, u64)>> {
+        self.read(|conn, ctx| {
+            let mut stmt = conn
+                .prepare_cached("SELECT dest, depth FROM dests ORDER BY dest")
+                .map_err(ctx.err("read destinations"))?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+                })
+                .map_err(ctx.err("read destinations"))?
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(ctx.err("read destinations"))?;
+            assert!(rows.iter().all(|(_, n)| *n > 0));
+            Ok(rows)
+        })
+    }
+
+    fn by_stream(
+        &self,
+        stream_id: &str,
+        from_tick: u64,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<StoredMessage>> {
+        let stream_id = stream_id.to_string();
+        self.read(move |conn, ctx| {
+            check_limit(&ctx.me, limit)?;
+            let out = query_messages(
+                conn,
+                ctx,
+                &format!(
+                    "SELECT {SELECT_COLS} FROM messages WHERE stream_id = ?1 AND tick >= ?2 \
+                     ORDER BY tick, seq LIMIT ?3"
+                ),
+                params![stream_id, from_tick as i64, limit as i64],
+            )?;
+            assert!(out.len() <= limit);
+            assert!(out
+                .windows(2)
+                .all(|w| w[0].stream.as_ref().map(|s| s.1) <= w[1].stream.as_ref().map(|s| s.1)));
+            Ok(out)
+        })
+    }
+
+    fn kv_get(&self, space: &str, key: &str) -> StoreFuture<'_, Option<Vec<u8>>> {
+        let (space, key) = (space.to_string(), key.to_string());
+        self.read(move |conn, ctx| {
+            conn.query_row(
+                "SELECT value FROM kv WHERE space = ?1 AND key = ?2",
+                params![space, key],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(ctx.err("read kv"))
+        })
+    }
+
+    fn kv_scan(&self, space: &str) -> StoreFuture<'_, Vec<(String, Vec<u8>)>> {
+        let space = space.to_string();
+        self.read(move |conn, ctx| {
+            let mut stmt = conn
+                .prepare_cached("SELECT key, value FROM kv WHERE space = ?1 ORDER BY key")
+                .map_err(ctx.err("scan kv"))?;
+            let rows = stmt
+                .query_map([&space], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(ctx.err("scan kv"))?
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(ctx.err("scan kv"))?;
+            Ok(rows)
+        })
+    }
+
+    fn info(&self) -> StoreFuture<'_, StoreInfo> {
+        self.read(|conn, ctx| {
+            // One read transaction, so meta and the count describe the same moment.
+            conn.execute_batch("BEGIN DEFERRED")
+                .map_err(ctx.err("begin read"))?;
+            let r = info_of(conn, ctx);
+            conn.execute_batch("COMMIT").map_err(ctx.err("end read"))?;
+            r
+        })
+    }
+
+    fn begin_incarnation_and_clear_restored(&self) -> StoreFuture<'_, u64> {
+        Box::pin(async move {
+            if self.shared.closed.load(Ordering::Acquire) {
+                return Err(self.closed_err());
+            }
+            let (tx, rx) = oneshot::channel();
+            self.writer_tx
+                .send(WriteReq::NewIncarnation { reply: tx })
+                .await
+                .map_err(|_| self.closed_err())?;
+            rx.await.map_err(|_| self.closed_err())?
+        })
+    }
+
+    fn close(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            if self.shared.closed.swap(true, Ordering::AcqRel) {
+                return Ok(());
+            }
+            // Queued commits ahead of Close still complete (FIFO); the replies come after each
+            // thread dropped its connection, so a reopen right after sees a released file.
+            // Reader first, writer last: the last connection to close checkpoints the WAL and
+            // removes it; two closing at once could each see the other and both skip it.
+            let (rtx, rrx) = oneshot::channel();
+            let _ = self.reader_tx.send(ReadReq::Close { reply: rtx }).await;
+            let _ = rrx.await;
+            let (wtx, wrx) = oneshot::channel();
+            let _ = self.writer_tx.send(WriteReq::Close { reply: wtx }).await;
+            let _ = wrx.await;
+            tracing::info!(me = %self.shared.ctx.me, "closed data store");
+            Ok(())
+        })
+    }
+}
+
+fn info_of(conn: &Connection, ctx: &Ctx) -> Result<StoreInfo> {
+    let meta = read_meta(conn, ctx)?;
+    Ok(StoreInfo {
+        me: meta.me,
+        uuid: meta.uuid,
+        backend: "sqlite",
+        location: ctx.file.display().to_string(),
+        restore_state: meta.restore_state,
+        messages: count_messages(conn, ctx)?,
+        schema_version: meta.schema_version,
+        incarnation: meta.incarnation,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Offline: info, backup manifest, restore.
+
+/// Reads what a store says about itself without starting it (the ME may be stopped). Opens
+/// the file read-only and checks nothing but that it is a Keel store.
+/// Full integrity check of a store file (`PRAGMA quick_check`): reads every page, so it takes
+/// time proportional to the store's size. Safe while the engine runs (a WAL reader).
+pub fn verify_file(path: &Path, me_name: &str, me_uuid: &str) -> Result<()> {
+    let ctx = Ctx {
+        me: me_name.to_string(),
+        uuid: me_uuid.to_string(),
+        file: path.to_path_buf(),
+    };
+    if !path.exists() {
+        return Err(StoreError::Missing {
+            file: path.to_path_buf(),
+        });
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(ctx.err("open"))?;
+    quick_check(&conn, &ctx, "quick_check")?;
+    check_identity(&conn, &ctx)?;
+    Ok(())
+}
+
+pub fn read_info(path: &Path) -> Result<StoreInfo> {
+    let ctx = Ctx {
+        me: "(unknown)".into(),
+        uuid: String::new(),
+        file: path.to_path_buf(),
+    };
+    if !path.is_file() {
+        return Err(StoreError::Missing {
+            file: path.to_path_buf(),
+        });
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(ctx.err("open read-only"))?;
+    conn.busy_timeout(Duration::from_secs(10))
+        .map_err(ctx.err("set busy timeout"))?;
+    let me: Option<String> = conn
+        .query_row("SELECT value FROM meta WHERE key = 'me_name'", [], |r| {
+            r.get(0)
+        })
+        .optional()
+        .map_err(|e| match e.sqlite_error_code() {
+            Some(ErrorCode::Unknown) | None => StoreError::Corrupt {
+                me: ctx.me.clone(),
+                file: ctx.file.clone(),
+                detail: format!("not a Keel data store ({e})"),
+            },
+            _ => sql_err(&ctx.me, &ctx.file, "read meta", e),
+        })?;
+    let ctx = Ctx {
+        me: me.unwrap_or_else(|| ctx.me.clone()),
+        ..ctx
+    };
+    conn.execute_batch("BEGIN DEFERRED")
+        .map_err(ctx.err("begin read"))?;
+    let found = meta_u64(&conn, &ctx, "schema_version")?;
+    if found > u64::from(SCHEMA_VERSION) {
+        return Err(StoreError::SchemaTooNew {
+            file: ctx.file.clone(),
+            found: u32::try_from(found).unwrap_or(u32::MAX),
+            supported: SCHEMA_VERSION,
+        });
+    }
+    info_of(&conn, &ctx)
+}
+
+/// The manifest written beside a backup as `<backup>.manifest.json`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BackupManifest {
+    pub me: String,
+    pub uuid: String,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    /// Size of the backup file.
+    pub bytes: u64,
+    /// CRC-32C of the backup file.
+    pub crc32c: u32,
+    pub schema_version: u32,
+    pub incarnation: u64,
+    pub messages: u64,
+}
+
+/// What a restore put back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreReport {
+    pub from_created_at: String,
+    pub messages: u64,
+}
+
+/// Where the manifest of the backup `backup` lives: `<backup>.manifest.json`.
+pub fn manifest_path(backup: &Path) -> PathBuf {
+    fsx::with_suffix(backup, ".manifest.json")
+}
+
+fn write_manifest(path: &Path, m: &BackupManifest) -> Result<()> {
+    let json = serde_json::to_vec_pretty(m).expect("a manifest serializes");
+    assert!((json.len() as u64) < MANIFEST_BYTES_MAX);
+    let dir = fsx::parent_of(path);
+    let tmp = dir.join(format!(".manifest.tmp-{}", fsx::random_hex(6)));
+    let r = (|| {
+        std::fs::write(&tmp, &json).map_err(io_err("write", &tmp))?;
+        fsx::fsync_file(&tmp)?;
+        std::fs::rename(&tmp, path).map_err(io_err("rename manifest into", path))
+    })();
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
+
+fn read_manifest(backup: &Path) -> Result<BackupManifest> {
+    let path = manifest_path(backup);
+    let damaged = |how: String| StoreError::BackupDamaged {
+        file: backup.to_path_buf(),
+        how,
+    };
+    let len = std::fs::metadata(&path)
+        .map_err(|e| damaged(format!("cannot read its manifest {}: {e}", path.display())))?
+        .len();
+    if len > MANIFEST_BYTES_MAX {
+        return Err(damaged(format!(
+            "manifest {} is {len} bytes, too big",
+            path.display()
+        )));
+    }
+    let bytes = std::fs::read(&path)
+        .map_err(|e| damaged(format!("cannot read its manifest {}: {e}", path.display())))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| damaged(format!("manifest {} is not valid: {e}", path.display())))
+}
+
+/// Replaces the (stopped) ME's store with a backup. Everything is verified BEFORE the current
+/// store is touched: the manifest, the size and CRC-32C, that the copy opens, passes
+/// `integrity_check` and is stamped with this ME. Then the store is replaced atomically and
+/// marked `restored` (a normal start is refused until a FLUSH start).
+pub fn restore_from(
+    backup: &Path,
+    store_path: &Path,
+    me_name: &str,
+    me_uuid: &str,
+) -> Result<RestoreReport> {
+    assert!(!me_name.is_empty() && !me_uuid.is_empty());
+    let damaged = |how: String| StoreError::BackupDamaged {
+        file: backup.to_path_buf(),
+        how,
+    };
+    let dir = fsx::parent_of(store_path);
+    std::fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
+    // Held until the end: the ME cannot start on a half-replaced store, and a running ME
+    // makes the restore fail here, before anything is touched.
+    let _lock = take_lock(store_path, me_name)?;
+    if !backup.is_file() {
+        return Err(damaged("the file does not exist".into()));
+    }
+    let manifest = read_manifest(backup)?;
+    if manifest.uuid != me_uuid || manifest.me != me_name {
+        return Err(StoreError::ForeignBackup {
+            file: backup.to_path_buf(),
+            found_me: manifest.me,
+            found_uuid: manifest.uuid,
+            want_me: me_name.to_string(),
+            want_uuid: me_uuid.to_string(),
+        });
+    }
+    if manifest.schema_version > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew {
+            file: backup.to_path_buf(),
+            found: manifest.schema_version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    let name = store_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // Verify a private copy, not the backup itself: what is checked is exactly what is
+    // renamed into place, and the backup file is never modified.
+    let tmp = dir.join(format!(".{name}.restore-{}", fsx::random_hex(6)));
+    let cleanup = |tmp: &Path| {
+        for suffix in ["", "-wal", "-shm", "-journal"] {
+            let _ = std::fs::remove_file(fsx::with_suffix(tmp, suffix));
+        }
+    };
+    let verified = (|| -> Result<u64> {
+        std::fs::copy(backup, &tmp).map_err(io_err("copy backup to", &tmp))?;
+        let (crc, bytes) = fsx::crc32c_file(&tmp)?;
+        if bytes != manifest.bytes {
+            return Err(damaged(format!(
+                "it is {bytes} bytes, its manifest says {} (truncated or replaced)",
+                manifest.bytes
+            )));
+        }
+        if crc != manifest.crc32c {
+            return Err(damaged(format!(
+                "its CRC-32C is {crc:08x}, its manifest says {:08x} (the file changed after the backup)",
+                manifest.crc32c
+            )));
+        }
+        let ctx = Ctx {
+            me: me_name.to_string(),
+            uuid: me_uuid.to_string(),
+            file: tmp.clone(),
+        };
+        let as_damaged = |e: StoreError| match e {
+            StoreError::Corrupt { detail, .. } => damaged(detail),
+            StoreError::WrongOwner {
+                found_me,
+                found_uuid,
+                want_me,
+                want_uuid,
+                ..
+            } => StoreError::ForeignBackup {
+                file: backup.to_path_buf(),
+                found_me,
+                found_uuid,
+                want_me,
+                want_uuid,
+            },
+            other => other,
+        };
+        let conn = Connection::open_with_flags(
+            &tmp,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| as_damaged(sql_err(me_name, &tmp, "open", e)))?;
+        quick_check(&conn, &ctx, "integrity_check").map_err(as_damaged)?;
+        check_identity(&conn, &ctx).map_err(as_damaged)?;
+        let messages = count_messages(&conn, &ctx).map_err(as_damaged)?;
+        if messages != manifest.messages {
+            return Err(damaged(format!(
+                "it holds {messages} messages, its manifest says {}",
+                manifest.messages
+            )));
+        }
+        conn.execute_batch("PRAGMA journal_mode=DELETE; PRAGMA synchronous=FULL;")
+            .map_err(ctx.err("prepare restored copy"))?;
+        meta_set(
+            &conn,
+            &ctx,
+            "restore_state",
+            RestoreState::Restored.as_str(),
+        )?;
+        let back = read_meta(&conn, &ctx)?;
+        assert_eq!(back.restore_state, RestoreState::Restored);
+        conn.close()
+            .map_err(|(_, e)| ctx.err("close restored copy")(e))?;
+        fsx::fsync_file(&tmp)?;
+        Ok(messages)
+    })();
+    let messages = match verified {
+        Ok(m) => m,
+        Err(e) => {
+            cleanup(&tmp);
+            return Err(e);
+        }
+    };
+    // Point of no return. The old store's WAL and shared-memory files go first: left beside the
+    // new file they would be replayed into it.
+    for suffix in ["-wal", "-shm"] {
+        let p = fsx::with_suffix(store_path, suffix);
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                cleanup(&tmp);
+                return Err(io_err("remove", &p)(e));
+            }
+        }
+    }
+    if let Err(e) = std::fs::rename(&tmp, store_path) {
+        cleanup(&tmp);
+        return Err(io_err("rename restored store into", store_path)(e));
+    }
+    fsx::fsync_dir(&dir)?;
+    tracing::info!(me = me_name, backup = %backup.display(), store = %store_path.display(),
+        messages, from = %manifest.created_at, "restored data store; it is marked restored");
+    Ok(RestoreReport {
+        from_created_at: manifest.created_at,
+        messages,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restore_state_round_trips() {
+        for s in [RestoreState::None, RestoreState::Restored] {
+            assert_eq!(RestoreState::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(RestoreState::parse("maybe"), None);
+    }
+
+    #[test]
+    fn validate_ops_enforces_bounds() {
+        let put = |p: u8, body: usize| Op::Put {
+            dest: "Q".into(),
+            id: String::new(),
+            priority: p,
+            reliability: 0,
+            expiry_ms: None,
+            properties: vec![],
+            body: vec![0; body],
+            stream: None,
+        };
+        assert!(validate_ops("me", &[put(9, 10)]).is_ok());
+        assert!(validate_ops("me", &[put(10, 10)]).is_err());
+        assert!(validate_ops("me", &[]).is_err());
+        assert!(validate_ops("me", &[put(1, BATCH_BYTES_MAX + 1)]).is_err());
+        let e = validate_ops(
+            "me",
+            &[Op::SetKv {
+                space: String::new(),
+                key: "k".into(),
+                value: vec![],
+            }],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("messaging engine me"), "{e}");
+        assert!(check_limit("me", PAGE_LIMIT_MAX).is_ok());
+        assert!(check_limit("me", PAGE_LIMIT_MAX + 1).is_err());
+    }
+
+    #[test]
+    fn sqlite_full_maps_to_disk_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("x.sqlite");
+        let conn = Connection::open(&file).unwrap();
+        conn.execute_batch("CREATE TABLE t (b BLOB); PRAGMA max_page_count = 4;")
+            .unwrap();
+        let e = conn
+            .execute("INSERT INTO t VALUES (zeroblob(100000))", [])
+            .unwrap_err();
+        let mapped = sql_err("me1", &file, "insert", e);
+        assert!(matches!(mapped, StoreError::DiskFull { .. }), "{mapped}");
+        assert!(mapped.to_string().contains("x.sqlite"));
+    }
+}
