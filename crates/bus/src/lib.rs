@@ -15,7 +15,14 @@
 //!   1. the target completed ticks the source says it never sent: the *source* was restored;
 //!   2. the source holds acks beyond the target's prefix: the *target* was restored.
 //!
-//!   Either holds the stream (nothing is dropped: the source keeps its messages) until a FLUSH.
+//!   3. both went back, to different points, and the stream's history forked: the same tick
+//!      carries different messages on the two sides. The target answers `Resume` with the
+//!      identity of the message at its prefix; the source compares it with its own message at
+//!      that tick, and holds on a mismatch. Tick numbers alone cannot see this (a source copied
+//!      back to a backup reuses the old stream id and tick numbers for new messages).
+//!
+//!   Any of the three holds the stream (nothing is dropped: the source keeps its messages)
+//!   until a FLUSH.
 //! - FLUSH: the source moves its unacknowledged messages, in order, onto a new stream with
 //!   ticks from 1, and the target discards the old stream's state.
 //!
@@ -25,6 +32,13 @@
 pub mod link;
 
 use std::collections::BTreeMap;
+
+/// A message's identity: unique for all time, never issued twice, not even by a store copied
+/// back from a backup (the engine's system IDs carry a per-open random part for this reason).
+/// The handshake compares identities to find forked stream histories (case 3 above).
+pub trait Identified {
+    fn identity(&self) -> String;
+}
 
 /// What a source announces when a link comes up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,9 +53,10 @@ pub struct Hello {
 /// The target's answer to a `Hello`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    /// Consistent: the source resends from `from` (everything at or below `from - 1` is
-    /// complete at the target, so the source may forget it).
-    Resume { from: u64 },
+    /// Consistent so far: the source resends from `from` (everything at or below `from - 1` is
+    /// complete at the target, so the source may forget it), once it has checked that its own
+    /// message at tick `from - 1` has the identity `last` (None when `from` is 1).
+    Resume { from: u64, last: Option<String> },
     /// The target completed ticks the source never sent: the source's store went back in time.
     SourceRestored {
         target_prefix: u64,
@@ -75,17 +90,22 @@ pub struct Source<M> {
     next_tick: u64,
     acked: u64,
     unacked: BTreeMap<u64, M>,
-    /// Held after a handshake found a restored store: nothing is sent until a FLUSH.
+    /// Identity of the message at tick `acked` (None when `acked` is 0): what the source
+    /// compares with the target's prefix when the two are equal.
+    acked_identity: Option<String>,
+    /// Held after a handshake found a restored store or a forked history: nothing is sent until
+    /// a FLUSH.
     held: bool,
 }
 
-impl<M: Clone> Source<M> {
+impl<M: Clone + Identified> Source<M> {
     pub fn new(stream_id: impl Into<String>) -> Source<M> {
         Source {
             stream_id: stream_id.into(),
             next_tick: 1,
             acked: 0,
             unacked: BTreeMap::new(),
+            acked_identity: None,
             held: false,
         }
     }
@@ -138,6 +158,7 @@ impl<M: Clone> Source<M> {
                 self.next_tick
             ));
         }
+        self.acked_identity = Some(self.unacked[&upto].identity());
         self.unacked = self.unacked.split_off(&(upto + 1));
         self.acked = upto;
         self.check();
@@ -159,10 +180,17 @@ impl<M: Clone> Source<M> {
             .collect()
     }
 
-    /// Applies the target's verdict after a connect; returns the frames to (re)send.
+    /// Applies the target's verdict after a connect; returns the frames to (re)send. The
+    /// stream is held (see `is_held`) when the target found a restored store, or when the
+    /// target's message at its prefix is not the source's message at that tick (a fork).
     pub fn on_verdict(&mut self, v: &Verdict) -> Vec<Frame<M>> {
         match v {
-            Verdict::Resume { from } => {
+            Verdict::Resume { from, last } => {
+                if *from == 0 || *from > self.next_tick || !self.same_at(from - 1, last.as_deref())
+                {
+                    self.held = true;
+                    return Vec::new();
+                }
                 self.held = false;
                 // The target holds everything below `from`: same as an ack.
                 if *from > 1 {
@@ -177,6 +205,22 @@ impl<M: Clone> Source<M> {
         }
     }
 
+    /// Whether the source's message at `tick` has identity `identity` (tick 0: no message).
+    /// A tick the source already forgot below `acked` cannot be compared: the target is behind
+    /// the source's acks, which `Target::on_hello` reports as a restored target first.
+    fn same_at(&self, tick: u64, identity: Option<&str>) -> bool {
+        let mine = if tick == 0 {
+            None
+        } else if tick == self.acked {
+            self.acked_identity.clone()
+        } else if let Some(m) = self.unacked.get(&tick) {
+            Some(m.identity())
+        } else {
+            return false;
+        };
+        mine.as_deref() == identity
+    }
+
     /// FLUSH: every unacked message moves, in order, onto `new_stream_id` with ticks from 1.
     /// Returns the old stream's id (the target must discard it).
     pub fn flush(&mut self, new_stream_id: impl Into<String>) -> String {
@@ -185,6 +229,7 @@ impl<M: Clone> Source<M> {
         let old = std::mem::replace(&mut self.stream_id, new_id);
         let msgs: Vec<M> = std::mem::take(&mut self.unacked).into_values().collect();
         self.acked = 0;
+        self.acked_identity = None;
         self.next_tick = 1;
         self.held = false;
         for m in msgs {
@@ -226,22 +271,33 @@ pub enum Delivery<M> {
     UnknownStream,
 }
 
+/// A target's state for one stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Prefix {
+    /// Every tick up to this one is complete.
+    tick: u64,
+    /// Identity of the message at `tick` (None when `tick` is 0).
+    identity: Option<String>,
+}
+
 /// The receiving side of the streams of one source engine.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Target {
-    /// Completed prefix per stream id.
-    prefixes: BTreeMap<String, u64>,
+    prefixes: BTreeMap<String, Prefix>,
 }
 
 impl Target {
     pub fn prefix(&self, stream_id: &str) -> Option<u64> {
-        self.prefixes.get(stream_id).copied()
+        self.prefixes.get(stream_id).map(|p| p.tick)
     }
 
     /// The connect handshake (see the crate docs). A stream the target has never seen starts at
     /// prefix 0, unless the source already holds acks for it (case 2).
     pub fn on_hello(&mut self, h: &Hello) -> Verdict {
-        let prefix = self.prefixes.get(&h.stream_id).copied().unwrap_or(0);
+        let (prefix, last) = match self.prefixes.get(&h.stream_id) {
+            Some(p) => (p.tick, p.identity.clone()),
+            None => (0, None),
+        };
         if prefix >= h.next_tick {
             return Verdict::SourceRestored {
                 target_prefix: prefix,
@@ -254,11 +310,17 @@ impl Target {
                 source_acked: h.acked,
             };
         }
-        self.prefixes.entry(h.stream_id.clone()).or_insert(0);
-        Verdict::Resume { from: prefix + 1 }
+        self.prefixes.entry(h.stream_id.clone()).or_insert(Prefix {
+            tick: 0,
+            identity: None,
+        });
+        Verdict::Resume {
+            from: prefix + 1,
+            last,
+        }
     }
 
-    pub fn on_data<M>(&mut self, stream_id: &str, tick: u64, msg: M) -> Delivery<M> {
+    pub fn on_data<M: Identified>(&mut self, stream_id: &str, tick: u64, msg: M) -> Delivery<M> {
         assert!(tick >= 1, "ticks start at 1");
         let Some(prefix) = self.prefixes.get_mut(stream_id) else {
             return Delivery::UnknownStream;
@@ -267,18 +329,23 @@ impl Target {
             stream_id: stream_id.to_string(),
             upto,
         };
-        if tick <= *prefix {
-            return Delivery::Duplicate { ack: ack(*prefix) };
+        if tick <= prefix.tick {
+            return Delivery::Duplicate {
+                ack: ack(prefix.tick),
+            };
         }
-        if tick > *prefix + 1 {
+        if tick > prefix.tick + 1 {
             return Delivery::Gap {
                 resend: Frame::Resend {
                     stream_id: stream_id.to_string(),
-                    from: *prefix + 1,
+                    from: prefix.tick + 1,
                 },
             };
         }
-        *prefix = tick;
+        *prefix = Prefix {
+            tick,
+            identity: Some(msg.identity()),
+        };
         Delivery::Deliver {
             msg,
             ack: ack(tick),

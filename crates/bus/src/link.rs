@@ -46,12 +46,15 @@ pub enum LinkFrame {
         credential_proof: Vec<u8>,
         streams: Vec<StreamState>,
     },
-    /// The target's verdict per stream (see `Target::on_hello`), encoded as (stream, kind, a, b).
+    /// The target's verdict per stream (see `Target::on_hello`), encoded as (stream, kind, a, b):
+    /// Resume → a = from; the restored kinds → the two ticks that disagree. `last_identity` is
+    /// the identity of the target's message at tick from - 1 (Resume only).
     Verdict {
         stream_id: String,
         kind: VerdictKind,
         a: u64,
         b: u64,
+        last_identity: Option<String>,
     },
     Data {
         stream_id: String,
@@ -200,6 +203,14 @@ mod tests {
                 kind: VerdictKind::SourceRestored,
                 a: 6,
                 b: 4,
+                last_identity: None,
+            },
+            LinkFrame::Verdict {
+                stream_id: "s".into(),
+                kind: VerdictKind::Resume,
+                a: 6,
+                b: 0,
+                last_identity: Some("u:1:5".into()),
             },
             LinkFrame::Data {
                 stream_id: "s".into(),
