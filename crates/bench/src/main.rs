@@ -21,6 +21,8 @@ use keel_admin::{AdminClient, Credential};
 use serde_json::{json, Value};
 
 mod engine_bench;
+#[cfg(feature = "peers")]
+mod peers;
 
 #[derive(Parser)]
 #[command(about = "Keel benchmarks")]
@@ -61,6 +63,27 @@ enum What {
         #[arg(long)]
         json: bool,
     },
+    /// RabbitMQ (quorum queue) and NATS JetStream (file storage) side by side: durable
+    /// publishes with confirms, concurrent consumers with acks. Needs `--features peers`.
+    Peers {
+        #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+        rabbitmq: String,
+        #[arg(long, default_value = "nats://127.0.0.1:4222")]
+        nats: String,
+        #[arg(long, default_value_t = 4)]
+        producers: usize,
+        #[arg(long, default_value_t = 4)]
+        consumers: usize,
+        #[arg(long, default_value_t = 100_000)]
+        messages: u64,
+        #[arg(long, default_value_t = 1024)]
+        body_bytes: usize,
+        /// Unconfirmed publishes each producer may have outstanding.
+        #[arg(long, default_value_t = 256)]
+        inflight_per_producer: usize,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -95,6 +118,32 @@ fn main() -> Result<()> {
             }
             foundation(&keel, cycles.max(1), invokes.max(1), json)
         }
+        #[cfg(feature = "peers")]
+        What::Peers {
+            rabbitmq,
+            nats,
+            producers,
+            consumers,
+            messages,
+            body_bytes,
+            inflight_per_producer,
+            json,
+        } => peers::run(peers::Opts {
+            rabbitmq_url: rabbitmq,
+            nats_url: nats,
+            workload: peers::Workload {
+                producers,
+                consumers,
+                messages,
+                body_bytes,
+                inflight_per_producer,
+            },
+            json,
+        }),
+        #[cfg(not(feature = "peers"))]
+        What::Peers { .. } => bail!(
+            "this keel-bench was built without the RabbitMQ and NATS clients; rebuild it with `cargo build --release -p keel-bench --features peers`"
+        ),
     }
 }
 

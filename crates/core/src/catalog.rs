@@ -148,6 +148,16 @@ catalog! {
     CWSIP0108I, Info, "Messaging engine {me} in recovery-mode server: not started{flush}.",
         "A server started in recovery mode only resolves in-doubt transactions; restart-after-restore (FLUSH) is ignored in recovery mode.",
         "After recovery completes and the server stops, start it normally and then start the engine with `--flush` if its store was restored.";
+    // --- AMQP 1.0 endpoint on the bus port -------------------------------------------------------
+    CWSIT0001I, Info, "AMQP 1.0 endpoint of server {server} listening on {address} (SASL {mechanisms}; messaging engines {mes}).",
+        "The bus port accepts AMQP 1.0 connections for the messaging engines this server hosts.",
+        "None. Clients connect with SASL PLAIN as a profile user, or ANONYMOUS where the bus allows it.";
+    CWSIT0002W, Warning, "AMQP connection from {peer} refused: {why}.",
+        "A client could not open an AMQP connection: failed authentication, a protocol error before the connection opened, or too many connections.",
+        "Check the client's user and password (the profile's `secrets/admin-password` for user admin) and that it speaks AMQP 1.0 with SASL.";
+    CWSIT0003W, Warning, "AMQP link {link} from {peer} refused: {why}.",
+        "A client attached a link to an address this server cannot serve: an undefined destination, one held by another messaging engine, a stopped engine, or an anonymous client on a bus that requires authentication.",
+        "Create the destination (`keel destination create`), connect to the server whose engine holds it, or start the engine (`keel me start`).";
     // --- messaging (named by the restore procedure) ----------------------------------------------
     CWSIP0783E, Error, "Messaging engine {me} started; flush of all delivery streams completed.",
         "The engine was started in restart-after-restore (FLUSH) mode and every peer confirmed the new delivery streams. New messages are neither lost nor duplicated from here on.",

@@ -429,15 +429,19 @@ impl Messaging {
             return self.publish(topic.clone(), msg).await;
         }
         let q = self.queue(dest)?;
+        let prepared = self.prepare(&q.cfg, &msg)?;
+        if !prepared.reliability.is_persistent() {
+            return self.hold_volatile(&q, dest, prepared, msg.body);
+        }
         let Prepared {
-            reliability,
             priority,
             properties,
             expiry_ms,
             code,
-        } = self.prepare(&q.cfg, &msg)?;
+            ..
+        } = prepared;
         let id;
-        if reliability.is_persistent() {
+        {
             let out = self
                 .store
                 .commit(vec![Op::Put {
@@ -466,33 +470,134 @@ impl Messaging {
                 persistent: true,
             };
             q.state.lock().expect("queue lock").offer_persistent(e);
-        } else {
-            let seq = self.volatile_seq.fetch_add(1, Ordering::Relaxed);
-            id = format!("{}:{}:{seq}", self.uuid, self.incarnation);
-            let mut st = q.state.lock().expect("queue lock");
-            if st.volatile.len() >= NONPERSISTENT_MAX {
-                return Err(MessagingError::QueueFull {
-                    dest: dest.into(),
-                    max: NONPERSISTENT_MAX,
-                });
-            }
-            let e = Entry {
-                seq,
-                id: id.clone(),
-                priority,
-                reliability: code,
-                expiry_ms,
-                delivery_count: 0,
-                properties,
-                body: msg.body,
-                persistent: false,
-            };
-            st.volatile.insert(e.key(), e);
         }
         q.counters.sent.fetch_add(1, Ordering::Relaxed);
         q.counters.depth.fetch_add(1, Ordering::Relaxed);
         q.notify.notify_one();
         Ok(id)
+    }
+
+    /// A non-persistent message goes to the queue's bounded in-memory part only.
+    fn hold_volatile(
+        &self,
+        q: &QueuePoint,
+        dest: &str,
+        p: Prepared,
+        body: Vec<u8>,
+    ) -> Result<String, MessagingError> {
+        let seq = self.volatile_seq.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}:{}:{seq}", self.uuid, self.incarnation);
+        let mut st = q.state.lock().expect("queue lock");
+        if st.volatile.len() >= NONPERSISTENT_MAX {
+            return Err(MessagingError::QueueFull {
+                dest: dest.into(),
+                max: NONPERSISTENT_MAX,
+            });
+        }
+        let e = Entry {
+            seq,
+            id: id.clone(),
+            priority: p.priority,
+            reliability: p.code,
+            expiry_ms: p.expiry_ms,
+            delivery_count: 0,
+            properties: p.properties,
+            body,
+            persistent: false,
+        };
+        st.volatile.insert(e.key(), e);
+        drop(st);
+        q.counters.sent.fetch_add(1, Ordering::Relaxed);
+        q.counters.depth.fetch_add(1, Ordering::Relaxed);
+        q.notify.notify_one();
+        Ok(id)
+    }
+
+    /// Sends several messages to one destination, in order, with one store commit for all the
+    /// persistent ones: a link that has many messages in flight pays one group-commit wait per
+    /// batch instead of one per message, and keeps its order (one batch, consecutive seqs).
+    /// The outer error fails the whole batch (nothing of it is stored); the inner ones are per
+    /// message (too large, queue full), in input order.
+    pub async fn send_batch(
+        &self,
+        dest: &str,
+        msgs: Vec<OutgoingMessage>,
+    ) -> Result<Vec<Result<String, MessagingError>>, MessagingError> {
+        self.check_open()?;
+        if self.topics.contains_key(dest) {
+            // Publication fans out per subscription; kept on the one-message path.
+            let mut out = Vec::with_capacity(msgs.len());
+            for m in msgs {
+                out.push(self.send(dest, m).await);
+            }
+            return Ok(out);
+        }
+        let q = self.queue(dest)?;
+        let mut results: Vec<Option<Result<String, MessagingError>>> =
+            (0..msgs.len()).map(|_| None).collect();
+        let mut ops = Vec::new();
+        let mut persistent = Vec::new();
+        for (i, m) in msgs.into_iter().enumerate() {
+            let p = match self.prepare(&q.cfg, &m) {
+                Ok(p) => p,
+                Err(e) => {
+                    results[i] = Some(Err(e));
+                    continue;
+                }
+            };
+            if p.reliability.is_persistent() {
+                ops.push(Op::Put {
+                    dest: dest.into(),
+                    id: String::new(),
+                    priority: p.priority,
+                    reliability: p.code,
+                    expiry_ms: p.expiry_ms,
+                    properties: p.properties.clone(),
+                    body: m.body.clone(),
+                    stream: None,
+                });
+                persistent.push((i, p, m.body));
+            } else {
+                results[i] = Some(self.hold_volatile(&q, dest, p, m.body));
+            }
+        }
+        if !ops.is_empty() {
+            let out = self.store.commit(ops).await?;
+            keel_core::faults::hit("me.after_store_commit");
+            assert_eq!(
+                out.assigned_seqs.len(),
+                persistent.len(),
+                "every Put of a batch gets a seq"
+            );
+            let stored = persistent.len() as u64;
+            let mut st = q.state.lock().expect("queue lock");
+            for ((i, p, body), seq) in persistent.into_iter().zip(out.assigned_seqs) {
+                let id = format!("{}:{}:{seq}", self.uuid, self.incarnation);
+                st.offer_persistent(Entry {
+                    seq,
+                    id: id.clone(),
+                    priority: p.priority,
+                    reliability: p.code,
+                    expiry_ms: p.expiry_ms,
+                    delivery_count: 0,
+                    properties: p.properties,
+                    body,
+                    persistent: true,
+                });
+                results[i] = Some(Ok(id));
+            }
+            drop(st);
+            q.counters.sent.fetch_add(stored, Ordering::Relaxed);
+            q.counters.depth.fetch_add(stored, Ordering::Relaxed);
+            // One wake per message: each may serve a different waiting consumer.
+            for _ in 0..stored {
+                q.notify.notify_one();
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.expect("every message of a batch has a result"))
+            .collect())
     }
 
     async fn refill(&self, q: &QueuePoint) -> Result<(), MessagingError> {

@@ -1,0 +1,711 @@
+//! AMQP 1.0 on the bus port (DESIGN §2, §4): clients send to and receive from the messaging
+//! engines this server hosts.
+//!
+//! One task per connection, one per session, one per link. fe2o3-amqp does the protocol
+//! (framing, SASL, sessions, flow control); this crate maps links onto the engine:
+//! - a client's *sending* link (our receiver) targets a destination. Its messages are stored
+//!   in batches: while one batch is being made durable, the next one gathers, so a link with
+//!   many messages in flight pays one group-commit wait per batch and keeps its order. A
+//!   message is accepted only once the engine has it (durable when persistent); one the engine
+//!   refuses is rejected with the reason.
+//! - a client's *receiving* link (our sender) sources a queue, a topic subscription
+//!   (`TOPIC::SUB`), or a topic (a durable subscription named after the link when the source is
+//!   durable, else a temporary one removed when the link closes). Each message is locked in
+//!   the engine until the client settles it: accepted → gone; released/modified → back on the
+//!   queue (modified with delivery-failed counts as a failed delivery); rejected → exception
+//!   destination. A link or connection that goes away releases what it held.
+//!
+//! Addresses name a destination of a bus this server is a member of; `BUS/DEST` picks the bus
+//! when two buses define the same name.
+//!
+//! Bounds: connections per server (`CONNECTIONS_MAX`), unsettled deliveries per receiving link
+//! (`UNSETTLED_MAX`), messages per stored batch (`BATCH_MAX`), frame size, credit.
+//!
+//! Deliberately absent (see docs/ARCHITECTURE.md): AMQP transactions (the coordinator link is
+//! refused), link recovery (resume of unsettled state across connections), TLS.
+
+pub mod convert;
+pub mod sasl;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fe2o3_amqp::acceptor::{
+    ConnectionAcceptor, LinkAcceptor, LinkEndpoint, ListenerConnectionHandle,
+    ListenerSessionHandle, SessionAcceptor,
+};
+use fe2o3_amqp::link::delivery::DeliveryInfo;
+use fe2o3_amqp::link::{Receiver, Sender};
+use fe2o3_amqp::types::definitions::{self, AmqpError, ErrorCondition, LinkError};
+use fe2o3_amqp::types::messaging::{Body, Outcome as AmqpOutcome, TerminusDurability};
+use fe2o3_amqp::types::performatives::Attach;
+use fe2o3_amqp::types::primitives::Value;
+use fe2o3_amqp::Sendable;
+use keel_core::{catalog, emit};
+use keel_engine::messaging::{Messaging, MessagingError, Outcome, SUBSCRIPTION_SEPARATOR};
+use keel_engine::Engine;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::sasl::{KeelSasl, Principal};
+
+/// Open connections per server; more are refused at once (CWSIT0002W).
+pub const CONNECTIONS_MAX: usize = 1024;
+/// Deliveries a receiving link may hold unsettled; the engine keeps each locked meanwhile.
+pub const UNSETTLED_MAX: usize = 1024;
+/// Messages of one link stored in one batch (one store commit).
+pub const BATCH_MAX: usize = 512;
+/// Credit we give a client's sending link; refreshed as messages are settled.
+pub const CREDIT: u32 = 512;
+/// Largest frame we accept or send.
+pub const FRAME_BYTES_MAX: u32 = 256 * 1024;
+/// A connection must finish its protocol header, SASL and open within this time.
+pub const OPEN_TIMEOUT_MS: u64 = 10_000;
+/// How long a locked message waits for the client's credit before going back to the queue.
+pub const CREDIT_WAIT_MS: u64 = 2_000;
+
+/// A messaging engine this server hosts, as the endpoint sees it.
+#[derive(Clone)]
+pub struct Hosted {
+    pub engine: Arc<Engine>,
+    pub allow_anonymous: bool,
+    pub max_message_bytes: u64,
+}
+
+/// What the endpoint serves.
+pub struct Settings {
+    pub server: String,
+    /// (user, password) pairs for SASL PLAIN.
+    pub users: Arc<Vec<(String, String)>>,
+    pub hosted: Vec<Hosted>,
+}
+
+impl Settings {
+    fn any_anonymous(&self) -> bool {
+        self.hosted.iter().any(|h| h.allow_anonymous)
+    }
+}
+
+/// Serves AMQP connections on `listener` until the task is dropped or aborted.
+pub async fn serve(listener: TcpListener, settings: Arc<Settings>) {
+    let address = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let mechanisms = if settings.any_anonymous() {
+        "PLAIN, ANONYMOUS"
+    } else {
+        "PLAIN"
+    };
+    let mes: Vec<String> = settings
+        .hosted
+        .iter()
+        .map(|h| h.engine.config().me.clone())
+        .collect();
+    emit!(
+        catalog::CWSIT0001I,
+        server = settings.server,
+        address = address,
+        mechanisms = mechanisms,
+        mes = if mes.is_empty() {
+            "none".to_string()
+        } else {
+            mes.join(", ")
+        }
+    );
+    let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    loop {
+        let (sock, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(target: "keel_amqp", error = %e, "bus port accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            emit!(
+                catalog::CWSIT0002W,
+                peer = peer,
+                why = format!("the server already has {CONNECTIONS_MAX} connections")
+            );
+            drop(sock);
+            continue;
+        };
+        let _ = sock.set_nodelay(true);
+        let settings = settings.clone();
+        tokio::spawn(async move {
+            connection(sock, peer, settings).await;
+            drop(slot);
+        });
+    }
+}
+
+async fn connection(sock: TcpStream, peer: SocketAddr, settings: Arc<Settings>) {
+    let (sasl, verdict) = KeelSasl::new(settings.users.clone(), settings.any_anonymous());
+    let acceptor = ConnectionAcceptor::builder()
+        .container_id(format!("keel-{}", settings.server))
+        .max_frame_size(FRAME_BYTES_MAX)
+        .channel_max(64u16)
+        .sasl_acceptor(sasl)
+        .build();
+    let opened =
+        tokio::time::timeout(Duration::from_millis(OPEN_TIMEOUT_MS), acceptor.accept(sock)).await;
+    let sasl_outcome = verdict.lock().expect("sasl verdict lock").clone();
+    let mut conn = match (opened, sasl_outcome) {
+        (Ok(Ok(c)), Some(Ok(_))) => c,
+        (_, Some(Err(why))) => {
+            emit!(catalog::CWSIT0002W, peer = peer, why = why);
+            return;
+        }
+        (Ok(Ok(mut c)), None) => {
+            // fe2o3 let the connection open without SASL: never accepted here.
+            emit!(
+                catalog::CWSIT0002W,
+                peer = peer,
+                why = "the client did not authenticate with SASL"
+            );
+            let _ = c.close().await;
+            return;
+        }
+        (Ok(Err(e)), _) => {
+            emit!(catalog::CWSIT0002W, peer = peer, why = e);
+            return;
+        }
+        (Err(_), _) => {
+            emit!(
+                catalog::CWSIT0002W,
+                peer = peer,
+                why = format!("the connection did not open within {OPEN_TIMEOUT_MS} ms")
+            );
+            return;
+        }
+    };
+    let principal = match verdict.lock().expect("sasl verdict lock").clone() {
+        Some(Ok(p)) => p,
+        _ => unreachable!("checked above"),
+    };
+    tracing::debug!(target: "keel_amqp", %peer, ?principal, "AMQP connection open");
+    let session_acceptor = SessionAcceptor::new();
+    let mut sessions = JoinSet::new();
+    while let Ok(session) = session_acceptor.accept(&mut conn).await {
+        sessions.spawn(run_session(
+            session,
+            peer,
+            principal.clone(),
+            settings.clone(),
+        ));
+    }
+    // The client closed the connection (or it broke): sessions end with it.
+    while sessions.join_next().await.is_some() {}
+    let _ = close_connection(conn).await;
+    tracing::debug!(target: "keel_amqp", %peer, "AMQP connection closed");
+}
+
+async fn close_connection(mut conn: ListenerConnectionHandle) -> Result<(), String> {
+    conn.close().await.map_err(|e| e.to_string())
+}
+
+async fn run_session(
+    mut session: ListenerSessionHandle,
+    peer: SocketAddr,
+    principal: Principal,
+    settings: Arc<Settings>,
+) {
+    let mut links = JoinSet::new();
+    while let Some(attach) = session.next_incoming_attach().await {
+        let link_name = attach.name.clone();
+        // Every settle mode is supported, so the client's wish is the link's mode.
+        let presettled = matches!(
+            attach.snd_settle_mode,
+            fe2o3_amqp::types::definitions::SenderSettleMode::Settled
+        );
+        let route = route(&settings, &principal, &attach);
+        // The acceptor carries the bus's size limit: fe2o3 refuses a larger transfer with
+        // amqp:link:message-size-exceeded before it is buffered whole.
+        let max_bytes = route.as_ref().map(|r| r.max_message_bytes).unwrap_or(0);
+        let acceptor = LinkAcceptor::builder()
+            .max_message_size(max_bytes)
+            .build();
+        let endpoint = match acceptor.accept_incoming_attach(attach, &mut session).await {
+            Ok(l) => l,
+            Err(e) => {
+                emit!(
+                    catalog::CWSIT0003W,
+                    link = link_name,
+                    peer = peer,
+                    why = e
+                );
+                continue;
+            }
+        };
+        let route = match route {
+            Ok(r) => r,
+            Err(refusal) => {
+                emit!(
+                    catalog::CWSIT0003W,
+                    link = link_name,
+                    peer = peer,
+                    why = refusal.description
+                );
+                let err = definitions::Error::new(refusal.condition, refusal.description, None);
+                match endpoint {
+                    LinkEndpoint::Sender(s) => {
+                        let _ = s.close_with_error(err).await;
+                    }
+                    LinkEndpoint::Receiver(r) => {
+                        let _ = r.close_with_error(err).await;
+                    }
+                }
+                continue;
+            }
+        };
+        match endpoint {
+            LinkEndpoint::Receiver(r) => {
+                links.spawn(incoming_link(r, route));
+            }
+            LinkEndpoint::Sender(s) => {
+                links.spawn(outgoing_link(s, route, link_name, presettled));
+            }
+        }
+        // Reap finished links so a long session does not accumulate them.
+        while links.try_join_next().is_some() {}
+    }
+    links.abort_all();
+    while links.join_next().await.is_some() {}
+    let _ = session.end().await;
+}
+
+/// Where a link goes: an engine and a destination on it.
+struct Route {
+    messaging: Arc<Messaging>,
+    dest: String,
+    max_message_bytes: u64,
+    /// For a receiving link on a topic: the topic, and whether the subscription is durable.
+    topic: Option<(String, bool)>,
+}
+
+struct Refusal {
+    condition: ErrorCondition,
+    description: String,
+}
+
+fn refusal(condition: impl Into<ErrorCondition>, description: impl Into<String>) -> Refusal {
+    Refusal {
+        condition: condition.into(),
+        description: description.into(),
+    }
+}
+
+fn route(settings: &Settings, principal: &Principal, attach: &Attach) -> Result<Route, Refusal> {
+    use fe2o3_amqp::types::definitions::Role;
+    // The client's role: its sending link targets an address, its receiving link sources one.
+    let (address, durable) = match attach.role {
+        Role::Sender => {
+            let t = attach
+                .target
+                .as_ref()
+                .and_then(|t| match t.as_ref() {
+                    fe2o3_amqp::types::messaging::TargetArchetype::Target(t) => Some(t),
+                    #[allow(unreachable_patterns)]
+                    _ => None,
+                })
+                .ok_or_else(|| {
+                    refusal(
+                        AmqpError::NotImplemented,
+                        "this target is not served (AMQP transactions are not supported yet)",
+                    )
+                })?;
+            (t.address.clone(), false)
+        }
+        Role::Receiver => {
+            let s = attach
+                .source
+                .as_ref()
+                .ok_or_else(|| refusal(AmqpError::InvalidField, "the link has no source"))?;
+            (
+                s.address.clone(),
+                s.durable != TerminusDurability::None,
+            )
+        }
+    };
+    let Some(address) = address.filter(|a| !a.is_empty()) else {
+        return Err(refusal(
+            AmqpError::InvalidField,
+            "the link names no address: give a destination name",
+        ));
+    };
+    let (bus, dest) = match address.split_once('/') {
+        Some((b, d)) if settings.hosted.iter().any(|h| h.engine.config().bus == b) => {
+            (Some(b.to_string()), d.to_string())
+        }
+        _ => (None, address.clone()),
+    };
+    // The configured name: a subscription address `TOPIC::SUB` is defined by its topic.
+    let defined = dest
+        .split_once(SUBSCRIPTION_SEPARATOR)
+        .map(|(t, _)| t)
+        .unwrap_or(&dest);
+    let candidates: Vec<&Hosted> = settings
+        .hosted
+        .iter()
+        .filter(|h| bus.as_deref().is_none_or(|b| h.engine.config().bus == b))
+        .filter(|h| {
+            h.engine
+                .config()
+                .destinations
+                .iter()
+                .any(|d| d.name == defined)
+        })
+        .collect();
+    let hosted = match candidates.as_slice() {
+        [one] => *one,
+        [] => {
+            let known: Vec<String> = settings
+                .hosted
+                .iter()
+                .flat_map(|h| {
+                    h.engine
+                        .config()
+                        .destinations
+                        .iter()
+                        .map(|d| d.name.clone())
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            return Err(refusal(
+                AmqpError::NotFound,
+                format!(
+                    "destination {dest} is not defined on any bus of this server (defined: {}); create it with `keel destination create BUS {dest} --type queue`",
+                    if known.is_empty() { "none".into() } else { known.join(", ") }
+                ),
+            ));
+        }
+        many => {
+            let buses: Vec<String> = many.iter().map(|h| h.engine.config().bus.clone()).collect();
+            return Err(refusal(
+                AmqpError::NotFound,
+                format!(
+                    "destination {dest} is defined on buses {}: address it as BUS/{dest}",
+                    buses.join(", ")
+                ),
+            ));
+        }
+    };
+    if *principal == Principal::Anonymous && !hosted.allow_anonymous {
+        return Err(refusal(
+            AmqpError::UnauthorizedAccess,
+            format!(
+                "bus {} does not allow anonymous clients: authenticate with SASL PLAIN",
+                hosted.engine.config().bus
+            ),
+        ));
+    }
+    let messaging = hosted
+        .engine
+        .messaging()
+        .map_err(|e| refusal(AmqpError::ResourceLimitExceeded, e.to_string()))?;
+    let is_topic = hosted
+        .engine
+        .config()
+        .destinations
+        .iter()
+        .any(|d| d.name == dest && d.kind == keel_config::DestinationKind::Topic);
+    let topic = (attach.role == Role::Receiver && is_topic).then(|| (dest.clone(), durable));
+    if topic.is_none() {
+        // Queues and subscriptions must be served by this engine; refuse now, not per message.
+        if attach.role == Role::Receiver || !is_topic {
+            messaging
+                .queue(&dest)
+                .map_err(|e| refusal(condition_of(&e), e.to_string()))?;
+        }
+    }
+    Ok(Route {
+        messaging,
+        dest,
+        max_message_bytes: hosted.max_message_bytes,
+        topic,
+    })
+}
+
+/// The AMQP error condition for an engine error.
+fn condition_of(e: &MessagingError) -> ErrorCondition {
+    match e {
+        MessagingError::TooLarge { .. } => LinkError::MessageSizeExceeded.into(),
+        MessagingError::UnknownDestination { .. }
+        | MessagingError::NotHere { .. }
+        | MessagingError::TopicNotServed { .. }
+        | MessagingError::NoSubscription { .. } => AmqpError::NotFound.into(),
+        MessagingError::NotAQueue { .. } | MessagingError::BadSubscriptionName { .. } => {
+            AmqpError::InvalidField.into()
+        }
+        MessagingError::QueueFull { .. } | MessagingError::TransactionTooLarge { .. } => {
+            AmqpError::ResourceLimitExceeded.into()
+        }
+        MessagingError::NotStarted { .. } => AmqpError::ResourceLimitExceeded.into(),
+        _ => AmqpError::InternalError.into(),
+    }
+}
+
+fn amqp_error(e: &MessagingError) -> definitions::Error {
+    definitions::Error::new(condition_of(e), e.to_string(), None)
+}
+
+type Stored = Result<Vec<Result<String, MessagingError>>, MessagingError>;
+
+/// A client's sending link: store what it sends, in batches, and settle each message with
+/// the engine's answer.
+async fn incoming_link(mut rx: Receiver, route: Route) {
+    let Route {
+        messaging, dest, ..
+    } = route;
+    // Converted messages waiting for the next batch; refusals carry their error.
+    let mut pending: Vec<(DeliveryInfo, Result<keel_engine::messaging::OutgoingMessage, definitions::Error>)> =
+        Vec::new();
+    let mut inflight: Option<(Vec<DeliveryInfo>, tokio::task::JoinHandle<Stored>)> = None;
+    let mut ended = None;
+    loop {
+        if inflight.is_none() && !pending.is_empty() {
+            let batch: Vec<_> = std::mem::take(&mut pending);
+            let mut infos = Vec::with_capacity(batch.len());
+            let mut msgs = Vec::with_capacity(batch.len());
+            for (info, m) in batch {
+                match m {
+                    Ok(m) => {
+                        infos.push(info);
+                        msgs.push(m);
+                    }
+                    Err(err) => {
+                        if let Err(e) = rx.reject(info, err).await {
+                            ended = Some(e.to_string());
+                        }
+                    }
+                }
+            }
+            if !msgs.is_empty() {
+                let m = messaging.clone();
+                let d = dest.clone();
+                inflight = Some((
+                    infos,
+                    tokio::spawn(async move { m.send_batch(&d, msgs).await }),
+                ));
+            }
+        }
+        if ended.is_some() {
+            break;
+        }
+        tokio::select! {
+            d = rx.recv::<Body<Value>>(), if pending.len() < BATCH_MAX => match d {
+                Ok(d) => {
+                    let (info, msg) = d.into_parts();
+                    let m = convert::incoming(msg).map_err(|e| {
+                        definitions::Error::new(AmqpError::DecodeError, e.to_string(), None)
+                    });
+                    pending.push((info, m));
+                }
+                Err(e) => {
+                    ended = Some(e.to_string());
+                }
+            },
+            done = async { (&mut inflight.as_mut().expect("guarded").1).await }, if inflight.is_some() => {
+                let (infos, _) = inflight.take().expect("guarded");
+                if let Err(e) = settle_stored(&mut rx, infos, done).await {
+                    ended = Some(e);
+                }
+            }
+        }
+    }
+    // The link is going away: finish the batch in flight (what is stored stays stored; the
+    // client learns nothing more, so it may resend: at least once across a broken link).
+    if let Some((infos, h)) = inflight.take() {
+        let done = h.await;
+        let _ = settle_stored(&mut rx, infos, done).await;
+    }
+    tracing::debug!(target: "keel_amqp", dest = %dest, why = ended.as_deref().unwrap_or(""), "incoming link ended");
+    let _ = rx.close().await;
+}
+
+async fn settle_stored(
+    rx: &mut Receiver,
+    infos: Vec<DeliveryInfo>,
+    done: Result<Stored, tokio::task::JoinError>,
+) -> Result<(), String> {
+    let results = match done {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            // The whole batch failed (store error, engine stopped): nothing of it is stored.
+            let err = amqp_error(&e);
+            for info in infos {
+                rx.reject(info, err.clone()).await.map_err(|e| e.to_string())?;
+            }
+            if matches!(e, MessagingError::NotStarted { .. }) {
+                return Err(e.to_string());
+            }
+            return Ok(());
+        }
+        Err(join) => {
+            let err = definitions::Error::new(AmqpError::InternalError, join.to_string(), None);
+            for info in infos {
+                rx.reject(info, err.clone()).await.map_err(|e| e.to_string())?;
+            }
+            return Err(join.to_string());
+        }
+    };
+    assert_eq!(infos.len(), results.len(), "one result per message");
+    // Consecutive accepts go out as one disposition range.
+    let mut accepted = Vec::new();
+    for (info, r) in infos.into_iter().zip(results) {
+        match r {
+            Ok(_) => accepted.push(info),
+            Err(e) => {
+                if !accepted.is_empty() {
+                    rx.accept_all(std::mem::take(&mut accepted))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                rx.reject(info, amqp_error(&e))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    if !accepted.is_empty() {
+        rx.accept_all(accepted).await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// A client's receiving link: hand it messages while it has credit, settle each in the
+/// engine as the client settles it.
+async fn outgoing_link(mut tx: Sender, route: Route, link_name: String, presettled: bool) {
+    let Route {
+        messaging,
+        dest,
+        topic,
+        ..
+    } = route;
+    // A link on a topic consumes a subscription of its own.
+    let (queue, temporary) = match &topic {
+        Some((t, durable)) => {
+            let sub = if *durable {
+                subscription_name(&link_name)
+            } else {
+                format!("tmp-{}", uuid_like())
+            };
+            match messaging.subscribe(t, &sub).await {
+                Ok(q) => (q, (!*durable).then(|| (t.clone(), sub))),
+                Err(e) => {
+                    let _ = tx.close_with_error(amqp_error(&e)).await;
+                    return;
+                }
+            }
+        }
+        None => (dest.clone(), None),
+    };
+    let slots = Arc::new(Semaphore::new(UNSETTLED_MAX));
+    let mut settles = JoinSet::new();
+    let mut close_error = None;
+    let why = loop {
+        while settles.try_join_next().is_some() {}
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
+            _ = tx.on_detach() => break "detached by the client".to_string(),
+        };
+        let d = tokio::select! {
+            d = messaging.receive(&queue, Duration::from_secs(1)) => d,
+            _ = tx.on_detach() => break "detached by the client".to_string(),
+        };
+        let d = match d {
+            Ok(Some(d)) => d,
+            Ok(None) => continue,
+            Err(e) => {
+                close_error = Some(amqp_error(&e));
+                break e.to_string();
+            }
+        };
+        let msg = convert::outgoing(&d);
+        let sendable = Sendable::builder().message(msg).settled(presettled).build();
+        let sent = tokio::time::timeout(
+            Duration::from_millis(CREDIT_WAIT_MS),
+            tx.send_batchable(sendable),
+        )
+        .await;
+        let fut = match sent {
+            Ok(Ok(f)) => f,
+            Ok(Err(e)) => {
+                let _ = messaging.settle(&queue, d.seq, Outcome::Released).await;
+                break e.to_string();
+            }
+            Err(_) => {
+                // No credit for a while: give the message back so another consumer can have it.
+                let _ = messaging.settle(&queue, d.seq, Outcome::Released).await;
+                continue;
+            }
+        };
+        let m = messaging.clone();
+        let q = queue.clone();
+        let seq = d.seq;
+        settles.spawn(async move {
+            let outcome = if presettled {
+                Outcome::Accepted
+            } else {
+                match fut.await {
+                    Ok(AmqpOutcome::Accepted(_)) => Outcome::Accepted,
+                    Ok(AmqpOutcome::Rejected(_)) => Outcome::Rejected,
+                    Ok(AmqpOutcome::Modified(m)) if m.delivery_failed == Some(true) => {
+                        Outcome::Failed
+                    }
+                    // Released, modified without failure, or the link/connection went away.
+                    _ => Outcome::Released,
+                }
+            };
+            if let Err(e) = m.settle(&q, seq, outcome).await {
+                tracing::warn!(target: "keel_amqp", queue = %q, seq, error = %e, "settling a delivery failed");
+            }
+            drop(permit);
+        });
+    };
+    // Unsettled deliveries resolve (released) as the link closes; wait for them so the
+    // temporary subscription is removed with nothing locked.
+    let _ = match close_error {
+        Some(err) => tx.close_with_error(err).await,
+        None => tx.close().await,
+    };
+    while settles.join_next().await.is_some() {}
+    if let Some((t, sub)) = temporary {
+        if let Err(e) = messaging.unsubscribe(&t, &sub).await {
+            tracing::warn!(target: "keel_amqp", topic = %t, subscription = %sub, error = %e, "removing a temporary subscription failed");
+        }
+    }
+    tracing::debug!(target: "keel_amqp", queue = %queue, why = %why, "outgoing link ended");
+}
+
+/// A durable subscription's name from its link name: the characters a subscription name
+/// allows (letters, digits, `_ . -`), others as `_`, at most 128.
+fn subscription_name(link: &str) -> String {
+    let s: String = link
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_.-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(128)
+        .collect();
+    if s.is_empty() {
+        "link".into()
+    } else {
+        s
+    }
+}
+
+fn uuid_like() -> String {
+    let mut b = [0u8; 8];
+    let _ = getrandom::fill(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
