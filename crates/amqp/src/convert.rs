@@ -19,8 +19,8 @@
 
 use fe2o3_amqp::types::messaging::annotations::OwnedKey;
 use fe2o3_amqp::types::messaging::{
-    AmqpSequence, AmqpValue, ApplicationProperties, Batch, Body, Data, Header, Message,
-    MessageId, Properties as AmqpProperties,
+    AmqpSequence, AmqpValue, ApplicationProperties, Batch, Body, Data, Header, Message, MessageId,
+    Properties as AmqpProperties,
 };
 use fe2o3_amqp::types::primitives::{Binary, OrderedMap, SimpleValue, Symbol, Value};
 use keel_config::Reliability;
@@ -248,7 +248,7 @@ fn hex(b: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
@@ -272,7 +272,10 @@ fn put_properties(amqp: &mut serde_json::Map<String, Json>, p: AmqpProperties) {
     put("subject", p.subject.map(Json::from));
     put("reply_to", p.reply_to.map(Json::from));
     put("content_type", p.content_type.map(|s| Json::from(s.0)));
-    put("content_encoding", p.content_encoding.map(|s| Json::from(s.0)));
+    put(
+        "content_encoding",
+        p.content_encoding.map(|s| Json::from(s.0)),
+    );
     put(
         "creation_time_ms",
         p.creation_time.map(|t| Json::from(t.milliseconds())),
@@ -282,7 +285,8 @@ fn put_properties(amqp: &mut serde_json::Map<String, Json>, p: AmqpProperties) {
     put("reply_to_group_id", p.reply_to_group_id.map(Json::from));
     put(
         "user_id",
-        p.user_id.map(|b| Json::from(String::from_utf8_lossy(b.as_ref()).into_owned())),
+        p.user_id
+            .map(|b| Json::from(String::from_utf8_lossy(b.as_ref()).into_owned())),
     );
 }
 

@@ -152,8 +152,11 @@ async fn connection(sock: TcpStream, peer: SocketAddr, settings: Arc<Settings>) 
         .channel_max(64u16)
         .sasl_acceptor(sasl)
         .build();
-    let opened =
-        tokio::time::timeout(Duration::from_millis(OPEN_TIMEOUT_MS), acceptor.accept(sock)).await;
+    let opened = tokio::time::timeout(
+        Duration::from_millis(OPEN_TIMEOUT_MS),
+        acceptor.accept(sock),
+    )
+    .await;
     let sasl_outcome = verdict.lock().expect("sasl verdict lock").clone();
     let mut conn = match (opened, sasl_outcome) {
         (Ok(Ok(c)), Some(Ok(_))) => c,
@@ -227,18 +230,11 @@ async fn run_session(
         // The acceptor carries the bus's size limit: fe2o3 refuses a larger transfer with
         // amqp:link:message-size-exceeded before it is buffered whole.
         let max_bytes = route.as_ref().map(|r| r.max_message_bytes).unwrap_or(0);
-        let acceptor = LinkAcceptor::builder()
-            .max_message_size(max_bytes)
-            .build();
+        let acceptor = LinkAcceptor::builder().max_message_size(max_bytes).build();
         let endpoint = match acceptor.accept_incoming_attach(attach, &mut session).await {
             Ok(l) => l,
             Err(e) => {
-                emit!(
-                    catalog::CWSIT0003W,
-                    link = link_name,
-                    peer = peer,
-                    why = e
-                );
+                emit!(catalog::CWSIT0003W, link = link_name, peer = peer, why = e);
                 continue;
             }
         };
@@ -326,10 +322,7 @@ fn route(settings: &Settings, principal: &Principal, attach: &Attach) -> Result<
                 .source
                 .as_ref()
                 .ok_or_else(|| refusal(AmqpError::InvalidField, "the link has no source"))?;
-            (
-                s.address.clone(),
-                s.durable != TerminusDurability::None,
-            )
+            (s.address.clone(), s.durable != TerminusDurability::None)
         }
     };
     let Some(address) = address.filter(|a| !a.is_empty()) else {
@@ -463,8 +456,10 @@ async fn incoming_link(mut rx: Receiver, route: Route) {
         messaging, dest, ..
     } = route;
     // Converted messages waiting for the next batch; refusals carry their error.
-    let mut pending: Vec<(DeliveryInfo, Result<keel_engine::messaging::OutgoingMessage, definitions::Error>)> =
-        Vec::new();
+    let mut pending: Vec<(
+        DeliveryInfo,
+        Result<keel_engine::messaging::OutgoingMessage, definitions::Error>,
+    )> = Vec::new();
     let mut inflight: Option<(Vec<DeliveryInfo>, tokio::task::JoinHandle<Stored>)> = None;
     let mut ended = None;
     loop {
@@ -539,7 +534,9 @@ async fn settle_stored(
             // The whole batch failed (store error, engine stopped): nothing of it is stored.
             let err = amqp_error(&e);
             for info in infos {
-                rx.reject(info, err.clone()).await.map_err(|e| e.to_string())?;
+                rx.reject(info, err.clone())
+                    .await
+                    .map_err(|e| e.to_string())?;
             }
             if matches!(e, MessagingError::NotStarted { .. }) {
                 return Err(e.to_string());
@@ -549,7 +546,9 @@ async fn settle_stored(
         Err(join) => {
             let err = definitions::Error::new(AmqpError::InternalError, join.to_string(), None);
             for info in infos {
-                rx.reject(info, err.clone()).await.map_err(|e| e.to_string())?;
+                rx.reject(info, err.clone())
+                    .await
+                    .map_err(|e| e.to_string())?;
             }
             return Err(join.to_string());
         }

@@ -61,9 +61,12 @@ fn queue_point(ctx: &Ctx, server: &str, dest: &str) -> Result<(AdminClient, Stri
         .find_server(server)
         .ok_or_else(|| anyhow!("server {server} is not defined on node {node}"))?;
     let (bus, m) = cfg.mes_of_server(&node, server).into_iter().next().ok_or_else(|| anyhow!("server {server} is not a member of any bus; add it with `keel bus add-member BUS --server {server}`"))?;
-    let d = cfg.find_destination(&bus.name, dest).ok_or_else(|| anyhow!("destination {dest} is not defined on bus {}; create it with `keel destination create {} {dest} --type queue`", bus.name, bus.name))?;
-    if d.me != m.me {
-        bail!("destination {dest} is held by messaging engine {}, not by {} on server {server}; use the server of {}", d.me, m.me, d.me);
+    // The engine's exception destination is not configured but can be read (and replayed).
+    if dest != keel_config::system_exception_destination(&m.me) {
+        let d = cfg.find_destination(&bus.name, dest).ok_or_else(|| anyhow!("destination {dest} is not defined on bus {}; create it with `keel destination create {} {dest} --type queue`", bus.name, bus.name))?;
+        if d.me != m.me {
+            bail!("destination {dest} is held by messaging engine {}, not by {} on server {server}; use the server of {}", d.me, m.me, d.me);
+        }
     }
     let name = keel_core::ObjectName::new(&[
         ("type", "SIBQueuePoint"),

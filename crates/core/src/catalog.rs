@@ -1,7 +1,7 @@
 //! The one message catalog: every log line with a message ID takes its text from here, and
 //! `keel explain ID` prints the explanation and the user action.
 //!
-//! IDs follow `PREFIXnnnnS`: prefix by component (`CWSIP` messaging, `WTRN` transactions,
+//! IDs follow `PREFIXnnnnS`: prefix by component (`CWSIP` messaging, `CWSIT` the AMQP endpoint, `WTRN` transactions,
 //! `WSVR` server runtime, `ADMN` admin and node agent), four digits, and the severity letter
 //! (`I`, `W`, `E`). IDs named by the seed procedures keep their meaning (`CWSIP0783E`,
 //! `CWSIP0784E`, `WSVR0024I`, `WSVR0001I`). Text templates name fields in braces (`{server}`);
@@ -258,7 +258,7 @@ mod tests {
 
     #[test]
     fn ids_are_unique_well_formed_and_match_their_severity() {
-        let prefixes = ["CWSIP", "WTRN", "WSVR", "ADMN"];
+        let prefixes = ["CWSIP", "CWSIT", "WTRN", "WSVR", "ADMN"];
         for (i, m) in ALL.iter().enumerate() {
             assert!(
                 ALL[i + 1..].iter().all(|o| o.id != m.id),

@@ -250,6 +250,21 @@ async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
             let _ = rx.wait_for(|v| v.is_some()).await;
         }
     };
+    let amqp_settings = Arc::new(keel_amqp::Settings {
+        server: opts.server.clone(),
+        users: Arc::new(vec![("admin".to_string(), password.clone())]),
+        hosted: engines
+            .iter()
+            .map(|e| {
+                let bus = cfg.buses.iter().find(|b| b.name == e.config().bus);
+                keel_amqp::Hosted {
+                    engine: e.clone(),
+                    allow_anonymous: bus.is_some_and(|b| b.allow_anonymous),
+                    max_message_bytes: e.config().max_message_bytes,
+                }
+            })
+            .collect(),
+    });
     let credential = Credential {
         user: "admin".into(),
         password,
@@ -260,7 +275,7 @@ async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
         credential,
         admin_shutdown,
     ));
-    let bus_task = bus_listener.map(|l| tokio::spawn(reserve_bus_port(l)));
+    let bus_task = bus_listener.map(|l| tokio::spawn(keel_amqp::serve(l, amqp_settings)));
     spawn_signal_watch(stop_tx.clone());
 
     if opts.recovery {
@@ -405,23 +420,6 @@ async fn bind(
             file.display()
         ))
     })
-}
-
-/// Holds the bus port until the messaging engine serves it: connections are accepted and closed
-/// at once, so a client fails fast instead of hanging in the listen backlog.
-async fn reserve_bus_port(listener: TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok((sock, peer)) => {
-                tracing::debug!(target: "keel_server", %peer, "bus port has no messaging engine yet; connection closed");
-                drop(sock);
-            }
-            Err(e) => {
-                tracing::warn!(target: "keel_server", error = %e, "bus port accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-        }
-    }
 }
 
 fn spawn_signal_watch(stop: watch::Sender<Option<String>>) {

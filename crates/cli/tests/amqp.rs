@@ -1,0 +1,247 @@
+//! AMQP 1.0 on the bus port, with real processes: python-qpid-proton (a client nobody here
+//! wrote), fe2o3-amqp as a Rust client, and a server killed with SIGKILL under load.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Duration;
+
+use common::Env;
+use fe2o3_amqp::connection::ConnectionHandle;
+use fe2o3_amqp::session::SessionHandle;
+use fe2o3_amqp::types::messaging::{ApplicationProperties, Body, Message, Outcome};
+use fe2o3_amqp::types::primitives::{SimpleValue, Value};
+use fe2o3_amqp::{Receiver, Sender, Session};
+
+const ME: &str = "node01.server1-bus1";
+
+fn started(env: &Env) -> (u16, String) {
+    env.ok(&["destination", "create", "bus1", "q1", "--type", "queue"]);
+    env.ok(&["destination", "create", "bus1", "prices", "--type", "topic"]);
+    env.ok(&["node", "start"]);
+    env.ok(&["server", "start", "server1"]);
+    let bus = env.status("server1")["endpoints"]["bus"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let port = bus.rsplit(':').next().unwrap().parse().unwrap();
+    (port, env.admin_password())
+}
+
+fn receive_all(env: &Env, dest: &str) -> Vec<String> {
+    env.ok(&["receive", dest, "--server", "server1", "--count", "100000"])
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn python_qpid_proton_interoperates() {
+    let python = "/usr/bin/python3";
+    let has_proton = Command::new(python)
+        .args(["-c", "import proton"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        has_proton,
+        "python3-qpid-proton is not installed for {python}: run scripts/test (it installs it) or apt-get install python3-qpid-proton"
+    );
+    let env = Env::new();
+    let (port, password) = started(&env);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/amqp_proton.py");
+    let out = Command::new(python)
+        .args([
+            script,
+            &format!("127.0.0.1:{port}"),
+            &password,
+            "q1",
+            "prices",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "proton scenario failed: {stderr}\n{stdout}\nserver log:\n{}",
+        env.log("server1")
+    );
+    let found: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(found["received_in_order"], 10);
+    assert_eq!(found["released_count"], 0, "{found}");
+    assert!(found["failed_count"].as_u64().unwrap() >= 1, "{found}");
+    assert!(
+        found["undefined_destination"]
+            .as_str()
+            .unwrap()
+            .contains("not-found"),
+        "{found}"
+    );
+    assert!(
+        found["oversized"].as_str().unwrap().contains("size"),
+        "{found}"
+    );
+    // What proton sent, `keel receive` reads (the body as text).
+    assert_eq!(receive_all(&env, "q1"), vec!["for-keel-receive"]);
+    // The rejected message went to the exception destination, with its failed count.
+    let exception = format!("_SYSTEM.Exception.Destination.{ME}");
+    assert_eq!(receive_all(&env, &exception), vec!["again"]);
+    let log = env.log("server1");
+    for id in ["CWSIT0001I", "CWSIT0002W", "CWSIT0003W"] {
+        assert!(log.contains(id), "{id} missing from:\n{log}");
+    }
+    env.ok(&["node", "stop", "--stop-servers"]);
+}
+
+fn numbered(n: u64) -> Message<Body<Value>> {
+    let mut props = fe2o3_amqp::types::primitives::OrderedMap::new();
+    props.insert("n".to_string(), SimpleValue::Ulong(n));
+    Message::builder()
+        .header(fe2o3_amqp::types::messaging::Header {
+            durable: true,
+            ..Default::default()
+        })
+        .application_properties(ApplicationProperties(props))
+        .body(Body::Data(fe2o3_amqp::types::messaging::Batch::new(vec![
+            fe2o3_amqp::types::messaging::Data(vec![7u8; 1024].into()),
+        ])))
+        .build()
+}
+
+fn n_of(m: &Message<Body<Value>>) -> u64 {
+    match m.application_properties.as_ref().and_then(|a| a.0.get("n")) {
+        Some(SimpleValue::Ulong(n)) => *n,
+        Some(SimpleValue::Long(n)) => *n as u64,
+        other => panic!("message without its number: {other:?}"),
+    }
+}
+
+async fn open(port: u16, password: &str) -> (ConnectionHandle<()>, SessionHandle<()>) {
+    let url = format!("amqp://admin:{password}@127.0.0.1:{port}");
+    let mut c = fe2o3_amqp::connection::Connection::builder()
+        .container_id("keel-test")
+        .sasl_profile(fe2o3_amqp::sasl_profile::SaslProfile::Plain {
+            username: "admin".into(),
+            password: password.into(),
+        })
+        .open(url.as_str())
+        .await
+        .unwrap();
+    let s = Session::begin(&mut c).await.unwrap();
+    (c, s)
+}
+
+/// Receives until `count` messages or `idle` without one; accepts each; returns their numbers.
+async fn drain_numbers(session: &mut SessionHandle<()>, dest: &str, idle: Duration) -> Vec<u64> {
+    let mut r = Receiver::attach(session, "drain", dest).await.unwrap();
+    let mut got = Vec::new();
+    while let Ok(Ok(d)) = tokio::time::timeout(idle, r.recv::<Body<Value>>()).await {
+        got.push(n_of(d.message()));
+        r.accept(&d).await.unwrap();
+    }
+    r.close().await.unwrap();
+    got
+}
+
+#[test]
+fn pipelined_rust_client_keeps_order_and_every_accepted_message() {
+    let env = Env::new();
+    let (port, password) = started(&env);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (mut c, mut s) = open(port, &password).await;
+        let mut snd = Sender::attach(&mut s, "p", "q1").await.unwrap();
+        // Many in flight at once: the endpoint stores them in batches, in order.
+        let mut outcomes = Vec::new();
+        for n in 0..3000u64 {
+            outcomes.push(snd.send_batchable(numbered(n)).await.unwrap());
+        }
+        for o in outcomes {
+            assert!(matches!(o.await.unwrap(), Outcome::Accepted(_)));
+        }
+        snd.close().await.unwrap();
+        let got = drain_numbers(&mut s, "q1", Duration::from_secs(3)).await;
+        assert_eq!(got, (0..3000).collect::<Vec<_>>());
+        s.end().await.unwrap();
+        c.close().await.unwrap();
+    });
+    let depth = env.ok(&[
+        "admin",
+        "invoke",
+        &format!("Keel:type=SIBQueuePoint,name=q1@{ME},bus=bus1,node=node01,process=server1"),
+        "depth",
+    ]);
+    assert_eq!(depth.trim(), "0");
+    env.ok(&["node", "stop", "--stop-servers"]);
+}
+
+#[test]
+fn sigkill_under_amqp_load_loses_no_accepted_message() {
+    let env = Env::new();
+    let (port, password) = started(&env);
+    let pid = env.status("server1")["pid"].as_u64().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let accepted: Vec<u64> = rt.block_on(async {
+        let (_c, mut s) = open(port, &password).await;
+        let mut snd = Sender::attach(&mut s, "p", "q1").await.unwrap();
+        // Producers run with up to 200 in flight; the server dies after the first 2000 are
+        // accepted, in the middle of later batches.
+        let (tx, mut rx) = tokio::sync::mpsc::channel(200);
+        let producer = tokio::spawn(async move {
+            for n in 0..1_000_000u64 {
+                let Ok(fut) = snd.send_batchable(numbered(n)).await else {
+                    break;
+                };
+                if tx.send((n, fut)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut accepted = Vec::new();
+        let mut killed = false;
+        while let Some((n, fut)) = rx.recv().await {
+            match fut.await {
+                Ok(Outcome::Accepted(_)) => accepted.push(n),
+                _ => break,
+            }
+            if accepted.len() == 2000 && !killed {
+                common::sigkill(pid);
+                killed = true;
+            }
+        }
+        producer.abort();
+        assert!(killed, "the server died before 2000 messages were accepted");
+        accepted
+    });
+    // The node agent restarts it; every accepted message is there, once.
+    env.wait_for(Duration::from_secs(20), "restart", || {
+        (env.status("server1")["restarts"] == 1 && env.status("server1")["state"] == "started")
+            .then_some(())
+    });
+    let got = rt.block_on(async {
+        let (mut c, mut s) = open(port, &password).await;
+        let got = drain_numbers(&mut s, "q1", Duration::from_secs(3)).await;
+        s.end().await.unwrap();
+        c.close().await.unwrap();
+        got
+    });
+    let mut counts: BTreeMap<u64, u32> = BTreeMap::new();
+    for n in &got {
+        *counts.entry(*n).or_default() += 1;
+    }
+    for n in &accepted {
+        assert_eq!(
+            counts.get(n),
+            Some(&1),
+            "accepted message {n} lost or duplicated"
+        );
+    }
+    assert!(counts.values().all(|c| *c == 1), "a message arrived twice");
+    // What was stored is a prefix of what was sent: the store keeps order across the crash.
+    let mut sorted = got.clone();
+    sorted.sort_unstable();
+    assert_eq!(got, sorted, "messages out of order after the restart");
+    assert!(got.len() >= accepted.len());
+    env.ok(&["node", "stop", "--stop-servers"]);
+}
