@@ -19,8 +19,8 @@
 //!    connection setup is not timed;
 //! 3. calls [`drive`] with them and two closures: a producer that hands [`pipeline`] a
 //!    `publish(id)` future resolving to a confirmation future, and a consumer that loops on its
-//!    deliveries, acks each, and passes its id (from [`message_id`]) to [`Tally::record`] until
-//!    [`Tally::complete`] or the stop signal;
+//!    deliveries, acks each, and passes its id (from [`message_id`]) to [`Tally::record`]
+//!    until the stop signal, and only then closes its connection;
 //! 4. deletes the destination whatever `drive` returned, and returns `drive`'s result.
 //!
 //! Then add it to [`run`]'s list of systems.
@@ -275,8 +275,8 @@ async fn next_confirmation(pending: &mut JoinSet<Result<Duration>>) -> Result<Du
 ///
 /// `producers` and `consumers` are already-connected per-task states, so connecting is not
 /// timed. `produce(state, ids)` publishes `ids` (usually through [`pipeline`]);
-/// `consume(state, tally, stop)` acks deliveries into `tally` until it is complete or `stop`
-/// turns true.
+/// `consume(state, tally, stop)` acks deliveries into `tally` until `stop` turns true, which
+/// happens once the tally is complete (or the run failed).
 pub async fn drive<P, C, Produce, Produced, Consume, Consumed>(
     system: &str,
     w: &Workload,

@@ -128,7 +128,8 @@ async fn consume(
     tally: &Tally,
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
-    while !tally.complete() && !*stop.borrow() {
+    // Run until told to stop, like every consumer, so none closes while others still ack.
+    while !*stop.borrow() {
         let mut batch = pull
             .batch()
             .max_messages(FETCH_BATCH)

@@ -173,7 +173,10 @@ async fn consume(
         )
         .await
         .with_context(|| format!("consuming from {queue}"))?;
-    while !tally.complete() {
+    // Run until told to stop, not until the tally is complete: when a consumer closed its
+    // connection right after its last acks, the broker requeued some of those already-acked
+    // messages (seen: 3 of 500) and the others received and counted them again.
+    loop {
         let delivery = tokio::select! {
             _ = stop.changed() => return Ok(()),
             delivery = deliveries.next() => delivery,
@@ -188,5 +191,4 @@ async fn consume(
             .with_context(|| format!("acking message {id}"))?;
         tally.record(id, delivery.redelivered)?;
     }
-    Ok(())
 }
