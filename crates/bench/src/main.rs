@@ -11,6 +11,10 @@
 //! It drives the real `keel` binary (`--keel`, default: beside this executable), so build both
 //! in the same profile: `cargo build --release --bin keel --bin keel-bench`.
 
+/// The clients of every system share the keel binary's allocator (mimalloc).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -70,6 +74,15 @@ enum What {
         rabbitmq: String,
         #[arg(long, default_value = "nats://127.0.0.1:4222")]
         nats: String,
+        /// The keel binary whose server is measured (default: next to keel-bench).
+        #[arg(long)]
+        keel: Option<PathBuf>,
+        /// First of the ports the benchmark's own Keel profile uses.
+        #[arg(long, default_value_t = 27400)]
+        keel_base_port: u16,
+        /// Systems to run, in order (keel, rabbitmq, nats).
+        #[arg(long, value_delimiter = ',', default_value = "keel,rabbitmq,nats")]
+        systems: Vec<String>,
         #[arg(long, default_value_t = 4)]
         producers: usize,
         #[arg(long, default_value_t = 4)]
@@ -122,6 +135,9 @@ fn main() -> Result<()> {
         What::Peers {
             rabbitmq,
             nats,
+            keel,
+            keel_base_port,
+            systems,
             producers,
             consumers,
             messages,
@@ -131,6 +147,9 @@ fn main() -> Result<()> {
         } => peers::run(peers::Opts {
             rabbitmq_url: rabbitmq,
             nats_url: nats,
+            keel,
+            keel_base_port,
+            systems,
             workload: peers::Workload {
                 producers,
                 consumers,

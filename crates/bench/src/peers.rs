@@ -25,6 +25,7 @@
 //!
 //! Then add it to [`run`]'s list of systems.
 
+mod keel;
 mod nats;
 mod rabbitmq;
 
@@ -39,6 +40,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+pub use keel::run_keel;
 pub use nats::run_nats;
 pub use rabbitmq::run_rabbitmq;
 
@@ -53,6 +55,11 @@ const PROGRESS_POLL_MS: u64 = 20;
 pub struct Opts {
     pub rabbitmq_url: String,
     pub nats_url: String,
+    /// The keel binary to measure; None = next to keel-bench.
+    pub keel: Option<std::path::PathBuf>,
+    pub keel_base_port: u16,
+    /// Which systems to run, in order.
+    pub systems: Vec<String>,
     pub workload: Workload,
     pub json: bool,
 }
@@ -410,20 +417,25 @@ pub fn run(o: Opts) -> Result<()> {
     let (reports, failed) = rt.block_on(async {
         let mut reports = Vec::new();
         let mut failed = Vec::new();
-        let results = [
-            (
-                "rabbitmq",
-                run_rabbitmq(&o.rabbitmq_url, w)
+        let mut results = Vec::new();
+        for system in &o.systems {
+            let result = match system.as_str() {
+                "keel" => match o.keel.clone().map_or_else(keel::default_keel_binary, Ok) {
+                    Ok(bin) => run_keel(&bin, o.keel_base_port, w)
+                        .await
+                        .with_context(|| format!("Keel ({})", bin.display())),
+                    Err(e) => Err(e),
+                },
+                "rabbitmq" => run_rabbitmq(&o.rabbitmq_url, w)
                     .await
                     .with_context(|| format!("RabbitMQ at {}", o.rabbitmq_url)),
-            ),
-            (
-                "nats",
-                run_nats(&o.nats_url, w)
+                "nats" => run_nats(&o.nats_url, w)
                     .await
                     .with_context(|| format!("NATS at {}", o.nats_url)),
-            ),
-        ];
+                other => Err(anyhow!("unknown system {other} (keel, rabbitmq, nats)")),
+            };
+            results.push((system.as_str(), result));
+        }
         for (system, result) in results {
             match result {
                 Ok(report) => reports.push(report),

@@ -5,6 +5,10 @@
 //! Errors: every command exits 0 on success and otherwise prints one sentence on stderr
 //! (`keel: ...`) saying what failed, on what, and what to do, and exits 1 (2 for usage errors).
 
+/// mimalloc: the message path allocates per frame and per message (see Cargo.toml).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -13,6 +13,10 @@ use tokio::sync::mpsc::Receiver;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+/// KEEL PATCH: frames written per flush at most, so one busy session cannot hold the event
+/// loop (heartbeats, incoming frames) for long.
+const OUTGOING_BURST_MAX: usize = 256;
+
 use crate::control::ConnectionControl;
 use crate::endpoint::{IncomingChannel, OutgoingChannel};
 use crate::frames::amqp::{self, Frame, FrameBody};
@@ -488,7 +492,10 @@ where
         tracing::trace!(channel = frame.channel, frame = ?frame.body);
         #[cfg(feature = "log")]
         log::trace!("SEND channel = {}, frame = {:?}", frame.channel, frame.body);
-        self.transport.send(frame).await?;
+        // KEEL PATCH: buffered, not flushed: the event loop flushes once for every frame that
+        // was queued (one write syscall per burst instead of per frame). The close paths end
+        // with `send_close`, whose `send` flushes what was fed before it.
+        self.transport.feed(frame).await?;
         Ok(Running::Continue)
     }
 
@@ -619,7 +626,28 @@ where
                 },
                 frame = self.outgoing_session_frames.recv() => {
                     match frame {
-                        Some(frame) => self.on_outgoing_session_frames(frame).await,
+                        Some(frame) => {
+                            // KEEL PATCH: take what else is already queued (bounded), then
+                            // flush once.
+                            let mut result = self.on_outgoing_session_frames(frame).await;
+                            let mut fed: usize = 1;
+                            while fed < OUTGOING_BURST_MAX && matches!(result, Ok(Running::Continue)) {
+                                match self.outgoing_session_frames.try_recv() {
+                                    Ok(frame) => {
+                                        result = self.on_outgoing_session_frames(frame).await;
+                                        fed += 1;
+                                    }
+                                    Err(_) => break,
+                                }
+                            }
+                            match result {
+                                Ok(running) => match self.transport.flush().await {
+                                    Ok(()) => Ok(running),
+                                    Err(err) => Err(err.into()),
+                                },
+                                Err(err) => Err(err),
+                            }
+                        }
                         None => {
                             // Upon closing, the outgoing_session_frames channel will be closed
                             // first while the connection may still be waiting for remote

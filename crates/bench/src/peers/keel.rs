@@ -1,0 +1,219 @@
+//! Keel over AMQP 1.0 (fe2o3-amqp as the client): a queue of assured persistent messages on a
+//! server this run starts itself, in a temporary profile on the same disk as the peers' data.
+//! A message counts once the server accepted it, which it does only after the store commit is
+//! durable (fsync; DESIGN §4). One connection per producer and per consumer, as for the peers.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use anyhow::{bail, ensure, Context, Result};
+use fe2o3_amqp::connection::ConnectionHandle;
+use fe2o3_amqp::link::receiver::CreditMode;
+use fe2o3_amqp::session::SessionHandle;
+use fe2o3_amqp::types::messaging::{Batch, Body, Data, Header, Message, Outcome};
+use fe2o3_amqp::types::primitives::Value;
+use fe2o3_amqp::{Connection, Receiver, Sender, Session};
+use tokio::sync::{watch, Mutex};
+
+use super::{drive, message_id, pipeline, unique_suffix, Report, Tally, Workload};
+
+/// Credit each consumer gives: the unsettled window, as RabbitMQ's prefetch.
+const CREDIT: u32 = 256;
+
+/// A Keel node agent and server in a temporary profile, stopped on drop.
+pub struct KeelServer {
+    keel: PathBuf,
+    profile: tempfile::TempDir,
+    pub url: String,
+}
+
+impl KeelServer {
+    /// Creates a profile with `queue` on bus1 and starts its server through the node agent.
+    pub fn start(keel: &Path, base_port: u16, queue: &str) -> Result<KeelServer> {
+        let profile = tempfile::Builder::new()
+            .prefix("keel-bench-")
+            .tempdir()
+            .context("temporary profile directory")?;
+        let dir = profile.path().join("p");
+        let mut server = KeelServer {
+            keel: keel.to_path_buf(),
+            profile,
+            url: String::new(),
+        };
+        server.keel(&[
+            "profile",
+            "create",
+            dir.to_str().context("profile path")?,
+            "--base-port",
+            &base_port.to_string(),
+        ])?;
+        server.keel(&["destination", "create", "bus1", queue, "--type", "queue"])?;
+        server.keel(&["node", "start"])?;
+        server.keel(&["server", "start", "server1"])?;
+        let status: serde_json::Value =
+            serde_json::from_str(&server.keel(&["server", "status", "server1", "--json"])?)
+                .context("server status JSON")?;
+        let bus = status["endpoints"]["bus"]
+            .as_str()
+            .context("server status has no bus endpoint")?
+            .to_string();
+        let password = std::fs::read_to_string(dir.join("secrets/admin-password"))
+            .context("reading the profile's admin password")?;
+        server.url = format!("amqp://admin:{}@{bus}", password.trim());
+        Ok(server)
+    }
+
+    fn keel(&self, args: &[&str]) -> Result<String> {
+        let dir = self.profile.path().join("p");
+        let out = Command::new(&self.keel)
+            .arg("--profile")
+            .arg(&dir)
+            .args(args)
+            .output()
+            .with_context(|| format!("running {}", self.keel.display()))?;
+        ensure!(
+            out.status.success(),
+            "`keel {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for KeelServer {
+    fn drop(&mut self) {
+        if let Err(e) = self.keel(&["node", "stop", "--stop-servers"]) {
+            eprintln!("keel: warning: stopping the benchmark's node agent: {e:#}");
+        }
+    }
+}
+
+/// The `keel` binary next to this benchmark's (both built into the same target directory).
+pub fn default_keel_binary() -> Result<PathBuf> {
+    let me = std::env::current_exe().context("locating keel-bench")?;
+    Ok(me.with_file_name("keel"))
+}
+
+pub async fn run_keel(keel: &Path, base_port: u16, w: &Workload) -> Result<Report> {
+    let queue = format!("bench{}", unique_suffix()?);
+    let server = KeelServer::start(keel, base_port, &queue)?;
+    measure(&server.url, &queue, w).await
+}
+
+struct Client {
+    connection: ConnectionHandle<()>,
+    session: SessionHandle<()>,
+}
+
+async fn connect(url: &str, name: &str) -> Result<Client> {
+    let mut connection = Connection::open(name, url)
+        .await
+        .with_context(|| format!("connecting {name}"))?;
+    let session = Session::begin(&mut connection)
+        .await
+        .context("beginning a session")?;
+    Ok(Client {
+        connection,
+        session,
+    })
+}
+
+async fn close(mut c: Client) -> Result<()> {
+    c.session.end().await.context("ending a session")?;
+    c.connection.close().await.context("closing a connection")
+}
+
+fn message(body: Vec<u8>) -> Message<Body<Value>> {
+    Message::builder()
+        .header(Header {
+            durable: true,
+            ..Header::default()
+        })
+        .body(Body::Data(Batch::new(vec![Data(body.into())])))
+        .build()
+}
+
+async fn measure(url: &str, queue: &str, w: &Workload) -> Result<Report> {
+    let mut producers = Vec::with_capacity(w.producers);
+    for index in 0..w.producers {
+        let mut c = connect(url, &format!("producer-{index}")).await?;
+        let sender = Sender::attach(&mut c.session, format!("p{index}"), queue)
+            .await
+            .context("attaching a sender")?;
+        producers.push((c, Arc::new(Mutex::new(sender))));
+    }
+    let mut consumers = Vec::with_capacity(w.consumers);
+    for index in 0..w.consumers {
+        let mut c = connect(url, &format!("consumer-{index}")).await?;
+        let receiver = Receiver::builder()
+            .name(format!("c{index}"))
+            .source(queue)
+            .credit_mode(CreditMode::Auto(CREDIT))
+            .attach(&mut c.session)
+            .await
+            .context("attaching a receiver")?;
+        consumers.push((c, receiver));
+    }
+
+    let producer_w = w.clone();
+    let producer_task = move |(client, sender): (Client, Arc<Mutex<Sender>>), ids| {
+        let w = producer_w.clone();
+        async move {
+            let latencies = pipeline(ids, w.inflight_per_producer, |id| {
+                let (sender, body) = (sender.clone(), w.body(id));
+                async move {
+                    let fut = sender
+                        .lock()
+                        .await
+                        .send_batchable(message(body))
+                        .await
+                        .context("sending")?;
+                    Ok::<_, anyhow::Error>(async move {
+                        match fut.await.context("waiting for the outcome")? {
+                            Outcome::Accepted(_) => Ok(()),
+                            other => bail!("the server did not accept the message: {other:?}"),
+                        }
+                    })
+                }
+            })
+            .await?;
+            let sender = Arc::try_unwrap(sender)
+                .map_err(|_| anyhow::anyhow!("sender still shared"))?
+                .into_inner();
+            sender.close().await.context("closing a sender")?;
+            close(client).await?;
+            Ok(latencies)
+        }
+    };
+
+    let consumer_task = move |(client, mut receiver): (Client, Receiver),
+                              tally: Arc<Tally>,
+                              mut stop: watch::Receiver<bool>| async move {
+        loop {
+            let delivery = tokio::select! {
+                _ = stop.changed() => break,
+                d = receiver.recv::<Body<Value>>() => d.context("receiving")?,
+            };
+            let id = match delivery.body() {
+                Body::Data(batch) => message_id(batch.first().context("empty data body")?.0.as_ref())?,
+                other => bail!("unexpected body {other:?}"),
+            };
+            let redelivered = delivery
+                .message()
+                .header
+                .as_ref()
+                .is_some_and(|h| h.delivery_count > 0);
+            receiver
+                .accept(&delivery)
+                .await
+                .with_context(|| format!("accepting message {id}"))?;
+            tally.record(id, redelivered)?;
+        }
+        receiver.close().await.context("closing a receiver")?;
+        close(client).await
+    };
+
+    drive("keel", w, producers, producer_task, consumers, consumer_task).await
+}
