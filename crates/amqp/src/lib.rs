@@ -605,6 +605,10 @@ async fn outgoing_link(mut tx: Sender, route: Route, link_name: String, presettl
         None => (dest.clone(), None),
     };
     let slots = Arc::new(Semaphore::new(UNSETTLED_MAX));
+    // Outcomes go to one settler per link, which settles them in batches (one store commit
+    // each); a delivery's permit is returned once its settle is done.
+    let (settle_tx, settle_rx) = tokio::sync::mpsc::channel(UNSETTLED_MAX);
+    let settler = tokio::spawn(settler(messaging.clone(), queue.clone(), settle_rx));
     let mut settles = JoinSet::new();
     let mut close_error = None;
     let why = loop {
@@ -644,27 +648,22 @@ async fn outgoing_link(mut tx: Sender, route: Route, link_name: String, presettl
                 continue;
             }
         };
-        let m = messaging.clone();
-        let q = queue.clone();
         let seq = d.seq;
+        if presettled {
+            // At most once: settled as it leaves.
+            let _ = settle_tx.send((seq, Outcome::Accepted, permit)).await;
+            continue;
+        }
+        let to_settler = settle_tx.clone();
         settles.spawn(async move {
-            let outcome = if presettled {
-                Outcome::Accepted
-            } else {
-                match fut.await {
-                    Ok(AmqpOutcome::Accepted(_)) => Outcome::Accepted,
-                    Ok(AmqpOutcome::Rejected(_)) => Outcome::Rejected,
-                    Ok(AmqpOutcome::Modified(m)) if m.delivery_failed == Some(true) => {
-                        Outcome::Failed
-                    }
-                    // Released, modified without failure, or the link/connection went away.
-                    _ => Outcome::Released,
-                }
+            let outcome = match fut.await {
+                Ok(AmqpOutcome::Accepted(_)) => Outcome::Accepted,
+                Ok(AmqpOutcome::Rejected(_)) => Outcome::Rejected,
+                Ok(AmqpOutcome::Modified(m)) if m.delivery_failed == Some(true) => Outcome::Failed,
+                // Released, modified without failure, or the link/connection went away.
+                _ => Outcome::Released,
             };
-            if let Err(e) = m.settle(&q, seq, outcome).await {
-                tracing::warn!(target: "keel_amqp", queue = %q, seq, error = %e, "settling a delivery failed");
-            }
-            drop(permit);
+            let _ = to_settler.send((seq, outcome, permit)).await;
         });
     };
     // Unsettled deliveries resolve (released) as the link closes; wait for them so the
@@ -674,12 +673,48 @@ async fn outgoing_link(mut tx: Sender, route: Route, link_name: String, presettl
         None => tx.close().await,
     };
     while settles.join_next().await.is_some() {}
+    drop(settle_tx);
+    let _ = settler.await;
     if let Some((t, sub)) = temporary {
         if let Err(e) = messaging.unsubscribe(&t, &sub).await {
             tracing::warn!(target: "keel_amqp", topic = %t, subscription = %sub, error = %e, "removing a temporary subscription failed");
         }
     }
     tracing::debug!(target: "keel_amqp", queue = %queue, why = %why, "outgoing link ended");
+}
+
+/// Settles a consumer link's outcomes in batches until every sender of the channel is gone.
+async fn settler(
+    messaging: Arc<Messaging>,
+    queue: String,
+    mut rx: tokio::sync::mpsc::Receiver<(u64, Outcome, tokio::sync::OwnedSemaphorePermit)>,
+) {
+    let mut batch = Vec::with_capacity(BATCH_MAX);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < BATCH_MAX {
+            match rx.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let settles: Vec<(u64, Outcome)> = batch.iter().map(|(s, o, _)| (*s, *o)).collect();
+        match messaging.settle_batch(&queue, &settles).await {
+            Ok(results) => {
+                for ((seq, _), r) in settles.iter().zip(results) {
+                    if let Err(e) = r {
+                        tracing::warn!(target: "keel_amqp", queue = %queue, seq, error = %e, "settling a delivery failed");
+                    }
+                }
+            }
+            // The engine stopped or the store failed: the deliveries stay locked until the
+            // engine restarts (locks are in memory), so nothing is lost.
+            Err(e) => {
+                tracing::warn!(target: "keel_amqp", queue = %queue, error = %e, count = settles.len(), "settling deliveries failed")
+            }
+        }
+        batch.clear();
+    }
 }
 
 /// A durable subscription's name from its link name: the characters a subscription name

@@ -699,6 +699,48 @@ impl Messaging {
         self.settle_apply(&q, e, &plan)
     }
 
+    /// Settles several locked deliveries of one destination with one store commit (a consumer
+    /// link settles many messages per group-commit wait). Results in input order; a delivery
+    /// that is not locked fails alone. If the commit fails, every claimed delivery stays locked
+    /// and every result is that error's text.
+    pub async fn settle_batch(
+        &self,
+        dest: &str,
+        settles: &[(u64, Outcome)],
+    ) -> Result<Vec<Result<(), MessagingError>>, MessagingError> {
+        self.check_open()?;
+        let mut results: Vec<Option<Result<(), MessagingError>>> =
+            (0..settles.len()).map(|_| None).collect();
+        let mut claimed = Vec::with_capacity(settles.len());
+        let mut ops = Vec::new();
+        for (i, (seq, outcome)) in settles.iter().enumerate() {
+            match self.claim(dest, *seq) {
+                Ok((q, e)) => {
+                    let mut plan = self.settle_plan(&q, &e, *outcome);
+                    ops.append(&mut plan.ops);
+                    claimed.push((i, q, e, plan));
+                }
+                Err(err) => results[i] = Some(Err(err)),
+            }
+        }
+        if !ops.is_empty() {
+            if let Err(err) = self.store.commit(ops).await {
+                // Nothing changed durably: the deliveries stay locked, to be settled again.
+                for (_, q, e, _) in claimed {
+                    q.state.lock().expect("queue lock").locked.insert(e.seq, e);
+                }
+                return Err(err.into());
+            }
+        }
+        for (i, q, e, plan) in claimed {
+            results[i] = Some(self.settle_apply(&q, e, &plan));
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.expect("every settle of a batch has a result"))
+            .collect())
+    }
+
     /// Takes a locked delivery out of the locked set: a second settle of the same one (a
     /// repeated disposition) finds nothing instead of racing this one.
     fn claim(&self, dest: &str, seq: u64) -> Result<(Arc<QueuePoint>, Entry), MessagingError> {

@@ -439,3 +439,77 @@ async fn rollback_counts_a_failed_delivery_and_drop_releases() {
         "only `again`, never `ghost`"
     );
 }
+
+#[tokio::test]
+async fn batches_keep_order_report_per_message_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(dir.path());
+    e.start(StartMode::Normal).await.unwrap();
+    let m = e.messaging().unwrap();
+    let mut batch: Vec<OutgoingMessage> = (0..20).map(|i| msg(&format!("m{i}"), 4)).collect();
+    // One too large and one non-persistent in the middle: refused alone / held in memory.
+    batch[5].body = vec![0; 65 * 1024];
+    batch[7].reliability = Some(Reliability::Express);
+    let results = m.send_batch("q1", batch).await.unwrap();
+    assert_eq!(results.len(), 20);
+    assert!(matches!(results[5], Err(MessagingError::TooLarge { .. })));
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 19);
+    assert_eq!(m.depth("q1").await.unwrap(), 19);
+    // An undefined destination fails the whole batch, storing nothing.
+    assert!(matches!(
+        m.send_batch("nosuch", vec![msg("x", 4)]).await,
+        Err(MessagingError::UnknownDestination { .. })
+    ));
+
+    let mut taken = Vec::new();
+    for _ in 0..6 {
+        taken.push(m.receive("q1", Duration::ZERO).await.unwrap().unwrap());
+    }
+    let bodies: Vec<String> = taken
+        .iter()
+        .map(|d| String::from_utf8(d.body.clone()).unwrap())
+        .collect();
+    assert_eq!(
+        bodies,
+        ["m0", "m1", "m2", "m3", "m4", "m6"],
+        "in order, m5 refused"
+    );
+    // Accept four, release one, reject one, plus one that is not locked: one commit.
+    let settles = [
+        (taken[0].seq, Outcome::Accepted),
+        (taken[1].seq, Outcome::Accepted),
+        (taken[2].seq, Outcome::Released),
+        (taken[3].seq, Outcome::Rejected),
+        (taken[4].seq, Outcome::Accepted),
+        (taken[5].seq, Outcome::Accepted),
+        (999_999, Outcome::Accepted),
+    ];
+    let results = m.settle_batch("q1", &settles).await.unwrap();
+    assert!(results[..6].iter().all(|r| r.is_ok()));
+    assert!(matches!(
+        results[6],
+        Err(MessagingError::UnknownDelivery { .. })
+    ));
+    assert_eq!(
+        m.depth("q1").await.unwrap(),
+        14,
+        "19 - 4 accepted - 1 rejected"
+    );
+
+    e.stop(false).await.unwrap();
+    e.start(StartMode::Normal).await.unwrap();
+    let m = e.messaging().unwrap();
+    let mut after = Vec::new();
+    while let Some(d) = m.receive("q1", Duration::ZERO).await.unwrap() {
+        after.push(String::from_utf8(d.body.clone()).unwrap());
+        m.settle("q1", d.seq, Outcome::Accepted).await.unwrap();
+    }
+    let want: Vec<String> = [2, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]
+        .iter()
+        .map(|i| format!("m{i}"))
+        .collect();
+    assert_eq!(
+        after, want,
+        "the express message is gone with the stop; order kept"
+    );
+}

@@ -999,6 +999,15 @@ fn apply_batch(
     incarnation: u64,
 ) -> Result<CommitOutcome> {
     let mut outcome = CommitOutcome::default();
+    // Depth changes are summed per destination and written once per batch: one statement per
+    // destination instead of one or two per message.
+    let mut depth: Vec<(&str, i64)> = Vec::new();
+    fn count<'a>(depth: &mut Vec<(&'a str, i64)>, dest: &'a str, delta: i64) {
+        match depth.iter_mut().find(|(d, _)| *d == dest) {
+            Some((_, n)) => *n += delta,
+            None => depth.push((dest, delta)),
+        }
+    }
     for op in ops {
         match op {
             Op::Put {
@@ -1039,7 +1048,7 @@ fn apply_batch(
                     ])
                 })
                 .map_err(ctx.err("insert message"))?;
-                depth_add(tx, ctx, dest, 1)?;
+                count(&mut depth, dest, 1);
                 outcome.assigned_seqs.push(seq);
             }
             Op::Delete { dest, seq } => {
@@ -1051,7 +1060,7 @@ fn apply_batch(
                 if n == 0 {
                     return Err(no_such(ctx, dest, *seq));
                 }
-                depth_add(tx, ctx, dest, -1)?;
+                count(&mut depth, dest, -1);
             }
             Op::SetDeliveryCount { dest, seq, count } => {
                 let n = tx
@@ -1072,8 +1081,8 @@ fn apply_batch(
                 if n == 0 {
                     return Err(no_such(ctx, from, *seq));
                 }
-                depth_add(tx, ctx, from, -1)?;
-                depth_add(tx, ctx, to, 1)?;
+                count(&mut depth, from, -1);
+                count(&mut depth, to, 1);
             }
             Op::SetKv { space, key, value } => {
                 tx.prepare_cached(
@@ -1090,6 +1099,9 @@ fn apply_batch(
             }
         }
     }
+    for (dest, delta) in depth {
+        depth_add(tx, ctx, dest, delta)?;
+    }
     Ok(outcome)
 }
 
@@ -1101,31 +1113,33 @@ fn no_such(ctx: &Ctx, dest: &str, seq: u64) -> StoreError {
     }
 }
 
-/// Keeps `dests.depth` equal to the number of messages of `dest`; a row exists only while the
-/// destination holds messages.
+/// Keeps `dests.depth` equal to the number of messages of `dest` by adding `delta` (a batch's
+/// net change); a row exists only while the destination holds messages.
 fn depth_add(tx: &Transaction<'_>, ctx: &Ctx, dest: &str, delta: i64) -> Result<()> {
-    assert!(delta == 1 || delta == -1);
-    if delta > 0 {
-        tx.prepare_cached(
-            "INSERT INTO dests (dest, depth) VALUES (?1, 1) \
-             ON CONFLICT (dest) DO UPDATE SET depth = depth + 1",
-        )
-        .and_then(|mut s| s.execute([dest]))
-        .map_err(ctx.err("count message"))?;
-    } else {
-        let n = tx
-            .prepare_cached("UPDATE dests SET depth = depth - 1 WHERE dest = ?1 AND depth > 1")
-            .and_then(|mut s| s.execute([dest]))
-            .map_err(ctx.err("count message"))?;
-        if n == 0 {
-            let gone = tx
-                .prepare_cached("DELETE FROM dests WHERE dest = ?1 AND depth = 1")
-                .and_then(|mut s| s.execute([dest]))
-                .map_err(ctx.err("count message"))?;
-            // A message was just removed from `dest`, so its count was at least 1.
-            assert_eq!(gone, 1, "destination count out of step with its messages");
-        }
+    if delta == 0 {
+        return Ok(());
     }
+    let current: i64 = tx
+        .prepare_cached("SELECT depth FROM dests WHERE dest = ?1")
+        .and_then(|mut s| s.query_row([dest], |r| r.get(0)).optional())
+        .map_err(ctx.err("count messages"))?
+        .unwrap_or(0);
+    let depth = current + delta;
+    // Messages were just removed from `dest` and only those it held can be.
+    assert!(
+        depth >= 0,
+        "destination count out of step with its messages"
+    );
+    let sql = match (current, depth) {
+        (_, 0) => "DELETE FROM dests WHERE dest = ?1 AND ?2 = 0",
+        (0, _) => "INSERT INTO dests (dest, depth) VALUES (?1, ?2)",
+        _ => "UPDATE dests SET depth = ?2 WHERE dest = ?1",
+    };
+    let n = tx
+        .prepare_cached(sql)
+        .and_then(|mut s| s.execute(params![dest, depth]))
+        .map_err(ctx.err("count messages"))?;
+    assert_eq!(n, 1, "one destination count row changes");
     Ok(())
 }
 
