@@ -16,13 +16,35 @@ use serde_json::{json, Value};
 
 use crate::ctx::{runtime, Ctx, NodeAgent};
 
+/// The queue a new quickstart profile gets.
+const DEMO_QUEUE: &str = "orders";
+
 pub fn run(ctx: &Ctx) -> Result<ExitCode> {
     let dir = ctx.profile_dir().to_path_buf();
     let profile = if dir.join("config").join("cell.toml").exists() {
         Profile::open(&dir)?
     } else {
         let p = Profile::create(&dir, &CreateOptions::default())?;
-        println!("Created profile {}", p.root().display());
+        // Something to send to: a queue `orders` on the first bus.
+        p.master().update(|c| {
+            let Some(bus) = c.buses.first().map(|b| b.name.clone()) else {
+                return Ok(());
+            };
+            if c.find_destination(&bus, DEMO_QUEUE).is_none() {
+                c.add_destination(
+                    &bus,
+                    DEMO_QUEUE,
+                    keel_config::DestinationKind::Queue,
+                    None,
+                    None,
+                )?;
+            }
+            Ok(())
+        })?;
+        println!(
+            "Created profile {} with queue {DEMO_QUEUE}",
+            p.root().display()
+        );
         p
     };
     let root =
@@ -81,6 +103,18 @@ pub fn run(ctx: &Ctx) -> Result<ExitCode> {
     println!("  keel server status");
     println!("  keel admin query 'type=Server,*'");
     println!("  keel admin -c 'AdminControl.invoke(AdminControl.queryNames(\"type=Server,*\").splitlines()[0], \"state\")'");
+    println!(
+        "  keel send {DEMO_QUEUE} --server {} --body hello --count 3",
+        server.name
+    );
+    println!(
+        "  keel receive {DEMO_QUEUE} --server {} --count 3",
+        server.name
+    );
+    println!(
+        "  AMQP 1.0 clients: amqp://admin:<password>@127.0.0.1:{}, address {DEMO_QUEUE}",
+        server.bus_port
+    );
     println!("  keel admin                       # interactive console");
     println!("  keel explain WSVR0001I");
     println!();
