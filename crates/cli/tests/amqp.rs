@@ -245,3 +245,75 @@ fn sigkill_under_amqp_load_loses_no_accepted_message() {
     assert!(got.len() >= accepted.len());
     env.ok(&["node", "stop", "--stop-servers"]);
 }
+
+/// Garbage on the bus port closes that connection only: random bytes, a valid protocol header
+/// followed by random frames, a SASL header followed by junk, and a frame announcing a huge
+/// size. The server keeps serving a well-behaved client throughout.
+#[test]
+fn malformed_input_closes_that_connection_only() {
+    use std::io::{Read, Write};
+    let env = Env::new();
+    let (port, password) = started(&env);
+    // A deterministic generator: the cases are the same on every run.
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut cases: Vec<Vec<u8>> = Vec::new();
+    for i in 0..60 {
+        let len = (next() % 600) as usize;
+        let junk: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        let mut case = match i % 4 {
+            0 => Vec::new(),
+            1 => b"AMQP\x00\x01\x00\x00".to_vec(),
+            2 => b"AMQP\x03\x01\x00\x00".to_vec(),
+            _ => {
+                // Header, then a frame claiming 4 GiB.
+                let mut v = b"AMQP\x03\x01\x00\x00".to_vec();
+                v.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 2, 1, 0, 0]);
+                v
+            }
+        };
+        case.extend(junk);
+        cases.push(case);
+    }
+    for (i, case) in cases.iter().enumerate() {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let _ = s.write_all(case);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        // The server answers what it can and closes: reading reaches the end, never hangs.
+        let mut sink = Vec::new();
+        let r = s.read_to_end(&mut sink);
+        assert!(
+            r.is_ok()
+                || r.as_ref()
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            "case {i}: {r:?}"
+        );
+        if i % 20 == 19 {
+            // Still serving.
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(async {
+                let (mut c, mut s) = open(port, &password).await;
+                let mut snd = Sender::attach(&mut s, "ok", "q1").await.unwrap();
+                let o = snd.send(numbered(i as u64)).await.unwrap();
+                assert!(matches!(o, Outcome::Accepted(_)));
+                snd.close().await.unwrap();
+                let got = drain_numbers(&mut s, "q1", Duration::from_secs(1)).await;
+                assert_eq!(got, vec![i as u64]);
+                s.end().await.unwrap();
+                c.close().await.unwrap();
+            });
+        }
+    }
+    assert_eq!(
+        env.status("server1")["restarts"],
+        0,
+        "the server never died"
+    );
+    env.ok(&["node", "stop", "--stop-servers"]);
+}
