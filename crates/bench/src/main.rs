@@ -69,6 +69,20 @@ enum What {
     },
     /// RabbitMQ (quorum queue) and NATS JetStream (file storage) side by side: durable
     /// publishes with confirms, concurrent consumers with acks. Needs `--features peers`.
+    /// Fill one queue of a Keel server over AMQP, then restart it: memory and restart time
+    /// with a large store (needs `--features peers`).
+    Scale {
+        #[arg(long, default_value_t = 5_000_000)]
+        messages: u64,
+        #[arg(long, default_value_t = 4)]
+        producers: usize,
+        #[arg(long, default_value_t = 1024)]
+        body_bytes: usize,
+        #[arg(long)]
+        keel: Option<PathBuf>,
+        #[arg(long, default_value_t = 27400)]
+        keel_base_port: u16,
+    },
     Peers {
         #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
         rabbitmq: String,
@@ -159,6 +173,31 @@ fn main() -> Result<()> {
             },
             json,
         }),
+        #[cfg(feature = "peers")]
+        What::Scale {
+            messages,
+            producers,
+            body_bytes,
+            keel,
+            keel_base_port,
+        } => {
+            let keel = keel.map_or_else(peers::default_keel_binary, Ok)?;
+            let w = peers::Workload {
+                producers,
+                consumers: 1,
+                messages,
+                body_bytes,
+                inflight_per_producer: 256,
+            };
+            let rt = tokio::runtime::Runtime::new()?;
+            let report = rt.block_on(peers::run_scale(&keel, keel_base_port, &w))?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        #[cfg(not(feature = "peers"))]
+        What::Scale { .. } => bail!(
+            "this keel-bench was built without its AMQP client; rebuild it with `cargo build --release -p keel-bench --features peers`"
+        ),
         #[cfg(not(feature = "peers"))]
         What::Peers { .. } => bail!(
             "this keel-bench was built without the RabbitMQ and NATS clients; rebuild it with `cargo build --release -p keel-bench --features peers`"

@@ -40,7 +40,8 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-pub use keel::run_keel;
+pub use keel::default_keel_binary;
+pub use keel::{run_keel, run_scale};
 pub use nats::run_nats;
 pub use rabbitmq::run_rabbitmq;
 
@@ -104,7 +105,7 @@ impl Workload {
     }
 
     /// Producer `index`'s share of message ids: contiguous, sizes differing by at most one.
-    fn ids(&self, index: usize) -> Range<u64> {
+    pub fn ids(&self, index: usize) -> Range<u64> {
         let producers = self.producers as u64;
         let (base, extra) = (self.messages / producers, self.messages % producers);
         let i = index as u64;

@@ -405,8 +405,12 @@ impl SqliteStore {
                 Connection::open_with_flags(&tmp, flags).map_err(tmp_ctx.err("create"))?;
             // The temp file is built in rollback mode so that it is one self-contained file
             // at rename time; the real store switches to WAL when opened.
-            conn.execute_batch("PRAGMA journal_mode=DELETE; PRAGMA synchronous=FULL;")
-                .map_err(tmp_ctx.err("set pragmas"))?;
+            // 16 KiB pages: a 1 KiB message leaves fewer WAL frames (one write each) per
+            // commit than with 4 KiB pages; 64 KiB measured no better.
+            conn.execute_batch(
+                "PRAGMA page_size=16384; PRAGMA journal_mode=DELETE; PRAGMA synchronous=FULL;",
+            )
+            .map_err(tmp_ctx.err("set pragmas"))?;
             let tx = conn.transaction().map_err(tmp_ctx.err("begin"))?;
             tx.execute_batch(SCHEMA)
                 .map_err(tmp_ctx.err("create schema"))?;

@@ -330,9 +330,15 @@ async fn corrupt_files_are_detected() {
     );
     let len = std::fs::metadata(&path).unwrap().len();
     assert!(len > 16 * 4096);
+    // The page size is in the file header (bytes 16-17, big endian).
+    let header = std::fs::read(&path).unwrap();
+    let page_bytes = u64::from(u16::from_be_bytes([header[16], header[17]]));
+    assert!(len > 5 * page_bytes, "at least six pages");
     let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-    for page in [2u64, 3, 5, 8] {
-        f.seek(SeekFrom::Start(page * 4096 + 100)).unwrap();
+    for page in [1u64, 2, 3, 5] {
+        // Over the cell pointer array, just after a b-tree page's 8-byte header: pointers
+        // of 0xa5a5 point past any page, which the checks must notice.
+        f.seek(SeekFrom::Start(page * page_bytes + 8)).unwrap();
         f.write_all(&[0xa5; 1500]).unwrap();
     }
     f.sync_all().unwrap();

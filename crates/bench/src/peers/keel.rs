@@ -197,7 +197,9 @@ async fn measure(url: &str, queue: &str, w: &Workload) -> Result<Report> {
                 d = receiver.recv::<Body<Value>>() => d.context("receiving")?,
             };
             let id = match delivery.body() {
-                Body::Data(batch) => message_id(batch.first().context("empty data body")?.0.as_ref())?,
+                Body::Data(batch) => {
+                    message_id(batch.first().context("empty data body")?.0.as_ref())?
+                }
                 other => bail!("unexpected body {other:?}"),
             };
             let redelivered = delivery
@@ -215,5 +217,130 @@ async fn measure(url: &str, queue: &str, w: &Workload) -> Result<Report> {
         close(client).await
     };
 
-    drive("keel", w, producers, producer_task, consumers, consumer_task).await
+    drive(
+        "keel",
+        w,
+        producers,
+        producer_task,
+        consumers,
+        consumer_task,
+    )
+    .await
+}
+
+/// What `keel-bench scale` measured.
+#[derive(Debug, serde::Serialize)]
+pub struct ScaleReport {
+    pub messages: u64,
+    pub body_bytes: usize,
+    pub fill_msgs_per_s: f64,
+    /// Peak resident memory of the server process while filling (VmHWM).
+    pub server_peak_rss_mib: f64,
+    /// Resident memory of the server process with the full store open, after the restart.
+    pub restarted_rss_mib: f64,
+    /// `keel server start` until it returned (the server logged WSVR0001I).
+    pub restart_to_open_ms: f64,
+    /// From the start command to the first message received over AMQP.
+    pub restart_to_first_message_ms: f64,
+    pub store_mib: f64,
+}
+
+fn status_kib(pid: u64, field: &str) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("{field} of process {pid}"))
+}
+
+/// Fills one queue with `w.messages` assured persistent messages over AMQP (the server's
+/// memory stays bounded: messages page to disk), restarts the server and times how soon it is
+/// open and hands out the first message.
+pub async fn run_scale(keel: &Path, base_port: u16, w: &Workload) -> Result<ScaleReport> {
+    let queue = format!("scale{}", unique_suffix()?);
+    let server = KeelServer::start(keel, base_port, &queue)?;
+    let pid = server_pid(&server)?;
+    let mut producers = Vec::with_capacity(w.producers);
+    for index in 0..w.producers {
+        let mut c = connect(&server.url, &format!("producer-{index}")).await?;
+        let sender = Sender::attach(&mut c.session, format!("p{index}"), queue.as_str())
+            .await
+            .context("attaching a sender")?;
+        producers.push((c, sender));
+    }
+    let started = std::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, (client, sender)) in producers.into_iter().enumerate() {
+        let ids = w.ids(index);
+        let w = w.clone();
+        tasks.spawn(async move {
+            let sender = Arc::new(Mutex::new(sender));
+            pipeline(ids, w.inflight_per_producer, |id| {
+                let (sender, body) = (sender.clone(), w.body(id));
+                async move {
+                    let fut = sender
+                        .lock()
+                        .await
+                        .send_batchable(message(body))
+                        .await
+                        .context("sending")?;
+                    Ok::<_, anyhow::Error>(async move {
+                        match fut.await.context("waiting for the outcome")? {
+                            Outcome::Accepted(_) => Ok(()),
+                            other => bail!("the server did not accept the message: {other:?}"),
+                        }
+                    })
+                }
+            })
+            .await?;
+            close(client).await
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.context("producer task")??;
+    }
+    let fill_s = started.elapsed().as_secs_f64();
+    let peak_kib = status_kib(pid, "VmHWM:")?;
+
+    server.keel(&["server", "stop", "server1"])?;
+    let restart = std::time::Instant::now();
+    server.keel(&["server", "start", "server1"])?;
+    let open_ms = restart.elapsed().as_secs_f64() * 1000.0;
+    let mut c = connect(&server.url, "consumer").await?;
+    let mut receiver = Receiver::attach(&mut c.session, "first", queue.as_str())
+        .await
+        .context("attaching a receiver")?;
+    let first = receiver.recv::<Body<Value>>().await.context("receiving")?;
+    let first_ms = restart.elapsed().as_secs_f64() * 1000.0;
+    receiver.accept(&first).await.context("accepting")?;
+    receiver.close().await.context("closing a receiver")?;
+    close(c).await?;
+    let pid = server_pid(&server)?;
+    let restarted_kib = status_kib(pid, "VmRSS:")?;
+    let store = server
+        .profile
+        .path()
+        .join("p/databases/node01.server1-bus1.sqlite");
+    let store_bytes = std::fs::metadata(&store)
+        .with_context(|| format!("{}", store.display()))?
+        .len();
+    Ok(ScaleReport {
+        messages: w.messages,
+        body_bytes: w.body_bytes,
+        fill_msgs_per_s: w.messages as f64 / fill_s,
+        server_peak_rss_mib: peak_kib as f64 / 1024.0,
+        restarted_rss_mib: restarted_kib as f64 / 1024.0,
+        restart_to_open_ms: open_ms,
+        restart_to_first_message_ms: first_ms,
+        store_mib: store_bytes as f64 / (1024.0 * 1024.0),
+    })
+}
+
+fn server_pid(server: &KeelServer) -> Result<u64> {
+    let status: serde_json::Value =
+        serde_json::from_str(&server.keel(&["server", "status", "server1", "--json"])?)
+            .context("server status JSON")?;
+    status["pid"].as_u64().context("server status has no pid")
 }
