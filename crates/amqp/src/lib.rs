@@ -439,6 +439,10 @@ fn condition_of(e: &MessagingError) -> ErrorCondition {
             AmqpError::ResourceLimitExceeded.into()
         }
         MessagingError::NotStarted { .. } => AmqpError::ResourceLimitExceeded.into(),
+        // The store is out of space: the client may retry later; nothing was stored.
+        MessagingError::Store(e) if matches!(**e, keel_store::StoreError::DiskFull { .. }) => {
+            AmqpError::ResourceLimitExceeded.into()
+        }
         _ => AmqpError::InternalError.into(),
     }
 }
@@ -742,4 +746,54 @@ fn uuid_like() -> String {
     let mut b = [0u8; 8];
     let _ = getrandom::fill(&mut b);
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_errors_map_to_the_amqp_conditions_clients_act_on() {
+        let c = |e: MessagingError| condition_of(&e);
+        assert_eq!(
+            c(MessagingError::TooLarge {
+                dest: "q".into(),
+                bytes: 2,
+                max: 1
+            }),
+            LinkError::MessageSizeExceeded.into()
+        );
+        assert_eq!(
+            c(MessagingError::UnknownDestination {
+                dest: "q".into(),
+                bus: "b".into(),
+                known: vec![]
+            }),
+            AmqpError::NotFound.into()
+        );
+        assert_eq!(
+            c(MessagingError::Store(Box::new(
+                keel_store::StoreError::DiskFull {
+                    me: "me".into(),
+                    file: "f".into()
+                }
+            ))),
+            AmqpError::ResourceLimitExceeded.into()
+        );
+        assert_eq!(
+            c(MessagingError::QueueFull {
+                dest: "q".into(),
+                max: 1
+            }),
+            AmqpError::ResourceLimitExceeded.into()
+        );
+    }
+
+    #[test]
+    fn subscription_names_from_link_names_are_valid_and_bounded() {
+        assert_eq!(subscription_name("proton-sub"), "proton-sub");
+        assert_eq!(subscription_name("a b/c:d"), "a_b_c_d");
+        assert_eq!(subscription_name(""), "link");
+        assert_eq!(subscription_name(&"x".repeat(300)).len(), 128);
+    }
 }
