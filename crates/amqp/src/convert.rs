@@ -464,6 +464,68 @@ mod tests {
         assert!(h.durable);
     }
 
+    fn simple_value() -> impl proptest::strategy::Strategy<Value = SimpleValue> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(SimpleValue::Null),
+            any::<bool>().prop_map(SimpleValue::Bool),
+            any::<i64>().prop_map(SimpleValue::Long),
+            "[a-zA-Z0-9 ]{0,20}".prop_map(SimpleValue::String),
+        ]
+    }
+
+    fn body() -> impl proptest::strategy::Strategy<Value = Body<Value>> {
+        use proptest::prelude::*;
+        let value = prop_oneof![
+            any::<i64>().prop_map(Value::Long),
+            ".{0,40}".prop_map(Value::String),
+            proptest::collection::vec(any::<u8>(), 0..64)
+                .prop_map(|b| Value::Binary(Binary::from(b))),
+            any::<bool>().prop_map(Value::Bool),
+        ];
+        prop_oneof![
+            proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 1..4)
+                .prop_map(|ds| {
+                    let sections: Vec<Data> =
+                        ds.into_iter().map(|d| Data(Binary::from(d))).collect();
+                    Body::Data(Batch::new(sections))
+                }),
+            value.clone().prop_map(|v| Body::Value(AmqpValue(v))),
+            proptest::collection::vec(value, 0..5)
+                .prop_map(|v| Body::Sequence(Batch::new(vec![AmqpSequence(v)]))),
+            Just(Body::Empty),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever body and application properties a client sends, a consumer gets them
+        /// back as sent (application property integers come back as longs: JSON numbers).
+        #[test]
+        fn any_message_round_trips(
+            b in body(),
+            props in proptest::collection::btree_map("[a-z]{1,8}", simple_value(), 0..6),
+            subject in proptest::option::of("[a-z]{0,10}"),
+        ) {
+            let mut app = OrderedMap::new();
+            for (k, v) in &props {
+                app.insert(k.clone(), v.clone());
+            }
+            let m = Message::builder()
+                .properties(AmqpProperties { subject: subject.clone(), ..Default::default() })
+                .application_properties(ApplicationProperties(app))
+                .body(b.clone())
+                .build();
+            let out = round_trip(m);
+            proptest::prop_assert_eq!(&out.body, &b);
+            proptest::prop_assert_eq!(out.properties.unwrap().subject, subject);
+            let got = out.application_properties.map(|a| a.0).unwrap_or_default();
+            proptest::prop_assert_eq!(got.len(), props.len());
+            for (k, v) in &props {
+                proptest::prop_assert_eq!(got.get(k), Some(v));
+            }
+        }
+    }
+
     #[test]
     fn without_a_message_id_the_system_id_is_sent() {
         let e = incoming(Message::builder().body(data_body(vec![])).build()).unwrap();
