@@ -21,11 +21,17 @@
 //! Bounds: connections per server (`CONNECTIONS_MAX`), unsettled deliveries per receiving link
 //! (`UNSETTLED_MAX`), messages per stored batch (`BATCH_MAX`), frame size, credit.
 //!
-//! Deliberately absent (see docs/ARCHITECTURE.md): AMQP transactions (the coordinator link is
-//! refused), link recovery (resume of unsettled state across connections), TLS.
+//! AMQP transactions (`txn.rs`): fe2o3's coordinator parses declare and discharge and keeps a
+//! transaction's posts and settlements until the discharge; on commit, `txn::SessionLinks`
+//! applies them all in one engine transaction (one durable store commit) before the discharge
+//! is answered.
+//!
+//! Deliberately absent (see docs/ARCHITECTURE.md): transactional acquisition, link recovery
+//! (resume of unsettled state across connections), TLS.
 
 pub mod convert;
 pub mod sasl;
+mod txn;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,6 +43,7 @@ use fe2o3_amqp::acceptor::{
 };
 use fe2o3_amqp::link::delivery::DeliveryInfo;
 use fe2o3_amqp::link::{Receiver, Sender};
+use fe2o3_amqp::transaction::coordinator::ControlLinkAcceptor;
 use fe2o3_amqp::types::definitions::{self, AmqpError, ErrorCondition, LinkError};
 use fe2o3_amqp::types::messaging::{Body, Outcome as AmqpOutcome, TerminusDurability};
 use fe2o3_amqp::types::performatives::Attach;
@@ -192,14 +199,22 @@ async fn connection(sock: TcpStream, peer: SocketAddr, settings: Arc<Settings>) 
         _ => unreachable!("checked above"),
     };
     tracing::debug!(target: "keel_amqp", %peer, ?principal, "AMQP connection open");
-    let session_acceptor = SessionAcceptor::new();
     let mut sessions = JoinSet::new();
-    while let Ok(session) = session_acceptor.accept(&mut conn).await {
+    loop {
+        // Per session: its links, which are also its transactions' resource.
+        let links = Arc::new(txn::SessionLinks::default());
+        let acceptor = SessionAcceptor::builder()
+            .control_link_acceptor(ControlLinkAcceptor::with_resource(links.clone()))
+            .build();
+        let Ok(session) = acceptor.accept(&mut conn).await else {
+            break;
+        };
         sessions.spawn(run_session(
             session,
             peer,
             principal.clone(),
             settings.clone(),
+            links,
         ));
     }
     // The client closed the connection (or it broke): sessions end with it.
@@ -217,10 +232,12 @@ async fn run_session(
     peer: SocketAddr,
     principal: Principal,
     settings: Arc<Settings>,
+    links: Arc<txn::SessionLinks>,
 ) {
-    let mut links = JoinSet::new();
+    let mut tasks = JoinSet::new();
     while let Some(attach) = session.next_incoming_attach().await {
         let link_name = attach.name.clone();
+        let remote_handle = attach.handle.0;
         // Every settle mode is supported, so the client's wish is the link's mode.
         let presettled = matches!(
             attach.snd_settle_mode,
@@ -261,17 +278,40 @@ async fn run_session(
         };
         match endpoint {
             LinkEndpoint::Receiver(r) => {
-                links.spawn(incoming_link(r, route));
+                links.add(
+                    remote_handle,
+                    txn::LinkInfo::Incoming {
+                        messaging: route.messaging.clone(),
+                        dest: route.dest.clone(),
+                    },
+                );
+                let links = links.clone();
+                tasks.spawn(async move {
+                    incoming_link(r, route).await;
+                    links.remove(remote_handle);
+                });
             }
             LinkEndpoint::Sender(s) => {
-                links.spawn(outgoing_link(s, route, link_name, presettled));
+                let tags = Arc::new(txn::Tags::default());
+                links.add(
+                    remote_handle,
+                    txn::LinkInfo::Outgoing {
+                        messaging: route.messaging.clone(),
+                        tags: tags.clone(),
+                    },
+                );
+                let links = links.clone();
+                tasks.spawn(async move {
+                    outgoing_link(s, route, link_name, presettled, tags).await;
+                    links.remove(remote_handle);
+                });
             }
         }
         // Reap finished links so a long session does not accumulate them.
-        while links.try_join_next().is_some() {}
+        while tasks.try_join_next().is_some() {}
     }
-    links.abort_all();
-    while links.join_next().await.is_some() {}
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
     let _ = session.end().await;
 }
 
@@ -312,7 +352,7 @@ fn route(settings: &Settings, principal: &Principal, attach: &Attach) -> Result<
                 .ok_or_else(|| {
                     refusal(
                         AmqpError::NotImplemented,
-                        "this target is not served (AMQP transactions are not supported yet)",
+                        "this kind of target is not served: give a destination address",
                     )
                 })?;
             (t.address.clone(), false)
@@ -583,7 +623,13 @@ async fn settle_stored(
 
 /// A client's receiving link: hand it messages while it has credit, settle each in the
 /// engine as the client settles it.
-async fn outgoing_link(mut tx: Sender, route: Route, link_name: String, presettled: bool) {
+async fn outgoing_link(
+    mut tx: Sender,
+    route: Route,
+    link_name: String,
+    presettled: bool,
+    tags: Arc<txn::Tags>,
+) {
     let Route {
         messaging,
         dest,
@@ -659,8 +705,18 @@ async fn outgoing_link(mut tx: Sender, route: Route, link_name: String, presettl
             continue;
         }
         let to_settler = settle_tx.clone();
+        // A transaction that settles this delivery finds its seq by tag (and its queue).
+        let tag = fut.delivery_tag().to_vec();
+        tags.insert(tag.clone(), queue.clone(), seq);
+        let tags = tags.clone();
         settles.spawn(async move {
-            let outcome = match fut.await {
+            let result = fut.await;
+            if tags.remove(&tag).is_none() {
+                // Settled by a committed transaction already: nothing left to do here.
+                drop(permit);
+                return;
+            }
+            let outcome = match result {
                 Ok(AmqpOutcome::Accepted(_)) => Outcome::Accepted,
                 Ok(AmqpOutcome::Rejected(_)) => Outcome::Rejected,
                 Ok(AmqpOutcome::Modified(m)) if m.delivery_failed == Some(true) => Outcome::Failed,

@@ -317,3 +317,105 @@ fn malformed_input_closes_that_connection_only() {
     );
     env.ok(&["node", "stop", "--stop-servers"]);
 }
+
+fn depth(env: &Env) -> u64 {
+    env.ok(&[
+        "admin",
+        "invoke",
+        &format!("Keel:type=SIBQueuePoint,name=q1@{ME},bus=bus1,node=node01,process=server1"),
+        "depth",
+    ])
+    .trim()
+    .parse()
+    .unwrap()
+}
+
+/// AMQP transactions: posts are invisible until the commit and gone with a rollback;
+/// transactional acknowledgements apply together; a committed transaction survives SIGKILL
+/// right after the commit, an undischarged one leaves nothing.
+#[test]
+fn amqp_transactions_are_atomic_and_durable() {
+    use fe2o3_amqp::transaction::{
+        Controller, Transaction, TransactionDischarge, TransactionPosting, TransactionRetirement,
+    };
+    let env = Env::new();
+    let (port, password) = started(&env);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (mut c, mut s) = open(port, &password).await;
+        let controller = Controller::attach(&mut s, "controller").await.unwrap();
+        let mut snd = Sender::attach(&mut s, "p", "q1").await.unwrap();
+
+        let txn = Transaction::declare(&controller, None).await.unwrap();
+        for n in 0..3 {
+            txn.post(&mut snd, numbered(n)).await.unwrap();
+        }
+        assert_eq!(depth(&env), 0, "posts are invisible before the commit");
+        txn.commit().await.unwrap();
+        assert_eq!(depth(&env), 3);
+
+        let txn = Transaction::declare(&controller, None).await.unwrap();
+        for n in 100..102 {
+            txn.post(&mut snd, numbered(n)).await.unwrap();
+        }
+        txn.rollback().await.unwrap();
+        assert_eq!(depth(&env), 3, "a rollback stores nothing");
+
+        // Transactional acknowledgements: rolled back, the deliveries are still ours to
+        // settle; committed, they are gone together.
+        let mut rcv = Receiver::attach(&mut s, "c", "q1").await.unwrap();
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            got.push(rcv.recv::<Body<Value>>().await.unwrap());
+        }
+        assert_eq!(
+            got.iter().map(|d| n_of(d.message())).collect::<Vec<_>>(),
+            [0, 1, 2]
+        );
+        let txn = Transaction::declare(&controller, None).await.unwrap();
+        txn.accept(&mut rcv, &got[0]).await.unwrap();
+        txn.rollback().await.unwrap();
+        assert_eq!(depth(&env), 3);
+        // Settled on the client's side by the transaction, message 0 comes back.
+        let again = rcv.recv::<Body<Value>>().await.unwrap();
+        assert_eq!(n_of(again.message()), 0);
+        let txn = Transaction::declare(&controller, None).await.unwrap();
+        for d in [&got[1], &got[2], &again] {
+            txn.accept(&mut rcv, d).await.unwrap();
+        }
+        txn.commit().await.unwrap();
+        assert_eq!(depth(&env), 0, "three acknowledgements, one commit");
+        rcv.close().await.unwrap();
+
+        // Committed, then the server dies at once: the messages are there after the restart.
+        let txn = Transaction::declare(&controller, None).await.unwrap();
+        for n in 200..205 {
+            txn.post(&mut snd, numbered(n)).await.unwrap();
+        }
+        txn.commit().await.unwrap();
+        // Not discharged when the server dies: nothing of it survives.
+        let open_txn = Transaction::declare(&controller, None).await.unwrap();
+        for n in 300..305 {
+            open_txn.post(&mut snd, numbered(n)).await.unwrap();
+        }
+        common::sigkill(env.status("server1")["pid"].as_u64().unwrap());
+        std::mem::forget(open_txn);
+        drop(snd);
+        drop(controller);
+        drop(s);
+        drop(c.close().await);
+    });
+    env.wait_for(Duration::from_secs(20), "restart", || {
+        (env.status("server1")["restarts"] == 1 && env.status("server1")["state"] == "started")
+            .then_some(())
+    });
+    let got = rt.block_on(async {
+        let (mut c, mut s) = open(port, &password).await;
+        let got = drain_numbers(&mut s, "q1", Duration::from_secs(2)).await;
+        s.end().await.unwrap();
+        c.close().await.unwrap();
+        got
+    });
+    assert_eq!(got, (200..205).collect::<Vec<_>>());
+    env.ok(&["node", "stop", "--stop-servers"]);
+}

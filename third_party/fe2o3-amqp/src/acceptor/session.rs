@@ -419,6 +419,15 @@ impl endpoint::Session for ListenerSession {
         self.session.local_state()
     }
 
+    // KEEL PATCH: see endpoint::Session::delivery_tag_of.
+    fn delivery_tag_of(
+        &self,
+        remote_role: &fe2o3_amqp_types::definitions::Role,
+        delivery_id: fe2o3_amqp_types::definitions::DeliveryNumber,
+    ) -> Option<(u32, Vec<u8>)> {
+        self.session.delivery_tag_of(remote_role, delivery_id)
+    }
+
     fn set_session_stop_reason(&mut self, reason: SessionStopReason) {
         self.session.set_session_stop_reason(reason)
     }

@@ -29,6 +29,16 @@ pub(crate) trait Session {
 
     fn local_state(&self) -> &Self::State;
 
+    /// KEEL PATCH: the link (remote handle) and tag of a delivery still tracked by the
+    /// session, keyed as the session keys them (the remote peer's role and delivery id).
+    fn delivery_tag_of(
+        &self,
+        _remote_role: &fe2o3_amqp_types::definitions::Role,
+        _delivery_id: fe2o3_amqp_types::definitions::DeliveryNumber,
+    ) -> Option<(u32, Vec<u8>)> {
+        None
+    }
+
     /// Record why the session (or its connection) stopped
     ///
     /// Only succeeds if the stop reason has not been recorded yet; a later

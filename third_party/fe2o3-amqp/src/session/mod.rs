@@ -630,6 +630,17 @@ impl endpoint::Session for Session {
         &self.local_state
     }
 
+    // KEEL PATCH: see endpoint::Session::delivery_tag_of.
+    fn delivery_tag_of(
+        &self,
+        remote_role: &fe2o3_amqp_types::definitions::Role,
+        delivery_id: fe2o3_amqp_types::definitions::DeliveryNumber,
+    ) -> Option<(u32, Vec<u8>)> {
+        self.delivery_tag_by_id
+            .get(&(remote_role.clone(), delivery_id))
+            .map(|(handle, tag)| (handle.0, tag.to_vec()))
+    }
+
     fn set_session_stop_reason(&mut self, reason: SessionStopReason) {
         let _ = self.session_stop_reason.set(reason);
     }

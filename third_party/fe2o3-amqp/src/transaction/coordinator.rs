@@ -34,6 +34,8 @@ pub(crate) type CoordinatorLink = ReceiverLink<Coordinator>;
 /// An acceptor that handles incoming control links
 #[derive(Debug, Clone)]
 pub struct ControlLinkAcceptor {
+    /// KEEL PATCH: applies a transaction's work at discharge (see `resource.rs`).
+    pub(crate) resource: Option<Arc<dyn super::resource::TxnResource>>,
     pub(crate) shared: SharedLinkAcceptorFields,
     pub(crate) inner: LocalReceiverLinkAcceptor<
         TxnCapability,
@@ -50,6 +52,7 @@ impl Default for ControlLinkAcceptor {
     fn default() -> Self {
         let shared = SharedLinkAcceptorFields::default();
         Self {
+            resource: None,
             shared,
             inner: LocalReceiverLinkAcceptor {
                 credit_mode: Default::default(),
@@ -90,6 +93,14 @@ impl ControlLinkAcceptor {
                 inner,
                 txn_ids: HashSet::new(),
             })
+    }
+
+    /// KEEL PATCH: a control link acceptor whose discharges go through `resource`.
+    pub fn with_resource(resource: Arc<dyn super::resource::TxnResource>) -> Self {
+        Self {
+            resource: Some(resource),
+            ..Self::default()
+        }
     }
 
     /// Creates a builder for `ControlLinkAcceptor`

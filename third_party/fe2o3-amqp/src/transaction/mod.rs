@@ -83,6 +83,8 @@ cfg_acceptor! {
     pub mod coordinator;
     pub mod frame;
     pub mod manager;
+    // KEEL PATCH: see resource.rs.
+    pub mod resource;
     pub mod session;
 }
 

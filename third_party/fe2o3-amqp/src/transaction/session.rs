@@ -25,6 +25,7 @@ use crate::{
 };
 
 use super::{
+    resource::TxnWork,
     frame::TxnWorkFrame,
     manager::{HandleControlLink, ResourceTransaction, TransactionManager},
     AllocTxnIdError, DischargeError,
@@ -95,6 +96,45 @@ impl<S> TxnSession<S> where
 {
 }
 
+impl<S> TxnSession<S>
+where
+    S: endpoint::Session<Error = session::error::SessionInnerError> + Send + Sync,
+{
+    /// KEEL PATCH: a transaction's kept frames as the application's work list.
+    fn keel_work(&self, frames: &[TxnWorkFrame]) -> Vec<TxnWork> {
+        let mut work = Vec::with_capacity(frames.len());
+        for work_frame in frames {
+            match work_frame {
+                TxnWorkFrame::Post { transfer, payload } => work.push(TxnWork::Post {
+                    handle: transfer.handle.0,
+                    delivery_id: transfer.delivery_id,
+                    more: transfer.more,
+                    payload: payload.clone(),
+                }),
+                TxnWorkFrame::Retire(disposition) => {
+                    let outcome = match &disposition.state {
+                        Some(DeliveryState::TransactionalState(s)) => s.outcome.clone(),
+                        _ => None,
+                    };
+                    let last = disposition.last.unwrap_or(disposition.first);
+                    for id in disposition.first..=last {
+                        if let Some((handle, delivery_tag)) =
+                            self.session.delivery_tag_of(&disposition.role, id)
+                        {
+                            work.push(TxnWork::Retire {
+                                handle,
+                                delivery_tag,
+                                outcome: outcome.clone(),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        work
+    }
+}
+
 impl<S> HandleControlLink for TxnSession<S>
 where
     S: endpoint::Session<Error = session::error::SessionInnerError> + Send + Sync,
@@ -163,9 +203,20 @@ where
             Some(txn) => txn,
             None => return Ok(Err(TransactionError::UnknownId)),
         };
+        // KEEL PATCH: the application applies the work first, all or nothing; only then do
+        // the settlements reach the links (the posts are already applied, so they are not
+        // replayed).
+        let resource = self.txn_manager.control_link_acceptor.resource.clone();
+        if let Some(resource) = &resource {
+            let work = self.keel_work(&txn.frames);
+            if resource.commit(txn_id.clone(), work).await.is_err() {
+                return Ok(Err(TransactionError::Rollback));
+            }
+        }
 
         for work_frame in txn.frames {
             match work_frame {
+                TxnWorkFrame::Post { .. } if resource.is_some() => {}
                 TxnWorkFrame::Post {
                     mut transfer,
                     payload,
@@ -214,6 +265,14 @@ where
         txn_id: TransactionId,
     ) -> Result<Result<Accepted, TransactionError>, Self::Error> {
         match self.txn_manager.txns.swap_remove(&txn_id) {
+            // KEEL PATCH: the application learns what was rolled back.
+            Some(txn) if self.txn_manager.control_link_acceptor.resource.is_some() => {
+                let work = self.keel_work(&txn.frames);
+                if let Some(resource) = &self.txn_manager.control_link_acceptor.resource {
+                    resource.rollback(txn_id, work);
+                }
+                Ok(Ok(Accepted {}))
+            }
             Some(_) => {
                 // TODO: Simply drop the frames?
                 Ok(Ok(Accepted {}))
@@ -236,6 +295,15 @@ where
 
     fn local_state(&self) -> &Self::State {
         self.session.local_state()
+    }
+
+    // KEEL PATCH: see endpoint::Session::delivery_tag_of.
+    fn delivery_tag_of(
+        &self,
+        remote_role: &fe2o3_amqp_types::definitions::Role,
+        delivery_id: fe2o3_amqp_types::definitions::DeliveryNumber,
+    ) -> Option<(u32, Vec<u8>)> {
+        self.session.delivery_tag_of(remote_role, delivery_id)
     }
 
     fn set_session_stop_reason(&mut self, reason: SessionStopReason) {

@@ -1,0 +1,256 @@
+//! AMQP transactions, made atomic and durable in the engine.
+//!
+//! fe2o3's coordinator (patched: `third_party/fe2o3-amqp/KEEL-PATCH.md`) declares transactions,
+//! answers transactional transfers at once, and keeps a transaction's posts and settlements
+//! until its discharge. On commit it hands them to `SessionLinks::commit`, which turns them
+//! into one engine transaction (`Messaging::begin`, `tx_send`, `tx_settle`, `commit`: one
+//! durable store commit) and only then lets the discharge be answered `accepted`. On rollback
+//! the kept work is dropped: nothing reached the engine. Work of one transaction must go to one
+//! messaging engine (one store).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use fe2o3_amqp::transaction::resource::{TxnResource, TxnWork};
+use fe2o3_amqp::types::messaging::message::__private::Deserializable;
+use fe2o3_amqp::types::messaging::{Body, Message, Outcome as AmqpOutcome};
+use fe2o3_amqp::types::primitives::Value;
+use fe2o3_amqp::types::transaction::TransactionId;
+use keel_engine::messaging::{Messaging, Outcome, OutgoingMessage};
+
+use crate::convert;
+
+/// Deliveries a consumer link has sent and not yet seen settled: tag → (queue, seq).
+#[derive(Default)]
+pub struct Tags(Mutex<HashMap<Vec<u8>, (String, u64)>>);
+
+impl Tags {
+    pub fn insert(&self, tag: Vec<u8>, queue: String, seq: u64) {
+        self.0.lock().expect("tags lock").insert(tag, (queue, seq));
+    }
+
+    /// Takes a delivery out; None when a transaction (or an earlier settle) took it.
+    pub fn remove(&self, tag: &[u8]) -> Option<(String, u64)> {
+        self.0.lock().expect("tags lock").remove(tag)
+    }
+
+    fn get(&self, tag: &[u8]) -> Option<(String, u64)> {
+        self.0.lock().expect("tags lock").get(tag).cloned()
+    }
+}
+
+/// A transactional settlement: queue, seq, outcome, and the link's tags with its tag.
+type TxnSettle = (String, u64, Outcome, Arc<Tags>, Vec<u8>);
+/// Deliveries to give back on one queue of one engine.
+type Releases = (Arc<Messaging>, String, Vec<(u64, Outcome)>);
+
+/// A link of the session, by the client's handle for it.
+#[derive(Clone)]
+pub enum LinkInfo {
+    /// The client sends on it: transactional posts go to `dest`.
+    Incoming {
+        messaging: Arc<Messaging>,
+        dest: String,
+    },
+    /// The client receives on it: transactional settlements name its deliveries by tag.
+    Outgoing {
+        messaging: Arc<Messaging>,
+        tags: Arc<Tags>,
+    },
+}
+
+/// The links of one session; the resource of its transactions.
+#[derive(Default)]
+pub struct SessionLinks {
+    links: Mutex<HashMap<u32, LinkInfo>>,
+}
+
+impl std::fmt::Debug for SessionLinks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.links.lock().map(|l| l.len()).unwrap_or(0);
+        write!(f, "SessionLinks({n} links)")
+    }
+}
+
+impl SessionLinks {
+    pub fn add(&self, remote_handle: u32, link: LinkInfo) {
+        self.links
+            .lock()
+            .expect("links lock")
+            .insert(remote_handle, link);
+    }
+
+    pub fn remove(&self, remote_handle: u32) {
+        self.links
+            .lock()
+            .expect("links lock")
+            .remove(&remote_handle);
+    }
+
+    fn link(&self, handle: u32) -> Result<LinkInfo, String> {
+        self.links
+            .lock()
+            .expect("links lock")
+            .get(&handle)
+            .cloned()
+            .ok_or_else(|| {
+                format!("transactional work on link handle {handle}, which is not attached")
+            })
+    }
+
+    async fn apply(&self, work: Vec<TxnWork>) -> Result<(), String> {
+        let mut engine: Option<Arc<Messaging>> = None;
+        let mut one_engine = |m: &Arc<Messaging>| match &engine {
+            Some(e) if !Arc::ptr_eq(e, m) => {
+                Err("a transaction's work must stay on one messaging engine (one bus)".to_string())
+            }
+            Some(_) => Ok(()),
+            None => {
+                engine = Some(m.clone());
+                Ok(())
+            }
+        };
+        let mut sends: Vec<(String, OutgoingMessage)> = Vec::new();
+        let mut settles: Vec<TxnSettle> = Vec::new();
+        // Frames of a message posted in several transfers, until its last one.
+        let mut partial: Option<(u32, Vec<u8>)> = None;
+        for w in work {
+            match w {
+                TxnWork::Post {
+                    handle,
+                    more,
+                    payload,
+                    ..
+                } => {
+                    let mut bytes = match partial.take() {
+                        Some((h, b)) if h == handle => b,
+                        Some(_) => return Err("interleaved multi-frame transactional posts".into()),
+                        None => Vec::with_capacity(payload.len()),
+                    };
+                    bytes.extend_from_slice(&payload);
+                    if more {
+                        partial = Some((handle, bytes));
+                        continue;
+                    }
+                    let LinkInfo::Incoming { messaging, dest } = self.link(handle)? else {
+                        return Err("a transactional post on a receiving link".into());
+                    };
+                    one_engine(&messaging)?;
+                    let Deserializable(msg) =
+                        serde_amqp::from_slice::<Deserializable<Message<Body<Value>>>>(&bytes)
+                            .map_err(|e| format!("a posted message does not decode: {e}"))?;
+                    let msg = convert::incoming(msg).map_err(|e| e.to_string())?;
+                    sends.push((dest, msg));
+                }
+                TxnWork::Retire {
+                    handle,
+                    delivery_tag,
+                    outcome,
+                } => {
+                    let LinkInfo::Outgoing { messaging, tags } = self.link(handle)? else {
+                        return Err("a transactional settlement on a sending link".into());
+                    };
+                    one_engine(&messaging)?;
+                    let (queue, seq) = tags.get(&delivery_tag).ok_or_else(|| {
+                        "a transactional settlement of a delivery that is already settled"
+                            .to_string()
+                    })?;
+                    let outcome = match outcome {
+                        Some(AmqpOutcome::Accepted(_)) => Outcome::Accepted,
+                        Some(AmqpOutcome::Rejected(_)) => Outcome::Rejected,
+                        Some(AmqpOutcome::Modified(m)) if m.delivery_failed == Some(true) => {
+                            Outcome::Failed
+                        }
+                        _ => Outcome::Released,
+                    };
+                    settles.push((queue, seq, outcome, tags, delivery_tag));
+                }
+            }
+        }
+        if partial.is_some() {
+            return Err("a transactional post ended in the middle of a message".into());
+        }
+        let Some(m) = engine else {
+            return Ok(());
+        };
+        let mut tx = m.begin();
+        for (dest, msg) in sends {
+            m.tx_send(&mut tx, &dest, msg).map_err(|e| e.to_string())?;
+        }
+        for (queue, seq, outcome, _, _) in &settles {
+            m.tx_settle(&mut tx, queue, *seq, *outcome)
+                .map_err(|e| e.to_string())?;
+        }
+        m.commit(tx).await.map_err(|e| e.to_string())?;
+        // Committed: the links' own settle paths must not settle these again.
+        for (_, _, _, tags, tag) in settles {
+            tags.remove(&tag);
+        }
+        Ok(())
+    }
+}
+
+impl TxnResource for SessionLinks {
+    fn commit(
+        &self,
+        txn_id: TransactionId,
+        work: Vec<TxnWork>,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(async move {
+            let n = work.len();
+            let r = self.apply(work).await;
+            match &r {
+                Ok(()) => {
+                    tracing::debug!(target: "keel_amqp", txn = ?txn_id, work = n, "transaction committed")
+                }
+                Err(why) => {
+                    tracing::warn!(target: "keel_amqp", txn = ?txn_id, why = %why, "transaction rolled back at discharge")
+                }
+            }
+            r
+        })
+    }
+
+    fn rollback(&self, txn_id: TransactionId, work: Vec<TxnWork>) {
+        // Deliveries the controller settled in the transaction come back (released): it
+        // will not settle them again. Posts need nothing: they never reached the engine.
+        let mut by_engine: Vec<Releases> = Vec::new();
+        for w in work {
+            let TxnWork::Retire {
+                handle,
+                delivery_tag,
+                ..
+            } = w
+            else {
+                continue;
+            };
+            let Ok(LinkInfo::Outgoing { messaging, tags }) = self.link(handle) else {
+                continue;
+            };
+            let Some((queue, seq)) = tags.remove(&delivery_tag) else {
+                continue;
+            };
+            match by_engine
+                .iter_mut()
+                .find(|(m, q, _)| Arc::ptr_eq(m, &messaging) && *q == queue)
+            {
+                Some((_, _, seqs)) => seqs.push((seq, Outcome::Released)),
+                None => by_engine.push((messaging, queue, vec![(seq, Outcome::Released)])),
+            }
+        }
+        tracing::debug!(target: "keel_amqp", txn = ?txn_id, "transaction rolled back");
+        if by_engine.is_empty() {
+            return;
+        }
+        // Called inside the session's event loop, which must not wait on the store.
+        tokio::spawn(async move {
+            for (m, queue, settles) in by_engine {
+                if let Err(e) = m.settle_batch(&queue, &settles).await {
+                    tracing::warn!(target: "keel_amqp", queue = %queue, error = %e, "releasing deliveries of a rolled-back transaction failed");
+                }
+            }
+        });
+    }
+}
