@@ -115,8 +115,8 @@ pub fn incoming(msg: Message<Body<Value>>) -> Result<OutgoingMessage, ConvertErr
     })
 }
 
-/// An engine delivery as an AMQP message.
-pub fn outgoing(d: &Delivery) -> Message<Body<Value>> {
+/// An engine delivery as an AMQP message (taken by value: the body moves, no copy).
+pub fn outgoing(mut d: Delivery) -> Message<Body<Value>> {
     let amqp = d.properties.get(AMQP_KEY).and_then(Json::as_object);
     let kind = amqp
         .and_then(|a| a.get("body"))
@@ -130,7 +130,7 @@ pub fn outgoing(d: &Delivery) -> Message<Body<Value>> {
         "value" | "sequence" | "data-sections" => {
             decode_body(&d.body).unwrap_or_else(|| data_body(d.body.clone()))
         }
-        _ => data_body(d.body.clone()),
+        _ => data_body(std::mem::take(&mut d.body)),
     };
     let app: OrderedMap<String, SimpleValue> = d
         .properties
@@ -378,7 +378,7 @@ mod tests {
     }
 
     fn round_trip(m: Message<Body<Value>>) -> Message<Body<Value>> {
-        outgoing(&delivery_of(incoming(m).expect("converts")))
+        outgoing(delivery_of(incoming(m).expect("converts")))
     }
 
     #[test]
@@ -448,7 +448,7 @@ mod tests {
         assert_eq!(e.reliability, Some(Reliability::AssuredPersistent));
         assert_eq!(e.properties["colour"], Json::from("red"));
         assert_eq!(e.properties["count"], Json::from(3));
-        let out = outgoing(&delivery_of(e));
+        let out = outgoing(delivery_of(e));
         let p = out.properties.unwrap();
         assert_eq!(p.message_id, Some(MessageId::String("m-1".into())));
         assert_eq!(p.correlation_id, Some(MessageId::Ulong(42)));
@@ -529,7 +529,7 @@ mod tests {
     #[test]
     fn without_a_message_id_the_system_id_is_sent() {
         let e = incoming(Message::builder().body(data_body(vec![])).build()).unwrap();
-        let out = outgoing(&delivery_of(e));
+        let out = outgoing(delivery_of(e));
         assert_eq!(
             out.properties.unwrap().message_id,
             Some(MessageId::String("u:1:1".into()))

@@ -64,6 +64,8 @@ pub const CONNECTIONS_MAX: usize = 1024;
 pub const UNSETTLED_MAX: usize = 1024;
 /// Messages of one link stored in one batch (one store commit).
 pub const BATCH_MAX: usize = 512;
+/// Messages a consumer link takes from its queue and sends in one go.
+pub const TAKE_MAX: usize = 64;
 /// Credit we give a client's sending link; refreshed as messages are settled.
 pub const CREDIT: u32 = 512;
 /// Largest frame we accept or send.
@@ -243,7 +245,12 @@ async fn run_session(
             attach.snd_settle_mode,
             fe2o3_amqp::types::definitions::SenderSettleMode::Settled
         );
-        let route = route(&settings, &principal, &attach);
+        let route = match route(&settings, &principal, &attach) {
+            // A consumer on a topic gets its subscription before the attach is answered, so
+            // whatever the client publishes after attaching reaches it.
+            Ok(r) => subscribe_if_topic(r, &link_name).await,
+            Err(refused) => Err(refused),
+        };
         // The acceptor carries the bus's size limit: fe2o3 refuses a larger transfer with
         // amqp:link:message-size-exceeded before it is buffered whole.
         let max_bytes = route.as_ref().map(|r| r.max_message_bytes).unwrap_or(0);
@@ -251,6 +258,14 @@ async fn run_session(
         let endpoint = match acceptor.accept_incoming_attach(attach, &mut session).await {
             Ok(l) => l,
             Err(e) => {
+                if let Ok(Route {
+                    messaging,
+                    temporary: Some((t, sub)),
+                    ..
+                }) = &route
+                {
+                    let _ = messaging.unsubscribe(t, sub).await;
+                }
                 emit!(catalog::CWSIT0003W, link = link_name, peer = peer, why = e);
                 continue;
             }
@@ -302,7 +317,7 @@ async fn run_session(
                 );
                 let links = links.clone();
                 tasks.spawn(async move {
-                    outgoing_link(s, route, link_name, presettled, tags).await;
+                    outgoing_link(s, route, presettled, tags).await;
                     links.remove(remote_handle);
                 });
             }
@@ -318,10 +333,35 @@ async fn run_session(
 /// Where a link goes: an engine and a destination on it.
 struct Route {
     messaging: Arc<Messaging>,
+    /// The queue or topic; for a consumer on a topic, its subscription's queue once
+    /// `subscribe_if_topic` ran.
     dest: String,
     max_message_bytes: u64,
     /// For a receiving link on a topic: the topic, and whether the subscription is durable.
     topic: Option<(String, bool)>,
+    /// A temporary subscription (topic, name) to remove when the link ends.
+    temporary: Option<(String, String)>,
+}
+
+/// Creates the subscription of a consumer on a topic: durable (named after the link) when the
+/// link's source is durable, else temporary.
+async fn subscribe_if_topic(mut r: Route, link_name: &str) -> Result<Route, Refusal> {
+    let Some((topic, durable)) = r.topic.take() else {
+        return Ok(r);
+    };
+    let sub = if durable {
+        subscription_name(link_name)
+    } else {
+        format!("tmp-{}", uuid_like())
+    };
+    match r.messaging.subscribe(&topic, &sub).await {
+        Ok(queue) => {
+            r.dest = queue;
+            r.temporary = (!durable).then_some((topic, sub));
+            Ok(r)
+        }
+        Err(e) => Err(refusal(condition_of(&e), e.to_string())),
+    }
 }
 
 struct Refusal {
@@ -461,6 +501,7 @@ fn route(settings: &Settings, principal: &Principal, attach: &Attach) -> Result<
         dest,
         max_message_bytes: hosted.max_message_bytes,
         topic,
+        temporary: None,
     })
 }
 
@@ -623,37 +664,13 @@ async fn settle_stored(
 
 /// A client's receiving link: hand it messages while it has credit, settle each in the
 /// engine as the client settles it.
-async fn outgoing_link(
-    mut tx: Sender,
-    route: Route,
-    link_name: String,
-    presettled: bool,
-    tags: Arc<txn::Tags>,
-) {
+async fn outgoing_link(mut tx: Sender, route: Route, presettled: bool, tags: Arc<txn::Tags>) {
     let Route {
         messaging,
-        dest,
-        topic,
+        dest: queue,
+        temporary,
         ..
     } = route;
-    // A link on a topic consumes a subscription of its own.
-    let (queue, temporary) = match &topic {
-        Some((t, durable)) => {
-            let sub = if *durable {
-                subscription_name(&link_name)
-            } else {
-                format!("tmp-{}", uuid_like())
-            };
-            match messaging.subscribe(t, &sub).await {
-                Ok(q) => (q, (!*durable).then(|| (t.clone(), sub))),
-                Err(e) => {
-                    let _ = tx.close_with_error(amqp_error(&e)).await;
-                    return;
-                }
-            }
-        }
-        None => (dest.clone(), None),
-    };
     let slots = Arc::new(Semaphore::new(UNSETTLED_MAX));
     // Outcomes go to one settler per link, which settles them in batches (one store commit
     // each); a delivery's permit is returned once its settle is done.
@@ -663,7 +680,8 @@ async fn outgoing_link(
     let mut close_error = None;
     let why = loop {
         while settles.try_join_next().is_some() {}
-        let permit = tokio::select! {
+        // Room for at least one more unsettled delivery, then a message to fill it.
+        let first_permit = tokio::select! {
             p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
             _ = tx.on_detach() => break "detached by the client".to_string(),
         };
@@ -671,7 +689,7 @@ async fn outgoing_link(
             d = messaging.receive(&queue, Duration::from_secs(1)) => d,
             _ = tx.on_detach() => break "detached by the client".to_string(),
         };
-        let d = match d {
+        let first = match d {
             Ok(Some(d)) => d,
             Ok(None) => continue,
             Err(e) => {
@@ -679,52 +697,90 @@ async fn outgoing_link(
                 break e.to_string();
             }
         };
-        let msg = convert::outgoing(&d);
-        let sendable = Sendable::builder().message(msg).settled(presettled).build();
-        let sent = tokio::time::timeout(
-            Duration::from_millis(CREDIT_WAIT_MS),
-            tx.send_batchable(sendable),
-        )
-        .await;
-        let fut = match sent {
-            Ok(Ok(f)) => f,
-            Ok(Err(e)) => {
-                let _ = messaging.settle(&queue, d.seq, Outcome::Released).await;
-                break e.to_string();
-            }
-            Err(_) => {
-                // No credit for a while: give the message back so another consumer can have it.
-                let _ = messaging.settle(&queue, d.seq, Outcome::Released).await;
-                continue;
-            }
-        };
-        let seq = d.seq;
-        if presettled {
-            // At most once: settled as it leaves.
-            let _ = settle_tx.send((seq, Outcome::Accepted, permit)).await;
-            continue;
-        }
-        let to_settler = settle_tx.clone();
-        // A transaction that settles this delivery finds its seq by tag (and its queue).
-        let tag = fut.delivery_tag().to_vec();
-        tags.insert(tag.clone(), queue.clone(), seq);
-        let tags = tags.clone();
-        settles.spawn(async move {
-            let result = fut.await;
-            if tags.remove(&tag).is_none() {
-                // Settled by a committed transaction already: nothing left to do here.
-                drop(permit);
-                return;
-            }
-            let outcome = match result {
-                Ok(AmqpOutcome::Accepted(_)) => Outcome::Accepted,
-                Ok(AmqpOutcome::Rejected(_)) => Outcome::Rejected,
-                Ok(AmqpOutcome::Modified(m)) if m.delivery_failed == Some(true) => Outcome::Failed,
-                // Released, modified without failure, or the link/connection went away.
-                _ => Outcome::Released,
+        // Take what else is ready (as far as the unsettled bound allows) and send it in one
+        // go: one wake-up, one outcome task and one settle batch for many messages.
+        let mut taken = vec![(first, first_permit)];
+        while taken.len() < TAKE_MAX {
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                break;
             };
-            let _ = to_settler.send((seq, outcome, permit)).await;
-        });
+            match messaging.receive(&queue, Duration::ZERO).await {
+                Ok(Some(d)) => taken.push((d, permit)),
+                _ => break,
+            }
+        }
+        let mut pending = Vec::with_capacity(taken.len());
+        let mut stop = None;
+        let mut taken = taken.into_iter();
+        for (d, permit) in taken.by_ref() {
+            let seq = d.seq;
+            let sendable = Sendable::builder()
+                .message(convert::outgoing(d))
+                .settled(presettled)
+                .build();
+            let sent = tokio::time::timeout(
+                Duration::from_millis(CREDIT_WAIT_MS),
+                tx.send_batchable(sendable),
+            )
+            .await;
+            match sent {
+                Ok(Ok(fut)) if presettled => {
+                    // At most once: settled as it leaves.
+                    drop(fut);
+                    let _ = settle_tx.send((seq, Outcome::Accepted, permit)).await;
+                }
+                Ok(Ok(fut)) => {
+                    // A transaction that settles this delivery finds its seq by tag.
+                    let tag = fut.delivery_tag().to_vec();
+                    tags.insert(tag.clone(), queue.clone(), seq);
+                    pending.push((tag, seq, fut, permit));
+                }
+                Ok(Err(e)) => {
+                    let _ = settle_tx.send((seq, Outcome::Released, permit)).await;
+                    stop = Some(e.to_string());
+                    break;
+                }
+                Err(_) => {
+                    // No credit for a while: give the messages back so another consumer can
+                    // have them.
+                    let _ = settle_tx.send((seq, Outcome::Released, permit)).await;
+                    break;
+                }
+            }
+        }
+        for (d, permit) in taken {
+            let _ = settle_tx.send((d.seq, Outcome::Released, permit)).await;
+        }
+        if !pending.is_empty() {
+            let to_settler = settle_tx.clone();
+            let tags = tags.clone();
+            settles.spawn(async move {
+                use futures_util::stream::{FuturesUnordered, StreamExt};
+                let mut outcomes: FuturesUnordered<_> = pending
+                    .into_iter()
+                    .map(|(tag, seq, fut, permit)| async move { (tag, seq, fut.await, permit) })
+                    .collect();
+                while let Some((tag, seq, result, permit)) = outcomes.next().await {
+                    if tags.remove(&tag).is_none() {
+                        // Settled by a committed transaction already.
+                        continue;
+                    }
+                    let outcome = match result {
+                        Ok(AmqpOutcome::Accepted(_)) => Outcome::Accepted,
+                        Ok(AmqpOutcome::Rejected(_)) => Outcome::Rejected,
+                        Ok(AmqpOutcome::Modified(m)) if m.delivery_failed == Some(true) => {
+                            Outcome::Failed
+                        }
+                        // Released, modified without failure, or the link went away.
+                        _ => Outcome::Released,
+                    };
+                    let _ = to_settler.send((seq, outcome, permit)).await;
+                }
+            });
+        }
+        if let Some(why) = stop {
+            break why;
+        }
     };
     // Unsettled deliveries resolve (released) as the link closes; wait for them so the
     // temporary subscription is removed with nothing locked.
