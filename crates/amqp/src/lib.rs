@@ -765,15 +765,8 @@ async fn outgoing_link(mut tx: Sender, route: Route, presettled: bool, tags: Arc
                         // Settled by a committed transaction already.
                         continue;
                     }
-                    let outcome = match result {
-                        Ok(AmqpOutcome::Accepted(_)) => Outcome::Accepted,
-                        Ok(AmqpOutcome::Rejected(_)) => Outcome::Rejected,
-                        Ok(AmqpOutcome::Modified(m)) if m.delivery_failed == Some(true) => {
-                            Outcome::Failed
-                        }
-                        // Released, modified without failure, or the link went away.
-                        _ => Outcome::Released,
-                    };
+                    // An error: the link or connection went away.
+                    let outcome = engine_outcome(result.ok().as_ref());
                     let _ = to_settler.send((seq, outcome, permit)).await;
                 }
             });
@@ -797,6 +790,18 @@ async fn outgoing_link(mut tx: Sender, route: Route, presettled: bool, tags: Arc
         }
     }
     tracing::debug!(target: "keel_amqp", queue = %queue, why = %why, "outgoing link ended");
+}
+
+/// What a client's outcome means to the engine: accepted → gone; rejected → exception
+/// destination; modified with delivery-failed → a failed delivery; released, modified without
+/// failure, or none at all → back on the queue.
+fn engine_outcome(o: Option<&AmqpOutcome>) -> Outcome {
+    match o {
+        Some(AmqpOutcome::Accepted(_)) => Outcome::Accepted,
+        Some(AmqpOutcome::Rejected(_)) => Outcome::Rejected,
+        Some(AmqpOutcome::Modified(m)) if m.delivery_failed == Some(true) => Outcome::Failed,
+        _ => Outcome::Released,
+    }
 }
 
 /// Settles a consumer link's outcomes in batches until every sender of the channel is gone.

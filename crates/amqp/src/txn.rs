@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use fe2o3_amqp::transaction::resource::{TxnResource, TxnWork};
 use fe2o3_amqp::types::messaging::message::__private::Deserializable;
-use fe2o3_amqp::types::messaging::{Body, Message, Outcome as AmqpOutcome};
+use fe2o3_amqp::types::messaging::{Body, Message};
 use fe2o3_amqp::types::primitives::Value;
 use fe2o3_amqp::types::transaction::TransactionId;
 use keel_engine::messaging::{Messaging, Outcome, OutgoingMessage};
@@ -157,14 +157,7 @@ impl SessionLinks {
                         "a transactional settlement of a delivery that is already settled"
                             .to_string()
                     })?;
-                    let outcome = match outcome {
-                        Some(AmqpOutcome::Accepted(_)) => Outcome::Accepted,
-                        Some(AmqpOutcome::Rejected(_)) => Outcome::Rejected,
-                        Some(AmqpOutcome::Modified(m)) if m.delivery_failed == Some(true) => {
-                            Outcome::Failed
-                        }
-                        _ => Outcome::Released,
-                    };
+                    let outcome = crate::engine_outcome(outcome.as_ref());
                     settles.push((queue, seq, outcome, tags, delivery_tag));
                 }
             }

@@ -218,10 +218,7 @@ fn sigkill_under_amqp_load_loses_no_accepted_message() {
         accepted
     });
     // The node agent restarts it; every accepted message is there, once.
-    env.wait_for(Duration::from_secs(20), "restart", || {
-        (env.status("server1")["restarts"] == 1 && env.status("server1")["state"] == "started")
-            .then_some(())
-    });
+    env.wait_restarted("server1", 1);
     let got = rt.block_on(async {
         let (mut c, mut s) = open(port, &password).await;
         let got = drain_numbers(&mut s, "q1", Duration::from_secs(3)).await;
@@ -408,10 +405,7 @@ fn amqp_transactions_are_atomic_and_durable() {
         drop(s);
         drop(c.close().await);
     });
-    env.wait_for(Duration::from_secs(20), "restart", || {
-        (env.status("server1")["restarts"] == 1 && env.status("server1")["state"] == "started")
-            .then_some(())
-    });
+    env.wait_restarted("server1", 1);
     let got = rt.block_on(async {
         let (mut c, mut s) = open(port, &password).await;
         let got = drain_numbers(&mut s, "q1", Duration::from_secs(2)).await;

@@ -233,10 +233,7 @@ fn sigkill_at_the_commit_point_loses_no_acknowledged_message() {
     assert_ne!(r.code, 0, "the producer must not get an acknowledgement");
     // The node agent restarts the server (without the fault); every acknowledged message is
     // there exactly once, and the unacknowledged one at most once.
-    env.wait_for(std::time::Duration::from_secs(10), "restart", || {
-        (env.status("server1")["restarts"] == 1 && env.status("server1")["state"] == "started")
-            .then_some(())
-    });
+    env.wait_restarted("server1", 1);
     let got = drain(&env);
     for id in &acked {
         assert_eq!(

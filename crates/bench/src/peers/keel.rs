@@ -135,6 +135,32 @@ fn message(body: Vec<u8>) -> Message<Body<Value>> {
         .build()
 }
 
+/// Sends `ids` through `sender` with the workload's window; each counts once accepted.
+async fn produce(
+    sender: &Arc<Mutex<Sender>>,
+    ids: std::ops::Range<u64>,
+    w: &Workload,
+) -> Result<super::Latencies> {
+    pipeline(ids, w.inflight_per_producer, |id| {
+        let (sender, body) = (sender.clone(), w.body(id));
+        async move {
+            let fut = sender
+                .lock()
+                .await
+                .send_batchable(message(body))
+                .await
+                .context("sending")?;
+            Ok::<_, anyhow::Error>(async move {
+                match fut.await.context("waiting for the outcome")? {
+                    Outcome::Accepted(_) => Ok(()),
+                    other => bail!("the server did not accept the message: {other:?}"),
+                }
+            })
+        }
+    })
+    .await
+}
+
 async fn measure(url: &str, queue: &str, w: &Workload) -> Result<Report> {
     let mut producers = Vec::with_capacity(w.producers);
     for index in 0..w.producers {
@@ -161,24 +187,7 @@ async fn measure(url: &str, queue: &str, w: &Workload) -> Result<Report> {
     let producer_task = move |(client, sender): (Client, Arc<Mutex<Sender>>), ids| {
         let w = producer_w.clone();
         async move {
-            let latencies = pipeline(ids, w.inflight_per_producer, |id| {
-                let (sender, body) = (sender.clone(), w.body(id));
-                async move {
-                    let fut = sender
-                        .lock()
-                        .await
-                        .send_batchable(message(body))
-                        .await
-                        .context("sending")?;
-                    Ok::<_, anyhow::Error>(async move {
-                        match fut.await.context("waiting for the outcome")? {
-                            Outcome::Accepted(_) => Ok(()),
-                            other => bail!("the server did not accept the message: {other:?}"),
-                        }
-                    })
-                }
-            })
-            .await?;
+            let latencies = produce(&sender, ids, &w).await?;
             let sender = Arc::try_unwrap(sender)
                 .map_err(|_| anyhow::anyhow!("sender still shared"))?
                 .into_inner();
@@ -277,24 +286,7 @@ pub async fn run_scale(keel: &Path, base_port: u16, w: &Workload) -> Result<Scal
         let w = w.clone();
         tasks.spawn(async move {
             let sender = Arc::new(Mutex::new(sender));
-            pipeline(ids, w.inflight_per_producer, |id| {
-                let (sender, body) = (sender.clone(), w.body(id));
-                async move {
-                    let fut = sender
-                        .lock()
-                        .await
-                        .send_batchable(message(body))
-                        .await
-                        .context("sending")?;
-                    Ok::<_, anyhow::Error>(async move {
-                        match fut.await.context("waiting for the outcome")? {
-                            Outcome::Accepted(_) => Ok(()),
-                            other => bail!("the server did not accept the message: {other:?}"),
-                        }
-                    })
-                }
-            })
-            .await?;
+            produce(&sender, ids, &w).await?;
             close(client).await
         });
     }

@@ -167,6 +167,15 @@ impl Env {
         }
     }
 
+    /// Waits until the node agent restarted `server` (its `restarts` count reached
+    /// `restarts`) and the server is open again.
+    pub fn wait_restarted(&self, server: &str, restarts: u64) {
+        self.wait_for(Duration::from_secs(20), "the automatic restart", || {
+            let st = self.status(server);
+            (st["restarts"] == restarts && st["state"] == "started").then_some(())
+        });
+    }
+
     pub fn admin_password(&self) -> String {
         std::fs::read_to_string(self.profile.join("secrets/admin-password"))
             .unwrap()

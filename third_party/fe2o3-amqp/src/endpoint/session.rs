@@ -31,6 +31,8 @@ pub(crate) trait Session {
 
     /// KEEL PATCH: the link (remote handle) and tag of a delivery still tracked by the
     /// session, keyed as the session keys them (the remote peer's role and delivery id).
+    /// Used by the accepting side's transactions only.
+    #[allow(dead_code)]
     fn delivery_tag_of(
         &self,
         _remote_role: &fe2o3_amqp_types::definitions::Role,
