@@ -170,6 +170,23 @@ struct Prepared {
     code: u8,
 }
 
+impl Prepared {
+    /// The message as a queue holds it, once it has its seq and ID.
+    fn into_entry(self, seq: u64, id: String, body: Vec<u8>, persistent: bool) -> Entry {
+        Entry {
+            seq,
+            id,
+            priority: self.priority,
+            reliability: self.code,
+            expiry_ms: self.expiry_ms,
+            delivery_count: 0,
+            properties: self.properties,
+            body,
+            persistent,
+        }
+    }
+}
+
 /// The live state of one queue point.
 pub struct QueuePoint {
     pub cfg: DestinationCfg,
@@ -494,17 +511,7 @@ impl Messaging {
                 max: NONPERSISTENT_MAX,
             });
         }
-        let e = Entry {
-            seq,
-            id: id.clone(),
-            priority: p.priority,
-            reliability: p.code,
-            expiry_ms: p.expiry_ms,
-            delivery_count: 0,
-            properties: p.properties,
-            body,
-            persistent: false,
-        };
+        let e = p.into_entry(seq, id.clone(), body, false);
         st.volatile.insert(e.key(), e);
         drop(st);
         q.counters.sent.fetch_add(1, Ordering::Relaxed);
@@ -573,17 +580,7 @@ impl Messaging {
             let mut st = q.state.lock().expect("queue lock");
             for ((i, p, body), seq) in persistent.into_iter().zip(out.assigned_seqs) {
                 let id = format!("{}:{}:{seq}", self.uuid, self.incarnation);
-                st.offer_persistent(Entry {
-                    seq,
-                    id: id.clone(),
-                    priority: p.priority,
-                    reliability: p.code,
-                    expiry_ms: p.expiry_ms,
-                    delivery_count: 0,
-                    properties: p.properties,
-                    body,
-                    persistent: true,
-                });
+                st.offer_persistent(p.into_entry(seq, id.clone(), body, true));
                 results[i] = Some(Ok(id));
             }
             drop(st);
@@ -1188,17 +1185,7 @@ impl Messaging {
                 self.volatile_seq.fetch_add(1, Ordering::Relaxed)
             };
             let id = format!("{}:{}:{seq}", self.uuid, self.incarnation);
-            let e = Entry {
-                seq,
-                id: id.clone(),
-                priority: p.priority,
-                reliability: p.code,
-                expiry_ms: p.expiry_ms,
-                delivery_count: 0,
-                properties: p.properties,
-                body: s.body,
-                persistent,
-            };
+            let e = p.into_entry(seq, id.clone(), s.body, persistent);
             let mut st = s.q.state.lock().expect("queue lock");
             if persistent {
                 st.offer_persistent(e);
