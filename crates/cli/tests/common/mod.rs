@@ -35,9 +35,24 @@ pub fn keel_bin() -> &'static str {
     env!("CARGO_BIN_EXE_keel")
 }
 
+/// First port the kernel hands out for outgoing connections (32768 on Linux by default).
+/// Test servers stay below it: a port chosen inside that range can be taken by any client
+/// socket (the tests open thousands) between the check and the server's bind.
+fn ephemeral_low() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
+}
+
 /// A base port with `count` free consecutive ports above it. Tests run in parallel processes,
 /// so the start is spread by pid and time; each candidate range is checked by binding it.
 pub fn free_base_port(count: u16) -> u16 {
+    // Ranges of 10 from 20000 up to the ephemeral range (or 3000 ranges where that is low).
+    let slots = match ephemeral_low() {
+        low if low > 21_000 => u64::from((low - 20_000) / 10 - 1),
+        _ => 3_000,
+    };
     let seed = (std::process::id() as u64).wrapping_mul(7919)
         ^ (Instant::now().elapsed().as_nanos() as u64)
         ^ std::time::SystemTime::now()
@@ -45,7 +60,7 @@ pub fn free_base_port(count: u16) -> u16 {
             .unwrap()
             .subsec_nanos() as u64;
     for i in 0..500u64 {
-        let base = 20_000 + ((seed.wrapping_add(i * 104_729)) % 3_000) as u16 * 10;
+        let base = 20_000 + ((seed.wrapping_add(i * 104_729)) % slots) as u16 * 10;
         let ok = (0..count).all(|p| TcpListener::bind(("127.0.0.1", base + p)).is_ok());
         if ok {
             return base;
