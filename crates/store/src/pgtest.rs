@@ -73,11 +73,7 @@ impl Cluster {
                 .unwrap();
             assert!(out.status.success(), "chown the cluster dir to postgres");
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port_below_ephemeral();
         let c = Cluster {
             bin,
             data: dir.path().join("data"),
@@ -147,4 +143,33 @@ impl Drop for Cluster {
             .args(["-D", &data, "-m", "immediate", "-w", "stop"])
             .output();
     }
+}
+
+/// A free port in 11000..20000: below the kernel's ephemeral range (a port from that range,
+/// which binding port 0 gives, can be taken by any outgoing connection before PostgreSQL binds
+/// it) and apart from the 20000+ ranges the integration tests give their servers.
+fn free_port_below_ephemeral() -> u16 {
+    let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768);
+    if low <= 20_000 {
+        // An unusual range: fall back to whatever the kernel gives.
+        return std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+    }
+    let seed = std::process::id()
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+    for i in 0..2_000u32 {
+        let port = 11_000 + (seed.wrapping_add(i.wrapping_mul(7_919)) % 9_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 11000..20000 for the test PostgreSQL cluster");
 }
