@@ -275,7 +275,11 @@ async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
         credential,
         admin_shutdown,
     ));
-    let bus_task = bus_listener.map(|l| tokio::spawn(keel_amqp::serve(l, amqp_settings)));
+    // The bus port is bound (reserved) already; it is served once the engines have started,
+    // so a client that connects during the start waits in the backlog instead of being
+    // refused with "not started".
+    let mut bus_listener = bus_listener;
+    let mut bus_task = None;
     spawn_signal_watch(stop_tx.clone());
 
     if opts.recovery {
@@ -294,6 +298,9 @@ async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
         let _ = stop_tx.send(Some("recovery complete".into()));
     } else {
         start_engines(&cfg, &engines).await;
+        bus_task = bus_listener
+            .take()
+            .map(|l| tokio::spawn(keel_amqp::serve(l, amqp_settings)));
         faults::hit("server.before_open");
         emit!(
             catalog::WSVR0001I,
