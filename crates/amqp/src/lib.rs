@@ -19,7 +19,8 @@
 //! when two buses define the same name.
 //!
 //! Bounds: connections per server (`CONNECTIONS_MAX`), unsettled deliveries per receiving link
-//! (`UNSETTLED_MAX`), messages per stored batch (`BATCH_MAX`), frame size, credit.
+//! (`UNSETTLED_MAX`), messages per stored batch (`BATCH_MAX`) and per consumer take
+//! (`TAKE_MAX`), frame size; a client's sending link gets fe2o3's default credit (200).
 //!
 //! AMQP transactions (`txn.rs`): fe2o3's coordinator parses declare and discharge and keeps a
 //! transaction's posts and settlements until the discharge; on commit, `txn::SessionLinks`
@@ -38,8 +39,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fe2o3_amqp::acceptor::{
-    ConnectionAcceptor, LinkAcceptor, LinkEndpoint, ListenerConnectionHandle,
-    ListenerSessionHandle, SessionAcceptor,
+    ConnectionAcceptor, LinkAcceptor, LinkEndpoint, ListenerSessionHandle, SessionAcceptor,
 };
 use fe2o3_amqp::link::delivery::DeliveryInfo;
 use fe2o3_amqp::link::{Receiver, Sender};
@@ -66,10 +66,10 @@ pub const UNSETTLED_MAX: usize = 1024;
 pub const BATCH_MAX: usize = 512;
 /// Messages a consumer link takes from its queue and sends in one go.
 pub const TAKE_MAX: usize = 64;
-/// Credit we give a client's sending link; refreshed as messages are settled.
-pub const CREDIT: u32 = 512;
 /// Largest frame we accept or send.
 pub const FRAME_BYTES_MAX: u32 = 256 * 1024;
+/// How long a session that ended waits for its links to finish releasing what they held.
+pub const LINK_END_MS: u64 = 10_000;
 /// A connection must finish its protocol header, SASL and open within this time.
 pub const OPEN_TIMEOUT_MS: u64 = 10_000;
 /// How long a locked message waits for the client's credit before going back to the queue.
@@ -167,8 +167,8 @@ async fn connection(sock: TcpStream, peer: SocketAddr, settings: Arc<Settings>) 
     )
     .await;
     let sasl_outcome = verdict.lock().expect("sasl verdict lock").clone();
-    let mut conn = match (opened, sasl_outcome) {
-        (Ok(Ok(c)), Some(Ok(_))) => c,
+    let (mut conn, principal) = match (opened, sasl_outcome) {
+        (Ok(Ok(c)), Some(Ok(p))) => (c, p),
         (_, Some(Err(why))) => {
             emit!(catalog::CWSIT0002W, peer = peer, why = why);
             return;
@@ -196,10 +196,6 @@ async fn connection(sock: TcpStream, peer: SocketAddr, settings: Arc<Settings>) 
             return;
         }
     };
-    let principal = match verdict.lock().expect("sasl verdict lock").clone() {
-        Some(Ok(p)) => p,
-        _ => unreachable!("checked above"),
-    };
     tracing::debug!(target: "keel_amqp", %peer, ?principal, "AMQP connection open");
     let mut sessions = JoinSet::new();
     loop {
@@ -221,12 +217,8 @@ async fn connection(sock: TcpStream, peer: SocketAddr, settings: Arc<Settings>) 
     }
     // The client closed the connection (or it broke): sessions end with it.
     while sessions.join_next().await.is_some() {}
-    let _ = close_connection(conn).await;
+    let _ = conn.close().await;
     tracing::debug!(target: "keel_amqp", %peer, "AMQP connection closed");
-}
-
-async fn close_connection(mut conn: ListenerConnectionHandle) -> Result<(), String> {
-    conn.close().await.map_err(|e| e.to_string())
 }
 
 async fn run_session(
@@ -312,6 +304,7 @@ async fn run_session(
                     remote_handle,
                     txn::LinkInfo::Outgoing {
                         messaging: route.messaging.clone(),
+                        queue: route.dest.clone(),
                         tags: tags.clone(),
                     },
                 );
@@ -325,8 +318,18 @@ async fn run_session(
         // Reap finished links so a long session does not accumulate them.
         while tasks.try_join_next().is_some() {}
     }
-    tasks.abort_all();
-    while tasks.join_next().await.is_some() {}
+    // The session ended: its links notice and release what they held (and remove temporary
+    // subscriptions); aborting them would leave those messages locked until a restart. A link
+    // that does not finish in time is aborted.
+    let finished = tokio::time::timeout(Duration::from_millis(LINK_END_MS), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
+        tracing::warn!(target: "keel_amqp", %peer, links = tasks.len(), "links did not finish within {LINK_END_MS} ms of their session's end; aborting them");
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
     let _ = session.end().await;
 }
 
@@ -488,13 +491,11 @@ fn route(settings: &Settings, principal: &Principal, attach: &Attach) -> Result<
         .iter()
         .any(|d| d.name == dest && d.kind == keel_config::DestinationKind::Topic);
     let topic = (attach.role == Role::Receiver && is_topic).then(|| (dest.clone(), durable));
-    if topic.is_none() {
+    if !is_topic {
         // Queues and subscriptions must be served by this engine; refuse now, not per message.
-        if attach.role == Role::Receiver || !is_topic {
-            messaging
-                .queue(&dest)
-                .map_err(|e| refusal(condition_of(&e), e.to_string()))?;
-        }
+        messaging
+            .queue(&dest)
+            .map_err(|e| refusal(condition_of(&e), e.to_string()))?;
     }
     Ok(Route {
         messaging,
@@ -516,10 +517,9 @@ fn condition_of(e: &MessagingError) -> ErrorCondition {
         MessagingError::NotAQueue { .. } | MessagingError::BadSubscriptionName { .. } => {
             AmqpError::InvalidField.into()
         }
-        MessagingError::QueueFull { .. } | MessagingError::TransactionTooLarge { .. } => {
-            AmqpError::ResourceLimitExceeded.into()
-        }
-        MessagingError::NotStarted { .. } => AmqpError::ResourceLimitExceeded.into(),
+        MessagingError::QueueFull { .. }
+        | MessagingError::TransactionTooLarge { .. }
+        | MessagingError::NotStarted { .. } => AmqpError::ResourceLimitExceeded.into(),
         // The store is out of space: the client may retry later; nothing was stored.
         MessagingError::Store(e) if matches!(**e, keel_store::StoreError::DiskFull { .. }) => {
             AmqpError::ResourceLimitExceeded.into()
@@ -617,12 +617,9 @@ async fn settle_stored(
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             // The whole batch failed (store error, engine stopped): nothing of it is stored.
-            let err = amqp_error(&e);
-            for info in infos {
-                rx.reject(info, err.clone())
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
+            rx.reject_all(infos, amqp_error(&e))
+                .await
+                .map_err(|e| e.to_string())?;
             if matches!(e, MessagingError::NotStarted { .. }) {
                 return Err(e.to_string());
             }
@@ -630,11 +627,7 @@ async fn settle_stored(
         }
         Err(join) => {
             let err = definitions::Error::new(AmqpError::InternalError, join.to_string(), None);
-            for info in infos {
-                rx.reject(info, err.clone())
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
+            rx.reject_all(infos, err).await.map_err(|e| e.to_string())?;
             return Err(join.to_string());
         }
     };
@@ -732,7 +725,7 @@ async fn outgoing_link(mut tx: Sender, route: Route, presettled: bool, tags: Arc
                 Ok(Ok(fut)) => {
                     // A transaction that settles this delivery finds its seq by tag.
                     let tag = fut.delivery_tag().to_vec();
-                    tags.insert(tag.clone(), queue.clone(), seq);
+                    tags.insert(tag.clone(), seq);
                     pending.push((tag, seq, fut, permit));
                 }
                 Ok(Err(e)) => {

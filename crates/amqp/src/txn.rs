@@ -5,8 +5,9 @@
 //! until its discharge. On commit it hands them to `SessionLinks::commit`, which turns them
 //! into one engine transaction (`Messaging::begin`, `tx_send`, `tx_settle`, `commit`: one
 //! durable store commit) and only then lets the discharge be answered `accepted`. On rollback
-//! the kept work is dropped: nothing reached the engine. Work of one transaction must go to one
-//! messaging engine (one store).
+//! nothing reaches the store, and deliveries the client settled in the transaction are released
+//! (the client will not settle them again). Work of one transaction must go to one messaging
+//! engine (one store).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -22,22 +23,22 @@ use keel_engine::messaging::{Messaging, Outcome, OutgoingMessage};
 
 use crate::convert;
 
-/// Deliveries a consumer link has sent and not yet seen settled: tag → (queue, seq).
+/// Deliveries a consumer link has sent and not yet seen settled: tag → the engine's seq.
 #[derive(Default)]
-pub struct Tags(Mutex<HashMap<Vec<u8>, (String, u64)>>);
+pub struct Tags(Mutex<HashMap<Vec<u8>, u64>>);
 
 impl Tags {
-    pub fn insert(&self, tag: Vec<u8>, queue: String, seq: u64) {
-        self.0.lock().expect("tags lock").insert(tag, (queue, seq));
+    pub fn insert(&self, tag: Vec<u8>, seq: u64) {
+        self.0.lock().expect("tags lock").insert(tag, seq);
     }
 
     /// Takes a delivery out; None when a transaction (or an earlier settle) took it.
-    pub fn remove(&self, tag: &[u8]) -> Option<(String, u64)> {
+    pub fn remove(&self, tag: &[u8]) -> Option<u64> {
         self.0.lock().expect("tags lock").remove(tag)
     }
 
-    fn get(&self, tag: &[u8]) -> Option<(String, u64)> {
-        self.0.lock().expect("tags lock").get(tag).cloned()
+    fn get(&self, tag: &[u8]) -> Option<u64> {
+        self.0.lock().expect("tags lock").get(tag).copied()
     }
 }
 
@@ -54,9 +55,11 @@ pub enum LinkInfo {
         messaging: Arc<Messaging>,
         dest: String,
     },
-    /// The client receives on it: transactional settlements name its deliveries by tag.
+    /// The client receives from `queue` on it: transactional settlements name its deliveries
+    /// by tag.
     Outgoing {
         messaging: Arc<Messaging>,
+        queue: String,
         tags: Arc<Tags>,
     },
 }
@@ -149,11 +152,16 @@ impl SessionLinks {
                     delivery_tag,
                     outcome,
                 } => {
-                    let LinkInfo::Outgoing { messaging, tags } = self.link(handle)? else {
+                    let LinkInfo::Outgoing {
+                        messaging,
+                        queue,
+                        tags,
+                    } = self.link(handle)?
+                    else {
                         return Err("a transactional settlement on a sending link".into());
                     };
                     one_engine(&messaging)?;
-                    let (queue, seq) = tags.get(&delivery_tag).ok_or_else(|| {
+                    let seq = tags.get(&delivery_tag).ok_or_else(|| {
                         "a transactional settlement of a delivery that is already settled"
                             .to_string()
                     })?;
@@ -219,10 +227,15 @@ impl TxnResource for SessionLinks {
             else {
                 continue;
             };
-            let Ok(LinkInfo::Outgoing { messaging, tags }) = self.link(handle) else {
+            let Ok(LinkInfo::Outgoing {
+                messaging,
+                queue,
+                tags,
+            }) = self.link(handle)
+            else {
                 continue;
             };
-            let Some((queue, seq)) = tags.remove(&delivery_tag) else {
+            let Some(seq) = tags.remove(&delivery_tag) else {
                 continue;
             };
             match by_engine

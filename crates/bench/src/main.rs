@@ -67,8 +67,6 @@ enum What {
         #[arg(long)]
         json: bool,
     },
-    /// RabbitMQ (quorum queue) and NATS JetStream (file storage) side by side: durable
-    /// publishes with confirms, concurrent consumers with acks. Needs `--features peers`.
     /// Fill one queue of a Keel server over AMQP, then restart it: memory and restart time
     /// with a large store (needs `--features peers`).
     Scale {
@@ -83,6 +81,8 @@ enum What {
         #[arg(long, default_value_t = 27400)]
         keel_base_port: u16,
     },
+    /// Keel (AMQP 1.0), RabbitMQ (quorum queue) and NATS JetStream (file storage) side by side:
+    /// durable publishes with confirms, concurrent consumers with acks. Needs `--features peers`.
     Peers {
         #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
         rabbitmq: String,

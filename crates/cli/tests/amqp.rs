@@ -416,3 +416,37 @@ fn amqp_transactions_are_atomic_and_durable() {
     assert_eq!(got, (200..205).collect::<Vec<_>>());
     env.ok(&["node", "stop", "--stop-servers"]);
 }
+
+/// A client that goes away holding unsettled deliveries gives them back: another consumer
+/// receives them (they are not left locked until the server restarts).
+#[test]
+fn deliveries_of_a_closed_connection_are_released() {
+    let env = Env::new();
+    let (port, password) = started(&env);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (mut c, mut s) = open(port, &password).await;
+        let mut snd = Sender::attach(&mut s, "p", "q1").await.unwrap();
+        for n in 0..5 {
+            let o = snd.send(numbered(n)).await.unwrap();
+            assert!(matches!(o, Outcome::Accepted(_)));
+        }
+        snd.close().await.unwrap();
+        let mut rcv = Receiver::attach(&mut s, "holder", "q1").await.unwrap();
+        for n in 0..5 {
+            let d = rcv.recv::<Body<Value>>().await.unwrap();
+            assert_eq!(n_of(d.message()), n);
+        }
+        // Neither settled nor detached: the connection just ends.
+        drop(rcv);
+        drop(s);
+        c.close().await.unwrap();
+
+        let (mut c, mut s) = open(port, &password).await;
+        let got = drain_numbers(&mut s, "q1", Duration::from_secs(5)).await;
+        assert_eq!(got, (0..5).collect::<Vec<_>>());
+        s.end().await.unwrap();
+        c.close().await.unwrap();
+    });
+    env.ok(&["node", "stop", "--stop-servers"]);
+}

@@ -445,53 +445,11 @@ impl Messaging {
         if let Some(topic) = self.topics.get(dest) {
             return self.publish(topic.clone(), msg).await;
         }
-        let q = self.queue(dest)?;
-        let prepared = self.prepare(&q.cfg, &msg)?;
-        if !prepared.reliability.is_persistent() {
-            return self.hold_volatile(&q, dest, prepared, msg.body);
-        }
-        let Prepared {
-            priority,
-            properties,
-            expiry_ms,
-            code,
-            ..
-        } = prepared;
-        let id;
-        {
-            let out = self
-                .store
-                .commit(vec![Op::Put {
-                    dest: dest.into(),
-                    id: String::new(),
-                    priority,
-                    reliability: code,
-                    expiry_ms,
-                    properties: properties.clone(),
-                    body: msg.body.clone(),
-                    stream: None,
-                }])
-                .await?;
-            keel_core::faults::hit("me.after_store_commit");
-            let seq = *out.assigned_seqs.first().expect("one Put assigns one seq");
-            id = format!("{}:{}:{seq}", self.uuid, self.incarnation);
-            let e = Entry {
-                seq,
-                id: id.clone(),
-                priority,
-                reliability: code,
-                expiry_ms,
-                delivery_count: 0,
-                properties,
-                body: msg.body,
-                persistent: true,
-            };
-            q.state.lock().expect("queue lock").offer_persistent(e);
-        }
-        q.counters.sent.fetch_add(1, Ordering::Relaxed);
-        q.counters.depth.fetch_add(1, Ordering::Relaxed);
-        q.notify.notify_one();
-        Ok(id)
+        // A queue send is a batch of one (one store commit when persistent).
+        self.send_batch(dest, vec![msg])
+            .await?
+            .pop()
+            .expect("one result for one message")
     }
 
     /// A non-persistent message goes to the queue's bounded in-memory part only.
@@ -531,11 +489,11 @@ impl Messaging {
         msgs: Vec<OutgoingMessage>,
     ) -> Result<Vec<Result<String, MessagingError>>, MessagingError> {
         self.check_open()?;
-        if self.topics.contains_key(dest) {
-            // Publication fans out per subscription; kept on the one-message path.
+        if let Some(topic) = self.topics.get(dest) {
+            // Publication fans out per subscription, one message at a time.
             let mut out = Vec::with_capacity(msgs.len());
             for m in msgs {
-                out.push(self.send(dest, m).await);
+                out.push(self.publish(topic.clone(), m).await);
             }
             return Ok(out);
         }

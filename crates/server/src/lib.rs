@@ -278,7 +278,6 @@ async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
     // The bus port is bound (reserved) already; it is served once the engines have started,
     // so a client that connects during the start waits in the backlog instead of being
     // refused with "not started".
-    let mut bus_listener = bus_listener;
     let mut bus_task = None;
     spawn_signal_watch(stop_tx.clone());
 
@@ -298,9 +297,7 @@ async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
         let _ = stop_tx.send(Some("recovery complete".into()));
     } else {
         start_engines(&cfg, &engines).await;
-        bus_task = bus_listener
-            .take()
-            .map(|l| tokio::spawn(keel_amqp::serve(l, amqp_settings)));
+        bus_task = bus_listener.map(|l| tokio::spawn(keel_amqp::serve(l, amqp_settings)));
         faults::hit("server.before_open");
         emit!(
             catalog::WSVR0001I,

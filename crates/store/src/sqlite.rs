@@ -1134,15 +1134,18 @@ fn depth_add(tx: &Transaction<'_>, ctx: &Ctx, dest: &str, delta: i64) -> Result<
         depth >= 0,
         "destination count out of step with its messages"
     );
-    let sql = match (current, depth) {
-        (_, 0) => "DELETE FROM dests WHERE dest = ?1 AND ?2 = 0",
-        (0, _) => "INSERT INTO dests (dest, depth) VALUES (?1, ?2)",
-        _ => "UPDATE dests SET depth = ?2 WHERE dest = ?1",
-    };
-    let n = tx
-        .prepare_cached(sql)
-        .and_then(|mut s| s.execute(params![dest, depth]))
-        .map_err(ctx.err("count messages"))?;
+    let n = match (current, depth) {
+        (_, 0) => tx
+            .prepare_cached("DELETE FROM dests WHERE dest = ?1")
+            .and_then(|mut s| s.execute([dest])),
+        (0, _) => tx
+            .prepare_cached("INSERT INTO dests (dest, depth) VALUES (?1, ?2)")
+            .and_then(|mut s| s.execute(params![dest, depth])),
+        _ => tx
+            .prepare_cached("UPDATE dests SET depth = ?2 WHERE dest = ?1")
+            .and_then(|mut s| s.execute(params![dest, depth])),
+    }
+    .map_err(ctx.err("count messages"))?;
     assert_eq!(n, 1, "one destination count row changes");
     Ok(())
 }
