@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use keel_config::{DestinationCfg, DestinationKind, Reliability};
 use keel_store::{Op, Store, StoredMessage};
 
-use crate::queue::{Entry, QueueState, NONPERSISTENT_MAX, REFILL_BATCH};
+use crate::queue::{Entry, QueueState, RefillMark, NONPERSISTENT_MAX, REFILL_BATCH};
 
 pub type Properties = serde_json::Map<String, serde_json::Value>;
 
@@ -143,11 +143,7 @@ impl Drop for Transaction {
     fn drop(&mut self) {
         for (q, e, _) in self.settles.drain(..) {
             let mut st = q.state.lock().expect("queue lock");
-            if e.persistent {
-                st.offer_persistent(e);
-            } else {
-                st.volatile.insert(e.key(), e);
-            }
+            st.release(e);
             drop(st);
             q.notify.notify_one();
         }
@@ -159,6 +155,8 @@ struct SettlePlan {
     outcome: Outcome,
     to_exception: bool,
     new_count: u32,
+    /// The exception destination's refill mark, when the message moves there.
+    exception_mark: RefillMark,
 }
 
 #[derive(Clone)]
@@ -527,6 +525,7 @@ impl Messaging {
             }
         }
         if !ops.is_empty() {
+            let mark = q.state.lock().expect("queue lock").refill_mark();
             let out = self.store.commit(ops).await?;
             keel_core::faults::hit("me.after_store_commit");
             assert_eq!(
@@ -538,7 +537,7 @@ impl Messaging {
             let mut st = q.state.lock().expect("queue lock");
             for ((i, p, body), seq) in persistent.into_iter().zip(out.assigned_seqs) {
                 let id = format!("{}:{}:{seq}", self.uuid, self.incarnation);
-                st.offer_persistent(p.into_entry(seq, id.clone(), body, true));
+                st.offer_persistent(p.into_entry(seq, id.clone(), body, true), mark);
                 results[i] = Some(Ok(id));
             }
             drop(st);
@@ -557,15 +556,18 @@ impl Messaging {
 
     async fn refill(&self, q: &QueuePoint) -> Result<(), MessagingError> {
         let _one = q.refill.lock().await;
-        let (after, skipped_before) = {
-            let st = q.state.lock().expect("queue lock");
-            // An empty window with more in the store is below half too.
-            if !st.needs_refill() {
-                return Ok(());
-            }
-            (st.loaded_up_to.map(|(p, s)| (p.0, s)), st.skipped_offers)
+        let Some((cursor, skipped_before)) = q.state.lock().expect("queue lock").begin_refill()
+        else {
+            return Ok(());
         };
-        let page = self.store.page(&q.cfg.name, after, REFILL_BATCH).await?;
+        let after = cursor.map(|(p, s)| (p.0, s));
+        let page = match self.store.page(&q.cfg.name, after, REFILL_BATCH).await {
+            Ok(page) => page,
+            Err(e) => {
+                q.state.lock().expect("queue lock").abort_refill();
+                return Err(e.into());
+            }
+        };
         let complete = page.len() < REFILL_BATCH;
         q.state.lock().expect("queue lock").refill(
             page.into_iter().map(entry_of).collect(),
@@ -628,7 +630,7 @@ impl Messaging {
                 }])
                 .await?;
         }
-        q.state.lock().expect("queue lock").locked.remove(&e.seq);
+        q.state.lock().expect("queue lock").unlock_gone(e.seq);
         q.counters.depth.fetch_sub(1, Ordering::Relaxed);
         Ok(())
     }
@@ -647,7 +649,7 @@ impl Messaging {
         if !plan.ops.is_empty() {
             if let Err(err) = self.store.commit(plan.ops.clone()).await {
                 // Nothing changed durably: the delivery stays locked, to be settled again.
-                q.state.lock().expect("queue lock").locked.insert(seq, e);
+                q.state.lock().expect("queue lock").unclaim(e);
                 return Err(err.into());
             }
         }
@@ -682,7 +684,7 @@ impl Messaging {
             if let Err(err) = self.store.commit(ops).await {
                 // Nothing changed durably: the deliveries stay locked, to be settled again.
                 for (_, q, e, _) in claimed {
-                    q.state.lock().expect("queue lock").locked.insert(e.seq, e);
+                    q.state.lock().expect("queue lock").unclaim(e);
                 }
                 return Err(err.into());
             }
@@ -704,8 +706,7 @@ impl Messaging {
             .state
             .lock()
             .expect("queue lock")
-            .locked
-            .remove(&seq)
+            .claim(seq)
             .ok_or_else(|| MessagingError::UnknownDelivery {
                 dest: dest.into(),
                 seq,
@@ -749,11 +750,17 @@ impl Messaging {
         } else {
             e.delivery_count
         };
+        // Taken before the commit that moves the row (see `QueueState::refill_mark`).
+        let exception_mark = match self.queue(&self.exception) {
+            Ok(xq) if to_exception => xq.state.lock().expect("queue lock").refill_mark(),
+            _ => RefillMark::UNKNOWN,
+        };
         SettlePlan {
             ops,
             outcome,
             to_exception,
             new_count,
+            exception_mark,
         }
     }
 
@@ -766,28 +773,34 @@ impl Messaging {
     ) -> Result<(), MessagingError> {
         e.delivery_count = plan.new_count;
         if plan.outcome == Outcome::Accepted {
+            q.state.lock().expect("queue lock").settled(e.seq, true);
             q.counters.accepted.fetch_add(1, Ordering::Relaxed);
             q.counters.depth.fetch_sub(1, Ordering::Relaxed);
             return Ok(());
         }
-        let target = if plan.to_exception {
-            q.counters.to_exception.fetch_add(1, Ordering::Relaxed);
-            q.counters.depth.fetch_sub(1, Ordering::Relaxed);
-            let xq = self.queue(&self.exception.clone())?;
-            xq.counters.depth.fetch_add(1, Ordering::Relaxed);
-            xq
-        } else {
+        if !plan.to_exception {
+            // Settled and available again under one lock: no take or refill in between.
             q.counters.redelivered.fetch_add(1, Ordering::Relaxed);
-            self.queue(&q.cfg.name)?
-        };
-        let mut st = target.state.lock().expect("queue lock");
+            let mut st = q.state.lock().expect("queue lock");
+            st.release(e);
+            drop(st);
+            q.notify.notify_one();
+            return Ok(());
+        }
+        q.state.lock().expect("queue lock").settled(e.seq, true);
+        q.counters.to_exception.fetch_add(1, Ordering::Relaxed);
+        q.counters.depth.fetch_sub(1, Ordering::Relaxed);
+        let xq = self.queue(&self.exception.clone())?;
+        xq.counters.depth.fetch_add(1, Ordering::Relaxed);
+        let mut st = xq.state.lock().expect("queue lock");
         if e.persistent {
-            st.offer_persistent(e);
+            // Its row arrived with the commit: a new message for the exception destination.
+            st.offer_persistent(e, plan.exception_mark);
         } else {
             st.volatile.insert(e.key(), e);
         }
         drop(st);
-        target.notify.notify_one();
+        xq.notify.notify_one();
         Ok(())
     }
 
@@ -928,48 +941,40 @@ impl Messaging {
                 .filter_map(|n| queues.get(n).cloned())
                 .collect()
         };
-        let Prepared {
-            reliability,
-            priority,
-            properties,
-            expiry_ms,
-            code,
-        } = self.prepare(&topic, &msg)?;
+        let p = self.prepare(&topic, &msg)?;
         if subs.is_empty() {
             let seq = self.volatile_seq.fetch_add(1, Ordering::Relaxed);
             return Ok(format!("{}:{}:{seq}", self.uuid, self.incarnation));
         }
         let mut ids = Vec::with_capacity(subs.len());
-        if reliability.is_persistent() {
+        if p.reliability.is_persistent() {
             let ops = subs
                 .iter()
                 .map(|q| Op::Put {
                     dest: q.cfg.name.clone(),
                     id: String::new(),
-                    priority,
-                    reliability: code,
-                    expiry_ms,
-                    properties: properties.clone(),
+                    priority: p.priority,
+                    reliability: p.code,
+                    expiry_ms: p.expiry_ms,
+                    properties: p.properties.clone(),
                     body: msg.body.clone(),
                     stream: None,
                 })
                 .collect();
+            let marks: Vec<RefillMark> = subs
+                .iter()
+                .map(|q| q.state.lock().expect("queue lock").refill_mark())
+                .collect();
             let out = self.store.commit(ops).await?;
             keel_core::faults::hit("me.after_store_commit");
-            for (q, seq) in subs.iter().zip(out.assigned_seqs) {
+            for ((q, seq), mark) in subs.iter().zip(out.assigned_seqs).zip(marks) {
                 let id = format!("{}:{}:{seq}", self.uuid, self.incarnation);
                 ids.push(id.clone());
-                q.state.lock().expect("queue lock").offer_persistent(Entry {
-                    seq,
-                    id,
-                    priority,
-                    reliability: code,
-                    expiry_ms,
-                    delivery_count: 0,
-                    properties: properties.clone(),
-                    body: msg.body.clone(),
-                    persistent: true,
-                });
+                let e = p.clone().into_entry(seq, id, msg.body.clone(), true);
+                q.state
+                    .lock()
+                    .expect("queue lock")
+                    .offer_persistent(e, mark);
             }
         } else {
             for q in &subs {
@@ -980,20 +985,8 @@ impl Messaging {
                 if st.volatile.len() >= NONPERSISTENT_MAX {
                     continue; // a full subscriber misses a non-persistent publication, as best effort allows
                 }
-                st.volatile.insert(
-                    crate::queue::key(priority, seq),
-                    Entry {
-                        seq,
-                        id,
-                        priority,
-                        reliability: code,
-                        expiry_ms,
-                        delivery_count: 0,
-                        properties: properties.clone(),
-                        body: msg.body.clone(),
-                        persistent: false,
-                    },
-                );
+                let e = p.clone().into_entry(seq, id, msg.body.clone(), false);
+                st.volatile.insert(e.key(), e);
             }
         }
         for q in &subs {
@@ -1118,13 +1111,18 @@ impl Messaging {
         for (_, _, plan) in &tx.settles {
             ops.extend(plan.ops.iter().cloned());
         }
+        let marks: Vec<RefillMark> = tx
+            .sends
+            .iter()
+            .map(|s| s.q.state.lock().expect("queue lock").refill_mark())
+            .collect();
         let mut seqs = Vec::new().into_iter();
         if !ops.is_empty() {
             match self.store.commit(ops).await {
                 Ok(out) => seqs = out.assigned_seqs.into_iter(),
                 Err(err) => {
                     for (q, e, _) in tx.settles.drain(..) {
-                        q.state.lock().expect("queue lock").locked.insert(e.seq, e);
+                        q.state.lock().expect("queue lock").unclaim(e);
                     }
                     tx.done = true;
                     return Err(err.into());
@@ -1134,7 +1132,7 @@ impl Messaging {
         keel_core::faults::hit("me.after_store_commit");
         tx.done = true;
         let mut ids = Vec::with_capacity(tx.sends.len());
-        for s in std::mem::take(&mut tx.sends) {
+        for (s, mark) in std::mem::take(&mut tx.sends).into_iter().zip(marks) {
             let p = s.prepared;
             let persistent = p.reliability.is_persistent();
             let seq = if persistent {
@@ -1146,7 +1144,7 @@ impl Messaging {
             let e = p.into_entry(seq, id.clone(), s.body, persistent);
             let mut st = s.q.state.lock().expect("queue lock");
             if persistent {
-                st.offer_persistent(e);
+                st.offer_persistent(e, mark);
             } else if st.volatile.len() < NONPERSISTENT_MAX {
                 st.volatile.insert(e.key(), e);
             }
@@ -1180,11 +1178,7 @@ impl Messaging {
                 // The counts did not change: release the deliveries as they were.
                 for (q, e) in settles {
                     let mut st = q.state.lock().expect("queue lock");
-                    if e.persistent {
-                        st.offer_persistent(e);
-                    } else {
-                        st.volatile.insert(e.key(), e);
-                    }
+                    st.release(e);
                 }
                 return Err(err.into());
             }

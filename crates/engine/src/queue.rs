@@ -17,14 +17,24 @@
 //! (available again, delivery count unchanged), modified as failed (count + 1), or rejected
 //! (moved to the exception destination). A message whose count reaches
 //! `max_failed_deliveries` moves to the exception destination instead of being redelivered.
+//!
+//! Refill invariant: a refill reads the store without the queue lock, so the rows it sees can
+//! be stale by the time it applies them. It never makes available a message that is locked,
+//! being settled (`claimed`: out of `locked`, its store change not yet committed), or whose row
+//! left this queue while the read was in flight (`gone`); and if the window's cursor moved
+//! meanwhile (an eviction), the page is dropped and read again. Without this, a message settled
+//! during a read came back as a second delivery.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// Available persistent messages kept in memory per queue.
 pub const WINDOW_MAX: usize = 1_000;
 /// How many messages one refill reads from the store.
 pub const REFILL_BATCH: usize = 256;
+/// Refill pages remembered for offers that overlapped them; an offer later than that takes
+/// the slower path (a re-read), never a wrong one.
+pub const LOADED_PAGES_KEPT: usize = 16;
 /// Non-persistent messages held per queue before sends are refused.
 pub const NONPERSISTENT_MAX: usize = 100_000;
 
@@ -33,6 +43,21 @@ pub type Key = (Reverse<u8>, u64);
 
 pub fn key(priority: u8, seq: u64) -> Key {
     (Reverse(priority), seq)
+}
+
+/// Where refills stood before a store commit (see [`QueueState::refill_mark`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RefillMark {
+    epoch: u64,
+    refilling: bool,
+}
+
+impl RefillMark {
+    /// A mark that assumes a refill overlapped (always safe, sometimes a re-read).
+    pub const UNKNOWN: RefillMark = RefillMark {
+        epoch: u64::MAX,
+        refilling: true,
+    };
 }
 
 /// One message as the engine holds it in memory.
@@ -67,6 +92,27 @@ pub struct QueueState {
     pub volatile: BTreeMap<Key, Entry>,
     /// Delivered, not yet settled.
     pub locked: HashMap<u64, Entry>,
+    /// Being settled: taken out of `locked`, the store change not yet committed (or held by an
+    /// open transaction). Bounded by what consumers may hold locked.
+    claimed: HashSet<u64>,
+    /// The cursor of the refill in flight (`Some(loaded_up_to)` as it was when the read began).
+    refilling: Option<Option<Key>>,
+    /// Seqs whose row left this queue (deleted, moved) while a refill was in flight. Bounded by
+    /// locked + claimed deliveries: only those can leave.
+    gone: HashSet<u64>,
+    /// Counts refill starts and ends, so an offer can tell whether one overlapped its commit.
+    refill_epoch: u64,
+    /// Keys of new messages offered while a refill was in flight and not found in memory: the
+    /// refill's read may have missed them, so it must not move the cursor past them. Bounded
+    /// by the sends committed during one read.
+    offered_meanwhile: Vec<Key>,
+    /// Seqs each recent refill loaded, with its epoch once applied: an offer that overlapped
+    /// a refill looks its message up here. Bounded by LOADED_PAGES_KEPT pages.
+    loaded_pages: std::collections::VecDeque<(u64, Vec<u64>)>,
+    /// The greatest epoch of a page dropped from `loaded_pages`.
+    loaded_forgotten_epoch: u64,
+    /// Bound of `loaded_pages` (LOADED_PAGES_KEPT; tests use small ones).
+    pub loaded_pages_max: usize,
     /// Bound of `window` (WINDOW_MAX; tests use small ones to exercise eviction).
     pub window_max: usize,
     /// Persistent offers left to the store (not put in the window). A refill that read the
@@ -86,12 +132,82 @@ impl QueueState {
         QueueState {
             store_has_more: true,
             window_max,
+            loaded_pages_max: LOADED_PAGES_KEPT,
             ..QueueState::default()
         }
     }
 
-    /// Makes a persistent message available, keeping the window invariant.
-    pub fn offer_persistent(&mut self, e: Entry) {
+    /// Taken before the store commit that inserts a message, handed to
+    /// [`QueueState::offer_persistent`] after it: tells whether a refill may have read the new
+    /// row in between.
+    pub fn refill_mark(&self) -> RefillMark {
+        RefillMark {
+            epoch: self.refill_epoch,
+            refilling: self.refilling.is_some(),
+        }
+    }
+
+    /// Makes a newly stored persistent message available, keeping the window invariant.
+    /// `mark` is [`QueueState::refill_mark`] from before its store commit.
+    pub fn offer_persistent(&mut self, e: Entry, mark: RefillMark) {
+        let k = e.key();
+        if mark.refilling || mark.epoch != self.refill_epoch {
+            // Refills ran since the commit began: one may have loaded the row already.
+            match self.loaded_since(mark.epoch, e.seq) {
+                Some(true) => return, // in the window, held by a consumer, or settled
+                Some(false) => {}
+                None => return self.offer_unknown(e),
+            }
+        }
+        if self.refilling.is_some() && self.loaded_up_to.is_none_or(|u| k > u) {
+            // The read in flight may have missed it: it must not move the cursor past it.
+            self.skipped_offers += 1;
+            self.offered_meanwhile.push(k);
+            return;
+        }
+        self.restore_persistent(e);
+    }
+
+    /// Whether a refill applied after `epoch` loaded `seq`; None when those pages are no
+    /// longer all remembered.
+    fn loaded_since(&self, epoch: u64, seq: u64) -> Option<bool> {
+        if self.loaded_forgotten_epoch > epoch {
+            return None;
+        }
+        Some(
+            self.loaded_pages
+                .iter()
+                .filter(|(applied, _)| *applied > epoch)
+                .any(|(_, seqs)| seqs.contains(&seq)),
+        )
+    }
+
+    /// An offer that cannot tell whether a refill loaded its row: unless the message is in
+    /// memory, let the next refill read from just below its key (the store knows).
+    fn offer_unknown(&mut self, e: Entry) {
+        let k = e.key();
+        if self.window.contains_key(&k)
+            || self.locked.contains_key(&e.seq)
+            || self.claimed.contains(&e.seq)
+        {
+            return;
+        }
+        self.skipped_offers += 1;
+        if self.refilling.is_some() {
+            self.offered_meanwhile.push(k);
+        }
+        let beyond = self.store_has_more && self.loaded_up_to.is_none_or(|u| k > u);
+        if !beyond {
+            // The evicted messages are in the store and not held: the refill reads them again.
+            drop(self.window.split_off(&k));
+            self.loaded_up_to = self.window.last_key_value().map(|(k, _)| *k);
+            self.store_has_more = true;
+        }
+    }
+
+    /// Makes a persistent message available again that no refill could load meanwhile (it
+    /// was locked or claimed all along: a release, a rollback), keeping the window invariant.
+    pub fn restore_persistent(&mut self, e: Entry) {
         let k = e.key();
         let covered = match self.loaded_up_to {
             Some(up_to) => k <= up_to || !self.store_has_more,
@@ -120,22 +236,125 @@ impl QueueState {
         }
     }
 
-    /// Adds messages read from the store after `loaded_up_to`; `complete` says the page was
-    /// short. `skipped_before` is `skipped_offers` as it was before the store was read.
+    /// Starts a refill when one is needed: returns the cursor to read after and
+    /// `skipped_offers` now, both to hand back to [`QueueState::refill`]. Callers run one refill
+    /// at a time per queue; one still marked in flight was abandoned (its future dropped), so it
+    /// is forgotten here.
+    pub fn begin_refill(&mut self) -> Option<(Option<Key>, u64)> {
+        if !self.needs_refill() {
+            return None;
+        }
+        self.refilling = Some(self.loaded_up_to);
+        self.refill_epoch += 1;
+        self.gone.clear();
+        self.offered_meanwhile.clear();
+        Some((self.loaded_up_to, self.skipped_offers))
+    }
+
+    /// The read of a refill failed: nothing to apply.
+    pub fn abort_refill(&mut self) {
+        self.refilling = None;
+        self.refill_epoch += 1;
+        self.gone.clear();
+        self.offered_meanwhile.clear();
+    }
+
+    /// Takes a locked delivery out of `locked` to settle it; until [`QueueState::settled`] or
+    /// [`QueueState::unclaim`] no refill makes it available again.
+    pub fn claim(&mut self, seq: u64) -> Option<Entry> {
+        let e = self.locked.remove(&seq)?;
+        let fresh = self.claimed.insert(seq);
+        assert!(fresh, "delivery {seq} both locked and claimed");
+        Some(e)
+    }
+
+    /// The settle did not take effect: the delivery is locked again.
+    pub fn unclaim(&mut self, e: Entry) {
+        let was = self.claimed.remove(&e.seq);
+        assert!(was, "unclaim of delivery {} that was not claimed", e.seq);
+        self.locked.insert(e.seq, e);
+    }
+
+    /// The settle committed; `left` = its row left this queue (accepted, moved away).
+    pub fn settled(&mut self, seq: u64, left: bool) {
+        let was = self.claimed.remove(&seq);
+        assert!(was, "settle of delivery {seq} that was not claimed");
+        if left {
+            self.note_gone(seq);
+        }
+    }
+
+    /// A claimed delivery goes back unchanged in the store (released, or its transaction
+    /// ended without effect): available again.
+    pub fn release(&mut self, e: Entry) {
+        self.settled(e.seq, false);
+        if e.persistent {
+            self.restore_persistent(e);
+        } else {
+            self.volatile.insert(e.key(), e);
+        }
+    }
+
+    /// A locked delivery whose row was deleted without a settle (expired).
+    pub fn unlock_gone(&mut self, seq: u64) {
+        self.locked.remove(&seq);
+        self.note_gone(seq);
+    }
+
+    fn note_gone(&mut self, seq: u64) {
+        if self.refilling.is_some() {
+            self.gone.insert(seq);
+        }
+    }
+
+    /// Adds messages read from the store after the cursor [`QueueState::begin_refill`] gave;
+    /// `complete` says the page was short. `skipped_before` is what `begin_refill` returned.
     pub fn refill(&mut self, page: Vec<Entry>, complete: bool, skipped_before: u64) {
-        let complete = complete && skipped_before == self.skipped_offers;
-        for e in page {
+        let cursor = self
+            .refilling
+            .take()
+            .expect("refill applied without begin_refill");
+        self.refill_epoch += 1;
+        let gone = std::mem::take(&mut self.gone);
+        let offered = std::mem::take(&mut self.offered_meanwhile);
+        if cursor != self.loaded_up_to {
+            // Evicted meanwhile: the page starts after messages the window no longer holds.
+            // Drop it; the next refill reads from the new cursor.
+            return;
+        }
+        // A message offered during the read and missing from the page committed after it: the
+        // page stops short of it, so the next refill reads it.
+        let missed = offered
+            .into_iter()
+            .filter(|k| !page.iter().any(|e| e.key() == *k))
+            .min();
+        let complete = complete && skipped_before == self.skipped_offers && missed.is_none();
+        let mut loaded = Vec::with_capacity(page.len());
+        for e in page
+            .into_iter()
+            .take_while(|e| missed.is_none_or(|m| e.key() < m))
+        {
             let k = e.key();
             assert!(
                 self.loaded_up_to.is_none_or(|u| k > u),
                 "refill must continue after the cursor"
             );
-            if self.locked.contains_key(&e.seq) {
-                continue; // in flight to a consumer: not available
-            }
-            self.window.insert(k, e);
+            // Covered either way: a held message comes back through `restore_persistent`.
             self.loaded_up_to = Some(k);
+            if self.locked.contains_key(&e.seq)
+                || self.claimed.contains(&e.seq)
+                || gone.contains(&e.seq)
+            {
+                continue; // in flight to a consumer, being settled, or settled: not available
+            }
+            loaded.push(e.seq);
+            self.window.insert(k, e);
         }
+        if self.loaded_pages.len() >= self.loaded_pages_max {
+            let (epoch, _) = self.loaded_pages.pop_front().expect("full");
+            self.loaded_forgotten_epoch = epoch;
+        }
+        self.loaded_pages.push_back((self.refill_epoch, loaded));
         if complete {
             self.store_has_more = false;
         }
@@ -186,7 +405,165 @@ mod tests {
         }
     }
 
+    /// What a store read after `cursor` returns.
+    fn read_page(store: &BTreeMap<Key, Entry>, cursor: Option<Key>, batch: usize) -> Vec<Entry> {
+        let from = match cursor {
+            Some(u) => std::ops::Bound::Excluded(u),
+            None => std::ops::Bound::Unbounded,
+        };
+        store
+            .range((from, std::ops::Bound::Unbounded))
+            .take(batch)
+            .map(|(_, e)| e.clone())
+            .collect()
+    }
+
+    /// One step of the concurrent model: what the engine's tasks interleave.
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// A send commits to the store; its offer to the window comes later (tasks race).
+        Send(u8),
+        /// One of the committed sends offers its message (in any order).
+        Offer(usize),
+        Take,
+        /// A consumer starts settling one of its deliveries (accept or release).
+        Claim(usize, bool),
+        /// A settle's store commit finishes (or fails, and the delivery is locked again).
+        Finish(usize, bool),
+        BeginRefill,
+        /// The refill's store read runs.
+        Read,
+        Apply,
+        /// The refill's future is dropped (a consumer went away).
+        Abandon,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            3 => (0u8..3).prop_map(Step::Send),
+            3 => any::<usize>().prop_map(Step::Offer),
+            3 => Just(Step::Take),
+            2 => (any::<usize>(), any::<bool>()).prop_map(|(i, a)| Step::Claim(i, a)),
+            2 => (any::<usize>(), prop::bool::weighted(0.9)).prop_map(|(i, ok)| Step::Finish(i, ok)),
+            1 => Just(Step::BeginRefill),
+            1 => Just(Step::Read),
+            1 => Just(Step::Apply),
+            1 => Just(Step::Abandon),
+        ]
+    }
+
+    enum Refill {
+        Idle,
+        Begun(Option<Key>, u64),
+        Read(Vec<Entry>, bool, u64),
+    }
+
     proptest! {
+        /// Sends, offers, takes, settles and refills interleaved as the engine's tasks can
+        /// interleave them: a message is never handed out while a consumer holds it or after its
+        /// row was deleted, and in the end every stored message is delivered.
+        #[test]
+        fn interleaved_refills_and_settles_deliver_each_message_once(window_max in 2usize..10, batch in 1usize..6, pages_kept in 1usize..4, steps in proptest::collection::vec(step(), 1..300)) {
+            let mut store: BTreeMap<Key, Entry> = BTreeMap::new();
+            let mut q = QueueState::unloaded_with(window_max);
+            q.loaded_pages_max = pages_kept;
+            let mut seq = 0u64;
+            let mut pending: Vec<(Entry, RefillMark)> = Vec::new();
+            let mut held: HashSet<u64> = HashSet::new();
+            let mut settling: Vec<(Entry, bool)> = Vec::new();
+            let mut refill = Refill::Idle;
+            let take = |q: &mut QueueState, store: &BTreeMap<Key, Entry>, held: &mut HashSet<u64>| -> Result<bool, TestCaseError> {
+                let Some(e) = q.take_next() else { return Ok(false) };
+                prop_assert!(store.contains_key(&e.key()), "message {} handed out after its row was deleted", e.seq);
+                prop_assert!(held.insert(e.seq), "message {} handed out while a consumer holds it", e.seq);
+                Ok(true)
+            };
+            for s in steps {
+                match s {
+                    Step::Send(prio) => {
+                        seq += 1;
+                        let e = entry(prio, seq);
+                        let mark = q.refill_mark();
+                        store.insert(e.key(), e.clone());
+                        pending.push((e, mark));
+                    }
+                    Step::Offer(i) if !pending.is_empty() => {
+                        let (e, mark) = pending.remove(i % pending.len());
+                        q.offer_persistent(e, mark);
+                    }
+                    Step::Take => { take(&mut q, &store, &mut held)?; }
+                    Step::Claim(i, accept) if !q.locked.is_empty() => {
+                        let mut seqs: Vec<u64> = q.locked.keys().copied().collect();
+                        seqs.sort_unstable();
+                        let e = q.claim(seqs[i % seqs.len()]).expect("locked");
+                        settling.push((e, accept));
+                    }
+                    Step::Finish(i, ok) if !settling.is_empty() => {
+                        let (e, accept) = settling.remove(i % settling.len());
+                        if !ok {
+                            q.unclaim(e);
+                        } else if accept {
+                            store.remove(&e.key());
+                            q.settled(e.seq, true);
+                            held.remove(&e.seq);
+                        } else {
+                            q.settled(e.seq, false);
+                            held.remove(&e.seq);
+                            q.restore_persistent(e);
+                        }
+                    }
+                    Step::BeginRefill if matches!(refill, Refill::Idle) => {
+                        if let Some((cursor, skipped)) = q.begin_refill() {
+                            refill = Refill::Begun(cursor, skipped);
+                        }
+                    }
+                    Step::Read => {
+                        if let Refill::Begun(cursor, skipped) = refill {
+                            let page = read_page(&store, cursor, batch);
+                            let complete = page.len() < batch;
+                            refill = Refill::Read(page, complete, skipped);
+                        }
+                    }
+                    Step::Apply => {
+                        if let Refill::Read(page, complete, skipped) = std::mem::replace(&mut refill, Refill::Idle) {
+                            q.refill(page, complete, skipped);
+                        }
+                    }
+                    Step::Abandon => refill = Refill::Idle,
+                    _ => {}
+                }
+                prop_assert!(q.window.len() <= window_max);
+            }
+            // Quiesce: every task finishes, consumers accept everything, refills run in turn.
+            for (e, mark) in pending.drain(..) {
+                q.offer_persistent(e, mark);
+            }
+            for (e, _) in settling.drain(..) {
+                store.remove(&e.key());
+                q.settled(e.seq, true);
+                held.remove(&e.seq);
+            }
+            let mut rounds = 0;
+            while !store.is_empty() {
+                rounds += 1;
+                prop_assert!(rounds < 10_000, "messages never delivered: {:?}", store.keys().collect::<Vec<_>>());
+                if let Some((cursor, skipped)) = q.begin_refill() {
+                    let page = read_page(&store, cursor, batch);
+                    let complete = page.len() < batch;
+                    q.refill(page, complete, skipped);
+                }
+                let mut seqs: Vec<u64> = q.locked.keys().copied().collect();
+                seqs.sort_unstable();
+                for s in seqs {
+                    let e = q.claim(s).expect("locked");
+                    store.remove(&e.key());
+                    q.settled(s, true);
+                    held.remove(&s);
+                }
+                take(&mut q, &store, &mut held)?;
+            }
+        }
+
         /// The window, refilled from a model store and fed by sends, delivers exactly the
         /// model's order: priority DESC, seq ASC, nothing lost, nothing twice, bounded memory.
         #[test]
@@ -199,14 +576,14 @@ mod tests {
                 if is_send {
                     seq += 1;
                     let e = entry(prio, seq);
+                    let mark = q.refill_mark();
                     store.insert(e.key(), e.clone());
-                    q.offer_persistent(e);
+                    q.offer_persistent(e, mark);
                 } else {
-                    if q.needs_refill() || q.window.is_empty() {
-                        let page: Vec<Entry> = store.range((match q.loaded_up_to { Some(u) => std::ops::Bound::Excluded(u), None => std::ops::Bound::Unbounded }, std::ops::Bound::Unbounded))
-                            .take(batch).map(|(_, e)| e.clone()).filter(|e| !q.locked.contains_key(&e.seq)).collect();
+                    if let Some((cursor, skipped)) = q.begin_refill() {
+                        let page = read_page(&store, cursor, batch);
                         let complete = page.len() < batch;
-                        q.refill(page, complete, q.skipped_offers);
+                        q.refill(page, complete, skipped);
                     }
                     if let Some(e) = q.take_next() {
                         // It must be the first available message of the store.
