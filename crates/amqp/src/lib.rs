@@ -693,29 +693,37 @@ async fn outgoing_link(mut tx: Sender, route: Route, presettled: bool, tags: Arc
         // Take what else is ready (as far as the unsettled bound allows) and send it in one
         // go: one wake-up, one outcome task and one settle batch for many messages.
         let mut taken = vec![(first, first_permit)];
-        while taken.len() < TAKE_MAX {
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                break;
-            };
-            match messaging.receive(&queue, Duration::ZERO).await {
-                Ok(Some(d)) => taken.push((d, permit)),
-                _ => break,
+        // Only this task takes permits, so what is available now stays available.
+        let room = slots.available_permits().min(TAKE_MAX - 1);
+        if room > 0 {
+            let more = messaging
+                .receive_now(&queue, room)
+                .await
+                .unwrap_or_default();
+            for d in more {
+                let permit = slots
+                    .clone()
+                    .try_acquire_owned()
+                    .expect("permits counted before taking");
+                taken.push((d, permit));
             }
         }
         let mut pending = Vec::with_capacity(taken.len());
         let mut stop = None;
         let mut taken = taken.into_iter();
+        // One deadline for the whole batch (one timer, not one per message).
+        let credit_wait = tokio::time::sleep(Duration::from_millis(CREDIT_WAIT_MS));
+        tokio::pin!(credit_wait);
         for (d, permit) in taken.by_ref() {
             let seq = d.seq;
             let sendable = Sendable::builder()
                 .message(convert::outgoing(d))
                 .settled(presettled)
                 .build();
-            let sent = tokio::time::timeout(
-                Duration::from_millis(CREDIT_WAIT_MS),
-                tx.send_batchable(sendable),
-            )
-            .await;
+            let sent = tokio::select! {
+                r = tx.send_batchable(sendable) => Ok(r),
+                _ = &mut credit_wait => Err(()),
+            };
             match sent {
                 Ok(Ok(fut)) if presettled => {
                     // At most once: settled as it leaves.

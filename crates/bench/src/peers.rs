@@ -337,6 +337,13 @@ where
     let seconds = done_at.duration_since(start).as_secs_f64();
     let duplicates = tally.duplicates.load(Ordering::Relaxed);
     let redelivered = tally.flagged_redelivered.load(Ordering::Relaxed);
+    // Keel's assured messages are exactly once: a duplicate that was not a flagged redelivery
+    // (none happen in this run: nothing fails) is a bug, not a figure.
+    ensure!(
+        system != "keel" || duplicates == 0,
+        "{system} delivered {duplicates} messages twice ({redelivered} flagged redelivered): \
+         assured messages must arrive exactly once"
+    );
     if duplicates > 0 || redelivered > 0 {
         eprintln!(
             "{system}: warning: {duplicates} duplicate deliveries, {redelivered} flagged redelivered"

@@ -185,6 +185,25 @@ impl Prepared {
     }
 }
 
+/// A taken entry as a consumer sees it.
+fn delivery_of(dest: &str, e: Entry) -> Delivery {
+    let properties = if e.properties.is_empty() {
+        Properties::new()
+    } else {
+        serde_json::from_slice(&e.properties).unwrap_or_default()
+    };
+    Delivery {
+        dest: dest.into(),
+        seq: e.seq,
+        id: e.id,
+        priority: e.priority,
+        reliability: reliability_of(e.reliability),
+        delivery_count: e.delivery_count,
+        properties,
+        body: e.body,
+    }
+}
+
 /// The live state of one queue point.
 pub struct QueuePoint {
     pub cfg: DestinationCfg,
@@ -597,21 +616,7 @@ impl Messaging {
                     continue;
                 }
                 q.counters.delivered.fetch_add(1, Ordering::Relaxed);
-                let properties = if e.properties.is_empty() {
-                    Properties::new()
-                } else {
-                    serde_json::from_slice(&e.properties).unwrap_or_default()
-                };
-                return Ok(Some(Delivery {
-                    dest: dest.into(),
-                    seq: e.seq,
-                    id: e.id,
-                    priority: e.priority,
-                    reliability: reliability_of(e.reliability),
-                    delivery_count: e.delivery_count,
-                    properties,
-                    body: e.body,
-                }));
+                return Ok(Some(delivery_of(dest, e)));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -619,6 +624,45 @@ impl Messaging {
             }
             let _ = tokio::time::timeout(left, notified).await;
         }
+    }
+
+    /// Up to `max` messages of `dest` that are available now, in delivery order, without
+    /// waiting: one refill and one lock for all of them (a consumer link with credit for many).
+    pub async fn receive_now(
+        &self,
+        dest: &str,
+        max: usize,
+    ) -> Result<Vec<Delivery>, MessagingError> {
+        assert!(max > 0);
+        self.check_open()?;
+        let q = self.queue(dest)?;
+        self.refill(&q).await?;
+        let mut taken = Vec::with_capacity(max);
+        let mut expired = Vec::new();
+        {
+            let mut st = q.state.lock().expect("queue lock");
+            let now = now_ms();
+            while taken.len() < max {
+                let Some(e) = st.take_next() else { break };
+                if e.expiry_ms.is_some_and(|x| x <= now) {
+                    expired.push(e);
+                } else {
+                    taken.push(delivery_of(dest, e));
+                }
+            }
+        }
+        q.counters
+            .delivered
+            .fetch_add(taken.len() as u64, Ordering::Relaxed);
+        for e in expired {
+            let seq = e.seq;
+            if let Err(err) = self.discard_expired(&q, e).await {
+                // What was taken is handed out all the same; this one stays locked until the
+                // engine restarts (as when `receive` fails to discard).
+                tracing::warn!(dest, seq, error = %err, "could not remove an expired message");
+            }
+        }
+        Ok(taken)
     }
 
     async fn discard_expired(&self, q: &QueuePoint, e: Entry) -> Result<(), MessagingError> {

@@ -57,6 +57,20 @@ async fn delivery_order_accept_and_depth() {
     }
     assert_eq!(got, ["b", "e", "a", "c", "d"]);
     assert_eq!(m.depth("q1").await.unwrap(), 0);
+    // A batch take: what is there now, in the same order, at most `max`, each locked once.
+    for (b, p) in [("a", 4), ("b", 9), ("c", 4), ("d", 0), ("e", 9)] {
+        m.send("q1", msg(b, p)).await.unwrap();
+    }
+    let first = m.receive_now("q1", 3).await.unwrap();
+    let rest = m.receive_now("q1", 10).await.unwrap();
+    assert!(m.receive_now("q1", 10).await.unwrap().is_empty());
+    let bodies: Vec<&[u8]> = first.iter().chain(&rest).map(|d| &d.body[..]).collect();
+    assert_eq!(bodies, [&b"b"[..], b"e", b"a", b"c", b"d"]);
+    assert_eq!(first.len(), 3);
+    for d in first.iter().chain(&rest) {
+        m.settle("q1", d.seq, Outcome::Accepted).await.unwrap();
+    }
+    assert_eq!(m.depth("q1").await.unwrap(), 0);
     // Settling twice is refused.
     let id = m.send("q1", msg("x", 4)).await.unwrap();
     assert!(
