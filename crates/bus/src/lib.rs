@@ -34,7 +34,8 @@ pub mod link;
 use std::collections::BTreeMap;
 
 /// A message's identity: unique for all time, never issued twice, not even by a store copied
-/// back from a backup (the engine's system IDs carry a per-open random part for this reason).
+/// back from a backup: the engine's system IDs carry an incarnation that every start moves to at
+/// least the Unix time in ms (`keel_store::next_incarnation`), for this reason.
 /// The handshake compares identities to find forked stream histories (case 3 above).
 pub trait Identified {
     fn identity(&self) -> String;

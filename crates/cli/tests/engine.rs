@@ -90,8 +90,8 @@ print(AdminControl.invoke(myME, "state"))            // "started"
     let info = store_info(&env);
     assert_eq!(info["restore_state"], "none");
     assert_eq!(
-        info["incarnation"].as_u64(),
-        Some(incarnation_before + 1),
+        info["incarnation"].as_u64().map(|i| i > incarnation_before),
+        Some(true),
         "a FLUSH start begins a new incarnation"
     );
 

@@ -305,13 +305,13 @@ impl Engine {
                 StartMode::Flush => {}
             }
         }
-        if mode == StartMode::Flush {
-            // The stream flush with peer engines (issue 4) goes here, before the mark is
-            // cleared; a single engine has no peers, so its flush is complete at once.
-            info.incarnation = store
-                .begin_incarnation_and_clear_restored()
-                .await
-                .map_err(store_err)?;
+        // Every start mints IDs in a new incarnation, so they are unique for all time even
+        // if this store file is an older copy put back without a restore mark.
+        let flush = mode == StartMode::Flush;
+        // The stream flush with peer engines (issue 4) goes here, before the mark is cleared;
+        // a single engine has no peers, so its flush is complete at once.
+        info.incarnation = store.begin_incarnation(flush).await.map_err(store_err)?;
+        if flush {
             info.restore_state = RestoreState::None;
             emit!(catalog::CWSIP0783E, me = me);
         }

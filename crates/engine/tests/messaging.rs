@@ -73,10 +73,10 @@ async fn delivery_order_accept_and_depth() {
     assert_eq!(m.depth("q1").await.unwrap(), 0);
     // Settling twice is refused.
     let id = m.send("q1", msg("x", 4)).await.unwrap();
-    assert!(
-        id.starts_with("6f1c2f2e-8f0a-4a57-9d1e-1b7c1e0f0a11:1:"),
-        "{id}"
-    );
+    // `<me-uuid>:<incarnation>:<seq>`, the incarnation begun by this start (Unix ms or later).
+    let parts: Vec<&str> = id.split(':').collect();
+    assert_eq!(parts[0], "6f1c2f2e-8f0a-4a57-9d1e-1b7c1e0f0a11", "{id}");
+    assert!(parts[1].parse::<u64>().unwrap() > 1_700_000_000_000, "{id}");
     let d = m.receive("q1", Duration::ZERO).await.unwrap().unwrap();
     m.settle("q1", d.seq, Outcome::Accepted).await.unwrap();
     assert!(matches!(
@@ -526,4 +526,48 @@ async fn batches_keep_order_report_per_message_and_survive_a_restart() {
         after, want,
         "the express message is gone with the stop; order kept"
     );
+}
+
+#[tokio::test]
+async fn ids_stay_unique_when_a_store_file_is_copied_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(dir.path());
+    e.start(StartMode::Normal).await.unwrap();
+    let first = e
+        .messaging()
+        .unwrap()
+        .send("q1", msg("a", 4))
+        .await
+        .unwrap();
+    e.stop(false).await.unwrap();
+    // An operator copies the store file aside, more traffic follows, and the old copy is put
+    // back by hand (no restore mark): the seqs repeat, the IDs must not.
+    let store = dir.path().join("me.sqlite");
+    let copy = dir.path().join("copy.sqlite");
+    std::fs::copy(&store, &copy).unwrap();
+    e.start(StartMode::Normal).await.unwrap();
+    let after_copy = e
+        .messaging()
+        .unwrap()
+        .send("q1", msg("b", 4))
+        .await
+        .unwrap();
+    e.stop(false).await.unwrap();
+    std::fs::copy(&copy, &store).unwrap();
+    e.start(StartMode::Normal).await.unwrap();
+    let after_copy_back = e
+        .messaging()
+        .unwrap()
+        .send("q1", msg("c", 4))
+        .await
+        .unwrap();
+    let seq = |id: &str| id.rsplit(':').next().unwrap().to_string();
+    assert_eq!(
+        seq(&after_copy),
+        seq(&after_copy_back),
+        "the copy reissues the seq"
+    );
+    let ids = BTreeSet::from([first, after_copy, after_copy_back.clone()]);
+    assert_eq!(ids.len(), 3, "an ID was minted twice: {ids:?}");
+    e.stop(false).await.unwrap();
 }

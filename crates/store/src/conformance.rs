@@ -523,18 +523,25 @@ pub async fn incarnation_and_restore_state(b: &dyn Backend) {
     assert_eq!(info.restore_state, RestoreState::None);
     assert_eq!(info.schema_version, crate::SCHEMA_VERSION);
     assert!(!info.location.is_empty());
-    assert_eq!(s.begin_incarnation_and_clear_restored().await.unwrap(), 2);
-    assert_eq!(s.info().await.unwrap().incarnation, 2);
+    // A start: at least the clock (unique even for a store copied back), restore state kept.
+    let before_ms = crate::next_incarnation(0);
+    let first = s.begin_incarnation(false).await.unwrap();
+    assert!(first > 1 && first >= before_ms, "{first} < {before_ms}");
+    assert_eq!(s.info().await.unwrap().incarnation, first);
+    assert_eq!(s.info().await.unwrap().restore_state, RestoreState::None);
+    // A FLUSH start: strictly later again.
+    let second = s.begin_incarnation(true).await.unwrap();
+    assert!(second > first);
     let seq = commit(&*s, vec![put("Q", 4, b"")]).await.assigned_seqs[0];
     let m = &s.page("Q", None, 1).await.unwrap()[0];
     assert_eq!(
         m.id,
-        format!("{UUID}:2:{seq}"),
+        format!("{UUID}:{second}:{seq}"),
         "system ids carry the incarnation"
     );
     let s = reopen(b, "incarnation", s).await;
-    assert_eq!(s.info().await.unwrap().incarnation, 2);
-    assert_eq!(s.begin_incarnation_and_clear_restored().await.unwrap(), 3);
+    assert_eq!(s.info().await.unwrap().incarnation, second);
+    assert!(s.begin_incarnation(false).await.unwrap() > second);
     s.close().await.unwrap();
 }
 

@@ -5,8 +5,10 @@
 //!
 //! What the store guarantees (DESIGN.md §4, §5):
 //! - it is stamped with its ME's UUID and name and refuses to open for another ME;
-//! - it records its *restore state* (`none` / `restored`) and an *incarnation* that a FLUSH start
-//!   bumps, so system message IDs minted after a restore never collide with older ones;
+//! - it records its *restore state* (`none` / `restored`) and an *incarnation* that every start
+//!   of its engine moves to at least the current Unix time in ms (see [`next_incarnation`]), so
+//!   system message IDs are unique for all time: after a restore, and also after a store file was
+//!   copied back behind Keel's back (which the bus handshake relies on, DESIGN §5);
 //! - [`Store::commit`] applies a batch of [`Op`]s atomically and resolves only once durable;
 //!   concurrent batches are group-committed (one transaction, one fsync, many callers);
 //! - messages, transmission-queue entries (`stream`) and small durable state (`SetKv`: stream
@@ -185,6 +187,32 @@ pub struct CommitOutcome {
     pub assigned_seqs: Vec<u64>,
 }
 
+/// The incarnation after `current`: greater than it, and at least the Unix time in ms, so a
+/// store put back to an older copy (whose incarnation is behind) still never reissues one, as
+/// long as the clock does not go back by more than the time since the copy.
+pub fn next_incarnation(current: u64) -> u64 {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let next = current.saturating_add(1).max(now_ms);
+    assert!(next > current, "incarnation space exhausted");
+    next
+}
+
+#[cfg(test)]
+mod incarnation_tests {
+    #[test]
+    fn next_incarnation_is_later_and_follows_the_clock() {
+        let now = super::next_incarnation(0);
+        assert!(now > 1_700_000_000_000, "Unix time in ms: {now}");
+        // Behind the clock (an old copy): jumps to the clock.
+        assert!(super::next_incarnation(5) >= now);
+        // Ahead of the clock (the clock went back): still one more.
+        let ahead = now + 10_000_000;
+        assert_eq!(super::next_incarnation(ahead), ahead + 1);
+    }
+}
+
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
 
 /// A messaging engine's data store. Every method is cancel-safe in the sense that dropping the
@@ -217,9 +245,10 @@ pub trait Store: Send + Sync + 'static {
     /// Every key of `space`, sorted by key.
     fn kv_scan(&self, space: &str) -> StoreFuture<'_, Vec<(String, Vec<u8>)>>;
     fn info(&self) -> StoreFuture<'_, StoreInfo>;
-    /// Bumps and returns the incarnation and sets the restore state to `none`, in one durable
-    /// transaction (a FLUSH start).
-    fn begin_incarnation_and_clear_restored(&self) -> StoreFuture<'_, u64>;
+    /// Moves the incarnation to [`next_incarnation`] and returns it, in one durable
+    /// transaction; with `clear_restored` (a FLUSH start) also sets the restore state to `none`.
+    /// Every start of the engine calls it before minting a message ID.
+    fn begin_incarnation(&self, clear_restored: bool) -> StoreFuture<'_, u64>;
     /// Finishes queued work and releases the store; later calls fail with
     /// [`StoreError::Closed`].
     fn close(&self) -> StoreFuture<'_, ()>;

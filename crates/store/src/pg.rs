@@ -245,6 +245,7 @@ enum WriteReq {
         reply: oneshot::Sender<Result<CommitOutcome>>,
     },
     NewIncarnation {
+        clear_restored: bool,
         reply: oneshot::Sender<Result<u64>>,
     },
     Close {
@@ -511,8 +512,11 @@ impl Writer {
                     let _ = reply.send(());
                     return;
                 }
-                WriteReq::NewIncarnation { reply } => {
-                    let _ = reply.send(self.new_incarnation().await);
+                WriteReq::NewIncarnation {
+                    clear_restored,
+                    reply,
+                } => {
+                    let _ = reply.send(self.new_incarnation(clear_restored).await);
                 }
                 WriteReq::Commit {
                     ops,
@@ -774,7 +778,7 @@ impl Writer {
         Ok(())
     }
 
-    async fn new_incarnation(&mut self) -> Result<u64> {
+    async fn new_incarnation(&mut self, clear_restored: bool) -> Result<u64> {
         let ctx = self.shared.ctx.clone();
         let r: Result<u64> = async {
             self.batch("BEGIN", "begin transaction").await?;
@@ -783,15 +787,17 @@ impl Writer {
                 meta.incarnation, self.incarnation,
                 "incarnation changed behind the writer"
             );
-            let next = meta.incarnation + 1;
+            let next = crate::next_incarnation(meta.incarnation);
             meta_set(&self.client, &ctx, "incarnation", &next.to_string()).await?;
-            meta_set(
-                &self.client,
-                &ctx,
-                "restore_state",
-                RestoreState::None.as_str(),
-            )
-            .await?;
+            if clear_restored {
+                meta_set(
+                    &self.client,
+                    &ctx,
+                    "restore_state",
+                    RestoreState::None.as_str(),
+                )
+                .await?;
+            }
             self.batch("COMMIT", "commit new incarnation").await?;
             Ok(next)
         }
@@ -802,7 +808,7 @@ impl Writer {
                 self.shared
                     .transactions_committed
                     .fetch_add(1, Ordering::Relaxed);
-                tracing::info!(me = %ctx.me, incarnation = next, "began new incarnation; restore state cleared");
+                tracing::info!(me = %ctx.me, incarnation = next, clear_restored, "began new incarnation");
                 Ok(next)
             }
             Err(e) => {
@@ -1024,14 +1030,17 @@ impl Store for PgStore {
         })
     }
 
-    fn begin_incarnation_and_clear_restored(&self) -> StoreFuture<'_, u64> {
+    fn begin_incarnation(&self, clear_restored: bool) -> StoreFuture<'_, u64> {
         Box::pin(async move {
             if self.shared.closed.load(Ordering::Acquire) {
                 return Err(self.closed_err());
             }
             let (tx, rx) = oneshot::channel();
             self.writer_tx
-                .send(WriteReq::NewIncarnation { reply: tx })
+                .send(WriteReq::NewIncarnation {
+                    clear_restored,
+                    reply: tx,
+                })
                 .await
                 .map_err(|_| self.closed_err())?;
             rx.await.map_err(|_| self.closed_err())?

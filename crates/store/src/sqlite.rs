@@ -324,6 +324,7 @@ enum WriteReq {
         reply: oneshot::Sender<Result<CommitOutcome>>,
     },
     NewIncarnation {
+        clear_restored: bool,
         reply: oneshot::Sender<Result<u64>>,
     },
     Close {
@@ -819,8 +820,11 @@ impl Writer {
                     let _ = reply.send(());
                     return;
                 }
-                WriteReq::NewIncarnation { reply } => {
-                    let _ = reply.send(self.new_incarnation());
+                WriteReq::NewIncarnation {
+                    clear_restored,
+                    reply,
+                } => {
+                    let _ = reply.send(self.new_incarnation(clear_restored));
                 }
                 WriteReq::LimitPages { pages, reply } => {
                     let ctx = self.ctx();
@@ -969,7 +973,7 @@ impl Writer {
         }
     }
 
-    fn new_incarnation(&mut self) -> Result<u64> {
+    fn new_incarnation(&mut self, clear_restored: bool) -> Result<u64> {
         let ctx = self.ctx();
         let tx = self
             .conn
@@ -980,15 +984,17 @@ impl Writer {
             meta.incarnation, self.incarnation,
             "incarnation changed behind the writer"
         );
-        let next = meta.incarnation + 1;
+        let next = crate::next_incarnation(meta.incarnation);
         meta_set(&tx, &ctx, "incarnation", &next.to_string())?;
-        meta_set(&tx, &ctx, "restore_state", RestoreState::None.as_str())?;
+        if clear_restored {
+            meta_set(&tx, &ctx, "restore_state", RestoreState::None.as_str())?;
+        }
         tx.commit().map_err(ctx.err("commit new incarnation"))?;
         self.incarnation = next;
         self.shared
             .transactions_committed
             .fetch_add(1, Ordering::Relaxed);
-        tracing::info!(me = %ctx.me, incarnation = next, "began new incarnation; restore state cleared");
+        tracing::info!(me = %ctx.me, incarnation = next, clear_restored, "began new incarnation");
         Ok(next)
     }
 }
@@ -1368,14 +1374,17 @@ impl Store for SqliteStore {
         })
     }
 
-    fn begin_incarnation_and_clear_restored(&self) -> StoreFuture<'_, u64> {
+    fn begin_incarnation(&self, clear_restored: bool) -> StoreFuture<'_, u64> {
         Box::pin(async move {
             if self.shared.closed.load(Ordering::Acquire) {
                 return Err(self.closed_err());
             }
             let (tx, rx) = oneshot::channel();
             self.writer_tx
-                .send(WriteReq::NewIncarnation { reply: tx })
+                .send(WriteReq::NewIncarnation {
+                    clear_restored,
+                    reply: tx,
+                })
                 .await
                 .map_err(|_| self.closed_err())?;
             rx.await.map_err(|_| self.closed_err())?

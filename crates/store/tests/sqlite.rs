@@ -536,8 +536,15 @@ async fn backup_while_writing_then_restore() {
             "seq {seq}, acknowledged before the backup, is missing"
         );
     }
-    // A FLUSH start clears the mark and moves to a new incarnation.
-    assert_eq!(r.begin_incarnation_and_clear_restored().await.unwrap(), 2);
+    // A forced normal start keeps the mark; a FLUSH start clears it; each moves to a new
+    // incarnation.
+    let forced = r.begin_incarnation(false).await.unwrap();
+    assert!(forced > info.incarnation);
+    assert_eq!(
+        r.info().await.unwrap().restore_state,
+        RestoreState::Restored
+    );
+    assert!(r.begin_incarnation(true).await.unwrap() > forced);
     assert_eq!(r.info().await.unwrap().restore_state, RestoreState::None);
     r.close().await.unwrap();
 }
