@@ -199,20 +199,6 @@ pub fn next_incarnation(current: u64) -> u64 {
     next
 }
 
-#[cfg(test)]
-mod incarnation_tests {
-    #[test]
-    fn next_incarnation_is_later_and_follows_the_clock() {
-        let now = super::next_incarnation(0);
-        assert!(now > 1_700_000_000_000, "Unix time in ms: {now}");
-        // Behind the clock (an old copy): jumps to the clock.
-        assert!(super::next_incarnation(5) >= now);
-        // Ahead of the clock (the clock went back): still one more.
-        let ahead = now + 10_000_000;
-        assert_eq!(super::next_incarnation(ahead), ahead + 1);
-    }
-}
-
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
 
 /// A messaging engine's data store. Every method is cancel-safe in the sense that dropping the
@@ -252,4 +238,18 @@ pub trait Store: Send + Sync + 'static {
     /// Finishes queued work and releases the store; later calls fail with
     /// [`StoreError::Closed`].
     fn close(&self) -> StoreFuture<'_, ()>;
+}
+
+#[cfg(test)]
+mod incarnation_tests {
+    #[test]
+    fn next_incarnation_is_later_and_follows_the_clock() {
+        let now = super::next_incarnation(0);
+        assert!(now > 1_700_000_000_000, "Unix time in ms: {now}");
+        // Behind the clock (an old copy): jumps to the clock.
+        assert!(super::next_incarnation(5) >= now);
+        // Ahead of the clock (the clock went back): still one more.
+        let ahead = now + 10_000_000;
+        assert_eq!(super::next_incarnation(ahead), ahead + 1);
+    }
 }
