@@ -29,6 +29,7 @@
 //! Invariants (asserted): `acked < next_tick`; the unacked ticks are exactly
 //! `acked+1 .. next_tick`; a target's prefix only grows within one stream.
 
+pub mod auth;
 pub mod link;
 
 use std::collections::BTreeMap;
