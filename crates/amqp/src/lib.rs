@@ -83,12 +83,54 @@ pub struct Hosted {
     pub max_message_bytes: u64,
 }
 
+/// Takes over a bus-port connection that opened with the ME-to-ME link header (`KEEL`).
+pub type LinkHandler = Arc<
+    dyn Fn(TcpStream, SocketAddr) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync,
+>;
+
 /// What the endpoint serves.
 pub struct Settings {
     pub server: String,
     /// (user, password) pairs for SASL PLAIN.
     pub users: Arc<Vec<(String, String)>>,
     pub hosted: Vec<Hosted>,
+    /// ME-to-ME links on the same port, told apart by their first four bytes.
+    pub links: Option<LinkHandler>,
+}
+
+/// How long a new connection may take to send its first four bytes (protocol header).
+pub const HEADER_WAIT_MS: u64 = 10_000;
+
+/// What a connection opened with.
+enum Opening {
+    Link,
+    Amqp,
+    Gone,
+}
+
+/// Peeks (without consuming) at the first four bytes: `KEEL` is an ME-to-ME link, anything else
+/// goes to the AMQP stack, which checks its own header. Bounded by HEADER_WAIT_MS.
+async fn opening(sock: &TcpStream) -> Opening {
+    let look = async {
+        let mut head = [0u8; 4];
+        loop {
+            match sock.peek(&mut head).await {
+                Ok(0) | Err(_) => return Opening::Gone,
+                Ok(n) if n >= 4 => {
+                    return if &head == b"KEEL" {
+                        Opening::Link
+                    } else {
+                        Opening::Amqp
+                    };
+                }
+                // Fewer than four bytes so far: peek returns at once, so wait for more.
+                Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_millis(HEADER_WAIT_MS), look)
+        .await
+        .unwrap_or(Opening::Gone)
 }
 
 impl Settings {
@@ -147,7 +189,19 @@ pub async fn serve(listener: TcpListener, settings: Arc<Settings>) {
         let _ = sock.set_nodelay(true);
         let settings = settings.clone();
         tokio::spawn(async move {
-            connection(sock, peer, settings).await;
+            match opening(&sock).await {
+                Opening::Amqp => connection(sock, peer, settings).await,
+                Opening::Link => match &settings.links {
+                    Some(handler) => handler(sock, peer).await,
+                    None => emit!(
+                        catalog::CWSIT0004W,
+                        peer = peer,
+                        me = "unknown",
+                        why = "this server hosts no messaging engine that takes links"
+                    ),
+                },
+                Opening::Gone => {}
+            }
             drop(slot);
         });
     }

@@ -21,12 +21,7 @@ fn started(env: &Env) -> (u16, String) {
     env.ok(&["destination", "create", "bus1", "prices", "--type", "topic"]);
     env.ok(&["node", "start"]);
     env.ok(&["server", "start", "server1"]);
-    let bus = env.status("server1")["endpoints"]["bus"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let port = bus.rsplit(':').next().unwrap().parse().unwrap();
-    (port, env.admin_password())
+    (env.bus_port("server1"), env.admin_password())
 }
 
 fn receive_all(env: &Env, dest: &str) -> Vec<String> {

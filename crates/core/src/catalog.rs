@@ -158,6 +158,15 @@ catalog! {
     CWSIT0003W, Warning, "AMQP link {link} from {peer} refused: {why}.",
         "A client attached a link to an address this server cannot serve: an undefined destination, one held by another messaging engine, a stopped engine, or an anonymous client on a bus that requires authentication.",
         "Create the destination (`keel destination create`), connect to the server whose engine holds it, or start the engine (`keel me start`).";
+    CWSIT0004W, Warning, "Messaging engine link from {peer} (engine {me}) refused: {why}.",
+        "Another process opened an ME-to-ME link on the bus port but was not let in: it names another bus or an engine that is not a member of this bus, its credential does not match this bus's link key, or its frames are malformed. Nothing it sent was taken.",
+        "Check that both servers belong to the same profile and bus (`keel bus show`), that the engine is a member (`keel bus add-member`), and that the two machines' clocks agree within two minutes.";
+    CWSIT0005I, Info, "Messaging engine link from {me} at {peer} accepted for bus {bus}.",
+        "A member engine of the bus opened an ME-to-ME link and proved its credential.",
+        "None.";
+    CWSIT0006I, Info, "Messaging engine link from {me} closed: {why}.",
+        "An accepted ME-to-ME link ended.",
+        "None if the peer was stopped; otherwise look at the peer server's log.";
     // --- messaging (named by the restore procedure) ----------------------------------------------
     CWSIP0783E, Error, "Messaging engine {me} started; flush of all delivery streams completed.",
         "The engine was started in restart-after-restore (FLUSH) mode and every peer confirmed the new delivery streams. New messages are neither lost nor duplicated from here on.",

@@ -30,6 +30,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+pub mod links;
 pub mod recovery;
 
 #[derive(Debug, Clone)]
@@ -264,6 +265,14 @@ async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
                 }
             })
             .collect(),
+        links: Some(
+            Arc::new(links::LinkAcceptor::new(
+                &cfg,
+                &engines,
+                password.as_bytes(),
+            ))
+            .handler(),
+        ),
     });
     let credential = Credential {
         user: "admin".into(),

@@ -191,6 +191,15 @@ impl Env {
         });
     }
 
+    /// The port of a started server's bus endpoint (AMQP and ME-to-ME links).
+    pub fn bus_port(&self, server: &str) -> u16 {
+        let bus = self.status(server)["endpoints"]["bus"]
+            .as_str()
+            .expect("a started server has a bus endpoint")
+            .to_string();
+        bus.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
     pub fn admin_password(&self) -> String {
         std::fs::read_to_string(self.profile.join("secrets/admin-password"))
             .unwrap()
