@@ -105,8 +105,7 @@ print(AdminControl.invoke(myME, "state"))            // "started"
 #[test]
 fn a_backup_of_another_engine_is_refused_and_changes_nothing() {
     let env = Env::new();
-    env.ok(&["server", "create", "server2"]);
-    env.ok(&["bus", "add-member", "bus1", "--server", "server2"]);
+    env.add_second_member();
     env.ok(&["node", "start"]);
     env.ok(&["server", "start", "server1"]);
     env.ok(&["server", "start", "server2"]);

@@ -86,8 +86,7 @@ fn closed_because(frames: &[LinkFrame]) -> String {
 #[test]
 fn member_engines_are_let_in_and_strangers_are_refused() {
     let env = Env::new();
-    env.ok(&["server", "create", "server2"]);
-    env.ok(&["bus", "add-member", "bus1", "--server", "server2"]);
+    env.add_second_member();
     env.ok(&["node", "start"]);
     env.ok(&["server", "start", "server1"]);
     let port = env.bus_port("server1");
@@ -196,5 +195,51 @@ fn member_engines_are_let_in_and_strangers_are_refused() {
         "{log}"
     );
     assert!(log.contains("checksum"), "{log}");
+    env.ok(&["node", "stop", "--stop-servers"]);
+}
+
+#[test]
+fn member_engines_link_up_and_relink_after_a_peer_restarts() {
+    let env = Env::new();
+    env.add_second_member();
+    env.ok(&["node", "start"]);
+    env.ok(&["server", "start", "server1"]);
+    env.ok(&["server", "start", "server2"]);
+    let linked = |server: &str, to: &str| {
+        let line = format!(
+            "CWSIT0007I: Messaging engine {} linked to messaging engine {to}",
+            if server == "server1" { ME1 } else { ME2 }
+        );
+        env.log(server).matches(&line).count()
+    };
+    env.wait_for(Duration::from_secs(20), "links both ways", || {
+        (linked("server1", ME2) >= 1 && linked("server2", ME1) >= 1).then_some(())
+    });
+    assert!(env
+        .log("server2")
+        .contains(&format!("CWSIT0005I: Messaging engine link from {ME1}")));
+    assert!(env
+        .log("server1")
+        .contains(&format!("CWSIT0005I: Messaging engine link from {ME2}")));
+
+    // The peer goes away: the loss is logged once; when it is back, the link comes up again.
+    env.ok(&["server", "stop", "server2"]);
+    env.wait_for(Duration::from_secs(20), "the loss logged", || {
+        env.log("server1")
+            .contains(&format!(
+                "CWSIT0008W: Messaging engine {ME1} has no link to messaging engine {ME2}"
+            ))
+            .then_some(())
+    });
+    env.ok(&["server", "start", "server2"]);
+    env.wait_for(Duration::from_secs(30), "the link again", || {
+        (linked("server1", ME2) >= 2).then_some(())
+    });
+    let log = env.log("server1");
+    let warnings = log.matches("CWSIT0008W").count();
+    assert!(
+        warnings <= 4,
+        "one line per distinct reason, not one per attempt: {log}"
+    );
     env.ok(&["node", "stop", "--stop-servers"]);
 }

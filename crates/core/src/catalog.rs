@@ -167,6 +167,12 @@ catalog! {
     CWSIT0006I, Info, "Messaging engine link from {me} closed: {why}.",
         "An accepted ME-to-ME link ended.",
         "None if the peer was stopped; otherwise look at the peer server's log.";
+    CWSIT0007I, Info, "Messaging engine {me} linked to messaging engine {peer} at {address}.",
+        "This server's engine opened an ME-to-ME link to a member engine of its bus and checked that engine's credential.",
+        "None.";
+    CWSIT0008W, Warning, "Messaging engine {me} has no link to messaging engine {peer} at {address}: {why}; retrying with back-off.",
+        "The link to another member engine of the bus could not be opened or was lost. This server keeps trying (from 0.1 s up to every 10 s) and logs again only when the reason changes.",
+        "Start the peer's server and engine if they are stopped; otherwise check the reason: a refusal names what the peer did not accept.";
     // --- messaging (named by the restore procedure) ----------------------------------------------
     CWSIP0783E, Error, "Messaging engine {me} started; flush of all delivery streams completed.",
         "The engine was started in restart-after-restore (FLUSH) mode and every peer confirmed the new delivery streams. New messages are neither lost nor duplicated from here on.",

@@ -251,6 +251,8 @@ async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
             let _ = rx.wait_for(|v| v.is_some()).await;
         }
     };
+    // Links derive each bus's key from the profile's admin credential (`keel_bus::auth`).
+    let link_secret = password.clone();
     let amqp_settings = Arc::new(keel_amqp::Settings {
         server: opts.server.clone(),
         users: Arc::new(vec![("admin".to_string(), password.clone())]),
@@ -288,6 +290,7 @@ async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
     // so a client that connects during the start waits in the backlog instead of being
     // refused with "not started".
     let mut bus_task = None;
+    let mut link_tasks = tokio::task::JoinSet::new();
     spawn_signal_watch(stop_tx.clone());
 
     if opts.recovery {
@@ -307,6 +310,15 @@ async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
     } else {
         start_engines(&cfg, &engines).await;
         bus_task = bus_listener.map(|l| tokio::spawn(keel_amqp::serve(l, amqp_settings)));
+        for e in &engines {
+            for peer in links::peers_of(&cfg, e) {
+                link_tasks.spawn(links::keep_linked(
+                    e.clone(),
+                    link_secret.as_bytes().to_vec(),
+                    peer,
+                ));
+            }
+        }
         faults::hit("server.before_open");
         emit!(
             catalog::WSVR0001I,
@@ -337,6 +349,7 @@ async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
     if let Some(t) = bus_task {
         t.abort();
     }
+    link_tasks.abort_all();
     for e in &engines {
         if e.state() == keel_engine::MeState::Started {
             if let Err(err) = e.stop(false).await {

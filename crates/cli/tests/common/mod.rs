@@ -191,6 +191,12 @@ impl Env {
         });
     }
 
+    /// Creates server2 and makes it a member of bus1 (engine node01.server2-bus1).
+    pub fn add_second_member(&self) {
+        self.ok(&["server", "create", "server2"]);
+        self.ok(&["bus", "add-member", "bus1", "--server", "server2"]);
+    }
+
     /// The port of a started server's bus endpoint (AMQP and ME-to-ME links).
     pub fn bus_port(&self, server: &str) -> u16 {
         let bus = self.status(server)["endpoints"]["bus"]
