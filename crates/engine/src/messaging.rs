@@ -141,6 +141,18 @@ impl Transaction {
 
 impl Drop for Transaction {
     fn drop(&mut self) {
+        if self.done {
+            if !self.settles.is_empty() {
+                // Its commit was abandoned while the store had it: whether it took effect is
+                // unknown, so its deliveries stay claimed (never handed out twice) until the
+                // engine restarts and reads the store.
+                tracing::warn!(
+                    deliveries = self.settles.len(),
+                    "a transaction commit was abandoned; its deliveries stay claimed until the engine restarts"
+                );
+            }
+            return;
+        }
         for (q, e, _) in self.settles.drain(..) {
             let mut st = q.state.lock().expect("queue lock");
             st.release(e);
@@ -181,6 +193,36 @@ impl Prepared {
             properties: self.properties,
             body,
             persistent,
+        }
+    }
+}
+
+/// Marks a refill as no longer running if its read is dropped (see `Messaging::refill`).
+struct AbortRefillOnDrop<'a>(&'a QueuePoint);
+
+impl Drop for AbortRefillOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.state.lock().expect("queue lock").abort_refill();
+    }
+}
+
+/// Armed across a store commit that inserts messages: if the future is dropped before their
+/// offers (the caller went away), the queues forget their windows so a refill finds the rows,
+/// instead of leaving them unseen until a restart.
+struct OffersPending {
+    queues: Vec<Arc<QueuePoint>>,
+}
+
+impl OffersPending {
+    fn done(mut self) {
+        self.queues.clear();
+    }
+}
+
+impl Drop for OffersPending {
+    fn drop(&mut self) {
+        for q in &self.queues {
+            q.state.lock().expect("queue lock").forget_window();
         }
     }
 }
@@ -545,6 +587,9 @@ impl Messaging {
         }
         if !ops.is_empty() {
             let mark = q.state.lock().expect("queue lock").refill_mark();
+            let pending = OffersPending {
+                queues: vec![q.clone()],
+            };
             let out = self.store.commit(ops).await?;
             keel_core::faults::hit("me.after_store_commit");
             assert_eq!(
@@ -560,6 +605,7 @@ impl Messaging {
                 results[i] = Some(Ok(id));
             }
             drop(st);
+            pending.done();
             q.counters.sent.fetch_add(stored, Ordering::Relaxed);
             q.counters.depth.fetch_add(stored, Ordering::Relaxed);
             // One wake per message: each may serve a different waiting consumer.
@@ -580,13 +626,11 @@ impl Messaging {
             return Ok(());
         };
         let after = cursor.map(|(p, s)| (p.0, s));
-        let page = match self.store.page(&q.cfg.name, after, REFILL_BATCH).await {
-            Ok(page) => page,
-            Err(e) => {
-                q.state.lock().expect("queue lock").abort_refill();
-                return Err(e.into());
-            }
-        };
+        // A receive dropped during the read (its consumer went away) must not leave the
+        // refill marked as running: the sets that track it would grow with the backlog.
+        let abort = AbortRefillOnDrop(q);
+        let page = self.store.page(&q.cfg.name, after, REFILL_BATCH).await?;
+        std::mem::forget(abort);
         let complete = page.len() < REFILL_BATCH;
         q.state.lock().expect("queue lock").refill(
             page.into_iter().map(entry_of).collect(),
@@ -1009,6 +1053,9 @@ impl Messaging {
                 .iter()
                 .map(|q| q.state.lock().expect("queue lock").refill_mark())
                 .collect();
+            let pending = OffersPending {
+                queues: subs.clone(),
+            };
             let out = self.store.commit(ops).await?;
             keel_core::faults::hit("me.after_store_commit");
             for ((q, seq), mark) in subs.iter().zip(out.assigned_seqs).zip(marks) {
@@ -1020,6 +1067,7 @@ impl Messaging {
                     .expect("queue lock")
                     .offer_persistent(e, mark);
             }
+            pending.done();
         } else {
             for q in &subs {
                 let seq = self.volatile_seq.fetch_add(1, Ordering::Relaxed);
@@ -1161,20 +1209,25 @@ impl Messaging {
             .map(|s| s.q.state.lock().expect("queue lock").refill_mark())
             .collect();
         let mut seqs = Vec::new().into_iter();
+        // From here the outcome may be in the store even if this future is dropped: the
+        // transaction must not release its deliveries on drop (see `Drop for Transaction`).
+        tx.done = true;
+        let pending = OffersPending {
+            queues: tx.sends.iter().map(|s| s.q.clone()).collect(),
+        };
         if !ops.is_empty() {
             match self.store.commit(ops).await {
                 Ok(out) => seqs = out.assigned_seqs.into_iter(),
                 Err(err) => {
+                    pending.done();
                     for (q, e, _) in tx.settles.drain(..) {
                         q.state.lock().expect("queue lock").unclaim(e);
                     }
-                    tx.done = true;
                     return Err(err.into());
                 }
             }
         }
         keel_core::faults::hit("me.after_store_commit");
-        tx.done = true;
         let mut ids = Vec::with_capacity(tx.sends.len());
         for (s, mark) in std::mem::take(&mut tx.sends).into_iter().zip(marks) {
             let p = s.prepared;
@@ -1198,6 +1251,7 @@ impl Messaging {
             s.q.notify.notify_one();
             ids.push(id);
         }
+        pending.done();
         for (q, e, plan) in std::mem::take(&mut tx.settles) {
             self.settle_apply(&q, e, &plan)?;
         }

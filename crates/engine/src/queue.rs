@@ -53,9 +53,10 @@ pub struct RefillMark {
 }
 
 impl RefillMark {
-    /// A mark that assumes a refill overlapped (always safe, sometimes a re-read).
+    /// A mark from before any refill: every remembered page is looked at, and when pages
+    /// were forgotten the offer takes the re-read path (safe, sometimes slower).
     pub const UNKNOWN: RefillMark = RefillMark {
-        epoch: u64::MAX,
+        epoch: 0,
         refilling: true,
     };
 }
@@ -113,6 +114,11 @@ pub struct QueueState {
     loaded_forgotten_epoch: u64,
     /// Bound of `loaded_pages` (LOADED_PAGES_KEPT; tests use small ones).
     pub loaded_pages_max: usize,
+    /// Messages released back to the store side while a refill was in flight, as they are
+    /// now (the read may return an older copy). Bounded by claimed deliveries.
+    restored_meanwhile: HashMap<u64, Entry>,
+    /// The refill in flight must be dropped (the window was forgotten meanwhile).
+    refill_void: bool,
     /// Bound of `window` (WINDOW_MAX; tests use small ones to exercise eviction).
     pub window_max: usize,
     /// Persistent offers left to the store (not put in the window). A refill that read the
@@ -215,6 +221,11 @@ impl QueueState {
         };
         if !covered {
             self.skipped_offers += 1;
+            if self.refilling.is_some() {
+                // The read in flight may return this row as it was before its settle
+                // committed (an older delivery count): the refill takes this copy instead.
+                self.restored_meanwhile.insert(e.seq, e);
+            }
             return; // the next refill reads it from the store
         }
         self.window.insert(k, e);
@@ -222,6 +233,17 @@ impl QueueState {
             self.loaded_up_to = Some(k);
         }
         self.evict_over_bound();
+    }
+
+    /// Forgets what the window holds and reads the queue again from its start: for when sends
+    /// may have committed rows whose offers will never come (the sending future was dropped).
+    pub fn forget_window(&mut self) {
+        // A read in flight may have missed those rows and would move the cursor past them.
+        self.refill_void = self.refilling.is_some();
+        self.window.clear();
+        self.loaded_up_to = None;
+        self.store_has_more = true;
+        self.skipped_offers += 1;
     }
 
     fn evict_over_bound(&mut self) {
@@ -245,18 +267,22 @@ impl QueueState {
             return None;
         }
         self.refilling = Some(self.loaded_up_to);
+        self.refill_void = false;
         self.refill_epoch += 1;
         self.gone.clear();
         self.offered_meanwhile.clear();
+        self.restored_meanwhile.clear();
         Some((self.loaded_up_to, self.skipped_offers))
     }
 
     /// The read of a refill failed: nothing to apply.
     pub fn abort_refill(&mut self) {
         self.refilling = None;
+        self.refill_void = false;
         self.refill_epoch += 1;
         self.gone.clear();
         self.offered_meanwhile.clear();
+        self.restored_meanwhile.clear();
     }
 
     /// Takes a locked delivery out of `locked` to settle it; until [`QueueState::settled`] or
@@ -317,7 +343,8 @@ impl QueueState {
         self.refill_epoch += 1;
         let gone = std::mem::take(&mut self.gone);
         let offered = std::mem::take(&mut self.offered_meanwhile);
-        if cursor != self.loaded_up_to {
+        let mut restored = std::mem::take(&mut self.restored_meanwhile);
+        if cursor != self.loaded_up_to || std::mem::take(&mut self.refill_void) {
             // Evicted meanwhile: the page starts after messages the window no longer holds.
             // Drop it; the next refill reads from the new cursor.
             return;
@@ -348,7 +375,9 @@ impl QueueState {
                 continue; // in flight to a consumer, being settled, or settled: not available
             }
             loaded.push(e.seq);
-            self.window.insert(k, e);
+            // What memory holds is at least as fresh as what the read saw.
+            let e = restored.remove(&e.seq).unwrap_or(e);
+            self.window.entry(k).or_insert(e);
         }
         if self.loaded_pages.len() >= self.loaded_pages_max {
             let (epoch, _) = self.loaded_pages.pop_front().expect("full");
@@ -436,6 +465,8 @@ mod tests {
         Apply,
         /// The refill's future is dropped (a consumer went away).
         Abandon,
+        /// A send's future is dropped after its commit, before its offer.
+        Cancel(usize),
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -449,6 +480,7 @@ mod tests {
             1 => Just(Step::Read),
             1 => Just(Step::Apply),
             1 => Just(Step::Abandon),
+            1 => any::<usize>().prop_map(Step::Cancel),
         ]
     }
 
@@ -474,7 +506,11 @@ mod tests {
             let mut refill = Refill::Idle;
             let take = |q: &mut QueueState, store: &BTreeMap<Key, Entry>, held: &mut HashSet<u64>| -> Result<bool, TestCaseError> {
                 let Some(e) = q.take_next() else { return Ok(false) };
-                prop_assert!(store.contains_key(&e.key()), "message {} handed out after its row was deleted", e.seq);
+                let Some(row) = store.get(&e.key()) else {
+                    prop_assert!(false, "message {} handed out after its row was deleted", e.seq);
+                    unreachable!()
+                };
+                prop_assert_eq!(e.delivery_count, row.delivery_count, "message {} handed out with a stale delivery count", e.seq);
                 prop_assert!(held.insert(e.seq), "message {} handed out while a consumer holds it", e.seq);
                 Ok(true)
             };
@@ -507,10 +543,18 @@ mod tests {
                             q.settled(e.seq, true);
                             held.remove(&e.seq);
                         } else {
-                            q.settled(e.seq, false);
+                            // Failed: the count goes up in the store, then in memory.
+                            let mut e = e;
+                            store.get_mut(&e.key()).expect("held rows exist").delivery_count += 1;
+                            e.delivery_count += 1;
                             held.remove(&e.seq);
-                            q.restore_persistent(e);
+                            q.release(e);
                         }
+                    }
+                    Step::Cancel(i) if !pending.is_empty() => {
+                        // A send whose future was dropped after its commit: no offer comes.
+                        pending.remove(i % pending.len());
+                        q.forget_window();
                     }
                     Step::BeginRefill if matches!(refill, Refill::Idle) => {
                         if let Some((cursor, skipped)) = q.begin_refill() {
@@ -529,10 +573,20 @@ mod tests {
                             q.refill(page, complete, skipped);
                         }
                     }
-                    Step::Abandon => refill = Refill::Idle,
+                    Step::Abandon => {
+                        // The read's future is dropped: the engine's guard aborts the refill.
+                        if !matches!(refill, Refill::Idle) {
+                            q.abort_refill();
+                        }
+                        refill = Refill::Idle;
+                    }
                     _ => {}
                 }
                 prop_assert!(q.window.len() <= window_max);
+                // What tracks a refill exists only while one runs (bounded by it).
+                if q.refilling.is_none() {
+                    prop_assert!(q.gone.is_empty() && q.offered_meanwhile.is_empty() && q.restored_meanwhile.is_empty());
+                }
             }
             // Quiesce: every task finishes, consumers accept everything, refills run in turn.
             for (e, mark) in pending.drain(..) {
