@@ -435,7 +435,10 @@ fn deliveries_of_a_closed_connection_are_released() {
         // Neither settled nor detached: the connection just ends.
         drop(rcv);
         drop(s);
-        c.close().await.unwrap();
+        // fe2o3's client may answer this close with IllegalState (it still flushes the dropped
+        // session's frames after sending Close: a client-side race, seen in 3 of 15 runs); its
+        // connection ends either way, which is all this test needs.
+        let _ = c.close().await;
 
         let (mut c, mut s) = open(port, &password).await;
         let got = drain_numbers(&mut s, "q1", Duration::from_secs(5)).await;
