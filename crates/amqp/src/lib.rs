@@ -545,7 +545,10 @@ fn route(settings: &Settings, principal: &Principal, attach: &Attach) -> Result<
         .iter()
         .any(|d| d.name == dest && d.kind == keel_config::DestinationKind::Topic);
     let topic = (attach.role == Role::Receiver && is_topic).then(|| (dest.clone(), durable));
-    if !is_topic {
+    // A client may send to a queue on another engine of the bus (its messages travel on a
+    // delivery stream); receiving needs the queue here.
+    let remote_put = attach.role == Role::Sender && messaging.remote_queue(&dest).is_some();
+    if !is_topic && !remote_put {
         // Queues and subscriptions must be served by this engine; refuse now, not per message.
         messaging
             .queue(&dest)

@@ -354,6 +354,12 @@ impl Target {
         }
     }
 
+    /// A stream's prefix as this target's store recorded it (read when a link comes up).
+    pub fn restore(&mut self, stream_id: &str, tick: u64, identity: Option<String>) {
+        self.prefixes
+            .insert(stream_id.to_string(), Prefix { tick, identity });
+    }
+
     /// FLUSH: forget a stream the source has replaced.
     pub fn discard(&mut self, stream_id: &str) {
         self.prefixes.remove(stream_id);

@@ -448,3 +448,132 @@ fn deliveries_of_a_closed_connection_are_released() {
     });
     env.ok(&["node", "stop", "--stop-servers"]);
 }
+
+/// server1 and server2 on bus1, queue q2 on server2's engine, the node agent and server1
+/// started (server2 is left to the test).
+fn remote_queue_env() -> Env {
+    let env = Env::new();
+    env.add_second_member();
+    env.ok(&[
+        "destination",
+        "create",
+        "bus1",
+        "q2",
+        "--type",
+        "queue",
+        "--me",
+        "node01.server2-bus1",
+    ]);
+    env.ok(&["node", "start"]);
+    env.ok(&["server", "start", "server1"]);
+    env
+}
+
+#[test]
+fn messages_for_a_queue_on_another_engine_arrive_there_exactly_once() {
+    let env = remote_queue_env();
+    let password = env.admin_password();
+    let port1 = env.bus_port("server1");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // Everything that arrives until `want` messages did or `limit` passed.
+    let drain_all = |port: u16, want: usize, limit: Duration| {
+        rt.block_on(async {
+            let (mut c, mut s) = open(port, &password).await;
+            let mut got = Vec::new();
+            let deadline = std::time::Instant::now() + limit;
+            while got.len() < want && std::time::Instant::now() < deadline {
+                got.extend(drain_numbers(&mut s, "q2", Duration::from_secs(2)).await);
+            }
+            s.end().await.unwrap();
+            let _ = c.close().await;
+            got
+        })
+    };
+    rt.block_on(async {
+        let (mut c, mut s) = open(port1, &password).await;
+        let mut snd = Sender::attach(&mut s, "p", "q2").await.unwrap();
+        // The queue's engine is down: accepted means durable on server1's transmission queue.
+        for n in 0..100 {
+            let o = snd.send(numbered(n)).await.unwrap();
+            assert!(matches!(o, Outcome::Accepted(_)), "{o:?}");
+        }
+        env.ok(&["server", "start", "server2"]);
+        for n in 100..200 {
+            let o = snd.send(numbered(n)).await.unwrap();
+            assert!(matches!(o, Outcome::Accepted(_)), "{o:?}");
+        }
+        snd.close().await.unwrap();
+        s.end().await.unwrap();
+        c.close().await.unwrap();
+    });
+    let port2 = env.bus_port("server2");
+    let mut got = drain_all(port2, 200, Duration::from_secs(30));
+    got.sort_unstable();
+    assert_eq!(got, (0..200).collect::<Vec<_>>(), "every message once");
+    // A restart of the source resends nothing the target already has.
+    env.ok(&["server", "stop", "server1"]);
+    env.ok(&["server", "start", "server1"]);
+    env.wait_for(Duration::from_secs(20), "the link again", || {
+        (env.log("server1").matches("CWSIT0007I").count() >= 2).then_some(())
+    });
+    assert!(
+        drain_all(port2, 1, Duration::from_secs(3)).is_empty(),
+        "nothing arrives twice"
+    );
+    env.ok(&["node", "stop", "--stop-servers"]);
+}
+
+#[test]
+fn delivery_streams_survive_crashes_of_either_engine_without_loss_or_duplicates() {
+    let env = remote_queue_env();
+    // The target crashes right after storing its first batch, before acknowledging it; the node
+    // agent restarts it (without the fault) and the source resends what was not acknowledged.
+    let mut c = env.cmd(&["server", "start", "server2"]);
+    c.env("KEEL_FAULTS", "bus.target_after_commit:crash");
+    assert!(c.status().unwrap().success());
+    let password = env.admin_password();
+    let port1 = env.bus_port("server1");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let send = |range: std::ops::Range<u64>| {
+        rt.block_on(async {
+            let (mut c, mut s) = open(port1, &password).await;
+            let mut snd = Sender::attach(&mut s, "p", "q2").await.unwrap();
+            for n in range {
+                let o = snd.send(numbered(n)).await.unwrap();
+                assert!(matches!(o, Outcome::Accepted(_)), "{o:?}");
+            }
+            snd.close().await.unwrap();
+            s.end().await.unwrap();
+            let _ = c.close().await;
+        })
+    };
+    send(0..300);
+    env.wait_restarted("server2", 1);
+    // Then the source is killed while its stream is still moving.
+    send(300..600);
+    let pid1 = env.status("server1")["pid"].as_u64().unwrap();
+    common::sigkill(pid1);
+    env.wait_restarted("server1", 1);
+    let port2 = env.bus_port("server2");
+    let got = rt.block_on(async {
+        let (mut c, mut s) = open(port2, &password).await;
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while got.len() < 600 && std::time::Instant::now() < deadline {
+            got.extend(drain_numbers(&mut s, "q2", Duration::from_secs(2)).await);
+        }
+        // Anything late would be a duplicate: look once more.
+        got.extend(drain_numbers(&mut s, "q2", Duration::from_secs(2)).await);
+        s.end().await.unwrap();
+        let _ = c.close().await;
+        got
+    });
+    let mut sorted = got.clone();
+    sorted.sort_unstable();
+    assert_eq!(
+        sorted,
+        (0..600).collect::<Vec<_>>(),
+        "every accepted message exactly once"
+    );
+    env.ok(&["node", "stop", "--stop-servers"]);
+}

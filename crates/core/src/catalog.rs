@@ -173,6 +173,9 @@ catalog! {
     CWSIT0008W, Warning, "Messaging engine {me} has no link to messaging engine {peer} at {address}: {why}; retrying with back-off.",
         "The link to another member engine of the bus could not be opened or was lost. This server keeps trying (from 0.1 s up to every 10 s) and logs again only when the reason changes.",
         "Start the peer's server and engine if they are stopped; otherwise check the reason: a refusal names what the peer did not accept.";
+    CWSIT0009E, Error, "Delivery stream {stream} from messaging engine {me} to messaging engine {peer} is held: {why}.",
+        "The two engines' records of the stream disagree in a way only a data store that went back in time causes (a restore, or a store file copied back). Nothing is dropped: new messages wait on the transmission queue of the sending engine.",
+        "Start the engine whose store was restored with `keel me start ME --flush` (DESIGN §5, docs/OPERATIONS.md).";
     // --- messaging (named by the restore procedure) ----------------------------------------------
     CWSIP0783E, Error, "Messaging engine {me} started; flush of all delivery streams completed.",
         "The engine was started in restart-after-restore (FLUSH) mode and every peer confirmed the new delivery streams. New messages are neither lost nor duplicated from here on.",

@@ -33,6 +33,10 @@ pub const POINTS: &[(&str, &str)] = &[
         "me.after_store_commit",
         "a messaging engine, after a sent message is durable, before the producer is answered",
     ),
+    (
+        "bus.target_after_commit",
+        "a messaging engine receiving a delivery stream, after messages and the stream's prefix are durable, before the ack",
+    ),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

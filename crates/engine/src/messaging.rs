@@ -15,6 +15,9 @@ use keel_store::{Op, Store, StoredMessage};
 
 use crate::queue::{Entry, QueueState, RefillMark, NONPERSISTENT_MAX, REFILL_BATCH};
 
+#[path = "streams.rs"]
+pub mod streams;
+
 pub type Properties = serde_json::Map<String, serde_json::Value>;
 
 /// Separates topic and subscription in a subscription's queue name (`prices::audit`); never
@@ -288,6 +291,8 @@ pub struct Messaging {
     store: Arc<dyn Store>,
     /// Every destination of the bus (for "held elsewhere" answers), by name.
     bus_destinations: HashMap<String, DestinationCfg>,
+    /// Source delivery streams towards other engines (see `streams`).
+    out_streams: streams::OutStreams,
     /// Queue points by destination name: configured queues, the exception destination, and
     /// one per durable subscription (`<topic>::<subscription>`), which are added at run time.
     queues: std::sync::RwLock<HashMap<String, Arc<QueuePoint>>>,
@@ -380,6 +385,7 @@ impl Messaging {
             exception,
             max_message_bytes,
             volatile_seq: AtomicU64::new(1 << 63),
+            out_streams: streams::OutStreams::default(),
             closed: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -555,6 +561,10 @@ impl Messaging {
                 out.push(self.publish(topic.clone(), m).await);
             }
             return Ok(out);
+        }
+        if let Some(cfg) = self.remote_queue(dest).cloned() {
+            // A queue on another engine of the bus: onto the stream towards it.
+            return self.send_remote(&cfg, msgs).await;
         }
         let q = self.queue(dest)?;
         let mut results: Vec<Option<Result<String, MessagingError>>> =

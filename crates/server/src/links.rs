@@ -14,20 +14,23 @@
 //! node's host), checks the answering `Open` (bus, engine, UUID, proof) and holds the link;
 //! after a failure or a loss it tries again with bounded back-off.
 //!
-//! Deliberately absent so far (issue 4): delivery streams over a link. The acceptor answers
-//! with its own `Open` (no streams) and closes, with a reason, on the first frame that needs a
-//! stream; `Close` ends a link quietly.
+//! Delivery streams (DESIGN §5): a link carries the connecting engine's stream towards the
+//! accepting one ([`source_side`], [`target_side`]); the protocol decisions are keel-bus's, the
+//! durable state the engine's (`keel_engine::messaging::streams`). Deliberately absent so far
+//! (issue 4): FLUSH over links, remote get, the target's duplicate window.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use keel_bus::auth;
-use keel_bus::link::{check_header, LinkCodec, LinkFrame};
+use keel_bus::link::{check_header, LinkCodec, LinkFrame, StreamState, VerdictKind};
 use keel_core::catalog;
 use keel_core::emit;
+use keel_engine::messaging::streams::{OutStream, StreamMessage};
+use keel_engine::messaging::Messaging;
 use keel_engine::Engine;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -120,6 +123,7 @@ impl LinkAcceptor {
             me,
             me_uuid,
             credential_proof,
+            streams,
             ..
         } = open
         else {
@@ -149,21 +153,15 @@ impl LinkAcceptor {
         if framed.send(reply).await.is_err() {
             return emit!(catalog::CWSIT0006I, me = me, why = "the connection failed");
         }
-        let why = match framed.next().await {
-            None => "the peer closed the connection".to_string(),
-            Some(Ok(LinkFrame::Close { reason })) => format!("the peer closed it ({reason})"),
-            Some(Ok(_)) => {
-                let reason = "delivery streams are not served by this server yet".to_string();
+        let why = match target_side(&local.engine, &me, streams, &mut framed).await {
+            Ok(why) => why,
+            Err(why) => {
                 let _ = framed
                     .send(LinkFrame::Close {
-                        reason: reason.clone(),
+                        reason: why.clone(),
                     })
                     .await;
-                reason
-            }
-            Some(Err(e)) => {
-                refuse(&me, &e.to_string());
-                e.to_string()
+                why
             }
         };
         emit!(catalog::CWSIT0006I, me = me, why = why);
@@ -227,6 +225,15 @@ pub fn peers_of(cfg: &keel_config::Config, engine: &Engine) -> Vec<Peer> {
         .collect()
 }
 
+/// Unacknowledged ticks a source may have in flight on one stream.
+pub const STREAM_WINDOW: u64 = 1_024;
+/// In-order messages a target stores with one commit.
+pub const DELIVER_BATCH_MAX: usize = 256;
+/// Messages read from the store per send burst.
+pub const SEND_BATCH_MAX: usize = 128;
+/// How often a source looks for new messages when no wake-up came.
+pub const SOURCE_POLL_MS: u64 = 1_000;
+
 /// First and largest pause between attempts to link to a peer.
 pub const RECONNECT_FIRST_MS: u64 = 100;
 pub const RECONNECT_MAX_MS: u64 = 10_000;
@@ -288,6 +295,12 @@ async fn link_once(engine: &Engine, key: &[u8; 32], peer: &Peer) -> Result<Strin
         .await
         .map_err(|e| format!("cannot write ({e})"))?;
     let incarnation = engine.info().await.map_or(0, |i| i.incarnation);
+    let messaging = engine.messaging().map_err(|e| e.to_string())?;
+    let stream = messaging
+        .out_stream(&peer.me)
+        .await
+        .map_err(|e| e.to_string())?;
+    let st = stream.state().await;
     let mut framed = Framed::new(sock, LinkCodec);
     let open = LinkFrame::Open {
         bus: ours.bus.clone(),
@@ -295,7 +308,11 @@ async fn link_once(engine: &Engine, key: &[u8; 32], peer: &Peer) -> Result<Strin
         me_uuid: ours.uuid.clone(),
         incarnation,
         credential_proof: auth::make_proof(key, now_ms(), &ours.bus, &ours.me, &ours.uuid),
-        streams: Vec::new(),
+        streams: vec![StreamState {
+            stream_id: st.stream_id.clone(),
+            next_tick: st.next_tick,
+            acked: st.acked,
+        }],
     };
     framed
         .send(open)
@@ -327,17 +344,335 @@ async fn link_once(engine: &Engine, key: &[u8; 32], peer: &Peer) -> Result<Strin
         LinkFrame::Close { reason } => return Err(format!("refused by the peer: {reason}")),
         _ => return Err("the peer's first frame was not Open".into()),
     }
+    // The peer's verdict on our stream.
+    let verdict = match tokio::time::timeout(wait, framed.next()).await {
+        Ok(Some(Ok(LinkFrame::Verdict {
+            stream_id,
+            kind,
+            a,
+            b,
+            last_identity,
+        }))) if stream_id == st.stream_id => (kind, a, b, last_identity),
+        Ok(Some(Ok(LinkFrame::Close { reason }))) => {
+            return Err(format!("refused by the peer: {reason}"))
+        }
+        Ok(Some(Err(e))) => return Err(e.to_string()),
+        Ok(_) => return Err("the peer did not answer for our delivery stream".into()),
+        Err(_) => return Err(format!("no verdict within {CONNECT_WAIT_MS} ms")),
+    };
     emit!(
         catalog::CWSIT0007I,
         me = ours.me,
         peer = peer.me,
         address = peer.address
     );
-    // Held until either side goes; delivery streams will travel here (issue 4).
-    Ok(match framed.next().await {
-        None => "the peer closed the connection".to_string(),
-        Some(Ok(LinkFrame::Close { reason })) => format!("closed by the peer: {reason}"),
-        Some(Ok(_)) => "the peer sent a frame this server does not serve yet".to_string(),
-        Some(Err(e)) => e.to_string(),
-    })
+    let from = match check_verdict(&messaging, peer, &st.stream_id, verdict).await {
+        Ok(from) => Some(from),
+        Err(why) => {
+            emit!(
+                catalog::CWSIT0009E,
+                stream = st.stream_id,
+                me = ours.me,
+                peer = peer.me,
+                why = why
+            );
+            None
+        }
+    };
+    Ok(source_side(&messaging, peer, &stream, from, &mut framed).await)
+}
+
+/// What the source does with the target's verdict: Ok(tick to send from) after acknowledging
+/// what the target already has, or Err(why the stream is held).
+async fn check_verdict(
+    messaging: &Messaging,
+    peer: &Peer,
+    stream_id: &str,
+    (kind, a, b, last): (VerdictKind, u64, u64, Option<String>),
+) -> Result<u64, String> {
+    match kind {
+        VerdictKind::SourceRestored => Err(format!(
+            "engine {} has completed tick {a} of it but this engine's next tick is {b}: this engine's data store went back in time",
+            peer.me
+        )),
+        VerdictKind::TargetRestored => Err(format!(
+            "engine {} has completed only tick {a} of it but acknowledged tick {b} before: that engine's data store went back in time",
+            peer.me
+        )),
+        VerdictKind::Resume => {
+            let from = a.max(1);
+            if from > 1 {
+                let ours = messaging
+                    .out_identity_at(&peer.me, from - 1)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if ours.is_some() && ours != last {
+                    return Err(format!(
+                        "tick {} of stream {stream_id} is message {} here but {} at engine {}: the two histories forked (a store went back in time)",
+                        from - 1,
+                        ours.unwrap_or_default(),
+                        last.unwrap_or_default(),
+                        peer.me
+                    ));
+                }
+            }
+            // The target has everything before `from`.
+            messaging
+                .out_acked(&peer.me, from - 1)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(from)
+        }
+    }
+}
+
+/// Sends the stream's messages from `from` on (None: held, nothing is sent) and applies the
+/// target's acks and resend requests until the link ends; returns why it ended.
+async fn source_side(
+    messaging: &Messaging,
+    peer: &Peer,
+    stream: &OutStream,
+    from: Option<u64>,
+    framed: &mut Framed<TcpStream, LinkCodec>,
+) -> String {
+    let mut next_send = from;
+    loop {
+        if let Some(next) = next_send.as_mut() {
+            let st = stream.state().await;
+            // At most STREAM_WINDOW unacknowledged ticks in flight.
+            while *next < st.next_tick && *next - st.acked <= STREAM_WINDOW {
+                let room = (st.next_tick - *next).min(STREAM_WINDOW + st.acked + 1 - *next);
+                let n = usize::try_from(room)
+                    .unwrap_or(usize::MAX)
+                    .min(SEND_BATCH_MAX);
+                let page = match messaging.out_page(&peer.me, *next, n).await {
+                    Ok(p) if !p.is_empty() => p,
+                    Ok(_) => break,
+                    Err(e) => return e.to_string(),
+                };
+                for m in page {
+                    *next = m.tick + 1;
+                    let frame = LinkFrame::Data {
+                        stream_id: st.stream_id.clone(),
+                        tick: m.tick,
+                        message_id: m.id,
+                        priority: m.priority,
+                        reliability: m.reliability,
+                        expiry_ms: m.expiry_ms,
+                        destination: m.dest,
+                        properties: m.properties,
+                        body: m.body,
+                    };
+                    if let Err(e) = framed.feed(frame).await {
+                        return e.to_string();
+                    }
+                }
+                if let Err(e) = framed.flush().await {
+                    return e.to_string();
+                }
+            }
+        }
+        tokio::select! {
+            f = framed.next() => match f {
+                Some(Ok(LinkFrame::Ack { upto, .. })) => {
+                    if let Err(e) = messaging.out_acked(&peer.me, upto).await {
+                        return e.to_string();
+                    }
+                }
+                Some(Ok(LinkFrame::Resend { from, .. })) => {
+                    if let Some(next) = next_send.as_mut() {
+                        let acked = stream.state().await.acked;
+                        *next = from.max(acked + 1);
+                    }
+                }
+                Some(Ok(LinkFrame::Close { reason })) => return format!("closed by the peer: {reason}"),
+                Some(Ok(_)) => return "the peer sent a frame a source does not take".into(),
+                Some(Err(e)) => return e.to_string(),
+                None => return "the peer closed the connection".into(),
+            },
+            _ = stream.notify.notified() => {}
+            // A bound on how long a missed wake-up can delay sending.
+            _ = tokio::time::sleep(Duration::from_millis(SOURCE_POLL_MS)) => {}
+        }
+    }
+}
+
+/// A message ID as keel-bus identifies it.
+#[derive(Debug)]
+struct Ident(String);
+
+impl keel_bus::Identified for Ident {
+    fn identity(&self) -> String {
+        self.0.clone()
+    }
+}
+
+/// The target side of an accepted link: a verdict for each of the peer's streams, then each
+/// in-order message stored with its stream's prefix (one commit) before its ack. Ok(why the
+/// link ended), or Err(why to close it).
+async fn target_side(
+    engine: &Engine,
+    peer_me: &str,
+    streams: Vec<StreamState>,
+    framed: &mut Framed<TcpStream, LinkCodec>,
+) -> Result<String, String> {
+    let messaging = engine.messaging().map_err(|e| e.to_string())?;
+    let ours = &engine.config().me;
+    let mut target = keel_bus::Target::default();
+    for s in &streams {
+        if let Some(p) = messaging
+            .in_state(&s.stream_id)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            target.restore(&s.stream_id, p.tick, p.identity);
+        }
+        let verdict = target.on_hello(&keel_bus::Hello {
+            stream_id: s.stream_id.clone(),
+            next_tick: s.next_tick,
+            acked: s.acked,
+        });
+        let (kind, a, b, last_identity) = match verdict {
+            keel_bus::Verdict::Resume { from, last } => (VerdictKind::Resume, from, 0, last),
+            keel_bus::Verdict::SourceRestored {
+                target_prefix,
+                source_next_tick,
+            } => (
+                VerdictKind::SourceRestored,
+                target_prefix,
+                source_next_tick,
+                None,
+            ),
+            keel_bus::Verdict::TargetRestored {
+                target_prefix,
+                source_acked,
+            } => (
+                VerdictKind::TargetRestored,
+                target_prefix,
+                source_acked,
+                None,
+            ),
+        };
+        if kind != VerdictKind::Resume {
+            emit!(catalog::CWSIP0784E, receiver = ours, producer = peer_me);
+            // Nothing of this stream is taken until a FLUSH replaces it.
+            target.discard(&s.stream_id);
+        }
+        framed
+            .send(LinkFrame::Verdict {
+                stream_id: s.stream_id.clone(),
+                kind,
+                a,
+                b,
+                last_identity,
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    loop {
+        let first = match framed.next().await {
+            None => return Ok("the peer closed the connection".into()),
+            Some(Err(e)) => return Err(e.to_string()),
+            Some(Ok(f)) => f,
+        };
+        // This frame and those already here: in-order messages of one stream are stored with
+        // one commit and acknowledged with one ack (bounded by DELIVER_BATCH_MAX).
+        let mut frames = vec![first];
+        while frames.len() < DELIVER_BATCH_MAX {
+            match framed.next().now_or_never() {
+                Some(Some(Ok(f))) => frames.push(f),
+                Some(Some(Err(e))) => return Err(e.to_string()),
+                Some(None) | None => break,
+            }
+        }
+        let mut batch: Option<(String, Vec<StreamMessage>)> = None;
+        let mut replies = Vec::new();
+        for frame in frames {
+            match frame {
+                LinkFrame::Close { reason } => {
+                    store_batch(&messaging, batch.take(), &mut replies).await?;
+                    send_all(framed, replies).await?;
+                    return Ok(format!("the peer closed it ({reason})"));
+                }
+                LinkFrame::Data {
+                    stream_id,
+                    tick,
+                    message_id,
+                    priority,
+                    reliability,
+                    expiry_ms,
+                    destination,
+                    properties,
+                    body,
+                } => {
+                    if tick == 0 {
+                        return Err("a data frame with tick 0".into());
+                    }
+                    match target.on_data(&stream_id, tick, Ident(message_id.clone())) {
+                        keel_bus::Delivery::Deliver { .. } => {
+                            let m = StreamMessage {
+                                tick,
+                                id: message_id,
+                                dest: destination,
+                                priority: priority.min(9),
+                                reliability,
+                                expiry_ms,
+                                properties,
+                                body,
+                            };
+                            match batch.as_mut() {
+                                Some((id, msgs)) if *id == stream_id => msgs.push(m),
+                                _ => {
+                                    store_batch(&messaging, batch.take(), &mut replies).await?;
+                                    batch = Some((stream_id, vec![m]));
+                                }
+                            }
+                        }
+                        keel_bus::Delivery::Duplicate {
+                            ack: keel_bus::Frame::Ack { stream_id, upto },
+                        } => replies.push(LinkFrame::Ack { stream_id, upto }),
+                        keel_bus::Delivery::Gap {
+                            resend: keel_bus::Frame::Resend { stream_id, from },
+                        } => replies.push(LinkFrame::Resend { stream_id, from }),
+                        // Held or never announced: nothing of it is taken.
+                        keel_bus::Delivery::UnknownStream => {}
+                        other => return Err(format!("unexpected protocol answer {other:?}")),
+                    }
+                }
+                _ => return Err("a frame a target does not take".into()),
+            }
+        }
+        store_batch(&messaging, batch.take(), &mut replies).await?;
+        send_all(framed, replies).await?;
+    }
+}
+
+/// Stores a batch of in-order messages of one stream with its new prefix, and queues its
+/// ack. On a failure the in-memory prefix ran ahead of the store: the link ends, and the next
+/// one starts from the store's prefix.
+async fn store_batch(
+    messaging: &Messaging,
+    batch: Option<(String, Vec<StreamMessage>)>,
+    replies: &mut Vec<LinkFrame>,
+) -> Result<(), String> {
+    let Some((stream_id, msgs)) = batch else {
+        return Ok(());
+    };
+    let upto = msgs.last().expect("a batch is never empty").tick;
+    messaging
+        .in_deliver(&stream_id, msgs)
+        .await
+        .map_err(|e| e.to_string())?;
+    replies.push(LinkFrame::Ack { stream_id, upto });
+    Ok(())
+}
+
+async fn send_all(
+    framed: &mut Framed<TcpStream, LinkCodec>,
+    replies: Vec<LinkFrame>,
+) -> Result<(), String> {
+    for r in replies {
+        framed.feed(r).await.map_err(|e| e.to_string())?;
+    }
+    framed.flush().await.map_err(|e| e.to_string())
 }

@@ -1,0 +1,425 @@
+//! Delivery streams as the engine keeps them (DESIGN §5): a message for a queue whose queue
+//! point is on another engine of the bus waits on this engine's *transmission queue* towards
+//! that engine, numbered by the stream's ticks, until the target acknowledges it; the target
+//! stores each in-order message together with its stream's new prefix. The link that carries
+//! the frames is the server's (`keel_server::links`); the protocol decisions are keel-bus's.
+//!
+//! Persistence, each change in the same store transaction as the message change it describes:
+//! - source: a transmission-queue row per message (`dest` = `_XMIT:<target>:<final dest>`,
+//!   `stream` = (stream id, tick)) and the stream's [`OutState`] (kv space `streams.out`, key =
+//!   target engine), whose `next_tick` moves with the rows; an acknowledgement deletes the rows
+//!   up to it and moves `acked` in one commit;
+//! - target: the delivered message (its original ID kept) and the stream's [`InState`] (kv
+//!   space `streams.in`, key = stream id) in one commit.
+//!
+//! Invariants: ticks of a stream are assigned under its lock in commit order, so the rows of a
+//! stream are exactly the ticks `acked + 1 .. next_tick`; a target's prefix only grows.
+//! Deliberately absent so far: FLUSH of streams with peers, remote get, and non-persistent
+//! remote sends (every remote message is stored on the transmission queue).
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use keel_config::DestinationCfg;
+use keel_store::{Op, StoredMessage};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Mutex, Notify};
+
+use super::{Messaging, MessagingError, OutgoingMessage};
+use crate::queue::Entry;
+
+pub const OUT_KV: &str = "streams.out";
+pub const IN_KV: &str = "streams.in";
+const XMIT_PREFIX: &str = "_XMIT:";
+/// Rows read or acknowledged per store call.
+pub const STREAM_PAGE_MAX: usize = 512;
+
+/// A source stream's durable state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutState {
+    pub stream_id: String,
+    pub next_tick: u64,
+    pub acked: u64,
+    /// ID of the message at tick `acked` (None when `acked` is 0): the fork check compares it.
+    pub acked_identity: Option<String>,
+}
+
+/// A target stream's durable state: every tick up to `tick` is stored here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InState {
+    pub tick: u64,
+    pub identity: Option<String>,
+}
+
+/// One source stream towards a target engine.
+pub struct OutStream {
+    pub target: String,
+    state: Mutex<OutState>,
+    /// Woken when new messages are on the stream.
+    pub notify: Notify,
+}
+
+impl OutStream {
+    pub async fn state(&self) -> OutState {
+        self.state.lock().await.clone()
+    }
+}
+
+/// A message as it travels on a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamMessage {
+    pub tick: u64,
+    pub id: String,
+    pub dest: String,
+    pub priority: u8,
+    pub reliability: u8,
+    pub expiry_ms: Option<u64>,
+    pub properties: Vec<u8>,
+    pub body: Vec<u8>,
+}
+
+fn xmit_dest(target: &str, dest: &str) -> String {
+    format!("{XMIT_PREFIX}{target}:{dest}")
+}
+
+fn final_dest(target: &str, xmit: &str) -> Option<String> {
+    xmit.strip_prefix(XMIT_PREFIX)?
+        .strip_prefix(target)?
+        .strip_prefix(':')
+        .map(str::to_string)
+}
+
+fn corrupt(what: String) -> MessagingError {
+    MessagingError::Store(Box::new(keel_store::StoreError::Invalid {
+        me: String::new(),
+        problem: what,
+    }))
+}
+
+/// The in-memory map of source streams, by target engine.
+#[derive(Default)]
+pub struct OutStreams(std::sync::Mutex<HashMap<String, Arc<OutStream>>>);
+
+impl Messaging {
+    /// The engine holding `dest` when it is a queue of this bus on another engine.
+    pub fn remote_queue(&self, dest: &str) -> Option<&DestinationCfg> {
+        self.bus_destinations
+            .get(dest)
+            .filter(|d| d.kind == keel_config::DestinationKind::Queue && d.me != self.me)
+    }
+
+    /// The source stream towards `target`, from the store or new (a new stream is written with
+    /// its first message).
+    pub async fn out_stream(&self, target: &str) -> Result<Arc<OutStream>, MessagingError> {
+        if let Some(s) = self.out_streams.0.lock().expect("streams lock").get(target) {
+            return Ok(s.clone());
+        }
+        let state = match self.store.kv_get(OUT_KV, target).await? {
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| corrupt(format!("stream state towards {target}: {e}")))?,
+            None => OutState {
+                stream_id: uuid::Uuid::new_v4().to_string(),
+                next_tick: 1,
+                acked: 0,
+                acked_identity: None,
+            },
+        };
+        let mut map = self.out_streams.0.lock().expect("streams lock");
+        let s = map
+            .entry(target.to_string())
+            .or_insert_with(|| {
+                Arc::new(OutStream {
+                    target: target.to_string(),
+                    state: Mutex::new(state),
+                    notify: Notify::new(),
+                })
+            })
+            .clone();
+        Ok(s)
+    }
+
+    /// Stores `msgs` for `cfg` (a queue on another engine) on the stream towards its engine:
+    /// one commit for the rows and the stream's new `next_tick`. Resolves once durable.
+    pub(crate) async fn send_remote(
+        &self,
+        cfg: &DestinationCfg,
+        msgs: Vec<OutgoingMessage>,
+    ) -> Result<Vec<Result<String, MessagingError>>, MessagingError> {
+        let stream = self.out_stream(&cfg.me).await?;
+        let mut results: Vec<Option<Result<String, MessagingError>>> =
+            (0..msgs.len()).map(|_| None).collect();
+        let mut accepted = Vec::new();
+        for (i, m) in msgs.into_iter().enumerate() {
+            match self.prepare(cfg, &m) {
+                Ok(p) => accepted.push((i, p, m.body)),
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        if !accepted.is_empty() {
+            // Held across the commit: ticks go to the store in the order they are assigned.
+            let mut st = stream.state.lock().await;
+            let mut next = st.next_tick;
+            let mut ops = Vec::with_capacity(accepted.len() + 1);
+            for (_, p, body) in &accepted {
+                ops.push(Op::Put {
+                    dest: xmit_dest(&cfg.me, &cfg.name),
+                    id: String::new(),
+                    priority: p.priority,
+                    reliability: p.code,
+                    expiry_ms: p.expiry_ms,
+                    properties: p.properties.clone(),
+                    body: body.clone(),
+                    stream: Some((st.stream_id.clone(), next)),
+                });
+                next += 1;
+            }
+            let new_state = OutState {
+                next_tick: next,
+                ..st.clone()
+            };
+            ops.push(Op::SetKv {
+                space: OUT_KV.into(),
+                key: cfg.me.clone(),
+                value: serde_json::to_vec(&new_state).expect("stream state serializes"),
+            });
+            let out = self.store.commit(ops).await?;
+            keel_core::faults::hit("me.after_store_commit");
+            assert_eq!(out.assigned_seqs.len(), accepted.len());
+            *st = new_state;
+            drop(st);
+            for ((i, _, _), seq) in accepted.iter().zip(out.assigned_seqs) {
+                results[*i] = Some(Ok(format!("{}:{}:{seq}", self.uuid, self.incarnation)));
+            }
+            stream.notify.notify_one();
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.expect("every message of a batch has a result"))
+            .collect())
+    }
+
+    /// Up to `limit` messages of the stream towards `target` from tick `from` on, in order.
+    pub async fn out_page(
+        &self,
+        target: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<StreamMessage>, MessagingError> {
+        assert!(from >= 1 && (1..=STREAM_PAGE_MAX).contains(&limit));
+        let stream = self.out_stream(target).await?;
+        let stream_id = stream.state.lock().await.stream_id.clone();
+        let rows = self.store.by_stream(&stream_id, from, limit).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (expect, m) in (from..).zip(rows) {
+            let tick = m
+                .stream
+                .as_ref()
+                .map(|s| s.1)
+                .expect("a stream row has a tick");
+            // Rows are exactly acked+1 .. next_tick: a hole is a broken store, not a state.
+            if tick != expect {
+                return Err(corrupt(format!(
+                    "stream {stream_id} towards {target} lacks tick {expect} (found {tick})"
+                )));
+            }
+            out.push(stream_message(target, m)?);
+        }
+        Ok(out)
+    }
+
+    /// The target has every tick up to `upto`: its rows leave the transmission queue and
+    /// `acked` moves, in one commit. Acks at or below `acked` change nothing.
+    pub async fn out_acked(&self, target: &str, upto: u64) -> Result<(), MessagingError> {
+        let stream = self.out_stream(target).await?;
+        let mut st = stream.state.lock().await;
+        if upto <= st.acked {
+            return Ok(());
+        }
+        if upto >= st.next_tick {
+            return Err(corrupt(format!(
+                "engine {target} acknowledged tick {upto} of stream {}, which has only {} ticks",
+                st.stream_id,
+                st.next_tick - 1
+            )));
+        }
+        while st.acked < upto {
+            let n = usize::try_from(upto - st.acked)
+                .unwrap_or(usize::MAX)
+                .min(STREAM_PAGE_MAX);
+            let rows = self.store.by_stream(&st.stream_id, st.acked + 1, n).await?;
+            let last = rows.last().ok_or_else(|| {
+                corrupt(format!(
+                    "stream {} lacks tick {}",
+                    st.stream_id,
+                    st.acked + 1
+                ))
+            })?;
+            let last_tick = last.stream.as_ref().map(|s| s.1).expect("tick");
+            let new_state = OutState {
+                acked: last_tick,
+                acked_identity: Some(last.id.clone()),
+                ..st.clone()
+            };
+            let mut ops: Vec<Op> = rows
+                .iter()
+                .map(|m| Op::Delete {
+                    dest: m.dest.clone(),
+                    seq: m.seq,
+                })
+                .collect();
+            ops.push(Op::SetKv {
+                space: OUT_KV.into(),
+                key: target.to_string(),
+                value: serde_json::to_vec(&new_state).expect("stream state serializes"),
+            });
+            self.store.commit(ops).await?;
+            assert!(new_state.acked > st.acked && new_state.acked <= upto);
+            *st = new_state;
+        }
+        Ok(())
+    }
+
+    /// The ID of the stream's message at `tick`, if this side still knows it.
+    pub async fn out_identity_at(
+        &self,
+        target: &str,
+        tick: u64,
+    ) -> Result<Option<String>, MessagingError> {
+        let stream = self.out_stream(target).await?;
+        let st = stream.state.lock().await.clone();
+        if tick == st.acked {
+            return Ok(st.acked_identity);
+        }
+        if tick > st.acked && tick < st.next_tick {
+            let rows = self.store.by_stream(&st.stream_id, tick, 1).await?;
+            return Ok(rows.into_iter().next().map(|m| m.id));
+        }
+        Ok(None)
+    }
+
+    /// What this engine has stored of the stream `stream_id` (as its target).
+    pub async fn in_state(&self, stream_id: &str) -> Result<Option<InState>, MessagingError> {
+        match self.store.kv_get(IN_KV, stream_id).await? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| corrupt(format!("state of stream {stream_id}: {e}"))),
+        }
+    }
+
+    /// Stores the next in-order messages of a stream (ticks consecutive from its prefix + 1)
+    /// and the stream's new prefix in one commit, then makes them available. A destination
+    /// this engine does not hold (the bus was reconfigured meanwhile) sends its message to the
+    /// exception destination rather than dropping it.
+    pub async fn in_deliver(
+        &self,
+        stream_id: &str,
+        msgs: Vec<StreamMessage>,
+    ) -> Result<(), MessagingError> {
+        let Some(last) = msgs.last() else {
+            return Ok(());
+        };
+        assert!(
+            msgs.windows(2).all(|w| w[1].tick == w[0].tick + 1),
+            "a stream's messages are stored in tick order, without gaps"
+        );
+        let state = InState {
+            tick: last.tick,
+            identity: Some(last.id.clone()),
+        };
+        let mut placed = Vec::with_capacity(msgs.len());
+        let mut ops = Vec::with_capacity(msgs.len() + 1);
+        for m in msgs {
+            let q = match self.queue(&m.dest) {
+                Ok(q) => q,
+                Err(e) => {
+                    tracing::warn!(dest = %m.dest, id = %m.id, error = %e, "a message from another engine is for a destination this engine does not hold; it goes to the exception destination");
+                    self.queue(&self.exception)?
+                }
+            };
+            let mark = q.state.lock().expect("queue lock").refill_mark();
+            ops.push(Op::Put {
+                dest: q.cfg.name.clone(),
+                id: m.id.clone(),
+                priority: m.priority,
+                reliability: m.reliability,
+                expiry_ms: m.expiry_ms,
+                properties: m.properties.clone(),
+                body: m.body.clone(),
+                stream: None,
+            });
+            placed.push((q, mark, m));
+        }
+        ops.push(Op::SetKv {
+            space: IN_KV.into(),
+            key: stream_id.to_string(),
+            value: serde_json::to_vec(&state).expect("stream state serializes"),
+        });
+        let pending = super::OffersPending {
+            queues: placed.iter().map(|(q, _, _)| q.clone()).collect(),
+        };
+        let out = self.store.commit(ops).await?;
+        keel_core::faults::hit("bus.target_after_commit");
+        assert_eq!(out.assigned_seqs.len(), placed.len());
+        for ((q, mark, m), seq) in placed.into_iter().zip(out.assigned_seqs) {
+            let e = Entry {
+                seq,
+                id: m.id,
+                priority: m.priority,
+                reliability: m.reliability,
+                expiry_ms: m.expiry_ms,
+                delivery_count: 0,
+                properties: m.properties,
+                body: m.body,
+                persistent: true,
+            };
+            q.state
+                .lock()
+                .expect("queue lock")
+                .offer_persistent(e, mark);
+            q.counters.sent.fetch_add(1, Ordering::Relaxed);
+            q.counters.depth.fetch_add(1, Ordering::Relaxed);
+            q.notify.notify_one();
+        }
+        pending.done();
+        Ok(())
+    }
+}
+
+fn stream_message(target: &str, m: StoredMessage) -> Result<StreamMessage, MessagingError> {
+    let tick = m
+        .stream
+        .as_ref()
+        .map(|s| s.1)
+        .expect("a stream row has a tick");
+    let dest = final_dest(target, &m.dest).ok_or_else(|| {
+        corrupt(format!(
+            "transmission row {} has destination {}",
+            m.seq, m.dest
+        ))
+    })?;
+    Ok(StreamMessage {
+        tick,
+        id: m.id,
+        dest,
+        priority: m.priority,
+        reliability: m.reliability,
+        expiry_ms: m.expiry_ms,
+        properties: m.properties,
+        body: m.body,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn transmission_destinations_round_trip() {
+        let x = super::xmit_dest("node01.server2-bus1", "a:b.c");
+        assert_eq!(
+            super::final_dest("node01.server2-bus1", &x).as_deref(),
+            Some("a:b.c")
+        );
+        assert_eq!(super::final_dest("node01.server3-bus1", &x), None);
+    }
+}
