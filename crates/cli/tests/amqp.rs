@@ -449,6 +449,50 @@ fn deliveries_of_a_closed_connection_are_released() {
     env.ok(&["node", "stop", "--stop-servers"]);
 }
 
+/// Sends `range` as numbered messages to `dest` through the server on `port`; each must be
+/// accepted.
+fn send_numbers(
+    rt: &tokio::runtime::Runtime,
+    port: u16,
+    password: &str,
+    dest: &str,
+    range: std::ops::Range<u64>,
+) {
+    rt.block_on(async {
+        let (mut c, mut s) = open(port, password).await;
+        let mut snd = Sender::attach(&mut s, "p", dest).await.unwrap();
+        for n in range {
+            let o = snd.send(numbered(n)).await.unwrap();
+            assert!(matches!(o, Outcome::Accepted(_)), "{o:?}");
+        }
+        snd.close().await.unwrap();
+        s.end().await.unwrap();
+        let _ = c.close().await;
+    })
+}
+
+/// Consumes numbered messages of `dest` until `want` arrived or `limit` passed.
+fn receive_numbers(
+    rt: &tokio::runtime::Runtime,
+    port: u16,
+    password: &str,
+    dest: &str,
+    want: usize,
+    limit: Duration,
+) -> Vec<u64> {
+    rt.block_on(async {
+        let (mut c, mut s) = open(port, password).await;
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + limit;
+        while got.len() < want && std::time::Instant::now() < deadline {
+            got.extend(drain_numbers(&mut s, dest, Duration::from_secs(1)).await);
+        }
+        s.end().await.unwrap();
+        let _ = c.close().await;
+        got
+    })
+}
+
 /// server1 and server2 on bus1, queue q2 on server2's engine, the node agent and server1
 /// started (server2 is left to the test).
 fn remote_queue_env() -> Env {
@@ -475,39 +519,12 @@ fn messages_for_a_queue_on_another_engine_arrive_there_exactly_once() {
     let password = env.admin_password();
     let port1 = env.bus_port("server1");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    // Everything that arrives until `want` messages did or `limit` passed.
-    let drain_all = |port: u16, want: usize, limit: Duration| {
-        rt.block_on(async {
-            let (mut c, mut s) = open(port, &password).await;
-            let mut got = Vec::new();
-            let deadline = std::time::Instant::now() + limit;
-            while got.len() < want && std::time::Instant::now() < deadline {
-                got.extend(drain_numbers(&mut s, "q2", Duration::from_secs(2)).await);
-            }
-            s.end().await.unwrap();
-            let _ = c.close().await;
-            got
-        })
-    };
-    rt.block_on(async {
-        let (mut c, mut s) = open(port1, &password).await;
-        let mut snd = Sender::attach(&mut s, "p", "q2").await.unwrap();
-        // The queue's engine is down: accepted means durable on server1's transmission queue.
-        for n in 0..100 {
-            let o = snd.send(numbered(n)).await.unwrap();
-            assert!(matches!(o, Outcome::Accepted(_)), "{o:?}");
-        }
-        env.ok(&["server", "start", "server2"]);
-        for n in 100..200 {
-            let o = snd.send(numbered(n)).await.unwrap();
-            assert!(matches!(o, Outcome::Accepted(_)), "{o:?}");
-        }
-        snd.close().await.unwrap();
-        s.end().await.unwrap();
-        c.close().await.unwrap();
-    });
+    // The queue's engine is down: accepted means durable on server1's transmission queue.
+    send_numbers(&rt, port1, &password, "q2", 0..100);
+    env.ok(&["server", "start", "server2"]);
+    send_numbers(&rt, port1, &password, "q2", 100..200);
     let port2 = env.bus_port("server2");
-    let mut got = drain_all(port2, 200, Duration::from_secs(30));
+    let mut got = receive_numbers(&rt, port2, &password, "q2", 200, Duration::from_secs(30));
     got.sort_unstable();
     assert_eq!(got, (0..200).collect::<Vec<_>>(), "every message once");
     // A restart of the source resends nothing the target already has.
@@ -517,7 +534,7 @@ fn messages_for_a_queue_on_another_engine_arrive_there_exactly_once() {
         (env.log("server1").matches("CWSIT0007I").count() >= 2).then_some(())
     });
     assert!(
-        drain_all(port2, 1, Duration::from_secs(3)).is_empty(),
+        receive_numbers(&rt, port2, &password, "q2", 1, Duration::from_secs(3)).is_empty(),
         "nothing arrives twice"
     );
     env.ok(&["node", "stop", "--stop-servers"]);
@@ -534,46 +551,76 @@ fn delivery_streams_survive_crashes_of_either_engine_without_loss_or_duplicates(
     let password = env.admin_password();
     let port1 = env.bus_port("server1");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let send = |range: std::ops::Range<u64>| {
-        rt.block_on(async {
-            let (mut c, mut s) = open(port1, &password).await;
-            let mut snd = Sender::attach(&mut s, "p", "q2").await.unwrap();
-            for n in range {
-                let o = snd.send(numbered(n)).await.unwrap();
-                assert!(matches!(o, Outcome::Accepted(_)), "{o:?}");
-            }
-            snd.close().await.unwrap();
-            s.end().await.unwrap();
-            let _ = c.close().await;
-        })
-    };
-    send(0..300);
+    send_numbers(&rt, port1, &password, "q2", 0..300);
     env.wait_restarted("server2", 1);
     // Then the source is killed while its stream is still moving.
-    send(300..600);
+    send_numbers(&rt, port1, &password, "q2", 300..600);
     let pid1 = env.status("server1")["pid"].as_u64().unwrap();
     common::sigkill(pid1);
     env.wait_restarted("server1", 1);
     let port2 = env.bus_port("server2");
-    let got = rt.block_on(async {
-        let (mut c, mut s) = open(port2, &password).await;
-        let mut got = Vec::new();
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while got.len() < 600 && std::time::Instant::now() < deadline {
-            got.extend(drain_numbers(&mut s, "q2", Duration::from_secs(2)).await);
-        }
-        // Anything late would be a duplicate: look once more.
-        got.extend(drain_numbers(&mut s, "q2", Duration::from_secs(2)).await);
-        s.end().await.unwrap();
-        let _ = c.close().await;
-        got
-    });
-    let mut sorted = got.clone();
-    sorted.sort_unstable();
+    let mut got = receive_numbers(&rt, port2, &password, "q2", 600, Duration::from_secs(60));
+    // Anything late would be a duplicate: look once more.
+    got.extend(receive_numbers(
+        &rt,
+        port2,
+        &password,
+        "q2",
+        1,
+        Duration::from_secs(2),
+    ));
+    got.sort_unstable();
     assert_eq!(
-        sorted,
+        got,
         (0..600).collect::<Vec<_>>(),
         "every accepted message exactly once"
+    );
+    env.ok(&["node", "stop", "--stop-servers"]);
+}
+
+#[test]
+fn a_source_store_copied_back_is_caught_by_the_handshake_and_loses_nothing() {
+    let env = remote_queue_env();
+    env.ok(&["server", "start", "server2"]);
+    let password = env.admin_password();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let send = |range| send_numbers(&rt, env.bus_port("server1"), &password, "q2", range);
+    let receive =
+        |want, limit| receive_numbers(&rt, env.bus_port("server2"), &password, "q2", want, limit);
+    send(0..20);
+    assert_eq!(receive(20, Duration::from_secs(30)).len(), 20);
+    // An operator copies server1's store aside (not `keel store backup`: no restore mark),
+    // more traffic flows, then the old copy is put back by hand.
+    let store = env.profile.join("databases/node01.server1-bus1.sqlite");
+    let copy = env.dir().join("me1-copy.sqlite");
+    env.ok(&["server", "stop", "server1"]);
+    std::fs::copy(&store, &copy).unwrap();
+    env.ok(&["server", "start", "server1"]);
+    send(20..50);
+    assert_eq!(receive(30, Duration::from_secs(30)).len(), 30);
+    env.ok(&["server", "stop", "server1"]);
+    std::fs::copy(&copy, &store).unwrap();
+    env.ok(&["server", "start", "server1"]);
+    // The copy reuses the stream's old ticks for new messages: without the handshake the
+    // target would take them for duplicates and drop them. It holds the stream instead.
+    send(50..60);
+    env.wait_for(
+        Duration::from_secs(20),
+        "the stream held on both sides",
+        || {
+            (env.log("server2").contains("CWSIP0784E") && env.log("server1").contains("CWSIT0009E"))
+                .then_some(())
+        },
+    );
+    assert!(
+        receive(1, Duration::from_secs(3)).is_empty(),
+        "nothing of a held stream is taken"
+    );
+    let info: serde_json::Value =
+        serde_json::from_str(&env.ok(&["store", "info", "node01.server1-bus1", "--json"])).unwrap();
+    assert!(
+        info["messages"].as_u64().unwrap() >= 10,
+        "the new messages wait on the transmission queue: {info}"
     );
     env.ok(&["node", "stop", "--stop-servers"]);
 }
