@@ -94,7 +94,8 @@ enum What {
         /// First of the ports the benchmark's own Keel profile uses.
         #[arg(long, default_value_t = 27400)]
         keel_base_port: u16,
-        /// Systems to run, in order (keel, rabbitmq, nats).
+        /// Systems to run, in order (keel, rabbitmq, nats; keel-bus: the queue on a second
+        /// engine, producers on the first).
         #[arg(long, value_delimiter = ',', default_value = "keel,rabbitmq,nats")]
         systems: Vec<String>,
         #[arg(long, default_value_t = 4)]

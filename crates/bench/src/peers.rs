@@ -41,7 +41,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 pub use keel::default_keel_binary;
-pub use keel::{run_keel, run_scale};
+pub use keel::{run_keel, run_keel_bus, run_scale};
 pub use nats::run_nats;
 pub use rabbitmq::run_rabbitmq;
 
@@ -340,7 +340,7 @@ where
     // Keel's assured messages are exactly once: a duplicate that was not a flagged redelivery
     // (none happen in this run: nothing fails) is a bug, not a figure.
     ensure!(
-        system != "keel" || duplicates == 0,
+        !system.starts_with("keel") || duplicates == 0,
         "{system} delivered {duplicates} messages twice ({redelivered} flagged redelivered): \
          assured messages must arrive exactly once"
     );
@@ -434,13 +434,21 @@ pub fn run(o: Opts) -> Result<()> {
                         .with_context(|| format!("Keel ({})", bin.display())),
                     Err(e) => Err(e),
                 },
+                "keel-bus" => match o.keel.clone().map_or_else(keel::default_keel_binary, Ok) {
+                    Ok(bin) => run_keel_bus(&bin, o.keel_base_port, w)
+                        .await
+                        .with_context(|| format!("Keel, two engines ({})", bin.display())),
+                    Err(e) => Err(e),
+                },
                 "rabbitmq" => run_rabbitmq(&o.rabbitmq_url, w)
                     .await
                     .with_context(|| format!("RabbitMQ at {}", o.rabbitmq_url)),
                 "nats" => run_nats(&o.nats_url, w)
                     .await
                     .with_context(|| format!("NATS at {}", o.nats_url)),
-                other => Err(anyhow!("unknown system {other} (keel, rabbitmq, nats)")),
+                other => Err(anyhow!(
+                    "unknown system {other} (keel, keel-bus, rabbitmq, nats)"
+                )),
             };
             results.push((system.as_str(), result));
         }

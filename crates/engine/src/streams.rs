@@ -56,6 +56,8 @@ pub struct InState {
 pub struct OutStream {
     pub target: String,
     state: Mutex<OutState>,
+    /// To the stream's committer task (bounded: senders wait when it is full).
+    work: tokio::sync::mpsc::Sender<StreamWork>,
     /// Woken when new messages are on the stream.
     pub notify: Notify,
 }
@@ -64,6 +66,190 @@ impl OutStream {
     pub async fn state(&self) -> OutState {
         self.state.lock().await.clone()
     }
+
+    /// Asks the committer to remove what the target acknowledged, without waiting (a later
+    /// ack covers one that did not fit).
+    pub fn ack_later(&self, upto: u64) {
+        let _ = self.work.try_send(StreamWork::Ack { upto, reply: None });
+    }
+}
+
+/// Work items a stream's committer takes, in order.
+enum StreamWork {
+    Send(PendingSend),
+    Ack {
+        upto: u64,
+        reply: Option<tokio::sync::oneshot::Sender<Result<(), MessagingError>>>,
+    },
+}
+
+/// Work items queued per stream before senders wait.
+const STREAM_WORK_MAX: usize = 1_024;
+/// Work items one committer round takes (one commit for all the sends among them).
+const STREAM_ROUND_MAX: usize = 256;
+
+/// The one task that changes a stream's state: it runs each round's sends as one commit, then
+/// the greatest ack among them, and ends when the stream is dropped. Being the only writer, and
+/// never cancelled by a caller, its in-memory state never falls behind the store.
+async fn committer(
+    store: Arc<dyn keel_store::Store>,
+    stream: std::sync::Weak<OutStream>,
+    mut rx: tokio::sync::mpsc::Receiver<StreamWork>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut round = vec![first];
+        while round.len() < STREAM_ROUND_MAX {
+            match rx.try_recv() {
+                Ok(w) => round.push(w),
+                Err(_) => break,
+            }
+        }
+        let Some(stream) = stream.upgrade() else {
+            return;
+        };
+        let mut sends = Vec::new();
+        let mut upto = 0;
+        let mut waiting = Vec::new();
+        for w in round {
+            match w {
+                StreamWork::Send(p) => sends.push(p),
+                StreamWork::Ack { upto: u, reply } => {
+                    upto = upto.max(u);
+                    waiting.extend(reply);
+                }
+            }
+        }
+        let mut st = stream.state.lock().await;
+        if !sends.is_empty() {
+            commit_sends(&*store, &stream.target, &mut st, sends).await;
+            stream.notify.notify_one();
+        }
+        if upto > 0 || !waiting.is_empty() {
+            let r = ack(&*store, &stream.target, &mut st, upto).await;
+            for w in waiting {
+                let _ = w.send(match &r {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(corrupt(e.to_string())),
+                });
+            }
+            if let Err(e) = r {
+                tracing::warn!(target = %stream.target, error = %e, "removing acknowledged messages from the transmission queue failed; the next link's handshake acknowledges them again");
+            }
+        }
+    }
+}
+
+/// One store commit for `batches`, ticks from `st.next_tick` on; answers each batch.
+async fn commit_sends(
+    store: &dyn keel_store::Store,
+    target: &str,
+    st: &mut OutState,
+    batches: Vec<PendingSend>,
+) {
+    let mut next = st.next_tick;
+    let mut ops = Vec::with_capacity(batches.iter().map(|b| b.items.len()).sum::<usize>() + 1);
+    for b in &batches {
+        for (p, body) in &b.items {
+            ops.push(Op::Put {
+                dest: xmit_dest(target, &b.dest),
+                id: String::new(),
+                priority: p.priority,
+                reliability: p.code,
+                expiry_ms: p.expiry_ms,
+                properties: p.properties.clone(),
+                body: body.clone(),
+                stream: Some((st.stream_id.clone(), next)),
+            });
+            next += 1;
+        }
+    }
+    let new_state = OutState {
+        next_tick: next,
+        ..st.clone()
+    };
+    ops.push(Op::SetKv {
+        space: OUT_KV.into(),
+        key: target.to_string(),
+        value: serde_json::to_vec(&new_state).expect("stream state serializes"),
+    });
+    match store.commit(ops).await {
+        Ok(out) => {
+            keel_core::faults::hit("me.after_store_commit");
+            *st = new_state;
+            let mut seqs = out.assigned_seqs.into_iter();
+            for b in batches {
+                let mine: Vec<u64> = seqs.by_ref().take(b.items.len()).collect();
+                assert_eq!(mine.len(), b.items.len(), "one seq per message");
+                let _ = b.reply.send(Ok(mine));
+            }
+        }
+        Err(e) => {
+            for b in batches {
+                let _ = b.reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+/// Removes the rows up to `upto` and moves `acked`, one commit per STREAM_PAGE_MAX rows.
+async fn ack(
+    store: &dyn keel_store::Store,
+    target: &str,
+    st: &mut OutState,
+    upto: u64,
+) -> Result<(), MessagingError> {
+    if upto <= st.acked {
+        return Ok(());
+    }
+    if upto >= st.next_tick {
+        return Err(corrupt(format!(
+            "engine {target} acknowledged tick {upto} of stream {}, which has only {} ticks",
+            st.stream_id,
+            st.next_tick - 1
+        )));
+    }
+    while st.acked < upto {
+        let n = usize::try_from(upto - st.acked)
+            .unwrap_or(usize::MAX)
+            .min(STREAM_PAGE_MAX);
+        let rows = store.by_stream(&st.stream_id, st.acked + 1, n).await?;
+        let last = rows.last().ok_or_else(|| {
+            corrupt(format!(
+                "stream {} lacks tick {}",
+                st.stream_id,
+                st.acked + 1
+            ))
+        })?;
+        let last_tick = last.stream.as_ref().map(|s| s.1).expect("tick");
+        let new_state = OutState {
+            acked: last_tick,
+            acked_identity: Some(last.id.clone()),
+            ..st.clone()
+        };
+        let mut ops: Vec<Op> = rows
+            .iter()
+            .map(|m| Op::Delete {
+                dest: m.dest.clone(),
+                seq: m.seq,
+            })
+            .collect();
+        ops.push(Op::SetKv {
+            space: OUT_KV.into(),
+            key: target.to_string(),
+            value: serde_json::to_vec(&new_state).expect("stream state serializes"),
+        });
+        store.commit(ops).await?;
+        assert!(new_state.acked > st.acked && new_state.acked <= upto);
+        *st = new_state;
+    }
+    Ok(())
+}
+
+/// One sender's messages waiting for the stream's next commit.
+struct PendingSend {
+    dest: String,
+    items: Vec<(super::Prepared, Vec<u8>)>,
+    reply: tokio::sync::oneshot::Sender<Result<Vec<u64>, keel_store::StoreError>>,
 }
 
 /// A message as it travels on a stream.
@@ -129,18 +315,25 @@ impl Messaging {
         let s = map
             .entry(target.to_string())
             .or_insert_with(|| {
-                Arc::new(OutStream {
+                let (work, rx) = tokio::sync::mpsc::channel(STREAM_WORK_MAX);
+                let stream = Arc::new(OutStream {
                     target: target.to_string(),
                     state: Mutex::new(state),
+                    work,
                     notify: Notify::new(),
-                })
+                });
+                tokio::spawn(committer(self.store.clone(), Arc::downgrade(&stream), rx));
+                stream
             })
             .clone();
         Ok(s)
     }
 
-    /// Stores `msgs` for `cfg` (a queue on another engine) on the stream towards its engine:
-    /// one commit for the rows and the stream's new `next_tick`. Resolves once durable.
+    /// Stores `msgs` for `cfg` (a queue on another engine) on the stream towards its engine.
+    /// Resolves once durable. The stream's committer task stores every batch waiting at a time
+    /// in one commit (rows and the stream's new `next_tick`), so ticks reach the store in the
+    /// order they are assigned, many producers share one commit, and a sender that goes away
+    /// mid-commit cannot leave the stream's state behind its store.
     pub(crate) async fn send_remote(
         &self,
         cfg: &DestinationCfg,
@@ -150,48 +343,37 @@ impl Messaging {
         let mut results: Vec<Option<Result<String, MessagingError>>> =
             (0..msgs.len()).map(|_| None).collect();
         let mut accepted = Vec::new();
+        let mut items = Vec::new();
         for (i, m) in msgs.into_iter().enumerate() {
             match self.prepare(cfg, &m) {
-                Ok(p) => accepted.push((i, p, m.body)),
+                Ok(p) => {
+                    accepted.push(i);
+                    items.push((p, m.body));
+                }
                 Err(e) => results[i] = Some(Err(e)),
             }
         }
         if !accepted.is_empty() {
-            // Held across the commit: ticks go to the store in the order they are assigned.
-            let mut st = stream.state.lock().await;
-            let mut next = st.next_tick;
-            let mut ops = Vec::with_capacity(accepted.len() + 1);
-            for (_, p, body) in &accepted {
-                ops.push(Op::Put {
-                    dest: xmit_dest(&cfg.me, &cfg.name),
-                    id: String::new(),
-                    priority: p.priority,
-                    reliability: p.code,
-                    expiry_ms: p.expiry_ms,
-                    properties: p.properties.clone(),
-                    body: body.clone(),
-                    stream: Some((st.stream_id.clone(), next)),
-                });
-                next += 1;
-            }
-            let new_state = OutState {
-                next_tick: next,
-                ..st.clone()
+            let (reply, seqs) = tokio::sync::oneshot::channel();
+            let closed = || {
+                MessagingError::Store(Box::new(keel_store::StoreError::Closed {
+                    me: self.me.clone(),
+                }))
             };
-            ops.push(Op::SetKv {
-                space: OUT_KV.into(),
-                key: cfg.me.clone(),
-                value: serde_json::to_vec(&new_state).expect("stream state serializes"),
-            });
-            let out = self.store.commit(ops).await?;
-            keel_core::faults::hit("me.after_store_commit");
-            assert_eq!(out.assigned_seqs.len(), accepted.len());
-            *st = new_state;
-            drop(st);
-            for ((i, _, _), seq) in accepted.iter().zip(out.assigned_seqs) {
-                results[*i] = Some(Ok(format!("{}:{}:{seq}", self.uuid, self.incarnation)));
+            stream
+                .work
+                .send(StreamWork::Send(PendingSend {
+                    dest: cfg.name.clone(),
+                    items,
+                    reply,
+                }))
+                .await
+                .map_err(|_| closed())?;
+            let seqs = seqs.await.map_err(|_| closed())??;
+            assert_eq!(seqs.len(), accepted.len());
+            for (i, seq) in accepted.into_iter().zip(seqs) {
+                results[i] = Some(Ok(format!("{}:{}:{seq}", self.uuid, self.incarnation)));
             }
-            stream.notify.notify_one();
         }
         Ok(results
             .into_iter()
@@ -199,17 +381,17 @@ impl Messaging {
             .collect())
     }
 
-    /// Up to `limit` messages of the stream towards `target` from tick `from` on, in order.
+    /// Up to `limit` messages of stream `stream_id` towards `target` from tick `from` on, in
+    /// order. Takes no lock: a sender committing meanwhile does not hold it up.
     pub async fn out_page(
         &self,
         target: &str,
+        stream_id: &str,
         from: u64,
         limit: usize,
     ) -> Result<Vec<StreamMessage>, MessagingError> {
         assert!(from >= 1 && (1..=STREAM_PAGE_MAX).contains(&limit));
-        let stream = self.out_stream(target).await?;
-        let stream_id = stream.state.lock().await.stream_id.clone();
-        let rows = self.store.by_stream(&stream_id, from, limit).await?;
+        let rows = self.store.by_stream(stream_id, from, limit).await?;
         let mut out = Vec::with_capacity(rows.len());
         for (expect, m) in (from..).zip(rows) {
             let tick = m
@@ -229,55 +411,25 @@ impl Messaging {
     }
 
     /// The target has every tick up to `upto`: its rows leave the transmission queue and
-    /// `acked` moves, in one commit. Acks at or below `acked` change nothing.
+    /// `acked` moves, in one commit (by the stream's committer). Acks at or below `acked`
+    /// change nothing. Resolves once done.
     pub async fn out_acked(&self, target: &str, upto: u64) -> Result<(), MessagingError> {
         let stream = self.out_stream(target).await?;
-        let mut st = stream.state.lock().await;
-        if upto <= st.acked {
-            return Ok(());
-        }
-        if upto >= st.next_tick {
-            return Err(corrupt(format!(
-                "engine {target} acknowledged tick {upto} of stream {}, which has only {} ticks",
-                st.stream_id,
-                st.next_tick - 1
-            )));
-        }
-        while st.acked < upto {
-            let n = usize::try_from(upto - st.acked)
-                .unwrap_or(usize::MAX)
-                .min(STREAM_PAGE_MAX);
-            let rows = self.store.by_stream(&st.stream_id, st.acked + 1, n).await?;
-            let last = rows.last().ok_or_else(|| {
-                corrupt(format!(
-                    "stream {} lacks tick {}",
-                    st.stream_id,
-                    st.acked + 1
-                ))
-            })?;
-            let last_tick = last.stream.as_ref().map(|s| s.1).expect("tick");
-            let new_state = OutState {
-                acked: last_tick,
-                acked_identity: Some(last.id.clone()),
-                ..st.clone()
-            };
-            let mut ops: Vec<Op> = rows
-                .iter()
-                .map(|m| Op::Delete {
-                    dest: m.dest.clone(),
-                    seq: m.seq,
-                })
-                .collect();
-            ops.push(Op::SetKv {
-                space: OUT_KV.into(),
-                key: target.to_string(),
-                value: serde_json::to_vec(&new_state).expect("stream state serializes"),
-            });
-            self.store.commit(ops).await?;
-            assert!(new_state.acked > st.acked && new_state.acked <= upto);
-            *st = new_state;
-        }
-        Ok(())
+        let (reply, done) = tokio::sync::oneshot::channel();
+        let closed = || {
+            MessagingError::Store(Box::new(keel_store::StoreError::Closed {
+                me: self.me.clone(),
+            }))
+        };
+        stream
+            .work
+            .send(StreamWork::Ack {
+                upto,
+                reply: Some(reply),
+            })
+            .await
+            .map_err(|_| closed())?;
+        done.await.map_err(|_| closed())?
     }
 
     /// The ID of the stream's message at `tick`, if this side still knows it.

@@ -193,11 +193,22 @@ async fn expiry_and_bad_input_are_refused_clearly() {
     // A queue on another engine: the message goes onto the stream towards it (stored, with a
     // tick), and it cannot be received here.
     assert!(m.send("elsewhere", msg("x", 4)).await.is_ok());
-    let stream = m.out_stream("node01.server2-bus1").await.unwrap().state().await;
+    let stream = m
+        .out_stream("node01.server2-bus1")
+        .await
+        .unwrap()
+        .state()
+        .await;
     assert_eq!((stream.next_tick, stream.acked), (2, 0));
-    let waiting = m.out_page("node01.server2-bus1", 1, 10).await.unwrap();
+    let waiting = m
+        .out_page("node01.server2-bus1", &stream.stream_id, 1, 10)
+        .await
+        .unwrap();
     assert_eq!(waiting.len(), 1);
-    assert_eq!((waiting[0].tick, waiting[0].dest.as_str()), (1, "elsewhere"));
+    assert_eq!(
+        (waiting[0].tick, waiting[0].dest.as_str()),
+        (1, "elsewhere")
+    );
     assert!(matches!(
         m.receive("elsewhere", Duration::ZERO).await,
         Err(MessagingError::NotHere { .. })

@@ -426,8 +426,11 @@ async fn check_verdict(
     }
 }
 
-/// Sends the stream's messages from `from` on (None: held, nothing is sent) and applies the
-/// target's acks and resend requests until the link ends; returns why it ended.
+/// Sends the stream's messages from `from` on (None: held, nothing is sent) and takes the
+/// target's acks and resend requests until the link ends; returns why it ended. The target
+/// has what it acknowledged durably, so the window moves with each ack at once; removing the
+/// acknowledged rows here is left to the stream's committer (`OutStream::ack_later`), so
+/// sending never waits for it.
 async fn source_side(
     messaging: &Messaging,
     peer: &Peer,
@@ -435,17 +438,20 @@ async fn source_side(
     from: Option<u64>,
     framed: &mut Framed<TcpStream, LinkCodec>,
 ) -> String {
+    let st0 = stream.state().await;
+    let stream_id = st0.stream_id.clone();
+    let mut peer_acked = st0.acked;
     let mut next_send = from;
     loop {
         if let Some(next) = next_send.as_mut() {
-            let st = stream.state().await;
+            let next_tick = stream.state().await.next_tick;
             // At most STREAM_WINDOW unacknowledged ticks in flight.
-            while *next < st.next_tick && *next - st.acked <= STREAM_WINDOW {
-                let room = (st.next_tick - *next).min(STREAM_WINDOW + st.acked + 1 - *next);
+            while *next < next_tick && *next - peer_acked <= STREAM_WINDOW {
+                let room = (next_tick - *next).min(STREAM_WINDOW + peer_acked + 1 - *next);
                 let n = usize::try_from(room)
                     .unwrap_or(usize::MAX)
                     .min(SEND_BATCH_MAX);
-                let page = match messaging.out_page(&peer.me, *next, n).await {
+                let page = match messaging.out_page(&peer.me, &stream_id, *next, n).await {
                     Ok(p) if !p.is_empty() => p,
                     Ok(_) => break,
                     Err(e) => return e.to_string(),
@@ -453,7 +459,7 @@ async fn source_side(
                 for m in page {
                     *next = m.tick + 1;
                     let frame = LinkFrame::Data {
-                        stream_id: st.stream_id.clone(),
+                        stream_id: stream_id.clone(),
                         tick: m.tick,
                         message_id: m.id,
                         priority: m.priority,
@@ -475,14 +481,17 @@ async fn source_side(
         tokio::select! {
             f = framed.next() => match f {
                 Some(Ok(LinkFrame::Ack { upto, .. })) => {
-                    if let Err(e) = messaging.out_acked(&peer.me, upto).await {
-                        return e.to_string();
+                    if upto >= next_send.unwrap_or(0) {
+                        return format!("the peer acknowledged tick {upto}, which was not sent");
+                    }
+                    if upto > peer_acked {
+                        peer_acked = upto;
+                        stream.ack_later(upto);
                     }
                 }
                 Some(Ok(LinkFrame::Resend { from, .. })) => {
                     if let Some(next) = next_send.as_mut() {
-                        let acked = stream.state().await.acked;
-                        *next = from.max(acked + 1);
+                        *next = from.max(peer_acked + 1);
                     }
                 }
                 Some(Ok(LinkFrame::Close { reason })) => return format!("closed by the peer: {reason}"),

@@ -26,11 +26,23 @@ pub struct KeelServer {
     keel: PathBuf,
     profile: tempfile::TempDir,
     pub url: String,
+    /// The second server's AMQP URL, when the profile has two (`start_two`).
+    pub url2: Option<String>,
 }
 
 impl KeelServer {
     /// Creates a profile with `queue` on bus1 and starts its server through the node agent.
     pub fn start(keel: &Path, base_port: u16, queue: &str) -> Result<KeelServer> {
+        KeelServer::start_with(keel, base_port, queue, false)
+    }
+
+    /// Two servers on bus1, `queue` on server2's engine: producers on server1 reach it over
+    /// the delivery stream between the two engines.
+    pub fn start_two(keel: &Path, base_port: u16, queue: &str) -> Result<KeelServer> {
+        KeelServer::start_with(keel, base_port, queue, true)
+    }
+
+    fn start_with(keel: &Path, base_port: u16, queue: &str, two: bool) -> Result<KeelServer> {
         let profile = tempfile::Builder::new()
             .prefix("keel-bench-")
             .tempdir()
@@ -40,6 +52,7 @@ impl KeelServer {
             keel: keel.to_path_buf(),
             profile,
             url: String::new(),
+            url2: None,
         };
         server.keel(&[
             "profile",
@@ -48,19 +61,39 @@ impl KeelServer {
             "--base-port",
             &base_port.to_string(),
         ])?;
-        server.keel(&["destination", "create", "bus1", queue, "--type", "queue"])?;
+        if two {
+            server.keel(&["server", "create", "server2"])?;
+            server.keel(&["bus", "add-member", "bus1", "--server", "server2"])?;
+            server.keel(&[
+                "destination",
+                "create",
+                "bus1",
+                queue,
+                "--type",
+                "queue",
+                "--me",
+                "node01.server2-bus1",
+            ])?;
+        } else {
+            server.keel(&["destination", "create", "bus1", queue, "--type", "queue"])?;
+        }
         server.keel(&["node", "start"])?;
-        server.keel(&["server", "start", "server1"])?;
-        let status: serde_json::Value =
-            serde_json::from_str(&server.keel(&["server", "status", "server1", "--json"])?)
-                .context("server status JSON")?;
-        let bus = status["endpoints"]["bus"]
-            .as_str()
-            .context("server status has no bus endpoint")?
-            .to_string();
         let password = std::fs::read_to_string(dir.join("secrets/admin-password"))
             .context("reading the profile's admin password")?;
-        server.url = format!("amqp://admin:{}@{bus}", password.trim());
+        let url_of = |s: &KeelServer, name: &str| -> Result<String> {
+            s.keel(&["server", "start", name])?;
+            let status: serde_json::Value =
+                serde_json::from_str(&s.keel(&["server", "status", name, "--json"])?)
+                    .context("server status JSON")?;
+            let bus = status["endpoints"]["bus"]
+                .as_str()
+                .context("server status has no bus endpoint")?;
+            Ok(format!("amqp://admin:{}@{bus}", password.trim()))
+        };
+        server.url = url_of(&server, "server1")?;
+        if two {
+            server.url2 = Some(url_of(&server, "server2")?);
+        }
         Ok(server)
     }
 
@@ -99,7 +132,16 @@ pub fn default_keel_binary() -> Result<PathBuf> {
 pub async fn run_keel(keel: &Path, base_port: u16, w: &Workload) -> Result<Report> {
     let queue = format!("bench{}", unique_suffix()?);
     let server = KeelServer::start(keel, base_port, &queue)?;
-    measure(&server.url, &queue, w).await
+    measure("keel", &server.url, &server.url, &queue, w).await
+}
+
+/// The same workload across two engines: producers on server1, the queue and its consumers
+/// on server2; every message crosses the delivery stream.
+pub async fn run_keel_bus(keel: &Path, base_port: u16, w: &Workload) -> Result<Report> {
+    let queue = format!("bench{}", unique_suffix()?);
+    let server = KeelServer::start_two(keel, base_port, &queue)?;
+    let consumers = server.url2.clone().context("two servers")?;
+    measure("keel-bus", &server.url, &consumers, &queue, w).await
 }
 
 struct Client {
@@ -161,7 +203,13 @@ async fn produce(
     .await
 }
 
-async fn measure(url: &str, queue: &str, w: &Workload) -> Result<Report> {
+async fn measure(
+    system: &'static str,
+    url: &str,
+    consumer_url: &str,
+    queue: &str,
+    w: &Workload,
+) -> Result<Report> {
     let mut producers = Vec::with_capacity(w.producers);
     for index in 0..w.producers {
         let mut c = connect(url, &format!("producer-{index}")).await?;
@@ -172,7 +220,7 @@ async fn measure(url: &str, queue: &str, w: &Workload) -> Result<Report> {
     }
     let mut consumers = Vec::with_capacity(w.consumers);
     for index in 0..w.consumers {
-        let mut c = connect(url, &format!("consumer-{index}")).await?;
+        let mut c = connect(consumer_url, &format!("consumer-{index}")).await?;
         let receiver = Receiver::builder()
             .name(format!("c{index}"))
             .source(queue)
@@ -227,7 +275,7 @@ async fn measure(url: &str, queue: &str, w: &Workload) -> Result<Report> {
     };
 
     drive(
-        "keel",
+        system,
         w,
         producers,
         producer_task,
