@@ -12,7 +12,8 @@
 //! - target: the delivered message (its original ID kept) and the stream's [`InState`] (kv
 //!   space `streams.in`, key = stream id) in one commit.
 //!
-//! Invariants: ticks of a stream are assigned under its lock in commit order, so the rows of a
+//! Invariants: one committer task per stream is the only writer of its state (so no caller
+//! can cancel a change mid-commit); it assigns ticks in commit order, so the rows of a
 //! stream are exactly the ticks `acked + 1 .. next_tick`; a target's prefix only grows.
 //! Deliberately absent so far: FLUSH of streams with peers, remote get, and non-persistent
 //! remote sends (every remote message is stored on the transmission queue).
