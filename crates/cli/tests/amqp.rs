@@ -578,8 +578,10 @@ fn delivery_streams_survive_crashes_of_either_engine_without_loss_or_duplicates(
     env.ok(&["node", "stop", "--stop-servers"]);
 }
 
-#[test]
-fn a_source_store_copied_back_is_caught_by_the_handshake_and_loses_nothing() {
+/// Remote puts through server1 to q2 on server2 with `server`'s store file copied aside after
+/// the first 20 messages and put back by hand (no restore mark) after 30 more; then 10 more are
+/// sent. Returns with both servers running.
+fn traffic_with_a_store_copied_back(server: &str) -> Env {
     let env = remote_queue_env();
     env.ok(&["server", "start", "server2"]);
     let password = env.admin_password();
@@ -587,23 +589,63 @@ fn a_source_store_copied_back_is_caught_by_the_handshake_and_loses_nothing() {
     let send = |range| send_numbers(&rt, env.bus_port("server1"), &password, "q2", range);
     let receive =
         |want, limit| receive_numbers(&rt, env.bus_port("server2"), &password, "q2", want, limit);
+    // Until the source has removed what the target acknowledged.
+    let source_drained = || {
+        env.wait_for(
+            Duration::from_secs(20),
+            "the transmission queue emptied",
+            || {
+                let info: serde_json::Value = serde_json::from_str(&env.ok(&[
+                    "store",
+                    "info",
+                    "node01.server1-bus1",
+                    "--json",
+                ]))
+                .unwrap();
+                (info["messages"] == 0).then_some(())
+            },
+        )
+    };
+    let store = env
+        .profile
+        .join(format!("databases/node01.{server}-bus1.sqlite"));
+    let copy = env.dir().join("store-copy.sqlite");
     send(0..20);
     assert_eq!(receive(20, Duration::from_secs(30)).len(), 20);
-    // An operator copies server1's store aside (not `keel store backup`: no restore mark),
-    // more traffic flows, then the old copy is put back by hand.
-    let store = env.profile.join("databases/node01.server1-bus1.sqlite");
-    let copy = env.dir().join("me1-copy.sqlite");
-    env.ok(&["server", "stop", "server1"]);
+    source_drained();
+    env.ok(&["server", "stop", server]);
     std::fs::copy(&store, &copy).unwrap();
-    env.ok(&["server", "start", "server1"]);
+    env.ok(&["server", "start", server]);
     send(20..50);
     assert_eq!(receive(30, Duration::from_secs(30)).len(), 30);
-    env.ok(&["server", "stop", "server1"]);
+    source_drained();
+    env.ok(&["server", "stop", server]);
     std::fs::copy(&copy, &store).unwrap();
-    env.ok(&["server", "start", "server1"]);
+    env.ok(&["server", "start", server]);
+    send(50..60);
+    env
+}
+
+/// Nothing arrives at q2 within 3 s.
+fn nothing_arrives(env: &Env) -> bool {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let port2 = env.bus_port("server2");
+    receive_numbers(
+        &rt,
+        port2,
+        &env.admin_password(),
+        "q2",
+        1,
+        Duration::from_secs(3),
+    )
+    .is_empty()
+}
+
+#[test]
+fn a_source_store_copied_back_is_caught_by_the_handshake_and_loses_nothing() {
     // The copy reuses the stream's old ticks for new messages: without the handshake the
     // target would take them for duplicates and drop them. It holds the stream instead.
-    send(50..60);
+    let env = traffic_with_a_store_copied_back("server1");
     env.wait_for(
         Duration::from_secs(20),
         "the stream held on both sides",
@@ -612,15 +654,30 @@ fn a_source_store_copied_back_is_caught_by_the_handshake_and_loses_nothing() {
                 .then_some(())
         },
     );
-    assert!(
-        receive(1, Duration::from_secs(3)).is_empty(),
-        "nothing of a held stream is taken"
-    );
+    assert!(nothing_arrives(&env), "nothing of a held stream is taken");
     let info: serde_json::Value =
         serde_json::from_str(&env.ok(&["store", "info", "node01.server1-bus1", "--json"])).unwrap();
     assert!(
         info["messages"].as_u64().unwrap() >= 10,
         "the new messages wait on the transmission queue: {info}"
     );
+    env.ok(&["node", "stop", "--stop-servers"]);
+}
+
+#[test]
+fn a_target_store_copied_back_is_caught_by_the_handshake() {
+    // The source holds acks beyond the target's prefix.
+    let env = traffic_with_a_store_copied_back("server2");
+    env.wait_for(
+        Duration::from_secs(20),
+        "the stream held on both sides",
+        || {
+            let held = env
+                .log("server1")
+                .contains("that engine's data store went back in time");
+            (held && env.log("server2").contains("CWSIP0784E")).then_some(())
+        },
+    );
+    assert!(nothing_arrives(&env), "nothing of a held stream is taken");
     env.ok(&["node", "stop", "--stop-servers"]);
 }
