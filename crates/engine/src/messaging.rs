@@ -293,6 +293,8 @@ pub struct Messaging {
     bus_destinations: HashMap<String, DestinationCfg>,
     /// Source delivery streams towards other engines (see `streams`).
     out_streams: streams::OutStreams,
+    /// Target-side stream locks, by source engine and stream.
+    in_streams: streams::InStreams,
     /// Queue points by destination name: configured queues, the exception destination, and
     /// one per durable subscription (`<topic>::<subscription>`), which are added at run time.
     queues: std::sync::RwLock<HashMap<String, Arc<QueuePoint>>>,
@@ -386,6 +388,7 @@ impl Messaging {
             max_message_bytes,
             volatile_seq: AtomicU64::new(1 << 63),
             out_streams: streams::OutStreams::default(),
+            in_streams: streams::InStreams::default(),
             closed: std::sync::atomic::AtomicBool::new(false),
         }
     }

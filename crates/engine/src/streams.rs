@@ -122,7 +122,24 @@ async fn committer(
         }
         let mut st = stream.state.lock().await;
         if !sends.is_empty() {
-            commit_sends(&*store, &stream.target, &mut st, sends).await;
+            // Within the store's bounds per commit (a lone oversized batch fails on its own).
+            let mut chunk: Vec<PendingSend> = Vec::new();
+            let (mut ops, mut bytes) = (1usize, 0usize);
+            for p in sends {
+                let (n, b) = (p.items.len(), p.bytes());
+                if !chunk.is_empty()
+                    && (ops + n > keel_store::BATCH_OPS_MAX
+                        || bytes + b > keel_store::BATCH_BYTES_MAX / 2)
+                {
+                    commit_sends(&*store, &stream.target, &mut st, std::mem::take(&mut chunk))
+                        .await;
+                    (ops, bytes) = (1, 0);
+                }
+                ops += n;
+                bytes += b;
+                chunk.push(p);
+            }
+            commit_sends(&*store, &stream.target, &mut st, chunk).await;
             stream.notify.notify_one();
         }
         if upto > 0 || !waiting.is_empty() {
@@ -253,6 +270,16 @@ struct PendingSend {
     reply: tokio::sync::oneshot::Sender<Result<Vec<u64>, keel_store::StoreError>>,
 }
 
+impl PendingSend {
+    /// What its rows weigh in a commit (bodies, properties, a bound for the rest).
+    fn bytes(&self) -> usize {
+        self.items
+            .iter()
+            .map(|(p, body)| body.len() + p.properties.len() + 256)
+            .sum()
+    }
+}
+
 /// A message as it travels on a stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamMessage {
@@ -265,6 +292,16 @@ pub struct StreamMessage {
     pub properties: Vec<u8>,
     pub body: Vec<u8>,
 }
+
+/// Target-side streams are keyed by their source engine too: a peer can only ever touch the
+/// streams it sources.
+fn in_key(source: &str, stream_id: &str) -> String {
+    format!("{source}/{stream_id}")
+}
+
+/// Target-side stream entries (see `Messaging::in_entry`).
+#[derive(Default)]
+pub struct InStreams(std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>);
 
 fn xmit_dest(target: &str, dest: &str) -> String {
     format!("{XMIT_PREFIX}{target}:{dest}")
@@ -440,20 +477,51 @@ impl Messaging {
         tick: u64,
     ) -> Result<Option<String>, MessagingError> {
         let stream = self.out_stream(target).await?;
-        let st = stream.state.lock().await.clone();
+        // Held across the read: the committer cannot remove the row meanwhile.
+        let st = stream.state.lock().await;
         if tick == st.acked {
-            return Ok(st.acked_identity);
+            return Ok(st.acked_identity.clone());
         }
         if tick > st.acked && tick < st.next_tick {
             let rows = self.store.by_stream(&st.stream_id, tick, 1).await?;
-            return Ok(rows.into_iter().next().map(|m| m.id));
+            return Ok(rows
+                .into_iter()
+                .next()
+                .filter(|m| m.stream.as_ref().is_some_and(|s| s.1 == tick))
+                .map(|m| m.id));
         }
         Ok(None)
     }
 
-    /// What this engine has stored of the stream `stream_id` (as its target).
-    pub async fn in_state(&self, stream_id: &str) -> Result<Option<InState>, MessagingError> {
-        match self.store.kv_get(IN_KV, stream_id).await? {
+    /// The target-side entry of `source`'s stream `stream_id`: its lock serialises every link
+    /// that carries the stream (a reconnect can overlap an old link's last commit).
+    fn in_entry(&self, source: &str, stream_id: &str) -> Arc<Mutex<()>> {
+        self.in_streams
+            .0
+            .lock()
+            .expect("streams lock")
+            .entry(in_key(source, stream_id))
+            .or_insert_with(|| Arc::new(Mutex::new(())))
+            .clone()
+    }
+
+    /// What this engine has stored of `source`'s stream `stream_id` (as its target).
+    pub async fn in_state(
+        &self,
+        source: &str,
+        stream_id: &str,
+    ) -> Result<Option<InState>, MessagingError> {
+        let entry = self.in_entry(source, stream_id);
+        let _one = entry.lock().await;
+        self.read_in_state(source, stream_id).await
+    }
+
+    async fn read_in_state(
+        &self,
+        source: &str,
+        stream_id: &str,
+    ) -> Result<Option<InState>, MessagingError> {
+        match self.store.kv_get(IN_KV, &in_key(source, stream_id)).await? {
             None => Ok(None),
             Some(bytes) => serde_json::from_slice(&bytes)
                 .map(Some)
@@ -467,6 +535,7 @@ impl Messaging {
     /// exception destination rather than dropping it.
     pub async fn in_deliver(
         &self,
+        source: &str,
         stream_id: &str,
         msgs: Vec<StreamMessage>,
     ) -> Result<(), MessagingError> {
@@ -477,6 +546,21 @@ impl Messaging {
             msgs.windows(2).all(|w| w[1].tick == w[0].tick + 1),
             "a stream's messages are stored in tick order, without gaps"
         );
+        // Under the stream's lock, against the store's prefix (never a cached one): a link
+        // that started from an older prefix while another link stored more must not store
+        // those messages again.
+        let entry = self.in_entry(source, stream_id);
+        let _one = entry.lock().await;
+        let prefix = self
+            .read_in_state(source, stream_id)
+            .await?
+            .map_or(0, |p| p.tick);
+        if msgs[0].tick != prefix + 1 {
+            return Err(corrupt(format!(
+                "stream {stream_id} from {source}: tick {} does not follow the stored prefix {prefix} (another link stored it first)",
+                msgs[0].tick
+            )));
+        }
         let state = InState {
             tick: last.tick,
             identity: Some(last.id.clone()),
@@ -506,7 +590,7 @@ impl Messaging {
         }
         ops.push(Op::SetKv {
             space: IN_KV.into(),
-            key: stream_id.to_string(),
+            key: in_key(source, stream_id),
             value: serde_json::to_vec(&state).expect("stream state serializes"),
         });
         let pending = super::OffersPending {

@@ -590,3 +590,33 @@ async fn ids_stay_unique_when_a_store_file_is_copied_back() {
     assert_eq!(ids.len(), 3, "an ID was minted twice: {ids:?}");
     e.stop(false).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_stream_message_is_stored_once_even_when_two_links_race() {
+    use keel_engine::messaging::streams::StreamMessage;
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(dir.path());
+    e.start(StartMode::Normal).await.unwrap();
+    let m = e.messaging().unwrap();
+    let at = |tick: u64| StreamMessage {
+        tick,
+        id: format!("peer:1:{tick}"),
+        dest: "q1".into(),
+        priority: 4,
+        reliability: 3,
+        expiry_ms: None,
+        properties: vec![],
+        body: b"x".to_vec(),
+    };
+    let peer = "node01.server2-bus1";
+    m.in_deliver(peer, "s1", vec![at(1), at(2)]).await.unwrap();
+    // A second link that started from the older prefix: refused, nothing stored twice.
+    assert!(m.in_deliver(peer, "s1", vec![at(2)]).await.is_err());
+    assert!(m.in_deliver(peer, "s1", vec![at(4)]).await.is_err());
+    m.in_deliver(peer, "s1", vec![at(3)]).await.unwrap();
+    assert_eq!(m.depth("q1").await.unwrap(), 3);
+    assert_eq!(m.in_state(peer, "s1").await.unwrap().unwrap().tick, 3);
+    // Another engine's stream of the same id is its own.
+    assert_eq!(m.in_state("node01.server3-bus1", "s1").await.unwrap(), None);
+    e.stop(false).await.unwrap();
+}

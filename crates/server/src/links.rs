@@ -227,8 +227,20 @@ pub fn peers_of(cfg: &keel_config::Config, engine: &Engine) -> Vec<Peer> {
 
 /// Unacknowledged ticks a source may have in flight on one stream.
 pub const STREAM_WINDOW: u64 = 1_024;
-/// In-order messages a target stores with one commit.
+/// In-order messages a target stores with one commit, and their bytes (within the store's
+/// bounds per commit).
 pub const DELIVER_BATCH_MAX: usize = 256;
+/// (A quarter of the store's 64 MiB per commit.)
+pub const DELIVER_BATCH_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+fn frame_bytes(f: &LinkFrame) -> usize {
+    match f {
+        LinkFrame::Data {
+            body, properties, ..
+        } => body.len() + properties.len() + 256,
+        _ => 64,
+    }
+}
 /// Messages read from the store per send burst.
 pub const SEND_BATCH_MAX: usize = 128;
 /// How often a source looks for new messages when no wake-up came.
@@ -366,7 +378,7 @@ async fn link_once(engine: &Engine, key: &[u8; 32], peer: &Peer) -> Result<Strin
         peer = peer.me,
         address = peer.address
     );
-    let from = match check_verdict(&messaging, peer, &st.stream_id, verdict).await {
+    let from = match check_verdict(&messaging, peer, &st, verdict).await {
         Ok(from) => Some(from),
         Err(why) => {
             emit!(
@@ -387,9 +399,10 @@ async fn link_once(engine: &Engine, key: &[u8; 32], peer: &Peer) -> Result<Strin
 async fn check_verdict(
     messaging: &Messaging,
     peer: &Peer,
-    stream_id: &str,
+    st: &keel_engine::messaging::streams::OutState,
     (kind, a, b, last): (VerdictKind, u64, u64, Option<String>),
 ) -> Result<u64, String> {
+    let stream_id = &st.stream_id;
     match kind {
         VerdictKind::SourceRestored => Err(format!(
             "engine {} has completed tick {a} of it but this engine's next tick is {b}: this engine's data store went back in time",
@@ -401,6 +414,14 @@ async fn check_verdict(
         )),
         VerdictKind::Resume => {
             let from = a.max(1);
+            // A resume behind what the target acknowledged, or past what was assigned, is what
+            // a restored (or broken) target says: hold rather than trust it.
+            if from <= st.acked || from > st.next_tick {
+                return Err(format!(
+                    "engine {} asks to resume at tick {from}, but it acknowledged tick {} and tick {} is the next to assign",
+                    peer.me, st.acked, st.next_tick
+                ));
+            }
             if from > 1 {
                 let ours = messaging
                     .out_identity_at(&peer.me, from - 1)
@@ -442,12 +463,17 @@ async fn source_side(
     let stream_id = st0.stream_id.clone();
     let mut peer_acked = st0.acked;
     let mut next_send = from;
+    // Highest tick sent on this link: acks and resend requests beyond it are refused, so a
+    // peer can never make this side forget messages it did not receive.
+    let mut sent_upto = from.map_or(peer_acked, |f| f - 1);
     loop {
         if let Some(next) = next_send.as_mut() {
             let next_tick = stream.state().await.next_tick;
             // At most STREAM_WINDOW unacknowledged ticks in flight.
-            while *next < next_tick && *next - peer_acked <= STREAM_WINDOW {
-                let room = (next_tick - *next).min(STREAM_WINDOW + peer_acked + 1 - *next);
+            while *next < next_tick && next.saturating_sub(peer_acked) <= STREAM_WINDOW {
+                let room = (next_tick - *next)
+                    .min((STREAM_WINDOW + peer_acked + 1).saturating_sub(*next))
+                    .max(1);
                 let n = usize::try_from(room)
                     .unwrap_or(usize::MAX)
                     .min(SEND_BATCH_MAX);
@@ -458,6 +484,7 @@ async fn source_side(
                 };
                 for m in page {
                     *next = m.tick + 1;
+                    sent_upto = sent_upto.max(m.tick);
                     let frame = LinkFrame::Data {
                         stream_id: stream_id.clone(),
                         tick: m.tick,
@@ -481,7 +508,7 @@ async fn source_side(
         tokio::select! {
             f = framed.next() => match f {
                 Some(Ok(LinkFrame::Ack { upto, .. })) => {
-                    if upto >= next_send.unwrap_or(0) {
+                    if upto > sent_upto {
                         return format!("the peer acknowledged tick {upto}, which was not sent");
                     }
                     if upto > peer_acked {
@@ -490,8 +517,11 @@ async fn source_side(
                     }
                 }
                 Some(Ok(LinkFrame::Resend { from, .. })) => {
+                    if from <= peer_acked || from > sent_upto + 1 {
+                        return format!("the peer asked to resend from tick {from}, outside {}..={}", peer_acked + 1, sent_upto + 1);
+                    }
                     if let Some(next) = next_send.as_mut() {
-                        *next = from.max(peer_acked + 1);
+                        *next = from;
                     }
                 }
                 Some(Ok(LinkFrame::Close { reason })) => return format!("closed by the peer: {reason}"),
@@ -530,7 +560,7 @@ async fn target_side(
     let mut target = keel_bus::Target::default();
     for s in &streams {
         if let Some(p) = messaging
-            .in_state(&s.stream_id)
+            .in_state(peer_me, &s.stream_id)
             .await
             .map_err(|e| e.to_string())?
         {
@@ -586,10 +616,14 @@ async fn target_side(
         };
         // This frame and those already here: in-order messages of one stream are stored with
         // one commit and acknowledged with one ack (bounded by DELIVER_BATCH_MAX).
+        let mut bytes = frame_bytes(&first);
         let mut frames = vec![first];
-        while frames.len() < DELIVER_BATCH_MAX {
+        while frames.len() < DELIVER_BATCH_MAX && bytes < DELIVER_BATCH_BYTES_MAX {
             match framed.next().now_or_never() {
-                Some(Some(Ok(f))) => frames.push(f),
+                Some(Some(Ok(f))) => {
+                    bytes += frame_bytes(&f);
+                    frames.push(f);
+                }
                 Some(Some(Err(e))) => return Err(e.to_string()),
                 Some(None) | None => break,
             }
@@ -599,7 +633,7 @@ async fn target_side(
         for frame in frames {
             match frame {
                 LinkFrame::Close { reason } => {
-                    store_batch(&messaging, batch.take(), &mut replies).await?;
+                    store_batch(&messaging, peer_me, batch.take(), &mut replies).await?;
                     send_all(framed, replies).await?;
                     return Ok(format!("the peer closed it ({reason})"));
                 }
@@ -632,7 +666,8 @@ async fn target_side(
                             match batch.as_mut() {
                                 Some((id, msgs)) if *id == stream_id => msgs.push(m),
                                 _ => {
-                                    store_batch(&messaging, batch.take(), &mut replies).await?;
+                                    store_batch(&messaging, peer_me, batch.take(), &mut replies)
+                                        .await?;
                                     batch = Some((stream_id, vec![m]));
                                 }
                             }
@@ -651,7 +686,7 @@ async fn target_side(
                 _ => return Err("a frame a target does not take".into()),
             }
         }
-        store_batch(&messaging, batch.take(), &mut replies).await?;
+        store_batch(&messaging, peer_me, batch.take(), &mut replies).await?;
         send_all(framed, replies).await?;
     }
 }
@@ -661,6 +696,7 @@ async fn target_side(
 /// one starts from the store's prefix.
 async fn store_batch(
     messaging: &Messaging,
+    source: &str,
     batch: Option<(String, Vec<StreamMessage>)>,
     replies: &mut Vec<LinkFrame>,
 ) -> Result<(), String> {
@@ -669,7 +705,7 @@ async fn store_batch(
     };
     let upto = msgs.last().expect("a batch is never empty").tick;
     messaging
-        .in_deliver(&stream_id, msgs)
+        .in_deliver(source, &stream_id, msgs)
         .await
         .map_err(|e| e.to_string())?;
     replies.push(LinkFrame::Ack { stream_id, upto });
