@@ -102,6 +102,12 @@ impl LinkAcceptor {
         let refuse = |me: &str, why: &str| {
             emit!(catalog::CWSIT0004W, peer = peer, me = me, why = why);
         };
+        if let Err(e) = harden(&sock) {
+            return refuse(
+                "unknown",
+                &format!("cannot set keepalive on the connection ({e})"),
+            );
+        }
         let mut head = [0u8; 8];
         let wait = Duration::from_millis(OPEN_WAIT_MS);
         match tokio::time::timeout(wait, sock.read_exact(&mut head)).await {
@@ -246,6 +252,27 @@ pub const SEND_BATCH_MAX: usize = 128;
 /// How often a source looks for new messages when no wake-up came.
 pub const SOURCE_POLL_MS: u64 = 1_000;
 
+/// A dead peer (crashed machine, cut network) is noticed on an idle link after
+/// KEEPALIVE_IDLE_S + KEEPALIVE_RETRIES × KEEPALIVE_INTERVAL_S, and with data unacknowledged
+/// after USER_TIMEOUT_S; the link then ends and is opened again, and the source resends what
+/// the target did not acknowledge. Without these a half-open link waits forever.
+pub const KEEPALIVE_IDLE_S: u64 = 15;
+pub const KEEPALIVE_INTERVAL_S: u64 = 5;
+pub const KEEPALIVE_RETRIES: u32 = 3;
+pub const USER_TIMEOUT_S: u64 = 30;
+
+/// Sets the link socket's keepalive and user timeout (see KEEPALIVE_IDLE_S).
+fn harden(sock: &TcpStream) -> std::io::Result<()> {
+    let s = socket2::SockRef::from(sock);
+    s.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(KEEPALIVE_IDLE_S))
+            .with_interval(Duration::from_secs(KEEPALIVE_INTERVAL_S))
+            .with_retries(KEEPALIVE_RETRIES),
+    )?;
+    s.set_tcp_user_timeout(Some(Duration::from_secs(USER_TIMEOUT_S)))
+}
+
 /// First and largest pause between attempts to link to a peer.
 pub const RECONNECT_FIRST_MS: u64 = 100;
 pub const RECONNECT_MAX_MS: u64 = 10_000;
@@ -303,6 +330,7 @@ async fn link_once(engine: &Engine, key: &[u8; 32], peer: &Peer) -> Result<Strin
         Err(_) => return Err(format!("no connection within {CONNECT_WAIT_MS} ms")),
     };
     let _ = sock.set_nodelay(true);
+    harden(&sock).map_err(|e| format!("cannot set keepalive ({e})"))?;
     sock.write_all(&keel_bus::link::PROTOCOL_HEADER)
         .await
         .map_err(|e| format!("cannot write ({e})"))?;
@@ -720,4 +748,28 @@ async fn send_all(
         framed.feed(r).await.map_err(|e| e.to_string())?;
     }
     framed.flush().await.map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn link_sockets_notice_a_dead_peer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sock = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        harden(&sock).unwrap();
+        let s = socket2::SockRef::from(&sock);
+        assert!(s.keepalive().unwrap());
+        assert_eq!(
+            s.tcp_keepalive_time().unwrap(),
+            Duration::from_secs(KEEPALIVE_IDLE_S)
+        );
+        assert_eq!(
+            s.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(USER_TIMEOUT_S))
+        );
+    }
 }
