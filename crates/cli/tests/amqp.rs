@@ -466,7 +466,10 @@ fn send_numbers(
             assert!(matches!(o, Outcome::Accepted(_)), "{o:?}");
         }
         snd.close().await.unwrap();
-        s.end().await.unwrap();
+        // Every message is accepted by now. fe2o3's client may fail the session end with
+        // UnattachedHandle when a frame for the just-detached link crosses its Detach (seen
+        // 1 in ~10 runs); the connection ends either way.
+        let _ = s.end().await;
         let _ = c.close().await;
     })
 }
@@ -487,7 +490,8 @@ fn receive_numbers(
         while got.len() < want && std::time::Instant::now() < deadline {
             got.extend(drain_numbers(&mut s, dest, Duration::from_secs(1)).await);
         }
-        s.end().await.unwrap();
+        // As in `send_numbers`: what was received is settled; the end's outcome is moot.
+        let _ = s.end().await;
         let _ = c.close().await;
         got
     })

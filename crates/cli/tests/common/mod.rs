@@ -13,6 +13,56 @@ pub struct Env {
     _dir: tempfile::TempDir,
     pub profile: PathBuf,
     pub base_port: u16,
+    _ports: PortClaim,
+}
+
+/// A port range claimed for one test process: tests run in parallel processes, and checking
+/// that ports are free is not enough (two tests can check the same free range before either
+/// binds it). The claim is a file created exclusively, holding the claimer's pid; it goes when
+/// the claim drops, and a claim whose process is gone is taken over.
+pub struct PortClaim {
+    file: PathBuf,
+}
+
+impl PortClaim {
+    fn take(base: u16) -> Option<PortClaim> {
+        let dir = std::env::temp_dir().join("keel-test-ports");
+        std::fs::create_dir_all(&dir).ok()?;
+        let file = dir.join(base.to_string());
+        for _attempt in 0..2 {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&file)
+            {
+                Ok(mut f) => {
+                    use std::io::Write;
+                    f.write_all(std::process::id().to_string().as_bytes())
+                        .ok()?;
+                    return Some(PortClaim { file });
+                }
+                Err(_) => {
+                    let holder: Option<u32> = std::fs::read_to_string(&file)
+                        .ok()
+                        .and_then(|t| t.trim().parse().ok());
+                    // An empty file is a claim being written: leave it alone.
+                    match holder {
+                        Some(pid) if !Path::new(&format!("/proc/{pid}")).exists() => {
+                            let _ = std::fs::remove_file(&file);
+                        }
+                        _ => return None,
+                    }
+                }
+            }
+        }
+        None
+    }
+}
+
+impl Drop for PortClaim {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.file);
+    }
 }
 
 pub struct Run {
@@ -47,7 +97,7 @@ fn ephemeral_low() -> u16 {
 
 /// A base port with `count` free consecutive ports above it. Tests run in parallel processes,
 /// so the start is spread by pid and time; each candidate range is checked by binding it.
-pub fn free_base_port(count: u16) -> u16 {
+pub fn free_base_port(count: u16) -> (u16, PortClaim) {
     // Ranges of 10 from 20000 up to the ephemeral range (or 3000 ranges where that is low).
     let slots = match ephemeral_low() {
         low if low > 21_000 => u64::from((low - 20_000) / 10 - 1),
@@ -61,9 +111,12 @@ pub fn free_base_port(count: u16) -> u16 {
             .subsec_nanos() as u64;
     for i in 0..500u64 {
         let base = 20_000 + ((seed.wrapping_add(i * 104_729)) % slots) as u16 * 10;
+        let Some(claim) = PortClaim::take(base) else {
+            continue;
+        };
         let ok = (0..count).all(|p| TcpListener::bind(("127.0.0.1", base + p)).is_ok());
         if ok {
-            return base;
+            return (base, claim);
         }
     }
     panic!("no free port range found");
@@ -80,11 +133,12 @@ impl Env {
     pub fn new_with(extra: &[&str]) -> Env {
         let dir = tempfile::tempdir().unwrap();
         let profile = dir.path().join("profile");
-        let base_port = free_base_port(10);
+        let (base_port, ports) = free_base_port(10);
         let env = Env {
             _dir: dir,
             profile,
             base_port,
+            _ports: ports,
         };
         let port = base_port.to_string();
         let mut args = vec![
@@ -216,6 +270,21 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failing test shows what its processes said (the profile goes with the test).
+            for process in ["node01", "server1", "server2"] {
+                for file in ["SystemOut.log", "native_stderr.log"] {
+                    let path = self.profile.join("logs").join(process).join(file);
+                    if let Ok(text) = std::fs::read_to_string(&path) {
+                        let tail: Vec<&str> = text.lines().rev().take(60).collect();
+                        eprintln!("--- {process}/{file} (last {} lines)", tail.len());
+                        for line in tail.into_iter().rev() {
+                            eprintln!("{line}");
+                        }
+                    }
+                }
+            }
+        }
         let run = self.profile.join("run");
         if let Ok(entries) = std::fs::read_dir(&run) {
             for e in entries.flatten() {
