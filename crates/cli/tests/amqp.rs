@@ -598,16 +598,7 @@ fn traffic_with_a_store_copied_back(server: &str) -> Env {
         env.wait_for(
             Duration::from_secs(20),
             "the transmission queue emptied",
-            || {
-                let info: serde_json::Value = serde_json::from_str(&env.ok(&[
-                    "store",
-                    "info",
-                    "node01.server1-bus1",
-                    "--json",
-                ]))
-                .unwrap();
-                (info["messages"] == 0).then_some(())
-            },
+            || (source_messages(&env) == 0).then_some(()),
         )
     };
     let store = env
@@ -645,25 +636,36 @@ fn nothing_arrives(env: &Env) -> bool {
     .is_empty()
 }
 
+/// Messages in server1's engine's data store (its transmission queue, here).
+fn source_messages(env: &Env) -> u64 {
+    let info: serde_json::Value =
+        serde_json::from_str(&env.ok(&["store", "info", "node01.server1-bus1", "--json"])).unwrap();
+    info["messages"].as_u64().unwrap()
+}
+
+/// Waits until server2 logged CWSIP0784E and server1 logged `source_says`, then checks that
+/// nothing of the held stream reaches q2.
+fn held_on_both_sides(env: &Env, source_says: &str) {
+    env.wait_for(
+        Duration::from_secs(20),
+        "the stream held on both sides",
+        || {
+            (env.log("server2").contains("CWSIP0784E") && env.log("server1").contains(source_says))
+                .then_some(())
+        },
+    );
+    assert!(nothing_arrives(env), "nothing of a held stream is taken");
+}
+
 #[test]
 fn a_source_store_copied_back_is_caught_by_the_handshake_and_loses_nothing() {
     // The copy reuses the stream's old ticks for new messages: without the handshake the
     // target would take them for duplicates and drop them. It holds the stream instead.
     let env = traffic_with_a_store_copied_back("server1");
-    env.wait_for(
-        Duration::from_secs(20),
-        "the stream held on both sides",
-        || {
-            (env.log("server2").contains("CWSIP0784E") && env.log("server1").contains("CWSIT0009E"))
-                .then_some(())
-        },
-    );
-    assert!(nothing_arrives(&env), "nothing of a held stream is taken");
-    let info: serde_json::Value =
-        serde_json::from_str(&env.ok(&["store", "info", "node01.server1-bus1", "--json"])).unwrap();
+    held_on_both_sides(&env, "CWSIT0009E");
     assert!(
-        info["messages"].as_u64().unwrap() >= 10,
-        "the new messages wait on the transmission queue: {info}"
+        source_messages(&env) >= 10,
+        "the new messages wait on the transmission queue"
     );
     env.ok(&["node", "stop", "--stop-servers"]);
 }
@@ -672,16 +674,6 @@ fn a_source_store_copied_back_is_caught_by_the_handshake_and_loses_nothing() {
 fn a_target_store_copied_back_is_caught_by_the_handshake() {
     // The source holds acks beyond the target's prefix.
     let env = traffic_with_a_store_copied_back("server2");
-    env.wait_for(
-        Duration::from_secs(20),
-        "the stream held on both sides",
-        || {
-            let held = env
-                .log("server1")
-                .contains("that engine's data store went back in time");
-            (held && env.log("server2").contains("CWSIP0784E")).then_some(())
-        },
-    );
-    assert!(nothing_arrives(&env), "nothing of a held stream is taken");
+    held_on_both_sides(&env, "that engine's data store went back in time");
     env.ok(&["node", "stop", "--stop-servers"]);
 }

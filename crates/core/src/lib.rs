@@ -11,5 +11,12 @@ pub mod names;
 pub use tracing;
 
 pub use catalog::{Msg, Severity};
+
+/// The wall clock in milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
 pub use layout::Layout;
 pub use names::{NameError, ObjectName, ObjectPattern};

@@ -5,10 +5,11 @@
 //! persistent message survives a crash; a settle that fails to commit leaves the delivery
 //! locked and the message in the store.
 
+use keel_core::unix_ms as now_ms;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use keel_config::{DestinationCfg, DestinationKind, Reliability};
 use keel_store::{Op, Store, StoredMessage};
@@ -77,7 +78,16 @@ pub enum MessagingError {
         bus: String,
         known: Vec<String>,
     },
-    #[error("destination {dest} is held by messaging engine {holder}, not {me}; connect to the server of {holder} (remote put and get between engines come with the bus)")]
+    #[error("delivery stream between messaging engine {me} and messaging engine {peer}: {problem}; the link between them ends and is opened again from what both data stores hold (if this repeats, read both engines' logs)")]
+    Stream {
+        me: String,
+        peer: String,
+        problem: String,
+    },
+    /// An error another task met and logged, passed on as its sentence.
+    #[error("{0}")]
+    Relayed(String),
+    #[error("destination {dest} is held by messaging engine {holder}, not {me}; receive from it on the server of {holder} (receiving from another engine's queue is not built yet; sending is)")]
     NotHere {
         dest: String,
         me: String,
@@ -307,12 +317,6 @@ pub struct Messaging {
     closed: std::sync::atomic::AtomicBool,
     /// Seqs of non-persistent messages: from 2^63 up, never colliding with store seqs.
     volatile_seq: AtomicU64,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 pub fn reliability_code(r: Reliability) -> u8 {

@@ -55,6 +55,8 @@ pub struct InState {
 
 /// One source stream towards a target engine.
 pub struct OutStream {
+    /// This engine, and the engine the stream goes to.
+    me: String,
     pub target: String,
     state: Mutex<OutState>,
     /// To the stream's committer task (bounded: senders wait when it is full).
@@ -80,7 +82,8 @@ enum StreamWork {
     Send(PendingSend),
     Ack {
         upto: u64,
-        reply: Option<tokio::sync::oneshot::Sender<Result<(), MessagingError>>>,
+        /// The outcome, as the error's sentence (the error itself is logged here).
+        reply: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
     },
 }
 
@@ -143,12 +146,9 @@ async fn committer(
             stream.notify.notify_one();
         }
         if upto > 0 || !waiting.is_empty() {
-            let r = ack(&*store, &stream.target, &mut st, upto).await;
+            let r = ack(&*store, &stream.me, &stream.target, &mut st, upto).await;
             for w in waiting {
-                let _ = w.send(match &r {
-                    Ok(()) => Ok(()),
-                    Err(e) => Err(corrupt(e.to_string())),
-                });
+                let _ = w.send(r.as_ref().map_err(|e| e.to_string()).copied());
             }
             if let Err(e) = r {
                 tracing::warn!(target = %stream.target, error = %e, "removing acknowledged messages from the transmission queue failed; the next link's handshake acknowledges them again");
@@ -212,6 +212,7 @@ async fn commit_sends(
 /// Removes the rows up to `upto` and moves `acked`, one commit per STREAM_PAGE_MAX rows.
 async fn ack(
     store: &dyn keel_store::Store,
+    me: &str,
     target: &str,
     st: &mut OutState,
     upto: u64,
@@ -220,11 +221,15 @@ async fn ack(
         return Ok(());
     }
     if upto >= st.next_tick {
-        return Err(corrupt(format!(
-            "engine {target} acknowledged tick {upto} of stream {}, which has only {} ticks",
-            st.stream_id,
-            st.next_tick - 1
-        )));
+        return Err(broken(
+            me,
+            target,
+            format!(
+                "engine {target} acknowledged tick {upto} of stream {}, which has only {} ticks",
+                st.stream_id,
+                st.next_tick - 1
+            ),
+        ));
     }
     while st.acked < upto {
         let n = usize::try_from(upto - st.acked)
@@ -232,11 +237,15 @@ async fn ack(
             .min(STREAM_PAGE_MAX);
         let rows = store.by_stream(&st.stream_id, st.acked + 1, n).await?;
         let last = rows.last().ok_or_else(|| {
-            corrupt(format!(
-                "stream {} lacks tick {}",
-                st.stream_id,
-                st.acked + 1
-            ))
+            broken(
+                me,
+                target,
+                format!(
+                    "the transmission queue lacks tick {} of stream {} (a damaged data store)",
+                    st.acked + 1,
+                    st.stream_id
+                ),
+            )
         })?;
         let last_tick = last.stream.as_ref().map(|s| s.1).expect("tick");
         let new_state = OutState {
@@ -314,11 +323,14 @@ fn final_dest(target: &str, xmit: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-fn corrupt(what: String) -> MessagingError {
-    MessagingError::Store(Box::new(keel_store::StoreError::Invalid {
-        me: String::new(),
-        problem: what,
-    }))
+/// A stream whose state does not add up (a damaged store, a peer breaking the protocol, or
+/// two links racing): the link ends and is opened again from the stores' state.
+fn broken(me: &str, peer: &str, problem: String) -> MessagingError {
+    MessagingError::Stream {
+        me: me.to_string(),
+        peer: peer.to_string(),
+        problem,
+    }
 }
 
 /// The in-memory map of source streams, by target engine.
@@ -340,8 +352,13 @@ impl Messaging {
             return Ok(s.clone());
         }
         let state = match self.store.kv_get(OUT_KV, target).await? {
-            Some(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| corrupt(format!("stream state towards {target}: {e}")))?,
+            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                broken(
+                    &self.me,
+                    target,
+                    format!("its recorded state does not decode ({e})"),
+                )
+            })?,
             None => OutState {
                 stream_id: uuid::Uuid::new_v4().to_string(),
                 next_tick: 1,
@@ -355,6 +372,7 @@ impl Messaging {
             .or_insert_with(|| {
                 let (work, rx) = tokio::sync::mpsc::channel(STREAM_WORK_MAX);
                 let stream = Arc::new(OutStream {
+                    me: self.me.clone(),
                     target: target.to_string(),
                     state: Mutex::new(state),
                     work,
@@ -439,11 +457,11 @@ impl Messaging {
                 .expect("a stream row has a tick");
             // Rows are exactly acked+1 .. next_tick: a hole is a broken store, not a state.
             if tick != expect {
-                return Err(corrupt(format!(
-                    "stream {stream_id} towards {target} lacks tick {expect} (found {tick})"
+                return Err(broken(&self.me, target, format!(
+                    "the transmission queue lacks tick {expect} of stream {stream_id} (found {tick}; a damaged data store)"
                 )));
             }
-            out.push(stream_message(target, m)?);
+            out.push(stream_message(&self.me, target, m)?);
         }
         Ok(out)
     }
@@ -467,7 +485,9 @@ impl Messaging {
             })
             .await
             .map_err(|_| closed())?;
-        done.await.map_err(|_| closed())?
+        done.await
+            .map_err(|_| closed())?
+            .map_err(MessagingError::Relayed)
     }
 
     /// The ID of the stream's message at `tick`, if this side still knows it.
@@ -523,9 +543,13 @@ impl Messaging {
     ) -> Result<Option<InState>, MessagingError> {
         match self.store.kv_get(IN_KV, &in_key(source, stream_id)).await? {
             None => Ok(None),
-            Some(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| corrupt(format!("state of stream {stream_id}: {e}"))),
+            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+                broken(
+                    &self.me,
+                    source,
+                    format!("the recorded state of stream {stream_id} does not decode ({e})"),
+                )
+            }),
         }
     }
 
@@ -556,8 +580,8 @@ impl Messaging {
             .await?
             .map_or(0, |p| p.tick);
         if msgs[0].tick != prefix + 1 {
-            return Err(corrupt(format!(
-                "stream {stream_id} from {source}: tick {} does not follow the stored prefix {prefix} (another link stored it first)",
+            return Err(broken(&self.me, source, format!(
+                "tick {} of stream {stream_id} does not follow the stored prefix {prefix} (another link stored it first)",
                 msgs[0].tick
             )));
         }
@@ -624,17 +648,25 @@ impl Messaging {
     }
 }
 
-fn stream_message(target: &str, m: StoredMessage) -> Result<StreamMessage, MessagingError> {
+fn stream_message(
+    me: &str,
+    target: &str,
+    m: StoredMessage,
+) -> Result<StreamMessage, MessagingError> {
     let tick = m
         .stream
         .as_ref()
         .map(|s| s.1)
         .expect("a stream row has a tick");
     let dest = final_dest(target, &m.dest).ok_or_else(|| {
-        corrupt(format!(
-            "transmission row {} has destination {}",
-            m.seq, m.dest
-        ))
+        broken(
+            me,
+            target,
+            format!(
+                "transmission queue row {} has destination {} (a damaged data store)",
+                m.seq, m.dest
+            ),
+        )
     })?;
     Ok(StreamMessage {
         tick,

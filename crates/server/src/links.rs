@@ -29,6 +29,7 @@ use keel_bus::auth;
 use keel_bus::link::{check_header, LinkCodec, LinkFrame, StreamState, VerdictKind};
 use keel_core::catalog;
 use keel_core::emit;
+use keel_core::unix_ms as now_ms;
 use keel_engine::messaging::streams::{OutStream, StreamMessage};
 use keel_engine::messaging::Messaging;
 use keel_engine::Engine;
@@ -53,10 +54,22 @@ pub struct LinkAcceptor {
     local: HashMap<String, Local>,
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+/// An engine's `Open` frame: who it is, with a fresh credential proof, and the streams it
+/// sources towards the other side.
+fn open_frame(
+    key: &[u8; 32],
+    ours: &keel_engine::EngineConfig,
+    incarnation: u64,
+    streams: Vec<StreamState>,
+) -> LinkFrame {
+    LinkFrame::Open {
+        bus: ours.bus.clone(),
+        me: ours.me.clone(),
+        me_uuid: ours.uuid.clone(),
+        incarnation,
+        credential_proof: auth::make_proof(key, now_ms(), &ours.bus, &ours.me, &ours.uuid),
+        streams,
+    }
 }
 
 impl LinkAcceptor {
@@ -68,15 +81,10 @@ impl LinkAcceptor {
     ) -> LinkAcceptor {
         let mut local = HashMap::new();
         for e in engines {
-            let me = &e.config().me;
             let bus = &e.config().bus;
-            let peers = cfg
-                .buses
-                .iter()
-                .filter(|b| &b.name == bus)
-                .flat_map(|b| b.members.iter())
-                .filter(|m| &m.me != me)
-                .map(|m| (m.me.clone(), m.uuid.clone()))
+            let peers = peers_of(cfg, e)
+                .into_iter()
+                .map(|p| (p.me, p.uuid))
                 .collect();
             local.insert(
                 bus.clone(),
@@ -145,17 +153,8 @@ impl LinkAcceptor {
             }
         };
         emit!(catalog::CWSIT0005I, me = me, peer = peer, bus = bus);
-        let ours = local.engine.config();
-        let info = local.engine.info().await.ok();
-        let time = now_ms();
-        let reply = LinkFrame::Open {
-            bus: bus.clone(),
-            me: ours.me.clone(),
-            me_uuid: ours.uuid.clone(),
-            incarnation: info.map_or(0, |i| i.incarnation),
-            credential_proof: auth::make_proof(&local.key, time, &bus, &ours.me, &ours.uuid),
-            streams: Vec::new(),
-        };
+        let incarnation = local.engine.info().await.map_or(0, |i| i.incarnation);
+        let reply = open_frame(&local.key, local.engine.config(), incarnation, Vec::new());
         if framed.send(reply).await.is_err() {
             return emit!(catalog::CWSIT0006I, me = me, why = "the connection failed");
         }
@@ -239,14 +238,6 @@ pub const DELIVER_BATCH_MAX: usize = 256;
 /// (A quarter of the store's 64 MiB per commit.)
 pub const DELIVER_BATCH_BYTES_MAX: usize = 16 * 1024 * 1024;
 
-fn frame_bytes(f: &LinkFrame) -> usize {
-    match f {
-        LinkFrame::Data {
-            body, properties, ..
-        } => body.len() + properties.len() + 256,
-        _ => 64,
-    }
-}
 /// Messages read from the store per send burst.
 pub const SEND_BATCH_MAX: usize = 128;
 /// How often a source looks for new messages when no wake-up came.
@@ -290,20 +281,19 @@ pub async fn keep_linked(engine: Arc<Engine>, shared_secret: Vec<u8>, peer: Peer
     let mut pause_ms = RECONNECT_FIRST_MS;
     let mut last_failure: Option<String> = None;
     loop {
-        let failure = if engine.state() != keel_engine::MeState::Started {
+        if engine.state() != keel_engine::MeState::Started {
             // Nothing to link until this engine runs; look again shortly.
             tokio::time::sleep(Duration::from_millis(RECONNECT_MAX_MS / 10)).await;
             continue;
-        } else {
-            match link_once(&engine, &key, &peer).await {
-                Ok(lost) => {
-                    // It was up: the next failure is news, and retrying starts quickly again.
-                    pause_ms = RECONNECT_FIRST_MS;
-                    last_failure = None;
-                    format!("the link was lost ({lost})")
-                }
-                Err(why) => why,
+        }
+        let failure = match link_once(&engine, &key, &peer).await {
+            Ok(lost) => {
+                // It was up: the next failure is news, and retrying starts quickly again.
+                pause_ms = RECONNECT_FIRST_MS;
+                last_failure = None;
+                format!("the link was lost ({lost})")
             }
+            Err(why) => why,
         };
         if last_failure.as_deref() != Some(failure.as_str()) {
             emit!(
@@ -342,18 +332,16 @@ async fn link_once(engine: &Engine, key: &[u8; 32], peer: &Peer) -> Result<Strin
         .map_err(|e| e.to_string())?;
     let st = stream.state().await;
     let mut framed = Framed::new(sock, LinkCodec);
-    let open = LinkFrame::Open {
-        bus: ours.bus.clone(),
-        me: ours.me.clone(),
-        me_uuid: ours.uuid.clone(),
+    let open = open_frame(
+        key,
+        ours,
         incarnation,
-        credential_proof: auth::make_proof(key, now_ms(), &ours.bus, &ours.me, &ours.uuid),
-        streams: vec![StreamState {
+        vec![StreamState {
             stream_id: st.stream_id.clone(),
             next_tick: st.next_tick,
             acked: st.acked,
         }],
-    };
+    );
     framed
         .send(open)
         .await
@@ -561,6 +549,16 @@ async fn source_side(
             // A bound on how long a missed wake-up can delay sending.
             _ = tokio::time::sleep(Duration::from_millis(SOURCE_POLL_MS)) => {}
         }
+    }
+}
+
+/// What a frame weighs in a target's batch (see DELIVER_BATCH_BYTES_MAX).
+fn frame_bytes(f: &LinkFrame) -> usize {
+    match f {
+        LinkFrame::Data {
+            body, properties, ..
+        } => body.len() + properties.len() + 256,
+        _ => 64,
     }
 }
 

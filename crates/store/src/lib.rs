@@ -191,10 +191,7 @@ pub struct CommitOutcome {
 /// store put back to an older copy (whose incarnation is behind) still never reissues one, as
 /// long as the clock does not go back by more than the time since the copy.
 pub fn next_incarnation(current: u64) -> u64 {
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    let next = current.saturating_add(1).max(now_ms);
+    let next = current.saturating_add(1).max(keel_core::unix_ms());
     assert!(next > current, "incarnation space exhausted");
     next
 }
