@@ -40,6 +40,8 @@ fn engine(dir: &std::path::Path) -> Arc<Engine> {
             destinations: vec![q],
             max_message_bytes: 1 << 20,
             store_url: None,
+            peers: Vec::new(),
+            duplicate_window_ms: 3_600_000,
         },
         false,
     )

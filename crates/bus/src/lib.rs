@@ -69,6 +69,9 @@ pub enum Verdict {
         target_prefix: u64,
         source_acked: u64,
     },
+    /// A FLUSH of the source replaced this stream; a source announcing it again went back in
+    /// time (its store was put back to a copy from before that flush).
+    Replaced,
 }
 
 /// Frames on an ME-to-ME link for one stream.
@@ -200,7 +203,7 @@ impl<M: Clone + Identified> Source<M> {
                 }
                 self.resend_from(*from)
             }
-            Verdict::SourceRestored { .. } | Verdict::TargetRestored { .. } => {
+            Verdict::SourceRestored { .. } | Verdict::TargetRestored { .. } | Verdict::Replaced => {
                 self.held = true;
                 Vec::new()
             }
@@ -286,6 +289,8 @@ struct Prefix {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Target {
     prefixes: BTreeMap<String, Prefix>,
+    /// Streams a FLUSH replaced: never taken again.
+    retired: std::collections::BTreeSet<String>,
 }
 
 impl Target {
@@ -296,6 +301,9 @@ impl Target {
     /// The connect handshake (see the crate docs). A stream the target has never seen starts at
     /// prefix 0, unless the source already holds acks for it (case 2).
     pub fn on_hello(&mut self, h: &Hello) -> Verdict {
+        if self.retired.contains(&h.stream_id) {
+            return Verdict::Replaced;
+        }
         let (prefix, last) = match self.prefixes.get(&h.stream_id) {
             Some(p) => (p.tick, p.identity.clone()),
             None => (0, None),
@@ -360,9 +368,16 @@ impl Target {
             .insert(stream_id.to_string(), Prefix { tick, identity });
     }
 
-    /// FLUSH: forget a stream the source has replaced.
+    /// FLUSH: forget a stream the source has replaced; it is never taken again (a source
+    /// announcing it once more went back in time: `Verdict::Replaced`).
     pub fn discard(&mut self, stream_id: &str) {
         self.prefixes.remove(stream_id);
+        self.retired.insert(stream_id.to_string());
+    }
+
+    /// Whether a FLUSH replaced `stream_id`.
+    pub fn is_retired(&self, stream_id: &str) -> bool {
+        self.retired.contains(stream_id)
     }
 }
 

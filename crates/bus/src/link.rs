@@ -31,6 +31,10 @@ pub struct StreamState {
     pub stream_id: String,
     pub next_tick: u64,
     pub acked: u64,
+    /// Set on a stream a FLUSH created: the flush it was made for (the restored engine's
+    /// flush epoch). The target then retires every older stream of this source, and a target
+    /// waiting for this flush counts it as confirmed.
+    pub flush_epoch: Option<String>,
 }
 
 /// Everything that travels on a link after the header.
@@ -48,13 +52,15 @@ pub enum LinkFrame {
     },
     /// The target's verdict per stream (see `Target::on_hello`), encoded as (stream, kind, a, b):
     /// Resume → a = from; the restored kinds → the two ticks that disagree. `last_identity` is
-    /// the identity of the target's message at tick from - 1 (Resume only).
+    /// the identity of the target's message at tick from - 1 (Resume only). FlushRequested
+    /// carries the target's flush epoch in `flush_epoch`; the source answers with `Flush`.
     Verdict {
         stream_id: String,
         kind: VerdictKind,
         a: u64,
         b: u64,
         last_identity: Option<String>,
+        flush_epoch: Option<String>,
     },
     Data {
         stream_id: String,
@@ -75,17 +81,11 @@ pub enum LinkFrame {
         stream_id: String,
         from: u64,
     },
-    /// FLUSH: forget `old_stream_id`; `new_stream_id` carries its unacknowledged messages.
+    /// The source's answer to a FlushRequested verdict: the new stream (tagged with the
+    /// requested flush epoch) that carries the old one's unacknowledged messages. The target
+    /// answers with a verdict on it.
     Flush {
-        old_stream_id: String,
-        new_stream_id: String,
-    },
-    /// The target asks the source to flush its stream towards it (the target was restored).
-    FlushRequest {
-        stream_id: String,
-    },
-    FlushDone {
-        new_stream_id: String,
+        stream: StreamState,
     },
     Close {
         reason: String,
@@ -97,6 +97,12 @@ pub enum VerdictKind {
     Resume,
     SourceRestored,
     TargetRestored,
+    /// The target runs a FLUSH (its store was restored): the source must move this stream's
+    /// unacknowledged messages onto a new stream made for the target's flush epoch.
+    FlushRequested,
+    /// A FLUSH of the source replaced this stream: the source announcing it again means its
+    /// store went back in time (again).
+    Replaced,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -196,6 +202,7 @@ mod tests {
                     stream_id: "s".into(),
                     next_tick: 9,
                     acked: 4,
+                    flush_epoch: Some("e".into()),
                 }],
             },
             LinkFrame::Verdict {
@@ -204,6 +211,7 @@ mod tests {
                 a: 6,
                 b: 4,
                 last_identity: None,
+                flush_epoch: None,
             },
             LinkFrame::Verdict {
                 stream_id: "s".into(),
@@ -211,6 +219,15 @@ mod tests {
                 a: 6,
                 b: 0,
                 last_identity: Some("u:1:5".into()),
+                flush_epoch: None,
+            },
+            LinkFrame::Verdict {
+                stream_id: "s".into(),
+                kind: VerdictKind::FlushRequested,
+                a: 0,
+                b: 0,
+                last_identity: None,
+                flush_epoch: Some("e".into()),
             },
             LinkFrame::Data {
                 stream_id: "s".into(),
@@ -232,14 +249,12 @@ mod tests {
                 from: 3,
             },
             LinkFrame::Flush {
-                old_stream_id: "a".into(),
-                new_stream_id: "b".into(),
-            },
-            LinkFrame::FlushRequest {
-                stream_id: "a".into(),
-            },
-            LinkFrame::FlushDone {
-                new_stream_id: "b".into(),
+                stream: StreamState {
+                    stream_id: "b".into(),
+                    next_tick: 3,
+                    acked: 0,
+                    flush_epoch: Some("e".into()),
+                },
             },
             LinkFrame::Close {
                 reason: "bye".into(),

@@ -107,6 +107,13 @@ fn a_restored_source_is_detected_not_silently_dropped() {
         4,
         "the three pre-backup messages (may duplicate) and the new one"
     );
+    // The source's store goes back once more, to a copy from before the flush: the replaced
+    // stream is never taken again.
+    let mut again: Source<u32> = Source::new("s1");
+    again.send(7);
+    let v = t.on_hello(&again.hello());
+    assert_eq!(v, Verdict::Replaced);
+    assert!(again.on_verdict(&v).is_empty() && again.is_held());
 }
 
 #[test]

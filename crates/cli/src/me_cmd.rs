@@ -223,6 +223,12 @@ pub fn run_me(ctx: &Ctx, cmd: MeCmd) -> Result<ExitCode> {
                 "{}",
                 state.as_ref().and_then(Value::as_str).unwrap_or("stopped")
             );
+            // A FLUSH still waiting for peers is said on a second line (scripts read the first).
+            if let Some(flush) = t.invoke(&rt, "flushState", vec![], Duration::from_secs(5))? {
+                if let Some(waiting) = flush.get("waiting").and_then(Value::as_str) {
+                    println!("flush pending: waiting for {waiting}");
+                }
+            }
         }
         MeCmd::Start {
             me,

@@ -657,6 +657,39 @@ fn held_on_both_sides(env: &Env, source_says: &str) {
     assert!(nothing_arrives(env), "nothing of a held stream is taken");
 }
 
+/// The remedy: the engine of `server` is stopped and started with FLUSH; waits for CWSIP0783E.
+fn flush_engine(env: &Env, server: &str) {
+    let me = format!("node01.{server}-bus1");
+    env.ok(&["me", "stop", &me]);
+    env.ok(&["me", "start", &me, "--flush"]);
+    env.wait_for(Duration::from_secs(30), "CWSIP0783E", || {
+        env.log(server).contains("CWSIP0783E").then_some(())
+    });
+    assert_eq!(
+        env.ok(&["me", "state", &me]).trim(),
+        "started",
+        "nothing pending once every peer confirmed"
+    );
+}
+
+/// After the FLUSH, the held messages 50..60 arrive, each once.
+fn held_messages_arrive_once(env: &Env) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let password = env.admin_password();
+    let port2 = env.bus_port("server2");
+    let mut got = receive_numbers(&rt, port2, &password, "q2", 10, Duration::from_secs(30));
+    got.extend(receive_numbers(
+        &rt,
+        port2,
+        &password,
+        "q2",
+        1,
+        Duration::from_secs(2),
+    ));
+    got.sort_unstable();
+    assert_eq!(got, (50..60).collect::<Vec<_>>(), "each held message once");
+}
+
 #[test]
 fn a_source_store_copied_back_is_caught_by_the_handshake_and_loses_nothing() {
     // The copy reuses the stream's old ticks for new messages: without the handshake the
@@ -667,6 +700,10 @@ fn a_source_store_copied_back_is_caught_by_the_handshake_and_loses_nothing() {
         source_messages(&env) >= 10,
         "the new messages wait on the transmission queue"
     );
+    // FLUSH of the engine whose store went back: a new stream carries what was held.
+    flush_engine(&env, "server1");
+    held_messages_arrive_once(&env);
+    assert!(env.log("server2").contains("CWSIP0784E"));
     env.ok(&["node", "stop", "--stop-servers"]);
 }
 
@@ -675,5 +712,12 @@ fn a_target_store_copied_back_is_caught_by_the_handshake() {
     // The source holds acks beyond the target's prefix.
     let env = traffic_with_a_store_copied_back("server2");
     held_on_both_sides(&env, "that engine's data store went back in time");
+    // FLUSH of the target: it asks the source to move its stream onto a new one.
+    flush_engine(&env, "server2");
+    assert!(
+        env.log("server1").contains("CWSIT0010I"),
+        "the source flushed at the target's request"
+    );
+    held_messages_arrive_once(&env);
     env.ok(&["node", "stop", "--stop-servers"]);
 }

@@ -4,7 +4,8 @@
 //! cell.toml                          [repository] format, version, saved_at; [cell] name
 //! nodes/<node>/node.toml             [node] name, host, admin_port
 //! nodes/<node>/servers/<server>.toml [server] name, admin_port, bus_port; [monitor] …
-//! buses/<bus>.toml                   [bus] name, allow_anonymous, max_message_bytes;
+//! buses/<bus>.toml                   [bus] name, allow_anonymous, max_message_bytes,
+//!                                      duplicate_window_hours;
 //!                                    [[member]] node, server, me, uuid, initial_state;
 //!                                    [[destination]] name, type, me, reliability,
 //!                                    default_reliability, default_priority,
@@ -119,6 +120,8 @@ struct BusSection {
     allow_anonymous: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     max_message_bytes: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    duplicate_window_hours: Option<i64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -245,6 +248,7 @@ const BUS_SCHEMA: &[TableSpec] = &[
             key("name", Kind::Str, true),
             key("allow_anonymous", Kind::Bool, false),
             key("max_message_bytes", Kind::Int, false),
+            key("duplicate_window_hours", Kind::Int, false),
         ],
         required: true,
         array: false,
@@ -812,12 +816,17 @@ pub(crate) fn parse_tree(tree: &Tree, root: &Path) -> Result<Config> {
                     None => model::DEFAULT_MAX_MESSAGE_BYTES,
                     Some(v) => model::check_message_bytes(&file, v)?,
                 };
+                let duplicate_window_hours = match b.bus.duplicate_window_hours {
+                    None => model::DEFAULT_DUPLICATE_WINDOW_HOURS,
+                    Some(v) => model::check_duplicate_window(&file, v)?,
+                };
                 buses.push(BusCfg {
                     name: b.bus.name,
                     members,
                     destinations,
                     allow_anonymous: b.bus.allow_anonymous.unwrap_or(false),
                     max_message_bytes,
+                    duplicate_window_hours,
                 });
             }
             Kind2::Other => {
@@ -1028,6 +1037,7 @@ pub(crate) fn render_objects(cfg: &Config) -> Tree {
                 name: b.name.clone(),
                 allow_anonymous: Some(b.allow_anonymous),
                 max_message_bytes: Some(i64::try_from(b.max_message_bytes).unwrap_or(i64::MAX)),
+                duplicate_window_hours: Some(i64::from(b.duplicate_window_hours)),
             },
             member: b
                 .members

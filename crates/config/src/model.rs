@@ -114,6 +114,20 @@ pub struct BusCfg {
     /// ([`MIN_MESSAGE_BYTES`]..=[`MAX_MESSAGE_BYTES`]).
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: u64,
+    /// How long an engine remembers which messages another engine delivered to it, so that
+    /// those resent after a restart-after-restore (FLUSH) are dropped instead of delivered
+    /// twice (DESIGN §5). Zero duplicates when it covers the age of the restored backup.
+    #[serde(default = "default_duplicate_window_hours")]
+    pub duplicate_window_hours: u32,
+}
+
+/// `duplicate_window_hours` of a bus that does not set it: 7 days.
+pub const DEFAULT_DUPLICATE_WINDOW_HOURS: u32 = 168;
+/// Longest duplicate window: a year.
+pub const MAX_DUPLICATE_WINDOW_HOURS: u32 = 8_784;
+
+fn default_duplicate_window_hours() -> u32 {
+    DEFAULT_DUPLICATE_WINDOW_HOURS
 }
 
 /// `max_message_bytes` of a bus that does not set it: 1 MiB.
@@ -496,6 +510,17 @@ pub(crate) fn check_message_bytes(file: &Path, value: i64) -> Result<u64> {
     .map(u64::from)
 }
 
+pub(crate) fn check_duplicate_window(file: &Path, value: i64) -> Result<u32> {
+    check_range(
+        file,
+        "bus.duplicate_window_hours",
+        value,
+        1,
+        MAX_DUPLICATE_WINDOW_HOURS,
+        "number of hours",
+    )
+}
+
 pub(crate) fn check_port(file: &Path, key: &str, value: i64) -> Result<u16> {
     if (i64::from(MIN_PORT)..=65535).contains(&value) {
         Ok(value as u16)
@@ -707,6 +732,7 @@ impl Config {
                         destinations: Vec::new(),
                         allow_anonymous: false,
                         max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+                        duplicate_window_hours: DEFAULT_DUPLICATE_WINDOW_HOURS,
                     },
                 );
                 at
@@ -1042,6 +1068,7 @@ impl Config {
                 }
             }
             check_message_bytes(&bf, i64::try_from(b.max_message_bytes).unwrap_or(i64::MAX))?;
+            check_duplicate_window(&bf, i64::from(b.duplicate_window_hours))?;
             let mes: Vec<&str> = b.members.iter().map(|m| m.me.as_str()).collect();
             let mut dest_names = HashSet::new();
             for (i, d) in b.destinations.iter().enumerate() {

@@ -148,6 +148,15 @@ catalog! {
     CWSIP0108I, Info, "Messaging engine {me} in recovery-mode server: not started{flush}.",
         "A server started in recovery mode only resolves in-doubt transactions; restart-after-restore (FLUSH) is ignored in recovery mode.",
         "After recovery completes and the server stops, start it normally and then start the engine with `--flush` if its store was restored.";
+    CWSIP0109I, Info, "Messaging engine {me} began its restart-after-restore (FLUSH): {streams} outgoing delivery stream(s) moved to new streams with {messages} unacknowledged message(s) to resend; waiting for {waiting}.",
+        "A FLUSH start gives every outgoing delivery stream a new identity and resends what is still on the transmission queues; each peer engine must also move its stream towards this engine onto a new one. The engine takes work meanwhile: new messages travel on the new streams.",
+        "Start the peer engines named if they are stopped. CWSIP0783E follows when every peer has confirmed; `keel me state ME` shows what is still pending.";
+    CWSIP0110I, Info, "Messaging engine {me}: {peer} confirmed the flush of {side}; waiting for {waiting}.",
+        "One side of a restart-after-restore (FLUSH) was confirmed by a peer engine.",
+        "None. CWSIP0783E follows when nothing is pending.";
+    CWSIP0111I, Info, "Messaging engine {me} continues its restart-after-restore (FLUSH) that began before it stopped; waiting for {waiting}.",
+        "The engine was FLUSH-started before and stopped before every peer confirmed; its data store says `flush-pending`, and a normal start carries on with the same flush.",
+        "Start the peer engines named if they are stopped. CWSIP0783E follows when every peer has confirmed.";
     // --- AMQP 1.0 endpoint on the bus port -------------------------------------------------------
     CWSIT0001I, Info, "AMQP 1.0 endpoint of server {server} listening on {address} (SASL {mechanisms}; messaging engines {mes}).",
         "The bus port accepts AMQP 1.0 connections for the messaging engines this server hosts.",
@@ -176,6 +185,9 @@ catalog! {
     CWSIT0009E, Error, "Delivery stream {stream} from messaging engine {me} to messaging engine {peer} is held: {why}.",
         "The two engines' records of the stream disagree in a way only a data store that went back in time causes (a restore, or a store file copied back). Nothing is dropped: new messages wait on the transmission queue of the sending engine.",
         "Start the engine whose store was restored with `keel me start ME --flush` (DESIGN §5, docs/OPERATIONS.md).";
+    CWSIT0010I, Info, "Delivery stream {stream} from messaging engine {me} to messaging engine {peer} flushed for the restart-after-restore of {peer} (flush {epoch}): {messages} unacknowledged message(s) move to new stream {new} and are resent.",
+        "The peer engine was started in restart-after-restore (FLUSH) mode and asked this engine to move its stream towards it onto a new stream. Messages the peer lost with its restore and that this engine still holds are resent; the peer drops those it already has.",
+        "None.";
     // --- messaging (named by the restore procedure) ----------------------------------------------
     CWSIP0783E, Error, "Messaging engine {me} started; flush of all delivery streams completed.",
         "The engine was started in restart-after-restore (FLUSH) mode and every peer confirmed the new delivery streams. New messages are neither lost nor duplicated from here on.",

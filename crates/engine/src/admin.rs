@@ -51,6 +51,10 @@ impl AdminObject for EngineObject {
             ),
             ("stop", "stop([\"FORCE\"]): stop the engine"),
             (
+                "flushState",
+                "the restart-after-restore (FLUSH) still waiting for peers: pending, epoch, started_ms, waiting (null when none)",
+            ),
+            (
                 "storeInfo",
                 "the data store: uuid, backend, path, restore_state, messages, incarnation",
             ),
@@ -93,6 +97,21 @@ impl AdminObject for EngineObject {
                         .await
                         .map_err(|e| failed(e.to_string()))?;
                     Ok(Value::from(self.engine.state().as_str()))
+                }
+                "flushState" => {
+                    let Ok(m) = self.engine.messaging() else {
+                        return Ok(Value::Null);
+                    };
+                    Ok(match m.flush_status().await {
+                        None => Value::Null,
+                        Some(r) => json!({
+                            "pending": true,
+                            "epoch": r.epoch,
+                            "started_ms": r.started_ms,
+                            "waiting": r.waiting_for(),
+                            "peers": r.peers.iter().map(|(p, f)| (p.clone(), json!({"outbound": f.outbound, "inbound": f.inbound}))).collect::<serde_json::Map<String, Value>>(),
+                        }),
+                    })
                 }
                 "storeInfo" => {
                     let info = self

@@ -84,6 +84,12 @@ pub enum EngineError {
     AlreadyInState { me: String, state: &'static str },
     #[error("messaging engine {me} is in a recovery-mode server: it is not started there (FLUSH is ignored in recovery mode); start the server normally, then start the engine")]
     RecoveryMode { me: String },
+    #[error("messaging engine {me} could not begin its restart-after-restore (FLUSH): {source}")]
+    Flush {
+        me: String,
+        #[source]
+        source: Box<messaging::MessagingError>,
+    },
     #[error("messaging engine {me} could not open its data store: {source}")]
     Store {
         me: String,
@@ -106,6 +112,11 @@ pub struct EngineConfig {
     pub max_message_bytes: u64,
     /// PostgreSQL store URL; None = the SQLite file at `store_path`.
     pub store_url: Option<String>,
+    /// The other member engines of the bus (name, UUID): the peers a FLUSH waits for.
+    pub peers: Vec<(String, String)>,
+    /// How long a target remembers which messages a source delivered, to drop those resent
+    /// after a FLUSH (the bus's duplicate window).
+    pub duplicate_window_ms: u64,
 }
 
 impl EngineConfig {
@@ -307,23 +318,53 @@ impl Engine {
         }
         // Every start mints IDs in a new incarnation, so they are unique for all time even
         // if this store file is an older copy put back without a restore mark.
-        let flush = mode == StartMode::Flush;
-        // The stream flush with peer engines (issue 4) goes here, before the mark is cleared;
-        // a single engine has no peers, so its flush is complete at once.
-        info.incarnation = store.begin_incarnation(flush).await.map_err(store_err)?;
-        if flush {
-            info.restore_state = RestoreState::None;
-            emit!(catalog::CWSIP0783E, me = me);
-        }
-        let messaging = messaging::Messaging::new(
-            me,
-            &self.cfg.uuid,
-            &self.cfg.bus,
-            info.incarnation,
-            store.clone(),
-            &self.cfg.destinations,
-            self.cfg.max_message_bytes,
-        );
+        info.incarnation = store.begin_incarnation(false).await.map_err(store_err)?;
+        let flush_err = |e| EngineError::Flush {
+            me: me.clone(),
+            source: Box::new(e),
+        };
+        let flush = if mode == StartMode::Flush {
+            let (record, streams, messages) =
+                messaging::streams::begin_flush(&*store, me, &self.cfg.peers)
+                    .await
+                    .map_err(flush_err)?;
+            emit!(
+                catalog::CWSIP0109I,
+                me = me,
+                streams = streams,
+                messages = messages,
+                waiting = record
+                    .as_ref()
+                    .map_or("nobody".to_string(), |r| r.waiting_for())
+            );
+            if record.is_none() {
+                info.restore_state = RestoreState::None;
+                emit!(catalog::CWSIP0783E, me = me);
+            } else {
+                info.restore_state = RestoreState::FlushPending;
+            }
+            record
+        } else if info.restore_state == RestoreState::FlushPending {
+            let record = messaging::streams::pending_flush(&*store, me)
+                .await
+                .map_err(flush_err)?;
+            match &record {
+                Some(r) => emit!(catalog::CWSIP0111I, me = me, waiting = r.waiting_for()),
+                None => {
+                    // The record went with the last confirmation's commit; the mark did too.
+                    store
+                        .commit(vec![keel_store::Op::SetRestoreState(RestoreState::None)])
+                        .await
+                        .map_err(store_err)?;
+                    info.restore_state = RestoreState::None;
+                }
+            }
+            record
+        } else {
+            None
+        };
+        let messaging =
+            messaging::Messaging::new(&self.cfg, info.incarnation, store.clone(), flush);
         messaging.load_subscriptions().await.map_err(store_err)?;
         messaging.init_depths().await.map_err(store_err)?;
         *self.running.lock().expect("running lock") = Some(Running {

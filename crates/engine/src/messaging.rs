@@ -303,8 +303,14 @@ pub struct Messaging {
     bus_destinations: HashMap<String, DestinationCfg>,
     /// Source delivery streams towards other engines (see `streams`).
     out_streams: streams::OutStreams,
-    /// Target-side stream locks, by source engine and stream.
+    /// Target-side stream locks and duplicate windows, by source engine.
     in_streams: streams::InStreams,
+    /// The other member engines of the bus: name → UUID.
+    peer_uuids: HashMap<String, String>,
+    /// How long a target remembers what a source's incarnation delivered (DESIGN §5).
+    duplicate_window_ms: u64,
+    /// This engine's FLUSH while some peer has not confirmed it.
+    flush: tokio::sync::Mutex<Option<streams::FlushRecord>>,
     /// Queue points by destination name: configured queues, the exception destination, and
     /// one per durable subscription (`<topic>::<subscription>`), which are added at run time.
     queues: std::sync::RwLock<HashMap<String, Arc<QueuePoint>>>,
@@ -315,6 +321,8 @@ pub struct Messaging {
     max_message_bytes: u64,
     /// Set when the engine stops: waiting receivers wake up and every call answers NotStarted.
     closed: std::sync::atomic::AtomicBool,
+    /// Turns true when the engine stops (see `stopped`).
+    stopped_tx: tokio::sync::watch::Sender<bool>,
     /// Seqs of non-persistent messages: from 2^63 up, never colliding with store seqs.
     volatile_seq: AtomicU64,
 }
@@ -352,15 +360,15 @@ fn entry_of(m: StoredMessage) -> Entry {
 }
 
 impl Messaging {
+    /// `flush`: this engine's FLUSH still waiting for peers (see `streams`).
     pub fn new(
-        me: &str,
-        uuid: &str,
-        bus: &str,
+        cfg: &crate::EngineConfig,
         incarnation: u64,
         store: Arc<dyn Store>,
-        destinations: &[DestinationCfg],
-        max_message_bytes: u64,
+        flush: Option<streams::FlushRecord>,
     ) -> Messaging {
+        let (me, uuid, bus) = (cfg.me.as_str(), cfg.uuid.as_str(), cfg.bus.as_str());
+        let (destinations, max_message_bytes) = (&cfg.destinations, cfg.max_message_bytes);
         let exception = keel_config::system_exception_destination(me);
         let mut queues: HashMap<String, Arc<QueuePoint>> = destinations
             .iter()
@@ -393,7 +401,11 @@ impl Messaging {
             volatile_seq: AtomicU64::new(1 << 63),
             out_streams: streams::OutStreams::default(),
             in_streams: streams::InStreams::default(),
+            peer_uuids: cfg.peers.iter().cloned().collect(),
+            duplicate_window_ms: cfg.duplicate_window_ms,
+            flush: tokio::sync::Mutex::new(flush),
             closed: std::sync::atomic::AtomicBool::new(false),
+            stopped_tx: tokio::sync::watch::channel(false).0,
         }
     }
 
@@ -459,9 +471,17 @@ impl Messaging {
     /// message wake up now instead of at their timeout.
     pub fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
+        self.stopped_tx.send_replace(true);
         for q in self.queues.read().expect("queues lock").values() {
             q.notify.notify_waiters();
         }
+    }
+
+    /// Resolves once the engine stops: links of this engine end with it (a restart, with
+    /// FLUSH or not, must run the handshake again on a new link).
+    pub async fn stopped(&self) {
+        let mut rx = self.stopped_tx.subscribe();
+        let _ = rx.wait_for(|stopped| *stopped).await;
     }
 
     fn check_open(&self) -> Result<(), MessagingError> {

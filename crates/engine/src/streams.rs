@@ -9,16 +9,29 @@
 //!   `stream` = (stream id, tick)) and the stream's [`OutState`] (kv space `streams.out`, key =
 //!   target engine), whose `next_tick` moves with the rows; an acknowledgement deletes the rows
 //!   up to it and moves `acked` in one commit;
-//! - target: the delivered message (its original ID kept) and the stream's [`InState`] (kv
-//!   space `streams.in`, key = stream id) in one commit.
+//! - target: the delivered message (its original ID kept), the stream's [`InState`] (kv
+//!   space `streams.in`, key = `<source>/<stream id>`) and the source's duplicate window
+//!   ([`Seen`], kv space `streams.seen`) in one commit.
+//!
+//! FLUSH (DESIGN §5, [`begin_flush`], [`Messaging::in_hello`], [`Messaging::out_flush`]): a
+//! FLUSH start gives every outgoing stream a new id, its unacknowledged messages renumbered
+//! from tick 1, and records which peers must confirm ([`FlushRecord`], kv `streams.flush`); a
+//! peer confirms the outbound side by resuming one of the new streams, and the inbound side by
+//! flushing its own stream towards this engine for this flush's epoch. Renumbering rewrites no
+//! row: rows keep `(row stream, row tick)` and the state maps wire ticks onto them
+//! (`row tick = wire tick + row_base`), so a FLUSH takes the same time with one message or a
+//! million on the transmission queues.
 //!
 //! Invariants: one committer task per stream is the only writer of its state (so no caller
 //! can cancel a change mid-commit); it assigns ticks in commit order, so the rows of a
-//! stream are exactly the ticks `acked + 1 .. next_tick`; a target's prefix only grows.
-//! Deliberately absent so far: FLUSH of streams with peers, remote get, and non-persistent
-//! remote sends (every remote message is stored on the transmission queue).
+//! stream are exactly the wire ticks `acked + 1 .. next_tick` (shifted by `row_base`); a
+//! target's prefix only grows, and a retired (replaced) stream is never taken again; within
+//! one incarnation of a source, the messages it sends one target carry increasing seqs, which
+//! is what lets the duplicate window keep one high-water mark per incarnation.
+//! Deliberately absent so far: remote get, and non-persistent remote sends (every remote
+//! message is stored on the transmission queue).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -27,16 +40,27 @@ use keel_store::{Op, StoredMessage};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, Notify};
 
+use keel_core::{catalog, emit};
+
 use super::{Messaging, MessagingError, OutgoingMessage};
 use crate::queue::Entry;
 
 pub const OUT_KV: &str = "streams.out";
 pub const IN_KV: &str = "streams.in";
+pub const FLUSH_KV: &str = "streams.flush";
+const FLUSH_KEY: &str = "pending";
+pub const SEEN_KV: &str = "streams.seen";
+/// Incarnations a target remembers per source engine in its duplicate window (the least
+/// recently used leave first).
+pub const SEEN_INCARNATIONS_MAX: usize = 256;
+/// Retired (replaced) streams a target remembers per source engine.
+pub const RETIRED_MAX: usize = 64;
 const XMIT_PREFIX: &str = "_XMIT:";
 /// Rows read or acknowledged per store call.
 pub const STREAM_PAGE_MAX: usize = 512;
 
-/// A source stream's durable state.
+/// A source stream's durable state. Ticks are the wire's; rows are stored under
+/// `row_stream()` at `tick + row_base` (a FLUSH renumbers without rewriting rows).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutState {
     pub stream_id: String,
@@ -44,6 +68,54 @@ pub struct OutState {
     pub acked: u64,
     /// ID of the message at tick `acked` (None when `acked` is 0): the fork check compares it.
     pub acked_identity: Option<String>,
+    /// The stream id the rows are stored under (None: `stream_id`).
+    #[serde(default)]
+    pub row_stream: Option<String>,
+    #[serde(default)]
+    pub row_base: u64,
+    /// The flush this stream was made for (None: not made by a FLUSH).
+    #[serde(default)]
+    pub flush_epoch: Option<String>,
+}
+
+impl OutState {
+    fn fresh() -> OutState {
+        OutState {
+            stream_id: uuid::Uuid::new_v4().to_string(),
+            next_tick: 1,
+            acked: 0,
+            acked_identity: None,
+            row_stream: None,
+            row_base: 0,
+            flush_epoch: None,
+        }
+    }
+
+    pub fn row_stream(&self) -> &str {
+        self.row_stream.as_deref().unwrap_or(&self.stream_id)
+    }
+
+    /// Messages on the transmission queue, waiting for the target's ack.
+    pub fn unacked(&self) -> u64 {
+        self.next_tick - 1 - self.acked
+    }
+
+    /// The same messages on a new stream for flush `epoch`: the unacknowledged ones become
+    /// ticks 1 .. in their order; rows stay where they are.
+    fn flushed(&self, epoch: &str) -> OutState {
+        let new = OutState {
+            stream_id: uuid::Uuid::new_v4().to_string(),
+            next_tick: self.next_tick - self.acked,
+            acked: 0,
+            acked_identity: None,
+            row_stream: Some(self.row_stream().to_string()),
+            row_base: self.row_base + self.acked,
+            flush_epoch: Some(epoch.to_string()),
+        };
+        assert_eq!(new.unacked(), self.unacked(), "a flush keeps every message");
+        assert_eq!(new.row_base + new.next_tick, self.row_base + self.next_tick);
+        new
+    }
 }
 
 /// A target stream's durable state: every tick up to `tick` is stored here.
@@ -51,6 +123,108 @@ pub struct OutState {
 pub struct InState {
     pub tick: u64,
     pub identity: Option<String>,
+    /// When a FLUSH of the source replaced this stream (None: current). A retired stream is
+    /// never taken again: its source announcing it means its store went back in time.
+    #[serde(default)]
+    pub retired_ms: Option<u64>,
+}
+
+/// A FLUSH start of this engine not yet confirmed by every peer (DESIGN §5).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlushRecord {
+    /// Names this flush on the wire (peers tag the streams they make for it).
+    pub epoch: String,
+    pub started_ms: u64,
+    /// Per peer engine, which sides confirmed.
+    pub peers: BTreeMap<String, PeerFlush>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct PeerFlush {
+    /// The peer resumed this engine's new stream towards it.
+    pub outbound: bool,
+    /// The peer moved its stream towards this engine onto a stream made for this flush.
+    pub inbound: bool,
+}
+
+impl FlushRecord {
+    pub fn is_complete(&self) -> bool {
+        self.peers.values().all(|p| p.outbound && p.inbound)
+    }
+
+    /// "node01.server2-bus1 (outbound, inbound), …" for the peers still to confirm.
+    pub fn waiting_for(&self) -> String {
+        let w: Vec<String> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| !(p.outbound && p.inbound))
+            .map(|(me, p)| {
+                let sides: Vec<&str> = [(!p.outbound, "outbound"), (!p.inbound, "inbound")]
+                    .into_iter()
+                    .filter_map(|(w, s)| w.then_some(s))
+                    .collect();
+                format!("{me} ({})", sides.join(", "))
+            })
+            .collect();
+        if w.is_empty() {
+            "nobody".into()
+        } else {
+            w.join("; ")
+        }
+    }
+}
+
+/// Which side of a flush a peer confirmed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushSide {
+    Outbound,
+    Inbound,
+}
+
+/// A target's duplicate window for one source engine: per incarnation of the source, the
+/// highest seq delivered and when. A source sends one target its messages of one incarnation
+/// in seq order (see the invariants), so a message whose seq is at or below the mark of its
+/// incarnation was delivered before: a pre-backup message resent after a FLUSH.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Seen {
+    /// incarnation → (highest seq, last update in Unix ms).
+    pub marks: BTreeMap<u64, (u64, u64)>,
+}
+
+impl Seen {
+    /// Whether `(incarnation, seq)` is new; records it.
+    fn admit(&mut self, incarnation: u64, seq: u64, now_ms: u64) -> bool {
+        let mark = self.marks.entry(incarnation).or_insert((0, now_ms));
+        if seq <= mark.0 {
+            return false;
+        }
+        *mark = (seq, now_ms);
+        true
+    }
+
+    /// Forgets incarnations not updated within `window_ms`, and the least recently updated
+    /// beyond SEEN_INCARNATIONS_MAX.
+    fn prune(&mut self, now_ms: u64, window_ms: u64) {
+        self.marks
+            .retain(|_, (_, at)| at.saturating_add(window_ms) >= now_ms);
+        while self.marks.len() > SEEN_INCARNATIONS_MAX {
+            let oldest = self
+                .marks
+                .iter()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(i, _)| *i)
+                .expect("non-empty");
+            self.marks.remove(&oldest);
+        }
+    }
+}
+
+/// Splits a system message ID `<uuid>:<incarnation>:<seq>`.
+fn parse_system_id(id: &str) -> Option<(&str, u64, u64)> {
+    let mut parts = id.rsplitn(3, ':');
+    let seq = parts.next()?.parse().ok()?;
+    let inc = parts.next()?.parse().ok()?;
+    Some((parts.next()?, inc, seq))
 }
 
 /// One source stream towards a target engine.
@@ -59,6 +233,9 @@ pub struct OutStream {
     me: String,
     pub target: String,
     state: Mutex<OutState>,
+    /// (wire stream id, row stream, row base) as of the last flush, for readers that must not
+    /// wait for a commit (`out_page`).
+    rows: std::sync::Mutex<(String, String, u64)>,
     /// To the stream's committer task (bounded: senders wait when it is full).
     work: tokio::sync::mpsc::Sender<StreamWork>,
     /// Woken when new messages are on the stream.
@@ -70,20 +247,35 @@ impl OutStream {
         self.state.lock().await.clone()
     }
 
-    /// Asks the committer to remove what the target acknowledged, without waiting (a later
-    /// ack covers one that did not fit).
-    pub fn ack_later(&self, upto: u64) {
-        let _ = self.work.try_send(StreamWork::Ack { upto, reply: None });
+    /// Asks the committer to remove what the target acknowledged of stream `stream_id`,
+    /// without waiting (a later ack covers one that did not fit).
+    pub fn ack_later(&self, stream_id: &str, upto: u64) {
+        let _ = self.work.try_send(StreamWork::Ack {
+            stream_id: stream_id.to_string(),
+            upto,
+            reply: None,
+        });
+    }
+
+    fn rows(&self) -> (String, String, u64) {
+        self.rows.lock().expect("rows lock").clone()
     }
 }
 
 /// Work items a stream's committer takes, in order.
 enum StreamWork {
     Send(PendingSend),
+    /// Acks name their stream: one for a stream a flush replaced meanwhile is ignored.
     Ack {
+        stream_id: String,
         upto: u64,
         /// The outcome, as the error's sentence (the error itself is logged here).
         reply: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+    },
+    /// Moves the stream's unacknowledged messages onto a new stream for flush `epoch`.
+    Flush {
+        epoch: String,
+        reply: tokio::sync::oneshot::Sender<Result<OutState, String>>,
     },
 }
 
@@ -112,18 +304,30 @@ async fn committer(
             return;
         };
         let mut sends = Vec::new();
-        let mut upto = 0;
+        let mut acks = Vec::new();
         let mut waiting = Vec::new();
+        let mut flushes = Vec::new();
         for w in round {
             match w {
                 StreamWork::Send(p) => sends.push(p),
-                StreamWork::Ack { upto: u, reply } => {
-                    upto = upto.max(u);
+                StreamWork::Ack {
+                    stream_id,
+                    upto: u,
+                    reply,
+                } => {
+                    acks.push((stream_id, u));
                     waiting.extend(reply);
                 }
+                StreamWork::Flush { epoch, reply } => flushes.push((epoch, reply)),
             }
         }
         let mut st = stream.state.lock().await;
+        let upto = acks
+            .iter()
+            .filter(|(id, _)| *id == st.stream_id)
+            .map(|(_, u)| *u)
+            .max()
+            .unwrap_or(0);
         if !sends.is_empty() {
             // Within the store's bounds per commit (a lone oversized batch fails on its own).
             let mut chunk: Vec<PendingSend> = Vec::new();
@@ -154,7 +358,48 @@ async fn committer(
                 tracing::warn!(target = %stream.target, error = %e, "removing acknowledged messages from the transmission queue failed; the next link's handshake acknowledges them again");
             }
         }
+        for (epoch, reply) in flushes {
+            let r = flush_one(&*store, &stream, &mut st, &epoch).await;
+            let _ = reply.send(r.map_err(|e| e.to_string()));
+        }
     }
+}
+
+/// Moves `st` onto a new stream for flush `epoch` (one commit), unless it already is one
+/// made for that epoch (a repeated request after a lost link).
+async fn flush_one(
+    store: &dyn keel_store::Store,
+    stream: &OutStream,
+    st: &mut OutState,
+    epoch: &str,
+) -> Result<OutState, MessagingError> {
+    if st.flush_epoch.as_deref() == Some(epoch) && st.acked == 0 {
+        return Ok(st.clone());
+    }
+    let new = st.flushed(epoch);
+    store
+        .commit(vec![Op::SetKv {
+            space: OUT_KV.into(),
+            key: stream.target.clone(),
+            value: serde_json::to_vec(&new).expect("stream state serializes"),
+        }])
+        .await?;
+    emit!(
+        catalog::CWSIT0010I,
+        stream = st.stream_id,
+        me = stream.me,
+        peer = stream.target,
+        epoch = epoch,
+        messages = new.unacked(),
+        new = new.stream_id
+    );
+    *st = new;
+    *stream.rows.lock().expect("rows lock") = (
+        st.stream_id.clone(),
+        st.row_stream().to_string(),
+        st.row_base,
+    );
+    Ok(st.clone())
 }
 
 /// One store commit for `batches`, ticks from `st.next_tick` on; answers each batch.
@@ -176,7 +421,7 @@ async fn commit_sends(
                 expiry_ms: p.expiry_ms,
                 properties: p.properties.clone(),
                 body: body.clone(),
-                stream: Some((st.stream_id.clone(), next)),
+                stream: Some((st.row_stream().to_string(), next + st.row_base)),
             });
             next += 1;
         }
@@ -235,7 +480,9 @@ async fn ack(
         let n = usize::try_from(upto - st.acked)
             .unwrap_or(usize::MAX)
             .min(STREAM_PAGE_MAX);
-        let rows = store.by_stream(&st.stream_id, st.acked + 1, n).await?;
+        let rows = store
+            .by_stream(st.row_stream(), st.acked + 1 + st.row_base, n)
+            .await?;
         let last = rows.last().ok_or_else(|| {
             broken(
                 me,
@@ -247,7 +494,7 @@ async fn ack(
                 ),
             )
         })?;
-        let last_tick = last.stream.as_ref().map(|s| s.1).expect("tick");
+        let last_tick = last.stream.as_ref().map(|s| s.1).expect("tick") - st.row_base;
         let new_state = OutState {
             acked: last_tick,
             acked_identity: Some(last.id.clone()),
@@ -308,9 +555,27 @@ fn in_key(source: &str, stream_id: &str) -> String {
     format!("{source}/{stream_id}")
 }
 
-/// Target-side stream entries (see `Messaging::in_entry`).
+/// The target's first answer to a source's stream (see `Messaging::in_hello`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InHello {
+    /// This engine runs a FLUSH: the source must move the stream onto one made for `epoch`.
+    FlushNeeded { epoch: String },
+    /// What this engine stored of the stream (None: never seen; a retired one has
+    /// `retired_ms`).
+    Known(Option<InState>),
+}
+
+/// Target-side state of one source engine (see `Messaging::in_entry`): its lock serialises
+/// every link that carries its streams; the duplicate window is cached under it (loaded
+/// once, replaced only after a commit wrote it).
 #[derive(Default)]
-pub struct InStreams(std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>);
+pub struct InSource {
+    seen: Option<Seen>,
+}
+
+/// Target-side entries, by source engine.
+#[derive(Default)]
+pub struct InStreams(std::sync::Mutex<HashMap<String, Arc<Mutex<InSource>>>>);
 
 fn xmit_dest(target: &str, dest: &str) -> String {
     format!("{XMIT_PREFIX}{target}:{dest}")
@@ -359,12 +624,7 @@ impl Messaging {
                     format!("its recorded state does not decode ({e})"),
                 )
             })?,
-            None => OutState {
-                stream_id: uuid::Uuid::new_v4().to_string(),
-                next_tick: 1,
-                acked: 0,
-                acked_identity: None,
-            },
+            None => OutState::fresh(),
         };
         let mut map = self.out_streams.0.lock().expect("streams lock");
         let s = map
@@ -374,6 +634,11 @@ impl Messaging {
                 let stream = Arc::new(OutStream {
                     me: self.me.clone(),
                     target: target.to_string(),
+                    rows: std::sync::Mutex::new((
+                        state.stream_id.clone(),
+                        state.row_stream().to_string(),
+                        state.row_base,
+                    )),
                     state: Mutex::new(state),
                     work,
                     notify: Notify::new(),
@@ -447,29 +712,48 @@ impl Messaging {
         limit: usize,
     ) -> Result<Vec<StreamMessage>, MessagingError> {
         assert!(from >= 1 && (1..=STREAM_PAGE_MAX).contains(&limit));
-        let rows = self.store.by_stream(stream_id, from, limit).await?;
+        let stream = self.out_stream(target).await?;
+        let (wire, row_stream, base) = stream.rows();
+        if wire != stream_id {
+            return Err(broken(
+                &self.me,
+                target,
+                format!("stream {stream_id} was replaced by stream {wire} (a flush)"),
+            ));
+        }
+        let rows = self
+            .store
+            .by_stream(&row_stream, from + base, limit)
+            .await?;
         let mut out = Vec::with_capacity(rows.len());
         for (expect, m) in (from..).zip(rows) {
             let tick = m
                 .stream
                 .as_ref()
                 .map(|s| s.1)
-                .expect("a stream row has a tick");
+                .expect("a stream row has a tick")
+                - base;
             // Rows are exactly acked+1 .. next_tick: a hole is a broken store, not a state.
             if tick != expect {
                 return Err(broken(&self.me, target, format!(
                     "the transmission queue lacks tick {expect} of stream {stream_id} (found {tick}; a damaged data store)"
                 )));
             }
-            out.push(stream_message(&self.me, target, m)?);
+            out.push(stream_message(&self.me, target, tick, m)?);
         }
         Ok(out)
     }
 
-    /// The target has every tick up to `upto`: its rows leave the transmission queue and
-    /// `acked` moves, in one commit (by the stream's committer). Acks at or below `acked`
-    /// change nothing. Resolves once done.
-    pub async fn out_acked(&self, target: &str, upto: u64) -> Result<(), MessagingError> {
+    /// The target has every tick up to `upto` of stream `stream_id`: its rows leave the
+    /// transmission queue and `acked` moves, in one commit (by the stream's committer). Acks
+    /// at or below `acked`, or for a stream a flush replaced, change nothing. Resolves once
+    /// done.
+    pub async fn out_acked(
+        &self,
+        target: &str,
+        stream_id: &str,
+        upto: u64,
+    ) -> Result<(), MessagingError> {
         let stream = self.out_stream(target).await?;
         let (reply, done) = tokio::sync::oneshot::channel();
         let closed = || {
@@ -480,6 +764,7 @@ impl Messaging {
         stream
             .work
             .send(StreamWork::Ack {
+                stream_id: stream_id.to_string(),
                 upto,
                 reply: Some(reply),
             })
@@ -503,25 +788,125 @@ impl Messaging {
             return Ok(st.acked_identity.clone());
         }
         if tick > st.acked && tick < st.next_tick {
-            let rows = self.store.by_stream(&st.stream_id, tick, 1).await?;
+            let row = tick + st.row_base;
+            let rows = self.store.by_stream(st.row_stream(), row, 1).await?;
             return Ok(rows
                 .into_iter()
                 .next()
-                .filter(|m| m.stream.as_ref().is_some_and(|s| s.1 == tick))
+                .filter(|m| m.stream.as_ref().is_some_and(|s| s.1 == row))
                 .map(|m| m.id));
         }
         Ok(None)
     }
 
-    /// The target-side entry of `source`'s stream `stream_id`: its lock serialises every link
-    /// that carries the stream (a reconnect can overlap an old link's last commit).
-    fn in_entry(&self, source: &str, stream_id: &str) -> Arc<Mutex<()>> {
+    /// Moves the stream towards `target` onto a new stream made for flush `epoch` (a peer
+    /// that runs a FLUSH asked for it); returns the new stream's state. Its unacknowledged
+    /// messages become ticks 1 .. of the new stream, in order; messages sent from now on
+    /// follow them.
+    pub async fn out_flush(&self, target: &str, epoch: &str) -> Result<OutState, MessagingError> {
+        let stream = self.out_stream(target).await?;
+        let (reply, done) = tokio::sync::oneshot::channel();
+        let closed = || {
+            MessagingError::Store(Box::new(keel_store::StoreError::Closed {
+                me: self.me.clone(),
+            }))
+        };
+        stream
+            .work
+            .send(StreamWork::Flush {
+                epoch: epoch.to_string(),
+                reply,
+            })
+            .await
+            .map_err(|_| closed())?;
+        done.await
+            .map_err(|_| closed())?
+            .map_err(MessagingError::Relayed)
+    }
+
+    /// The flush this engine runs, if a peer has not confirmed it yet.
+    pub async fn flush_status(&self) -> Option<FlushRecord> {
+        self.flush.lock().await.clone()
+    }
+
+    /// The epoch of this engine's flush when `peer` still has to move its stream towards
+    /// this engine onto a stream made for it.
+    async fn flush_wanted_from(&self, peer: &str) -> Option<String> {
+        let f = self.flush.lock().await;
+        let f = f.as_ref()?;
+        let p = f.peers.get(peer)?;
+        (!p.inbound).then(|| f.epoch.clone())
+    }
+
+    /// Records that `peer` confirmed one side of this engine's flush; when that was the last
+    /// confirmation the flush is complete: the record goes and the restored mark is cleared
+    /// in one commit, and `CWSIP0783E` is logged.
+    pub async fn flush_confirm(&self, peer: &str, side: FlushSide) -> Result<(), MessagingError> {
+        let mut guard = self.flush.lock().await;
+        let Some(record) = guard.as_ref() else {
+            return Ok(());
+        };
+        let Some(p) = record.peers.get(peer) else {
+            return Ok(());
+        };
+        let done = match side {
+            FlushSide::Outbound => p.outbound,
+            FlushSide::Inbound => p.inbound,
+        };
+        if done {
+            return Ok(());
+        }
+        let mut next = record.clone();
+        let p = next.peers.get_mut(peer).expect("present");
+        match side {
+            FlushSide::Outbound => p.outbound = true,
+            FlushSide::Inbound => p.inbound = true,
+        }
+        let complete = next.is_complete();
+        let ops = if complete {
+            vec![
+                Op::DeleteKv {
+                    space: FLUSH_KV.into(),
+                    key: FLUSH_KEY.into(),
+                },
+                Op::SetRestoreState(keel_store::RestoreState::None),
+            ]
+        } else {
+            vec![Op::SetKv {
+                space: FLUSH_KV.into(),
+                key: FLUSH_KEY.into(),
+                value: serde_json::to_vec(&next).expect("flush record serializes"),
+            }]
+        };
+        self.store.commit(ops).await?;
+        emit!(
+            catalog::CWSIP0110I,
+            me = self.me,
+            peer = peer,
+            side = match side {
+                FlushSide::Outbound => "its stream from this engine",
+                FlushSide::Inbound => "its stream towards this engine",
+            },
+            waiting = next.waiting_for()
+        );
+        if complete {
+            *guard = None;
+            emit!(catalog::CWSIP0783E, me = self.me);
+        } else {
+            *guard = Some(next);
+        }
+        Ok(())
+    }
+
+    /// The target-side entry of `source`: its lock serialises every link that carries one of
+    /// its streams (a reconnect can overlap an old link's last commit).
+    fn in_entry(&self, source: &str) -> Arc<Mutex<InSource>> {
         self.in_streams
             .0
             .lock()
             .expect("streams lock")
-            .entry(in_key(source, stream_id))
-            .or_insert_with(|| Arc::new(Mutex::new(())))
+            .entry(source.to_string())
+            .or_insert_with(|| Arc::new(Mutex::new(InSource::default())))
             .clone()
     }
 
@@ -531,9 +916,93 @@ impl Messaging {
         source: &str,
         stream_id: &str,
     ) -> Result<Option<InState>, MessagingError> {
-        let entry = self.in_entry(source, stream_id);
+        let entry = self.in_entry(source);
         let _one = entry.lock().await;
         self.read_in_state(source, stream_id).await
+    }
+
+    /// The target's side of the handshake for `source`'s stream `hello` (before the
+    /// tick-level verdict): whether this engine's own FLUSH needs that stream flushed first,
+    /// and otherwise what is stored of it. A stream made by a FLUSH of the source retires
+    /// every older stream of that source (never taken again), in one commit with the new
+    /// stream's empty prefix; one made for this engine's flush confirms its inbound side.
+    pub async fn in_hello(
+        &self,
+        source: &str,
+        stream_id: &str,
+        flush_epoch: Option<&str>,
+    ) -> Result<InHello, MessagingError> {
+        let wanted = self.flush_wanted_from(source).await;
+        if let Some(epoch) = &wanted {
+            if flush_epoch != Some(epoch.as_str()) {
+                return Ok(InHello::FlushNeeded {
+                    epoch: epoch.clone(),
+                });
+            }
+        }
+        let entry = self.in_entry(source);
+        let one = entry.lock().await;
+        let state = self.read_in_state(source, stream_id).await?;
+        if state.is_none() && flush_epoch.is_some() {
+            self.retire_others(source, stream_id).await?;
+        }
+        drop(one);
+        if wanted.is_some() {
+            self.flush_confirm(source, FlushSide::Inbound).await?;
+        }
+        Ok(InHello::Known(state))
+    }
+
+    /// Marks every stream of `source` but `keep` retired, drops the oldest retired beyond
+    /// RETIRED_MAX, and records `keep` with an empty prefix: one commit. Caller holds the
+    /// source's lock.
+    async fn retire_others(&self, source: &str, keep: &str) -> Result<(), MessagingError> {
+        let prefix = format!("{source}/");
+        let now = keel_core::unix_ms();
+        let mut retired = Vec::new();
+        let mut ops = Vec::new();
+        for (key, bytes) in self.store.kv_scan(IN_KV).await? {
+            let Some(id) = key.strip_prefix(&prefix) else {
+                continue;
+            };
+            let mut st: InState = serde_json::from_slice(&bytes).map_err(|e| {
+                broken(
+                    &self.me,
+                    source,
+                    format!("the recorded state of stream {id} does not decode ({e})"),
+                )
+            })?;
+            if st.retired_ms.is_none() {
+                st.retired_ms = Some(now);
+                ops.push(Op::SetKv {
+                    space: IN_KV.into(),
+                    key: key.clone(),
+                    value: serde_json::to_vec(&st).expect("stream state serializes"),
+                });
+            }
+            retired.push((st.retired_ms.unwrap_or(now), key));
+        }
+        retired.sort();
+        let excess = retired.len().saturating_sub(RETIRED_MAX);
+        for (_, key) in retired.into_iter().take(excess) {
+            ops.retain(|o| !matches!(o, Op::SetKv { key: k, .. } if *k == key));
+            ops.push(Op::DeleteKv {
+                space: IN_KV.into(),
+                key,
+            });
+        }
+        ops.push(Op::SetKv {
+            space: IN_KV.into(),
+            key: in_key(source, keep),
+            value: serde_json::to_vec(&InState {
+                tick: 0,
+                identity: None,
+                retired_ms: None,
+            })
+            .expect("stream state serializes"),
+        });
+        self.store.commit(ops).await?;
+        Ok(())
     }
 
     async fn read_in_state(
@@ -570,15 +1039,20 @@ impl Messaging {
             msgs.windows(2).all(|w| w[1].tick == w[0].tick + 1),
             "a stream's messages are stored in tick order, without gaps"
         );
-        // Under the stream's lock, against the store's prefix (never a cached one): a link
+        // Under the source's lock, against the store's prefix (never a cached one): a link
         // that started from an older prefix while another link stored more must not store
         // those messages again.
-        let entry = self.in_entry(source, stream_id);
-        let _one = entry.lock().await;
-        let prefix = self
-            .read_in_state(source, stream_id)
-            .await?
-            .map_or(0, |p| p.tick);
+        let entry = self.in_entry(source);
+        let mut one = entry.lock().await;
+        let stored = self.read_in_state(source, stream_id).await?;
+        if stored.as_ref().is_some_and(|s| s.retired_ms.is_some()) {
+            return Err(broken(
+                &self.me,
+                source,
+                format!("stream {stream_id} was replaced by a flush; nothing of it is taken"),
+            ));
+        }
+        let prefix = stored.map_or(0, |p| p.tick);
         if msgs[0].tick != prefix + 1 {
             return Err(broken(&self.me, source, format!(
                 "tick {} of stream {stream_id} does not follow the stored prefix {prefix} (another link stored it first)",
@@ -588,9 +1062,43 @@ impl Messaging {
         let state = InState {
             tick: last.tick,
             identity: Some(last.id.clone()),
+            retired_ms: None,
         };
+        // The duplicate window: a message of the source at or below its incarnation's mark
+        // was delivered before (resent after a FLUSH): it only moves the prefix.
+        let now = keel_core::unix_ms();
+        let source_uuid = self.peer_uuids.get(source);
+        let mut seen = match one.seen.clone() {
+            Some(s) => s,
+            None => match self.store.kv_get(SEEN_KV, source).await? {
+                None => Seen::default(),
+                Some(b) => serde_json::from_slice(&b).map_err(|e| {
+                    broken(
+                        &self.me,
+                        source,
+                        format!("its recorded duplicate window does not decode ({e})"),
+                    )
+                })?,
+            },
+        };
+        let mut duplicates = 0usize;
+        let msgs: Vec<StreamMessage> = msgs
+            .into_iter()
+            .filter(|m| match parse_system_id(&m.id) {
+                Some((uuid, inc, seq)) if Some(&uuid.to_string()) == source_uuid => {
+                    let new = seen.admit(inc, seq, now);
+                    duplicates += usize::from(!new);
+                    new
+                }
+                _ => true,
+            })
+            .collect();
+        seen.prune(now, self.duplicate_window_ms);
+        if duplicates > 0 {
+            tracing::info!(me = %self.me, source, stream = stream_id, duplicates, "dropped messages the source resent after a flush: this engine had them already");
+        }
         let mut placed = Vec::with_capacity(msgs.len());
-        let mut ops = Vec::with_capacity(msgs.len() + 1);
+        let mut ops = Vec::with_capacity(msgs.len() + 2);
         for m in msgs {
             let q = match self.queue(&m.dest) {
                 Ok(q) => q,
@@ -617,10 +1125,16 @@ impl Messaging {
             key: in_key(source, stream_id),
             value: serde_json::to_vec(&state).expect("stream state serializes"),
         });
+        ops.push(Op::SetKv {
+            space: SEEN_KV.into(),
+            key: source.to_string(),
+            value: serde_json::to_vec(&seen).expect("duplicate window serializes"),
+        });
         let pending = super::OffersPending {
             queues: placed.iter().map(|(q, _, _)| q.clone()).collect(),
         };
         let out = self.store.commit(ops).await?;
+        one.seen = Some(seen);
         keel_core::faults::hit("bus.target_after_commit");
         assert_eq!(out.assigned_seqs.len(), placed.len());
         for ((q, mark, m), seq) in placed.into_iter().zip(out.assigned_seqs) {
@@ -648,16 +1162,89 @@ impl Messaging {
     }
 }
 
+/// The FLUSH start of an engine (DESIGN §5 (a)), before it takes work: every outgoing stream
+/// moves onto a new stream (its unacknowledged messages renumbered from tick 1, no row
+/// rewritten), and the record of which peers must confirm is written, with the store's restore
+/// state (`flush-pending`, or `none` when there is no peer to wait for), in one commit.
+/// Returns the record (None: nothing to wait for), the streams moved and their messages.
+pub async fn begin_flush(
+    store: &dyn keel_store::Store,
+    me: &str,
+    peers: &[(String, String)],
+) -> Result<(Option<FlushRecord>, usize, u64), MessagingError> {
+    let epoch = uuid::Uuid::new_v4().to_string();
+    let mut ops = Vec::new();
+    let mut messages = 0;
+    let outs = store.kv_scan(OUT_KV).await?;
+    let streams = outs.len();
+    for (target, bytes) in outs {
+        let st: OutState = serde_json::from_slice(&bytes).map_err(|e| {
+            broken(
+                me,
+                &target,
+                format!("its recorded state does not decode ({e})"),
+            )
+        })?;
+        let new = st.flushed(&epoch);
+        messages += new.unacked();
+        ops.push(Op::SetKv {
+            space: OUT_KV.into(),
+            key: target,
+            value: serde_json::to_vec(&new).expect("stream state serializes"),
+        });
+    }
+    let record = (!peers.is_empty()).then(|| FlushRecord {
+        epoch,
+        started_ms: keel_core::unix_ms(),
+        peers: peers
+            .iter()
+            .map(|(p, _)| (p.clone(), PeerFlush::default()))
+            .collect(),
+    });
+    match &record {
+        Some(r) => {
+            ops.push(Op::SetKv {
+                space: FLUSH_KV.into(),
+                key: FLUSH_KEY.into(),
+                value: serde_json::to_vec(r).expect("flush record serializes"),
+            });
+            ops.push(Op::SetRestoreState(keel_store::RestoreState::FlushPending));
+        }
+        None => {
+            ops.push(Op::DeleteKv {
+                space: FLUSH_KV.into(),
+                key: FLUSH_KEY.into(),
+            });
+            ops.push(Op::SetRestoreState(keel_store::RestoreState::None));
+        }
+    }
+    store.commit(ops).await?;
+    Ok((record, streams, messages))
+}
+
+/// The FLUSH a store records as waiting for peers (a normal start continues it).
+pub async fn pending_flush(
+    store: &dyn keel_store::Store,
+    me: &str,
+) -> Result<Option<FlushRecord>, MessagingError> {
+    match store.kv_get(FLUSH_KV, FLUSH_KEY).await? {
+        None => Ok(None),
+        Some(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
+            broken(
+                me,
+                "every peer",
+                format!("the recorded flush does not decode ({e})"),
+            )
+        }),
+    }
+}
+
 fn stream_message(
     me: &str,
     target: &str,
+    tick: u64,
     m: StoredMessage,
 ) -> Result<StreamMessage, MessagingError> {
-    let tick = m
-        .stream
-        .as_ref()
-        .map(|s| s.1)
-        .expect("a stream row has a tick");
     let dest = final_dest(target, &m.dest).ok_or_else(|| {
         broken(
             me,

@@ -27,6 +27,8 @@ fn engine(dir: &std::path::Path) -> Arc<Engine> {
             destinations: vec![q, small, topic, remote],
             max_message_bytes: 64 * 1024,
             store_url: None,
+            peers: Vec::new(),
+            duplicate_window_ms: 3_600_000,
         },
         false,
     )

@@ -393,6 +393,13 @@ fn engines_of(
                 destinations: bus.destinations.clone(),
                 max_message_bytes: bus.max_message_bytes,
                 store_url: m.store_url.clone(),
+                peers: bus
+                    .members
+                    .iter()
+                    .filter(|p| p.me != m.me)
+                    .map(|p| (p.me.clone(), p.uuid.clone()))
+                    .collect(),
+                duplicate_window_ms: u64::from(bus.duplicate_window_hours) * 3_600_000,
             };
             if recovery {
                 emit!(

@@ -30,7 +30,7 @@ use keel_bus::link::{check_header, LinkCodec, LinkFrame, StreamState, VerdictKin
 use keel_core::catalog;
 use keel_core::emit;
 use keel_core::unix_ms as now_ms;
-use keel_engine::messaging::streams::{OutStream, StreamMessage};
+use keel_engine::messaging::streams::{FlushSide, InHello, OutState, OutStream, StreamMessage};
 use keel_engine::messaging::Messaging;
 use keel_engine::Engine;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -330,18 +330,9 @@ async fn link_once(engine: &Engine, key: &[u8; 32], peer: &Peer) -> Result<Strin
         .out_stream(&peer.me)
         .await
         .map_err(|e| e.to_string())?;
-    let st = stream.state().await;
+    let mut st = stream.state().await;
     let mut framed = Framed::new(sock, LinkCodec);
-    let open = open_frame(
-        key,
-        ours,
-        incarnation,
-        vec![StreamState {
-            stream_id: st.stream_id.clone(),
-            next_tick: st.next_tick,
-            acked: st.acked,
-        }],
-    );
+    let open = open_frame(key, ours, incarnation, vec![stream_state(&st)]);
     framed
         .send(open)
         .await
@@ -372,30 +363,45 @@ async fn link_once(engine: &Engine, key: &[u8; 32], peer: &Peer) -> Result<Strin
         LinkFrame::Close { reason } => return Err(format!("refused by the peer: {reason}")),
         _ => return Err("the peer's first frame was not Open".into()),
     }
-    // The peer's verdict on our stream.
-    let verdict = match tokio::time::timeout(wait, framed.next()).await {
-        Ok(Some(Ok(LinkFrame::Verdict {
-            stream_id,
-            kind,
-            a,
-            b,
-            last_identity,
-        }))) if stream_id == st.stream_id => (kind, a, b, last_identity),
-        Ok(Some(Ok(LinkFrame::Close { reason }))) => {
-            return Err(format!("refused by the peer: {reason}"))
-        }
-        Ok(Some(Err(e))) => return Err(e.to_string()),
-        Ok(_) => return Err("the peer did not answer for our delivery stream".into()),
-        Err(_) => return Err(format!("no verdict within {CONNECT_WAIT_MS} ms")),
-    };
+    // The peer's verdict on our stream. A peer that runs a FLUSH first asks for the stream to
+    // move onto a new one made for its flush: done here, then the peer judges the new stream.
+    let mut verdict = read_verdict(&mut framed, &st.stream_id).await?;
+    let mut rounds = 0;
+    while verdict.0 == VerdictKind::FlushRequested {
+        rounds += 1;
+        let Some(epoch) = verdict.4.clone().filter(|_| rounds <= FLUSH_ROUNDS_MAX) else {
+            return Err(format!(
+                "the peer asked for a flush without an epoch or more than {FLUSH_ROUNDS_MAX} times"
+            ));
+        };
+        st = messaging
+            .out_flush(&peer.me, &epoch)
+            .await
+            .map_err(|e| e.to_string())?;
+        framed
+            .send(LinkFrame::Flush {
+                stream: stream_state(&st),
+            })
+            .await
+            .map_err(|e| format!("cannot write ({e})"))?;
+        verdict = read_verdict(&mut framed, &st.stream_id).await?;
+    }
     emit!(
         catalog::CWSIT0007I,
         me = ours.me,
         peer = peer.me,
         address = peer.address
     );
-    let from = match check_verdict(&messaging, peer, &st, verdict).await {
-        Ok(from) => Some(from),
+    let (kind, a, b, last, _) = verdict;
+    let from = match check_verdict(&messaging, peer, &st, (kind, a, b, last)).await {
+        Ok(from) => {
+            // The peer resumed a stream of ours made after any FLUSH of this engine: its
+            // outbound side of that flush is confirmed.
+            if let Err(e) = messaging.flush_confirm(&peer.me, FlushSide::Outbound).await {
+                return Ok(format!("recording the flush confirmation failed ({e})"));
+            }
+            Some(from)
+        }
         Err(why) => {
             emit!(
                 catalog::CWSIT0009E,
@@ -410,12 +416,51 @@ async fn link_once(engine: &Engine, key: &[u8; 32], peer: &Peer) -> Result<Strin
     Ok(source_side(&messaging, peer, &stream, from, &mut framed).await)
 }
 
+/// Times a FLUSH may be requested in one handshake (each for a new epoch: several engines
+/// restored at once each ask once).
+pub const FLUSH_ROUNDS_MAX: usize = 4;
+
+/// A verdict as it travels: (kind, a, b, last identity, flush epoch).
+type VerdictParts = (VerdictKind, u64, u64, Option<String>, Option<String>);
+
+/// How a source announces its stream.
+fn stream_state(st: &OutState) -> StreamState {
+    StreamState {
+        stream_id: st.stream_id.clone(),
+        next_tick: st.next_tick,
+        acked: st.acked,
+        flush_epoch: st.flush_epoch.clone(),
+    }
+}
+
+/// The peer's verdict on stream `stream_id`.
+async fn read_verdict(
+    framed: &mut Framed<TcpStream, LinkCodec>,
+    stream_id: &str,
+) -> Result<VerdictParts, String> {
+    let wait = Duration::from_millis(CONNECT_WAIT_MS);
+    match tokio::time::timeout(wait, framed.next()).await {
+        Ok(Some(Ok(LinkFrame::Verdict {
+            stream_id: id,
+            kind,
+            a,
+            b,
+            last_identity,
+            flush_epoch,
+        }))) if id == stream_id => Ok((kind, a, b, last_identity, flush_epoch)),
+        Ok(Some(Ok(LinkFrame::Close { reason }))) => Err(format!("refused by the peer: {reason}")),
+        Ok(Some(Err(e))) => Err(e.to_string()),
+        Ok(_) => Err("the peer did not answer for our delivery stream".into()),
+        Err(_) => Err(format!("no verdict within {CONNECT_WAIT_MS} ms")),
+    }
+}
+
 /// What the source does with the target's verdict: Ok(tick to send from) after acknowledging
 /// what the target already has, or Err(why the stream is held).
 async fn check_verdict(
     messaging: &Messaging,
     peer: &Peer,
-    st: &keel_engine::messaging::streams::OutState,
+    st: &OutState,
     (kind, a, b, last): (VerdictKind, u64, u64, Option<String>),
 ) -> Result<u64, String> {
     let stream_id = &st.stream_id;
@@ -428,6 +473,11 @@ async fn check_verdict(
             "engine {} has completed only tick {a} of it but acknowledged tick {b} before: that engine's data store went back in time",
             peer.me
         )),
+        VerdictKind::Replaced => Err(format!(
+            "engine {} retired this stream when a FLUSH of this engine replaced it: this engine's data store went back in time",
+            peer.me
+        )),
+        VerdictKind::FlushRequested => Err("the peer asked for a flush once too often".into()),
         VerdictKind::Resume => {
             let from = a.max(1);
             // A resume behind what the target acknowledged, or past what was assigned, is what
@@ -455,7 +505,7 @@ async fn check_verdict(
             }
             // The target has everything before `from`.
             messaging
-                .out_acked(&peer.me, from - 1)
+                .out_acked(&peer.me, stream_id, from - 1)
                 .await
                 .map_err(|e| e.to_string())?;
             Ok(from)
@@ -529,7 +579,7 @@ async fn source_side(
                     }
                     if upto > peer_acked {
                         peer_acked = upto;
-                        stream.ack_later(upto);
+                        stream.ack_later(&stream_id, upto);
                     }
                 }
                 Some(Ok(LinkFrame::Resend { from, .. })) => {
@@ -546,6 +596,7 @@ async fn source_side(
                 None => return "the peer closed the connection".into(),
             },
             _ = stream.notify.notified() => {}
+            _ = messaging.stopped() => return "this engine stopped".into(),
             // A bound on how long a missed wake-up can delay sending.
             _ = tokio::time::sleep(Duration::from_millis(SOURCE_POLL_MS)) => {}
         }
@@ -584,58 +635,17 @@ async fn target_side(
     let messaging = engine.messaging().map_err(|e| e.to_string())?;
     let ours = &engine.config().me;
     let mut target = keel_bus::Target::default();
-    for s in &streams {
-        if let Some(p) = messaging
-            .in_state(peer_me, &s.stream_id)
-            .await
-            .map_err(|e| e.to_string())?
-        {
-            target.restore(&s.stream_id, p.tick, p.identity);
+    for s in streams {
+        if let Some(why) = handshake(&messaging, ours, peer_me, s, &mut target, framed).await? {
+            return Ok(why);
         }
-        let verdict = target.on_hello(&keel_bus::Hello {
-            stream_id: s.stream_id.clone(),
-            next_tick: s.next_tick,
-            acked: s.acked,
-        });
-        let (kind, a, b, last_identity) = match verdict {
-            keel_bus::Verdict::Resume { from, last } => (VerdictKind::Resume, from, 0, last),
-            keel_bus::Verdict::SourceRestored {
-                target_prefix,
-                source_next_tick,
-            } => (
-                VerdictKind::SourceRestored,
-                target_prefix,
-                source_next_tick,
-                None,
-            ),
-            keel_bus::Verdict::TargetRestored {
-                target_prefix,
-                source_acked,
-            } => (
-                VerdictKind::TargetRestored,
-                target_prefix,
-                source_acked,
-                None,
-            ),
-        };
-        if kind != VerdictKind::Resume {
-            emit!(catalog::CWSIP0784E, receiver = ours, producer = peer_me);
-            // Nothing of this stream is taken until a FLUSH replaces it.
-            target.discard(&s.stream_id);
-        }
-        framed
-            .send(LinkFrame::Verdict {
-                stream_id: s.stream_id.clone(),
-                kind,
-                a,
-                b,
-                last_identity,
-            })
-            .await
-            .map_err(|e| e.to_string())?;
     }
     loop {
-        let first = match framed.next().await {
+        let next = tokio::select! {
+            f = framed.next() => f,
+            _ = messaging.stopped() => return Err(format!("engine {ours} stopped")),
+        };
+        let first = match next {
             None => return Ok("the peer closed the connection".into()),
             Some(Err(e)) => return Err(e.to_string()),
             Some(Ok(f)) => f,
@@ -715,6 +725,109 @@ async fn target_side(
         store_batch(&messaging, peer_me, batch.take(), &mut replies).await?;
         send_all(framed, replies).await?;
     }
+}
+
+/// The target's handshake on one stream of the peer: when this engine runs a FLUSH the peer
+/// must first move the stream onto one made for it (FlushRequested, answered by `Flush`);
+/// then the verdict. Ok(Some(why)) if the peer closed the link meanwhile.
+async fn handshake(
+    messaging: &Messaging,
+    ours: &str,
+    peer_me: &str,
+    mut s: StreamState,
+    target: &mut keel_bus::Target,
+    framed: &mut Framed<TcpStream, LinkCodec>,
+) -> Result<Option<String>, String> {
+    let wait = Duration::from_millis(CONNECT_WAIT_MS);
+    for _ in 0..=FLUSH_ROUNDS_MAX {
+        let known = match messaging
+            .in_hello(peer_me, &s.stream_id, s.flush_epoch.as_deref())
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            InHello::FlushNeeded { epoch } => {
+                framed
+                    .send(LinkFrame::Verdict {
+                        stream_id: s.stream_id.clone(),
+                        kind: VerdictKind::FlushRequested,
+                        a: 0,
+                        b: 0,
+                        last_identity: None,
+                        flush_epoch: Some(epoch),
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match tokio::time::timeout(wait, framed.next()).await {
+                    Ok(Some(Ok(LinkFrame::Flush { stream }))) => {
+                        s = stream;
+                        continue;
+                    }
+                    Ok(Some(Ok(LinkFrame::Close { reason }))) => {
+                        return Ok(Some(format!("the peer closed it ({reason})")))
+                    }
+                    Ok(None) => return Ok(Some("the peer closed the connection".into())),
+                    Ok(Some(Err(e))) => return Err(e.to_string()),
+                    Ok(Some(Ok(_))) => {
+                        return Err("a flush request was not answered by Flush".into())
+                    }
+                    Err(_) => return Err(format!("no Flush within {CONNECT_WAIT_MS} ms")),
+                }
+            }
+            InHello::Known(known) => known,
+        };
+        match known {
+            Some(p) if p.retired_ms.is_some() => target.discard(&s.stream_id),
+            Some(p) => target.restore(&s.stream_id, p.tick, p.identity),
+            None => {}
+        }
+        let verdict = target.on_hello(&keel_bus::Hello {
+            stream_id: s.stream_id.clone(),
+            next_tick: s.next_tick,
+            acked: s.acked,
+        });
+        let (kind, a, b, last_identity) = match verdict {
+            keel_bus::Verdict::Resume { from, last } => (VerdictKind::Resume, from, 0, last),
+            keel_bus::Verdict::SourceRestored {
+                target_prefix,
+                source_next_tick,
+            } => (
+                VerdictKind::SourceRestored,
+                target_prefix,
+                source_next_tick,
+                None,
+            ),
+            keel_bus::Verdict::TargetRestored {
+                target_prefix,
+                source_acked,
+            } => (
+                VerdictKind::TargetRestored,
+                target_prefix,
+                source_acked,
+                None,
+            ),
+            keel_bus::Verdict::Replaced => (VerdictKind::Replaced, 0, 0, None),
+        };
+        if kind != VerdictKind::Resume {
+            emit!(catalog::CWSIP0784E, receiver = ours, producer = peer_me);
+            // Nothing of this stream is taken until a FLUSH replaces it.
+            target.discard(&s.stream_id);
+        }
+        framed
+            .send(LinkFrame::Verdict {
+                stream_id: s.stream_id.clone(),
+                kind,
+                a,
+                b,
+                last_identity,
+                flush_epoch: None,
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        return Ok(None);
+    }
+    Err(format!(
+        "the peer's stream needed more than {FLUSH_ROUNDS_MAX} flushes"
+    ))
 }
 
 /// Stores a batch of in-order messages of one stream with its new prefix, and queues its

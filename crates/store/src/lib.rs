@@ -54,11 +54,15 @@ pub fn sqlite_path(layout: &keel_core::Layout, me_name: &str) -> PathBuf {
     layout.databases().join(format!("{me_name}.sqlite"))
 }
 
-/// Whether the store was put back from a backup and not yet FLUSH-started since.
+/// Whether the store was put back from a backup and not yet FLUSH-started since, or
+/// FLUSH-started with the flush of its delivery streams not yet confirmed by every peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RestoreState {
     None,
     Restored,
+    /// A FLUSH start ran; some peer has not confirmed it yet (DESIGN §5). A normal start
+    /// continues the flush.
+    FlushPending,
 }
 
 impl RestoreState {
@@ -66,12 +70,14 @@ impl RestoreState {
         match self {
             RestoreState::None => "none",
             RestoreState::Restored => "restored",
+            RestoreState::FlushPending => "flush-pending",
         }
     }
     pub fn parse(s: &str) -> Option<RestoreState> {
         match s {
             "none" => Some(RestoreState::None),
             "restored" => Some(RestoreState::Restored),
+            "flush-pending" => Some(RestoreState::FlushPending),
             _ => None,
         }
     }
@@ -151,6 +157,9 @@ pub enum Op {
     },
     /// Removes a key; removing an absent key is not an error (idempotent clean-up).
     DeleteKv { space: String, key: String },
+    /// Moves the store's restore state (a FLUSH start and its completion), in the same
+    /// transaction as the stream changes that justify it.
+    SetRestoreState(RestoreState),
 }
 
 impl Op {
@@ -176,6 +185,7 @@ impl Op {
             Op::Move { from, to, .. } => from.len() + to.len() + 16,
             Op::SetKv { space, key, value } => space.len() + key.len() + value.len(),
             Op::DeleteKv { space, key } => space.len() + key.len(),
+            Op::SetRestoreState(_) => 16,
         }
     }
 }

@@ -762,6 +762,15 @@ impl Writer {
                 Op::DeleteKv { space, key } => {
                     self.exec(DELETE_KV, &[space, key], "delete kv").await?;
                 }
+                Op::SetRestoreState(state) => {
+                    meta_set(
+                        &self.client,
+                        &self.shared.ctx,
+                        "restore_state",
+                        state.as_str(),
+                    )
+                    .await?;
+                }
             }
         }
         Ok(outcome)

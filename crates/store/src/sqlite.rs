@@ -1107,6 +1107,7 @@ fn apply_batch(
                     .and_then(|mut s| s.execute(params![space, key]))
                     .map_err(ctx.err("delete kv"))?;
             }
+            Op::SetRestoreState(state) => meta_set(tx, ctx, "restore_state", state.as_str())?,
         }
     }
     for (dest, delta) in depth {
@@ -1210,6 +1211,7 @@ pub(crate) fn validate_ops(me: &str, ops: &[Op]) -> Result<usize> {
                     return Err(invalid("a kv op with an empty space or key".into()));
                 }
             }
+            Op::SetRestoreState(_) => {}
         }
     }
     if bytes > BATCH_BYTES_MAX {
