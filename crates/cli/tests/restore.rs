@@ -1,0 +1,228 @@
+//! The first seed procedure (`shared/seeds/000_*`), as an operator runs it, with real
+//! processes: messages flowing both ways between two servers' engines; store and
+//! configuration backups; more traffic; the server of ME1 killed; its initial state set to
+//! stopped; store and configuration restored; servers restarted; a FLUSH start from a console
+//! script; `CWSIP0783E`; new traffic. The checker is DESIGN §5's oracle: every message produced
+//! after the FLUSH start arrives exactly once, nothing acknowledged and still held by a
+//! surviving engine is lost, and (the duplicate window covering the backup's age) nothing
+//! resent from before the backup arrives twice.
+
+mod common;
+#[path = "common/numbers.rs"]
+mod numbers;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::Env;
+use numbers::{receive_numbers, send_numbers};
+
+const ME1: &str = "node01.server1-bus1";
+const ME2: &str = "node01.server2-bus1";
+
+/// How often each number arrived.
+#[derive(Default, Debug)]
+struct Tally(BTreeMap<u64, u32>);
+
+impl Tally {
+    fn add(&mut self, got: Vec<u64>) {
+        for n in got {
+            *self.0.entry(n).or_default() += 1;
+        }
+    }
+
+    /// Every number of `expected` exactly once, and nothing else.
+    fn exactly_once(&self, what: &str, expected: impl Iterator<Item = u64>) {
+        let want: Vec<u64> = expected.collect();
+        let lost: Vec<u64> = want
+            .iter()
+            .copied()
+            .filter(|n| !self.0.contains_key(n))
+            .collect();
+        let twice: Vec<(u64, u32)> = self
+            .0
+            .iter()
+            .filter(|(_, c)| **c > 1)
+            .map(|(n, c)| (*n, *c))
+            .collect();
+        let extra: Vec<u64> = self
+            .0
+            .keys()
+            .copied()
+            .filter(|n| !want.contains(n))
+            .collect();
+        assert!(
+            lost.is_empty() && twice.is_empty() && extra.is_empty(),
+            "{what}: lost {lost:?}, more than once {twice:?}, never sent {extra:?}"
+        );
+    }
+}
+
+struct Bus<'a> {
+    env: &'a Env,
+    rt: tokio::runtime::Runtime,
+    password: String,
+}
+
+impl Bus<'_> {
+    /// Sends `range` to `dest` through `server`; each message is accepted (durable).
+    fn send(&self, server: &str, dest: &str, range: std::ops::Range<u64>) {
+        let port = self.env.bus_port(server);
+        send_numbers(&self.rt, port, &self.password, dest, range);
+    }
+
+    /// Receives from `dest` at `server` until `want` arrived (or 30 s passed), then for as
+    /// long as anything else arrives.
+    fn receive(&self, server: &str, dest: &str, want: usize) -> Vec<u64> {
+        let port = self.env.bus_port(server);
+        let limit = Duration::from_secs(30);
+        let mut got = receive_numbers(&self.rt, port, &self.password, dest, want, limit);
+        let late = Duration::from_secs(2);
+        got.extend(receive_numbers(
+            &self.rt,
+            port,
+            &self.password,
+            dest,
+            1,
+            late,
+        ));
+        got
+    }
+}
+
+#[test]
+fn restore_and_flush_as_the_seed_procedure_runs_it() {
+    let env = Env::new();
+    env.add_second_member();
+    for (q, me) in [("q1", ME1), ("q2", ME2)] {
+        env.ok(&[
+            "destination",
+            "create",
+            "bus1",
+            q,
+            "--type",
+            "queue",
+            "--me",
+            me,
+        ]);
+    }
+    env.ok(&["node", "start"]);
+    env.ok(&["server", "start", "server1"]);
+    env.ok(&["server", "start", "server2"]);
+    let bus = Bus {
+        env: &env,
+        rt: tokio::runtime::Runtime::new().unwrap(),
+        password: env.admin_password(),
+    };
+    // q1 is ME1's (fed from server2), q2 is ME2's (fed from server1).
+    let (mut q1, mut q2) = (Tally::default(), Tally::default());
+
+    // Messages flowing between the two servers.
+    bus.send("server1", "q2", 0..50);
+    bus.send("server2", "q1", 0..50);
+    q2.add(bus.receive("server2", "q2", 50));
+    q1.add(bus.receive("server1", "q1", 50));
+
+    // Messages on ME1's transmission queue when the backup is taken: ME2 is down.
+    env.ok(&["server", "stop", "server2"]);
+    bus.send("server1", "q2", 50..100);
+
+    // Store and configuration backups, taken together.
+    let store_backup = env.dir().join("me1.backup");
+    let config_backup = env.dir().join("config.keelcfg");
+    env.ok(&[
+        "store",
+        "backup",
+        ME1,
+        "--to",
+        store_backup.to_str().unwrap(),
+    ]);
+    env.ok(&["config", "backup", "--to", config_backup.to_str().unwrap()]);
+
+    // More traffic: ME2 comes back and takes what waited; both directions flow.
+    env.ok(&["server", "start", "server2"]);
+    q2.add(bus.receive("server2", "q2", 50));
+    bus.send("server1", "q2", 100..150);
+    bus.send("server2", "q1", 50..100);
+    q2.add(bus.receive("server2", "q2", 50));
+    q1.add(bus.receive("server1", "q1", 50));
+
+    // The failure: server1 is killed; the node agent restarts it.
+    let pid = env.status("server1")["pid"].as_u64().unwrap();
+    common::sigkill(pid);
+    env.wait_restarted("server1", 1);
+
+    // The procedure. Keep ME1 from starting with its server, and stop its server.
+    env.ok(&["me", "set-initial-state", ME1, "stopped", "--sync"]);
+    env.ok(&["server", "stop", "server1"]);
+    // Meanwhile producers at server2 go on: ME2 holds these for ME1.
+    bus.send("server2", "q1", 100..150);
+    // Restore the data store and the configuration backed up with it.
+    let out = env.ok(&[
+        "store",
+        "restore",
+        ME1,
+        "--from",
+        store_backup.to_str().unwrap(),
+    ]);
+    assert!(out.contains("--flush"), "{out}");
+    env.ok(&[
+        "config",
+        "restore",
+        config_backup.to_str().unwrap(),
+        "--sync",
+    ]);
+    // Restart the server: ME1 stays stopped (its store is restored; the restored config
+    // says started, and the server says why it did not start it).
+    env.ok(&["server", "start", "server1"]);
+    assert_eq!(
+        env.ok(&["me", "state", ME1]).lines().next(),
+        Some("stopped")
+    );
+    assert!(env.log("server1").contains("CWSIP0106I"));
+
+    // FLUSH start from a console script, as the seed writes it.
+    let script = env.dir().join("flush.rhai");
+    std::fs::write(
+        &script,
+        r#"let myME = AdminControl.queryNames("type=SIBMessagingEngine,*").splitlines()[0];
+print(AdminControl.invoke(myME, "state"))
+AdminControl.invoke(myME, "start", ["FLUSH"])
+print(AdminControl.invoke(myME, "state"))
+"#,
+    )
+    .unwrap();
+    let out = env.ok(&["admin", "-f", script.to_str().unwrap()]);
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        vec!["stopped", "started"],
+        "{out}"
+    );
+    env.wait_for(Duration::from_secs(30), "CWSIP0783E", || {
+        env.log("server1")
+            .contains(&format!(
+            "CWSIP0783E: Messaging engine {ME1} started; flush of all delivery streams completed."
+        ))
+            .then_some(())
+    });
+    let info: serde_json::Value =
+        serde_json::from_str(&env.ok(&["store", "info", ME1, "--json"])).unwrap();
+    assert_eq!(info["restore_state"], "none");
+
+    // New traffic, both ways.
+    bus.send("server1", "q2", 200..300);
+    bus.send("server2", "q1", 150..250);
+    q2.add(bus.receive("server2", "q2", 100));
+    q1.add(bus.receive("server1", "q1", 150));
+
+    // The oracle. q2: the pre-backup messages 50..100 that ME1's restored store resent were
+    // dropped by ME2's duplicate window; everything once. q1: what ME2 held while ME1 was down
+    // arrived; everything once.
+    q2.exactly_once("q2 (ME1 -> ME2)", (0..150).chain(200..300));
+    q1.exactly_once("q1 (ME2 -> ME1)", 0..250);
+    assert!(
+        env.log("server2").contains("resent after a flush"),
+        "the resent pre-backup messages reached ME2 and were recognised"
+    );
+    env.ok(&["node", "stop", "--stop-servers"]);
+}
