@@ -93,27 +93,7 @@ impl Bus<'_> {
 #[test]
 fn restore_and_flush_as_the_seed_procedure_runs_it() {
     let env = Env::new();
-    env.add_second_member();
-    for (q, me) in [("q1", ME1), ("q2", ME2)] {
-        env.ok(&[
-            "destination",
-            "create",
-            "bus1",
-            q,
-            "--type",
-            "queue",
-            "--me",
-            me,
-        ]);
-    }
-    env.ok(&["node", "start"]);
-    env.ok(&["server", "start", "server1"]);
-    env.ok(&["server", "start", "server2"]);
-    let bus = Bus {
-        env: &env,
-        rt: tokio::runtime::Runtime::new().unwrap(),
-        password: env.admin_password(),
-    };
+    let bus = two_engines(&env);
     // q1 is ME1's (fed from server2), q2 is ME2's (fed from server1).
     let (mut q1, mut q2) = (Tally::default(), Tally::default());
 
@@ -224,5 +204,124 @@ print(AdminControl.invoke(myME, "state"))
         env.log("server2").contains("resent after a flush"),
         "the resent pre-backup messages reached ME2 and were recognised"
     );
+    env.ok(&["node", "stop", "--stop-servers"]);
+}
+
+/// Two servers with q1 on ME1 and q2 on ME2, both started, with the node agent.
+fn two_engines(env: &Env) -> Bus<'_> {
+    env.add_second_member();
+    for (q, me) in [("q1", ME1), ("q2", ME2)] {
+        env.ok(&[
+            "destination",
+            "create",
+            "bus1",
+            q,
+            "--type",
+            "queue",
+            "--me",
+            me,
+        ]);
+    }
+    env.ok(&["node", "start"]);
+    env.ok(&["server", "start", "server1"]);
+    env.ok(&["server", "start", "server2"]);
+    Bus {
+        env,
+        rt: tokio::runtime::Runtime::new().unwrap(),
+        password: env.admin_password(),
+    }
+}
+
+fn restore_state(env: &Env, me: &str) -> String {
+    let info: serde_json::Value =
+        serde_json::from_str(&env.ok(&["store", "info", me, "--json"])).unwrap();
+    info["restore_state"].as_str().unwrap().to_string()
+}
+
+/// Stops `me`, restores `backup` into its store and starts it with FLUSH.
+fn restore_and_flush(env: &Env, me: &str, backup: &std::path::Path) {
+    env.ok(&["me", "stop", me]);
+    env.ok(&["store", "restore", me, "--from", backup.to_str().unwrap()]);
+    env.ok(&["me", "start", me, "--flush"]);
+}
+
+#[test]
+fn a_flush_waits_for_a_peer_that_is_down_and_completes_when_it_returns() {
+    let env = Env::new();
+    let bus = two_engines(&env);
+    bus.send("server1", "q2", 0..20);
+    let mut q2 = Tally::default();
+    q2.add(bus.receive("server2", "q2", 20));
+    let backup = env.dir().join("me1.backup");
+    env.ok(&["store", "backup", ME1, "--to", backup.to_str().unwrap()]);
+
+    env.ok(&["server", "stop", "server2"]);
+    restore_and_flush(&env, ME1, &backup);
+    // Pending, and said so: by the state, the store and the log.
+    let state = env.ok(&["me", "state", ME1]);
+    assert_eq!(
+        state.lines().collect::<Vec<_>>(),
+        vec![
+            "started",
+            &format!("flush pending: waiting for {ME2} (outbound, inbound)")[..]
+        ],
+        "{state}"
+    );
+    assert_eq!(restore_state(&env, ME1), "flush-pending");
+    assert!(env.log("server1").contains("CWSIP0109I"));
+    assert!(!env.log("server1").contains("CWSIP0783E"));
+    // The engine takes work meanwhile; messages for ME2 wait on the new stream.
+    bus.send("server1", "q2", 20..40);
+    // A restart of server1 continues the same flush (a normal start of a flush-pending store).
+    env.ok(&["server", "stop", "server1"]);
+    env.ok(&["server", "start", "server1"]);
+    assert!(env.log("server1").contains("CWSIP0111I"));
+    assert_eq!(env.ok(&["me", "state", ME1]).lines().next(), Some("started"));
+
+    // The peer returns: the flush completes.
+    env.ok(&["server", "start", "server2"]);
+    env.wait_for(Duration::from_secs(30), "CWSIP0783E", || {
+        env.log("server1").contains("CWSIP0783E").then_some(())
+    });
+    assert_eq!(env.ok(&["me", "state", ME1]).trim(), "started");
+    assert_eq!(restore_state(&env, ME1), "none");
+    q2.add(bus.receive("server2", "q2", 20));
+    q2.exactly_once("q2", 0..40);
+    env.ok(&["node", "stop", "--stop-servers"]);
+}
+
+#[test]
+fn two_engines_restored_and_flushed_at_once() {
+    let env = Env::new();
+    let bus = two_engines(&env);
+    let (mut q1, mut q2) = (Tally::default(), Tally::default());
+    bus.send("server1", "q2", 0..30);
+    bus.send("server2", "q1", 0..30);
+    q2.add(bus.receive("server2", "q2", 30));
+    q1.add(bus.receive("server1", "q1", 30));
+    let (b1, b2) = (env.dir().join("me1.backup"), env.dir().join("me2.backup"));
+    env.ok(&["store", "backup", ME1, "--to", b1.to_str().unwrap()]);
+    env.ok(&["store", "backup", ME2, "--to", b2.to_str().unwrap()]);
+    // Traffic after the backups, then both stores go back.
+    bus.send("server1", "q2", 30..60);
+    bus.send("server2", "q1", 30..60);
+    q2.add(bus.receive("server2", "q2", 30));
+    q1.add(bus.receive("server1", "q1", 30));
+    restore_and_flush(&env, ME1, &b1);
+    restore_and_flush(&env, ME2, &b2);
+    for server in ["server1", "server2"] {
+        env.wait_for(Duration::from_secs(30), "CWSIP0783E", || {
+            env.log(server).contains("CWSIP0783E").then_some(())
+        });
+    }
+    assert_eq!(restore_state(&env, ME1), "none");
+    assert_eq!(restore_state(&env, ME2), "none");
+    // Messages produced after the FLUSH starts: exactly once, both ways.
+    bus.send("server1", "q2", 100..150);
+    bus.send("server2", "q1", 100..150);
+    q2.add(bus.receive("server2", "q2", 50));
+    q1.add(bus.receive("server1", "q1", 50));
+    q2.exactly_once("q2", (0..60).chain(100..150));
+    q1.exactly_once("q1", (0..60).chain(100..150));
     env.ok(&["node", "stop", "--stop-servers"]);
 }
