@@ -81,6 +81,21 @@ enum What {
         #[arg(long, default_value_t = 27400)]
         keel_base_port: u16,
     },
+    /// Two servers; the first engine's transmission queue holds `--messages` for the second
+    /// (down), then the first is FLUSH-started: time to CWSIP0783E and to drain (needs
+    /// `--features peers`).
+    Flush {
+        #[arg(long, default_value_t = 1_000_000)]
+        messages: u64,
+        #[arg(long, default_value_t = 4)]
+        producers: usize,
+        #[arg(long, default_value_t = 1024)]
+        body_bytes: usize,
+        #[arg(long)]
+        keel: Option<PathBuf>,
+        #[arg(long, default_value_t = 27400)]
+        keel_base_port: u16,
+    },
     /// Keel (AMQP 1.0), RabbitMQ (quorum queue) and NATS JetStream (file storage) side by side:
     /// durable publishes with confirms, concurrent consumers with acks. Needs `--features peers`.
     Peers {
@@ -195,6 +210,31 @@ fn main() -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
+        #[cfg(feature = "peers")]
+        What::Flush {
+            messages,
+            producers,
+            body_bytes,
+            keel,
+            keel_base_port,
+        } => {
+            let keel = keel.map_or_else(peers::default_keel_binary, Ok)?;
+            let w = peers::Workload {
+                producers,
+                consumers: 1,
+                messages,
+                body_bytes,
+                inflight_per_producer: 256,
+            };
+            let rt = tokio::runtime::Runtime::new()?;
+            let report = rt.block_on(peers::run_flush(&keel, keel_base_port, &w))?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        #[cfg(not(feature = "peers"))]
+        What::Flush { .. } => bail!(
+            "this keel-bench was built without its AMQP client; rebuild it with `cargo build --release -p keel-bench --features peers`"
+        ),
         #[cfg(not(feature = "peers"))]
         What::Scale { .. } => bail!(
             "this keel-bench was built without its AMQP client; rebuild it with `cargo build --release -p keel-bench --features peers`"

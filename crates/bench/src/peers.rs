@@ -41,7 +41,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 pub use keel::default_keel_binary;
-pub use keel::{run_keel, run_keel_bus, run_scale};
+pub use keel::{run_flush, run_keel, run_keel_bus, run_scale};
 pub use nats::run_nats;
 pub use rabbitmq::run_rabbitmq;
 

@@ -276,7 +276,10 @@ fn a_flush_waits_for_a_peer_that_is_down_and_completes_when_it_returns() {
     env.ok(&["server", "stop", "server1"]);
     env.ok(&["server", "start", "server1"]);
     assert!(env.log("server1").contains("CWSIP0111I"));
-    assert_eq!(env.ok(&["me", "state", ME1]).lines().next(), Some("started"));
+    assert_eq!(
+        env.ok(&["me", "state", ME1]).lines().next(),
+        Some("started")
+    );
 
     // The peer returns: the flush completes.
     env.ok(&["server", "start", "server2"]);

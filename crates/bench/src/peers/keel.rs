@@ -384,3 +384,110 @@ fn server_pid(server: &KeelServer) -> Result<u64> {
             .context("server status JSON")?;
     status["pid"].as_u64().context("server status has no pid")
 }
+
+/// What `keel-bench flush` measured.
+#[derive(Debug, serde::Serialize)]
+pub struct FlushReport {
+    pub messages: u64,
+    pub body_bytes: usize,
+    /// Filling server1's transmission queue towards server2's engine (server2 down).
+    pub fill_msgs_per_s: f64,
+    /// From `keel me start ME1 --flush` until it returned (the FLUSH start's local part).
+    pub flush_start_ms: f64,
+    /// From the FLUSH start command to `CWSIP0783E` in server1's log (both peers confirmed).
+    pub flush_to_cwsip0783e_ms: f64,
+    /// From the FLUSH start command until the transmission queue was empty (every message
+    /// stored by server2's engine and acknowledged).
+    pub drain_s: f64,
+    pub drain_msgs_per_s: f64,
+}
+
+/// An engine holding `w.messages` on its transmission queue is FLUSH-started: how long until
+/// `CWSIP0783E`, and until every message reached the other engine (checked: exactly
+/// `w.messages` stored there, none left behind).
+pub async fn run_flush(keel: &Path, base_port: u16, w: &Workload) -> Result<FlushReport> {
+    const ME1: &str = "node01.server1-bus1";
+    const ME2: &str = "node01.server2-bus1";
+    let queue = format!("flush{}", unique_suffix()?);
+    let server = KeelServer::start_two(keel, base_port, &queue)?;
+    server.keel(&["server", "stop", "server2"])?;
+    let mut producers = Vec::with_capacity(w.producers);
+    for index in 0..w.producers {
+        let mut c = connect(&server.url, &format!("producer-{index}")).await?;
+        let sender = Sender::attach(&mut c.session, format!("p{index}"), queue.as_str())
+            .await
+            .context("attaching a sender")?;
+        producers.push((c, sender));
+    }
+    let started = std::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, (client, sender)) in producers.into_iter().enumerate() {
+        let ids = w.ids(index);
+        let w = w.clone();
+        tasks.spawn(async move {
+            let sender = Arc::new(Mutex::new(sender));
+            produce(&sender, ids, &w).await?;
+            close(client).await
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.context("producer task")??;
+    }
+    let fill_s = started.elapsed().as_secs_f64();
+    let stored = |me: &str| -> Result<u64> {
+        let info: serde_json::Value =
+            serde_json::from_str(&server.keel(&["store", "info", me, "--json"])?)
+                .context("store info JSON")?;
+        info["messages"]
+            .as_u64()
+            .context("store info has no messages")
+    };
+    ensure!(
+        stored(ME1)? == w.messages,
+        "the transmission queue should hold every message"
+    );
+
+    server.keel(&["me", "stop", ME1])?;
+    server.keel(&["server", "start", "server2"])?;
+    let log = server.profile.path().join("p/logs/server1/SystemOut.log");
+    let flush = std::time::Instant::now();
+    server.keel(&["me", "start", ME1, "--flush"])?;
+    let flush_start_ms = flush.elapsed().as_secs_f64() * 1000.0;
+    let deadline = std::time::Duration::from_secs(600);
+    let confirmed_ms = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("CWSIP0783E") {
+            break flush.elapsed().as_secs_f64() * 1000.0;
+        }
+        ensure!(
+            flush.elapsed() < deadline,
+            "no CWSIP0783E within {deadline:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    let drain_s = loop {
+        if stored(ME1)? == 0 {
+            break flush.elapsed().as_secs_f64();
+        }
+        ensure!(
+            flush.elapsed() < deadline,
+            "not drained within {deadline:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    let arrived = stored(ME2)?;
+    ensure!(
+        arrived == w.messages,
+        "{arrived} messages arrived at {ME2}, not {}",
+        w.messages
+    );
+    Ok(FlushReport {
+        messages: w.messages,
+        body_bytes: w.body_bytes,
+        fill_msgs_per_s: w.messages as f64 / fill_s,
+        flush_start_ms,
+        flush_to_cwsip0783e_ms: confirmed_ms,
+        drain_s,
+        drain_msgs_per_s: w.messages as f64 / drain_s,
+    })
+}
