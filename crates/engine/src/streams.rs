@@ -571,6 +571,9 @@ pub enum InHello {
 #[derive(Default)]
 pub struct InSource {
     seen: Option<Seen>,
+    /// Stream prefixes as last committed by `in_deliver` (a read saved per batch; every
+    /// writer of a prefix holds the source's lock and keeps this in step).
+    prefixes: HashMap<String, InState>,
 }
 
 /// Target-side entries, by source engine.
@@ -941,9 +944,11 @@ impl Messaging {
             }
         }
         let entry = self.in_entry(source);
-        let one = entry.lock().await;
+        let mut one = entry.lock().await;
         let state = self.read_in_state(source, stream_id).await?;
         if state.is_none() && flush_epoch.is_some() {
+            // Cleared first: a failed commit may still have retired them.
+            one.prefixes.clear();
             self.retire_others(source, stream_id).await?;
         }
         drop(one);
@@ -1044,7 +1049,10 @@ impl Messaging {
         // those messages again.
         let entry = self.in_entry(source);
         let mut one = entry.lock().await;
-        let stored = self.read_in_state(source, stream_id).await?;
+        let stored = match one.prefixes.get(stream_id) {
+            Some(p) => Some(p.clone()),
+            None => self.read_in_state(source, stream_id).await?,
+        };
         if stored.as_ref().is_some_and(|s| s.retired_ms.is_some()) {
             return Err(broken(
                 &self.me,
@@ -1133,8 +1141,12 @@ impl Messaging {
         let pending = super::OffersPending {
             queues: placed.iter().map(|(q, _, _)| q.clone()).collect(),
         };
+        // Until the commit answers, the cached prefix is unknown (a failed or cancelled commit
+        // may or may not have landed): the next batch reads the store.
+        one.prefixes.remove(stream_id);
         let out = self.store.commit(ops).await?;
         one.seen = Some(seen);
+        one.prefixes.insert(stream_id.to_string(), state);
         keel_core::faults::hit("bus.target_after_commit");
         assert_eq!(out.assigned_seqs.len(), placed.len());
         for ((q, mark, m), seq) in placed.into_iter().zip(out.assigned_seqs) {

@@ -40,6 +40,10 @@ use tokio_util::codec::Framed;
 /// How long a peer may take for its header and `Open` frame.
 pub const OPEN_WAIT_MS: u64 = 10_000;
 
+/// The byte stream a link runs over: a TCP socket, or a simulated one in tests.
+pub trait LinkIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> LinkIo for T {}
+
 /// One engine this server hosts, as links see it.
 struct Local {
     engine: Arc<Engine>,
@@ -106,16 +110,21 @@ impl LinkAcceptor {
         })
     }
 
-    async fn accept(&self, mut sock: TcpStream, peer: SocketAddr) {
+    async fn accept(&self, sock: TcpStream, peer: SocketAddr) {
+        if let Err(e) = harden(&sock) {
+            let why = format!("cannot set keepalive on the connection ({e})");
+            return emit!(catalog::CWSIT0004W, peer = peer, me = "unknown", why = why);
+        }
+        self.serve(sock, &peer.to_string()).await
+    }
+
+    /// Serves one accepted connection (after its socket options are set): header, `Open`,
+    /// checks, then the target side of the peer's streams until the link ends. Generic over
+    /// the byte stream so simulations can drive it over a simulated network.
+    pub async fn serve<S: LinkIo>(&self, mut sock: S, peer: &str) {
         let refuse = |me: &str, why: &str| {
             emit!(catalog::CWSIT0004W, peer = peer, me = me, why = why);
         };
-        if let Err(e) = harden(&sock) {
-            return refuse(
-                "unknown",
-                &format!("cannot set keepalive on the connection ({e})"),
-            );
-        }
         let mut head = [0u8; 8];
         let wait = Duration::from_millis(OPEN_WAIT_MS);
         match tokio::time::timeout(wait, sock.read_exact(&mut head)).await {
@@ -312,15 +321,29 @@ pub async fn keep_linked(engine: Arc<Engine>, shared_secret: Vec<u8>, peer: Peer
 
 /// One link: Err(why) if it never came up, Ok(why it ended) once it was up.
 async fn link_once(engine: &Engine, key: &[u8; 32], peer: &Peer) -> Result<String, String> {
-    let ours = engine.config();
     let wait = Duration::from_millis(CONNECT_WAIT_MS);
-    let mut sock = match tokio::time::timeout(wait, TcpStream::connect(&peer.address)).await {
+    let sock = match tokio::time::timeout(wait, TcpStream::connect(&peer.address)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(format!("cannot connect ({e})")),
         Err(_) => return Err(format!("no connection within {CONNECT_WAIT_MS} ms")),
     };
     let _ = sock.set_nodelay(true);
     harden(&sock).map_err(|e| format!("cannot set keepalive ({e})"))?;
+    source_link(engine, key, peer, sock).await
+}
+
+/// The connecting side of one link over `sock` (connected, socket options set): header,
+/// `Open`, the peer's checks and verdicts, then the source side of this engine's stream until
+/// the link ends. Err(why) if it never came up, Ok(why it ended) once it was up. Generic over
+/// the byte stream so simulations can drive it over a simulated network.
+pub async fn source_link<S: LinkIo>(
+    engine: &Engine,
+    key: &[u8; 32],
+    peer: &Peer,
+    mut sock: S,
+) -> Result<String, String> {
+    let ours = engine.config();
+    let wait = Duration::from_millis(CONNECT_WAIT_MS);
     sock.write_all(&keel_bus::link::PROTOCOL_HEADER)
         .await
         .map_err(|e| format!("cannot write ({e})"))?;
@@ -434,8 +457,8 @@ fn stream_state(st: &OutState) -> StreamState {
 }
 
 /// The peer's verdict on stream `stream_id`.
-async fn read_verdict(
-    framed: &mut Framed<TcpStream, LinkCodec>,
+async fn read_verdict<S: LinkIo>(
+    framed: &mut Framed<S, LinkCodec>,
     stream_id: &str,
 ) -> Result<VerdictParts, String> {
     let wait = Duration::from_millis(CONNECT_WAIT_MS);
@@ -518,12 +541,12 @@ async fn check_verdict(
 /// has what it acknowledged durably, so the window moves with each ack at once; removing the
 /// acknowledged rows here is left to the stream's committer (`OutStream::ack_later`), so
 /// sending never waits for it.
-async fn source_side(
+async fn source_side<S: LinkIo>(
     messaging: &Messaging,
     peer: &Peer,
     stream: &OutStream,
     from: Option<u64>,
-    framed: &mut Framed<TcpStream, LinkCodec>,
+    framed: &mut Framed<S, LinkCodec>,
 ) -> String {
     let st0 = stream.state().await;
     let stream_id = st0.stream_id.clone();
@@ -626,11 +649,11 @@ impl keel_bus::Identified for Ident {
 /// The target side of an accepted link: a verdict for each of the peer's streams, then each
 /// in-order message stored with its stream's prefix (one commit) before its ack. Ok(why the
 /// link ended), or Err(why to close it).
-async fn target_side(
+async fn target_side<S: LinkIo>(
     engine: &Engine,
     peer_me: &str,
     streams: Vec<StreamState>,
-    framed: &mut Framed<TcpStream, LinkCodec>,
+    framed: &mut Framed<S, LinkCodec>,
 ) -> Result<String, String> {
     let messaging = engine.messaging().map_err(|e| e.to_string())?;
     let ours = &engine.config().me;
@@ -730,13 +753,13 @@ async fn target_side(
 /// The target's handshake on one stream of the peer: when this engine runs a FLUSH the peer
 /// must first move the stream onto one made for it (FlushRequested, answered by `Flush`);
 /// then the verdict. Ok(Some(why)) if the peer closed the link meanwhile.
-async fn handshake(
+async fn handshake<S: LinkIo>(
     messaging: &Messaging,
     ours: &str,
     peer_me: &str,
     mut s: StreamState,
     target: &mut keel_bus::Target,
-    framed: &mut Framed<TcpStream, LinkCodec>,
+    framed: &mut Framed<S, LinkCodec>,
 ) -> Result<Option<String>, String> {
     let wait = Duration::from_millis(CONNECT_WAIT_MS);
     for _ in 0..=FLUSH_ROUNDS_MAX {
@@ -851,8 +874,8 @@ async fn store_batch(
     Ok(())
 }
 
-async fn send_all(
-    framed: &mut Framed<TcpStream, LinkCodec>,
+async fn send_all<S: LinkIo>(
+    framed: &mut Framed<S, LinkCodec>,
     replies: Vec<LinkFrame>,
 ) -> Result<(), String> {
     for r in replies {
