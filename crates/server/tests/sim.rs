@@ -150,7 +150,7 @@ fn install(sim: &mut turmoil::Sim<'_>, cfg: &Config, side: &Side, peer: &Side) {
             // A later bounce is a normal start (a pending flush continues).
             *mode.lock().unwrap() = StartMode::Normal;
             *slot.lock().unwrap() = Some(engine.clone());
-            let acceptor = Arc::new(LinkAcceptor::new(&cfg, &[engine.clone()], SECRET));
+            let acceptor = Arc::new(LinkAcceptor::new(&cfg, std::slice::from_ref(&engine), SECRET));
             let listener = turmoil::net::TcpListener::bind(("0.0.0.0", PORT)).await?;
             let key = keel_bus::auth::link_key(SECRET, BUS);
             let linker = engine.clone();
@@ -347,7 +347,7 @@ fn run(seed: u64, scenario: Scenario) {
             done.store(true, std::sync::atomic::Ordering::SeqCst);
             continue;
         }
-        if steps % 50 != 0 {
+        if !steps.is_multiple_of(50) {
             continue;
         }
         // Network stalls and crashes while the driver sends. A stall holds segments and
