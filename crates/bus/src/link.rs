@@ -1,6 +1,7 @@
 //! The wire format of ME-to-ME links on the bus port.
 //!
-//! A link starts with an 8-byte protocol header, `KEEL` then version `1 0 0 0`, so the bus port
+//! A link starts with an 8-byte protocol header, `KEEL` then version `2 0 0 0` (2: FLUSH
+//! frames; engines of another version refuse each other's links), so the bus port
 //! tells links apart from AMQP connections (`AMQP` + protocol id + version) by the first four
 //! bytes. Then frames, each:
 //!
@@ -19,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::codec::{Decoder, Encoder};
 
 /// First bytes a link sends.
-pub const PROTOCOL_HEADER: [u8; 8] = *b"KEEL\x01\x00\x00\x00";
+pub const PROTOCOL_HEADER: [u8; 8] = *b"KEEL\x02\x00\x00\x00";
 /// Largest payload of one frame: a message is bounded by the bus's max_message_bytes (at most
 /// 256 MiB); frames carry one message each.
 pub const FRAME_BYTES_MAX: usize = 256 * 1024 * 1024 + 64 * 1024;
@@ -35,6 +36,8 @@ pub struct StreamState {
     /// flush epoch). The target then retires every older stream of this source, and a target
     /// waiting for this flush counts it as confirmed.
     pub flush_epoch: Option<String>,
+    /// Of a stream made by a FLUSH: its ticks 1 ..= this are resent messages.
+    pub resend_upto: u64,
 }
 
 /// Everything that travels on a link after the header.
@@ -203,6 +206,7 @@ mod tests {
                     next_tick: 9,
                     acked: 4,
                     flush_epoch: Some("e".into()),
+                    resend_upto: 8,
                 }],
             },
             LinkFrame::Verdict {
@@ -254,6 +258,7 @@ mod tests {
                     next_tick: 3,
                     acked: 0,
                     flush_epoch: Some("e".into()),
+                    resend_upto: 2,
                 },
             },
             LinkFrame::Close {

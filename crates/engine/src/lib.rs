@@ -345,18 +345,15 @@ impl Engine {
             }
             record
         } else if info.restore_state == RestoreState::FlushPending {
-            let record = messaging::streams::pending_flush(&*store, me)
+            let record = messaging::streams::continue_flush(&*store, me, &self.cfg.peers)
                 .await
                 .map_err(flush_err)?;
             match &record {
                 Some(r) => emit!(catalog::CWSIP0111I, me = me, waiting = r.waiting_for()),
                 None => {
-                    // The record went with the last confirmation's commit; the mark did too.
-                    store
-                        .commit(vec![keel_store::Op::SetRestoreState(RestoreState::None)])
-                        .await
-                        .map_err(store_err)?;
+                    // Every peer had confirmed, or those left are no longer members.
                     info.restore_state = RestoreState::None;
+                    emit!(catalog::CWSIP0783E, me = me);
                 }
             }
             record

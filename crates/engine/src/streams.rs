@@ -76,6 +76,10 @@ pub struct OutState {
     /// The flush this stream was made for (None: not made by a FLUSH).
     #[serde(default)]
     pub flush_epoch: Option<String>,
+    /// Ticks 1 ..= this of a stream made by a FLUSH are resent messages (the old stream's
+    /// unacknowledged ones): the only ones a target may recognise as already delivered.
+    #[serde(default)]
+    pub resend_upto: u64,
 }
 
 impl OutState {
@@ -88,6 +92,7 @@ impl OutState {
             row_stream: None,
             row_base: 0,
             flush_epoch: None,
+            resend_upto: 0,
         }
     }
 
@@ -111,8 +116,10 @@ impl OutState {
             row_stream: Some(self.row_stream().to_string()),
             row_base: self.row_base + self.acked,
             flush_epoch: Some(epoch.to_string()),
+            resend_upto: self.next_tick - 1 - self.acked,
         };
         assert_eq!(new.unacked(), self.unacked(), "a flush keeps every message");
+        assert_eq!(new.resend_upto, new.next_tick - 1);
         assert_eq!(new.row_base + new.next_tick, self.row_base + self.next_tick);
         new
     }
@@ -127,6 +134,11 @@ pub struct InState {
     /// never taken again: its source announcing it means its store went back in time.
     #[serde(default)]
     pub retired_ms: Option<u64>,
+    /// The stream's resent ticks (see `OutState::resend_upto`): only these pass through the
+    /// duplicate window, so a message ID reused by mistake (a clock gone back) can never make
+    /// the target drop a new message.
+    #[serde(default)]
+    pub resend_upto: u64,
 }
 
 /// A FLUSH start of this engine not yet confirmed by every peer (DESIGN §5).
@@ -148,6 +160,14 @@ pub struct PeerFlush {
 }
 
 impl FlushRecord {
+    /// Forgets peers that are no longer members of the bus (nothing to wait for from them);
+    /// true if any went.
+    pub fn keep_only(&mut self, peers: &[(String, String)]) -> bool {
+        let before = self.peers.len();
+        self.peers.retain(|p, _| peers.iter().any(|(me, _)| me == p));
+        self.peers.len() != before
+    }
+
     pub fn is_complete(&self) -> bool {
         self.peers.values().all(|p| p.outbound && p.inbound)
     }
@@ -934,6 +954,7 @@ impl Messaging {
         source: &str,
         stream_id: &str,
         flush_epoch: Option<&str>,
+        resend_upto: u64,
     ) -> Result<InHello, MessagingError> {
         let wanted = self.flush_wanted_from(source).await;
         if let Some(epoch) = &wanted {
@@ -949,7 +970,7 @@ impl Messaging {
         if state.is_none() && flush_epoch.is_some() {
             // Cleared first: a failed commit may still have retired them.
             one.prefixes.clear();
-            self.retire_others(source, stream_id).await?;
+            self.retire_others(source, stream_id, resend_upto).await?;
         }
         drop(one);
         if wanted.is_some() {
@@ -961,7 +982,12 @@ impl Messaging {
     /// Marks every stream of `source` but `keep` retired, drops the oldest retired beyond
     /// RETIRED_MAX, and records `keep` with an empty prefix: one commit. Caller holds the
     /// source's lock.
-    async fn retire_others(&self, source: &str, keep: &str) -> Result<(), MessagingError> {
+    async fn retire_others(
+        &self,
+        source: &str,
+        keep: &str,
+        resend_upto: u64,
+    ) -> Result<(), MessagingError> {
         let prefix = format!("{source}/");
         let now = keel_core::unix_ms();
         let mut retired = Vec::new();
@@ -1003,6 +1029,7 @@ impl Messaging {
                 tick: 0,
                 identity: None,
                 retired_ms: None,
+                resend_upto,
             })
             .expect("stream state serializes"),
         });
@@ -1060,6 +1087,7 @@ impl Messaging {
                 format!("stream {stream_id} was replaced by a flush; nothing of it is taken"),
             ));
         }
+        let resend_upto = stored.as_ref().map_or(0, |p| p.resend_upto);
         let prefix = stored.map_or(0, |p| p.tick);
         if msgs[0].tick != prefix + 1 {
             return Err(broken(&self.me, source, format!(
@@ -1071,6 +1099,7 @@ impl Messaging {
             tick: last.tick,
             identity: Some(last.id.clone()),
             retired_ms: None,
+            resend_upto,
         };
         // The duplicate window: a message of the source at or below its incarnation's mark
         // was delivered before (resent after a FLUSH): it only moves the prefix.
@@ -1094,9 +1123,11 @@ impl Messaging {
             .into_iter()
             .filter(|m| match parse_system_id(&m.id) {
                 Some((uuid, inc, seq)) if Some(&uuid.to_string()) == source_uuid => {
+                    // Every delivery moves the marks; only a resent tick can be dropped.
                     let new = seen.admit(inc, seq, now);
-                    duplicates += usize::from(!new);
-                    new
+                    let drop = !new && m.tick <= resend_upto;
+                    duplicates += usize::from(drop);
+                    !drop
                 }
                 _ => true,
             })
@@ -1234,8 +1265,47 @@ pub async fn begin_flush(
     Ok((record, streams, messages))
 }
 
-/// The FLUSH a store records as waiting for peers (a normal start continues it).
-pub async fn pending_flush(
+/// The FLUSH a store records as waiting for peers, less peers that left the bus (a normal
+/// start continues it). Ok(None) when nothing is left to wait for: the completion (record
+/// deleted, restore state `none`) is committed here.
+pub async fn continue_flush(
+    store: &dyn keel_store::Store,
+    me: &str,
+    peers: &[(String, String)],
+) -> Result<Option<FlushRecord>, MessagingError> {
+    let Some(mut record) = pending_flush(store, me).await? else {
+        store
+            .commit(vec![Op::SetRestoreState(keel_store::RestoreState::None)])
+            .await?;
+        return Ok(None);
+    };
+    let changed = record.keep_only(peers);
+    if record.is_complete() {
+        store
+            .commit(vec![
+                Op::DeleteKv {
+                    space: FLUSH_KV.into(),
+                    key: FLUSH_KEY.into(),
+                },
+                Op::SetRestoreState(keel_store::RestoreState::None),
+            ])
+            .await?;
+        return Ok(None);
+    }
+    if changed {
+        store
+            .commit(vec![Op::SetKv {
+                space: FLUSH_KV.into(),
+                key: FLUSH_KEY.into(),
+                value: serde_json::to_vec(&record).expect("flush record serializes"),
+            }])
+            .await?;
+    }
+    Ok(Some(record))
+}
+
+/// The FLUSH a store records as waiting for peers.
+async fn pending_flush(
     store: &dyn keel_store::Store,
     me: &str,
 ) -> Result<Option<FlushRecord>, MessagingError> {

@@ -416,7 +416,11 @@ pub async fn source_link<S: LinkIo>(
         address = peer.address
     );
     let (kind, a, b, last, _) = verdict;
-    let from = match check_verdict(&messaging, peer, &st, (kind, a, b, last)).await {
+    let verdict = match check_verdict(&messaging, peer, &st, (kind, a, b, last)).await {
+        Ok(v) => v,
+        Err(e) => return Ok(format!("checking the peer's verdict failed ({e})")),
+    };
+    let from = match verdict {
         Ok(from) => {
             // The peer resumed a stream of ours made after any FLUSH of this engine: its
             // outbound side of that flush is confirmed.
@@ -453,6 +457,7 @@ fn stream_state(st: &OutState) -> StreamState {
         next_tick: st.next_tick,
         acked: st.acked,
         flush_epoch: st.flush_epoch.clone(),
+        resend_upto: st.resend_upto,
     }
 }
 
@@ -478,38 +483,40 @@ async fn read_verdict<S: LinkIo>(
     }
 }
 
-/// What the source does with the target's verdict: Ok(tick to send from) after acknowledging
-/// what the target already has, or Err(why the stream is held).
+/// What the source does with the target's verdict: Ok(Ok(tick to send from)) after
+/// acknowledging what the target already has, Ok(Err(why the stream is held)) when a store
+/// went back in time, or Err(why) when this side failed (a store error: the link ends and is
+/// tried again, rather than holding a stream that is fine).
 async fn check_verdict(
     messaging: &Messaging,
     peer: &Peer,
     st: &OutState,
     (kind, a, b, last): (VerdictKind, u64, u64, Option<String>),
-) -> Result<u64, String> {
+) -> Result<Result<u64, String>, String> {
     let stream_id = &st.stream_id;
     match kind {
-        VerdictKind::SourceRestored => Err(format!(
+        VerdictKind::SourceRestored => Ok(Err(format!(
             "engine {} has completed tick {a} of it but this engine's next tick is {b}: this engine's data store went back in time",
             peer.me
-        )),
-        VerdictKind::TargetRestored => Err(format!(
+        ))),
+        VerdictKind::TargetRestored => Ok(Err(format!(
             "engine {} has completed only tick {a} of it but acknowledged tick {b} before: that engine's data store went back in time",
             peer.me
-        )),
-        VerdictKind::Replaced => Err(format!(
+        ))),
+        VerdictKind::Replaced => Ok(Err(format!(
             "engine {} retired this stream when a FLUSH of this engine replaced it: this engine's data store went back in time",
             peer.me
-        )),
+        ))),
         VerdictKind::FlushRequested => Err("the peer asked for a flush once too often".into()),
         VerdictKind::Resume => {
             let from = a.max(1);
             // A resume behind what the target acknowledged, or past what was assigned, is what
             // a restored (or broken) target says: hold rather than trust it.
             if from <= st.acked || from > st.next_tick {
-                return Err(format!(
+                return Ok(Err(format!(
                     "engine {} asks to resume at tick {from}, but it acknowledged tick {} and tick {} is the next to assign",
                     peer.me, st.acked, st.next_tick
-                ));
+                )));
             }
             if from > 1 {
                 let ours = messaging
@@ -517,13 +524,13 @@ async fn check_verdict(
                     .await
                     .map_err(|e| e.to_string())?;
                 if ours.is_some() && ours != last {
-                    return Err(format!(
+                    return Ok(Err(format!(
                         "tick {} of stream {stream_id} is message {} here but {} at engine {}: the two histories forked (a store went back in time)",
                         from - 1,
                         ours.unwrap_or_default(),
                         last.unwrap_or_default(),
                         peer.me
-                    ));
+                    )));
                 }
             }
             // The target has everything before `from`.
@@ -531,7 +538,7 @@ async fn check_verdict(
                 .out_acked(&peer.me, stream_id, from - 1)
                 .await
                 .map_err(|e| e.to_string())?;
-            Ok(from)
+            Ok(Ok(from))
         }
     }
 }
@@ -596,6 +603,9 @@ async fn source_side<S: LinkIo>(
         }
         tokio::select! {
             f = framed.next() => match f {
+                Some(Ok(LinkFrame::Ack { stream_id: id, .. } | LinkFrame::Resend { stream_id: id, .. })) if id != stream_id => {
+                    return format!("the peer answered for stream {id}, not this link's stream {stream_id}");
+                }
                 Some(Ok(LinkFrame::Ack { upto, .. })) => {
                     if upto > sent_upto {
                         return format!("the peer acknowledged tick {upto}, which was not sent");
@@ -763,51 +773,77 @@ async fn handshake<S: LinkIo>(
 ) -> Result<Option<String>, String> {
     let wait = Duration::from_millis(CONNECT_WAIT_MS);
     for _ in 0..=FLUSH_ROUNDS_MAX {
-        let known = match messaging
-            .in_hello(peer_me, &s.stream_id, s.flush_epoch.as_deref())
+        let hello = keel_bus::Hello {
+            stream_id: s.stream_id.clone(),
+            next_tick: s.next_tick,
+            acked: s.acked,
+        };
+        // A source whose own store went back is held even while this engine flushes: asking
+        // it to flush would hide that (it must be FLUSH-started itself).
+        let stored = messaging
+            .in_state(peer_me, &s.stream_id)
             .await
-            .map_err(|e| e.to_string())?
-        {
-            InHello::FlushNeeded { epoch } => {
-                framed
-                    .send(LinkFrame::Verdict {
-                        stream_id: s.stream_id.clone(),
-                        kind: VerdictKind::FlushRequested,
-                        a: 0,
-                        b: 0,
-                        last_identity: None,
-                        flush_epoch: Some(epoch),
-                    })
-                    .await
-                    .map_err(|e| e.to_string())?;
-                match tokio::time::timeout(wait, framed.next()).await {
-                    Ok(Some(Ok(LinkFrame::Flush { stream }))) => {
-                        s = stream;
-                        continue;
+            .map_err(|e| e.to_string())?;
+        let mut probe = keel_bus::Target::default();
+        match &stored {
+            Some(p) if p.retired_ms.is_some() => probe.discard(&s.stream_id),
+            Some(p) => probe.restore(&s.stream_id, p.tick, p.identity.clone()),
+            None => {}
+        }
+        let source_went_back = matches!(
+            probe.on_hello(&hello),
+            keel_bus::Verdict::SourceRestored { .. } | keel_bus::Verdict::Replaced
+        );
+        let known = if source_went_back {
+            stored
+        } else {
+            match messaging
+                .in_hello(
+                    peer_me,
+                    &s.stream_id,
+                    s.flush_epoch.as_deref(),
+                    s.resend_upto,
+                )
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                InHello::FlushNeeded { epoch } => {
+                    framed
+                        .send(LinkFrame::Verdict {
+                            stream_id: s.stream_id.clone(),
+                            kind: VerdictKind::FlushRequested,
+                            a: 0,
+                            b: 0,
+                            last_identity: None,
+                            flush_epoch: Some(epoch),
+                        })
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    match tokio::time::timeout(wait, framed.next()).await {
+                        Ok(Some(Ok(LinkFrame::Flush { stream }))) => {
+                            s = stream;
+                            continue;
+                        }
+                        Ok(Some(Ok(LinkFrame::Close { reason }))) => {
+                            return Ok(Some(format!("the peer closed it ({reason})")))
+                        }
+                        Ok(None) => return Ok(Some("the peer closed the connection".into())),
+                        Ok(Some(Err(e))) => return Err(e.to_string()),
+                        Ok(Some(Ok(_))) => {
+                            return Err("a flush request was not answered by Flush".into())
+                        }
+                        Err(_) => return Err(format!("no Flush within {CONNECT_WAIT_MS} ms")),
                     }
-                    Ok(Some(Ok(LinkFrame::Close { reason }))) => {
-                        return Ok(Some(format!("the peer closed it ({reason})")))
-                    }
-                    Ok(None) => return Ok(Some("the peer closed the connection".into())),
-                    Ok(Some(Err(e))) => return Err(e.to_string()),
-                    Ok(Some(Ok(_))) => {
-                        return Err("a flush request was not answered by Flush".into())
-                    }
-                    Err(_) => return Err(format!("no Flush within {CONNECT_WAIT_MS} ms")),
                 }
+                InHello::Known(known) => known,
             }
-            InHello::Known(known) => known,
         };
         match known {
             Some(p) if p.retired_ms.is_some() => target.discard(&s.stream_id),
             Some(p) => target.restore(&s.stream_id, p.tick, p.identity),
             None => {}
         }
-        let verdict = target.on_hello(&keel_bus::Hello {
-            stream_id: s.stream_id.clone(),
-            next_tick: s.next_tick,
-            acked: s.acked,
-        });
+        let verdict = target.on_hello(&hello);
         let (kind, a, b, last_identity) = match verdict {
             keel_bus::Verdict::Resume { from, last } => (VerdictKind::Resume, from, 0, last),
             keel_bus::Verdict::SourceRestored {

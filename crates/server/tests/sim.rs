@@ -150,7 +150,11 @@ fn install(sim: &mut turmoil::Sim<'_>, cfg: &Config, side: &Side, peer: &Side) {
             // A later bounce is a normal start (a pending flush continues).
             *mode.lock().unwrap() = StartMode::Normal;
             *slot.lock().unwrap() = Some(engine.clone());
-            let acceptor = Arc::new(LinkAcceptor::new(&cfg, std::slice::from_ref(&engine), SECRET));
+            let acceptor = Arc::new(LinkAcceptor::new(
+                &cfg,
+                std::slice::from_ref(&engine),
+                SECRET,
+            ));
             let listener = turmoil::net::TcpListener::bind(("0.0.0.0", PORT)).await?;
             let key = keel_bus::auth::link_key(SECRET, BUS);
             let linker = engine.clone();
