@@ -164,7 +164,8 @@ impl FlushRecord {
     /// true if any went.
     pub fn keep_only(&mut self, peers: &[(String, String)]) -> bool {
         let before = self.peers.len();
-        self.peers.retain(|p, _| peers.iter().any(|(me, _)| me == p));
+        self.peers
+            .retain(|p, _| peers.iter().any(|(me, _)| me == p));
         self.peers.len() != before
     }
 
@@ -256,6 +257,9 @@ pub struct OutStream {
     /// (wire stream id, row stream, row base) as of the last flush, for readers that must not
     /// wait for a commit (`out_page`).
     rows: std::sync::Mutex<(String, String, u64)>,
+    /// `next_tick` as last committed, readable without waiting for a commit in progress
+    /// (the state's lock is held across commits).
+    next_tick: std::sync::atomic::AtomicU64,
     /// To the stream's committer task (bounded: senders wait when it is full).
     work: tokio::sync::mpsc::Sender<StreamWork>,
     /// Woken when new messages are on the stream.
@@ -275,6 +279,11 @@ impl OutStream {
             upto,
             reply: None,
         });
+    }
+
+    /// The next tick a message will get (every tick below it is committed).
+    pub fn next_tick(&self) -> u64 {
+        self.next_tick.load(Ordering::Acquire)
     }
 
     fn rows(&self) -> (String, String, u64) {
@@ -311,7 +320,9 @@ async fn committer(
     store: Arc<dyn keel_store::Store>,
     stream: std::sync::Weak<OutStream>,
     mut rx: tokio::sync::mpsc::Receiver<StreamWork>,
+    id_prefix: String,
 ) {
+    let mut recent = Recent::default();
     while let Some(first) = rx.recv().await {
         let mut round = vec![first];
         while round.len() < STREAM_ROUND_MAX {
@@ -358,19 +369,43 @@ async fn committer(
                     && (ops + n > keel_store::BATCH_OPS_MAX
                         || bytes + b > keel_store::BATCH_BYTES_MAX / 2)
                 {
-                    commit_sends(&*store, &stream.target, &mut st, std::mem::take(&mut chunk))
-                        .await;
+                    commit_sends(
+                        &*store,
+                        &stream.target,
+                        &mut st,
+                        std::mem::take(&mut chunk),
+                        &mut recent,
+                        &id_prefix,
+                    )
+                    .await;
                     (ops, bytes) = (1, 0);
                 }
                 ops += n;
                 bytes += b;
                 chunk.push(p);
             }
-            commit_sends(&*store, &stream.target, &mut st, chunk).await;
+            commit_sends(
+                &*store,
+                &stream.target,
+                &mut st,
+                chunk,
+                &mut recent,
+                &id_prefix,
+            )
+            .await;
+            stream.next_tick.store(st.next_tick, Ordering::Release);
             stream.notify.notify_one();
         }
         if upto > 0 || !waiting.is_empty() {
-            let r = ack(&*store, &stream.me, &stream.target, &mut st, upto).await;
+            let r = ack(
+                &*store,
+                &stream.me,
+                &stream.target,
+                &mut st,
+                upto,
+                &mut recent,
+            )
+            .await;
             for w in waiting {
                 let _ = w.send(r.as_ref().map_err(|e| e.to_string()).copied());
             }
@@ -414,6 +449,7 @@ async fn flush_one(
         new = new.stream_id
     );
     *st = new;
+    stream.next_tick.store(st.next_tick, Ordering::Release);
     *stream.rows.lock().expect("rows lock") = (
         st.stream_id.clone(),
         st.row_stream().to_string(),
@@ -428,6 +464,8 @@ async fn commit_sends(
     target: &str,
     st: &mut OutState,
     batches: Vec<PendingSend>,
+    recent: &mut Recent,
+    id_prefix: &str,
 ) {
     let mut next = st.next_tick;
     let mut ops = Vec::with_capacity(batches.iter().map(|b| b.items.len()).sum::<usize>() + 1);
@@ -458,13 +496,20 @@ async fn commit_sends(
     match store.commit(ops).await {
         Ok(out) => {
             keel_core::faults::hit("me.after_store_commit");
+            let mut row = st.next_tick + st.row_base;
             *st = new_state;
             let mut seqs = out.assigned_seqs.into_iter();
             for b in batches {
                 let mine: Vec<u64> = seqs.by_ref().take(b.items.len()).collect();
                 assert_eq!(mine.len(), b.items.len(), "one seq per message");
+                let dest = xmit_dest(target, &b.dest);
+                for seq in &mine {
+                    recent.push(row, &dest, *seq, id_prefix);
+                    row += 1;
+                }
                 let _ = b.reply.send(Ok(mine));
             }
+            assert_eq!(row, st.next_tick + st.row_base, "one row per tick");
         }
         Err(e) => {
             for b in batches {
@@ -481,6 +526,7 @@ async fn ack(
     target: &str,
     st: &mut OutState,
     upto: u64,
+    recent: &mut Recent,
 ) -> Result<(), MessagingError> {
     if upto <= st.acked {
         return Ok(());
@@ -500,9 +546,28 @@ async fn ack(
         let n = usize::try_from(upto - st.acked)
             .unwrap_or(usize::MAX)
             .min(STREAM_PAGE_MAX);
-        let rows = store
-            .by_stream(st.row_stream(), st.acked + 1 + st.row_base, n)
-            .await?;
+        let first_row = st.acked + 1 + st.row_base;
+        // From what this committer stored lately (no read of the rows and their bodies), else
+        // from the store.
+        if let Some((ops, last_id)) = recent.deletes(first_row, n) {
+            let new_state = OutState {
+                acked: st.acked + n as u64,
+                acked_identity: Some(last_id),
+                ..st.clone()
+            };
+            let mut ops = ops;
+            ops.push(Op::SetKv {
+                space: OUT_KV.into(),
+                key: target.to_string(),
+                value: serde_json::to_vec(&new_state).expect("stream state serializes"),
+            });
+            store.commit(ops).await?;
+            recent.forget_below(first_row + n as u64);
+            assert!(new_state.acked <= upto);
+            *st = new_state;
+            continue;
+        }
+        let rows = store.by_stream(st.row_stream(), first_row, n).await?;
         let last = rows.last().ok_or_else(|| {
             broken(
                 me,
@@ -537,6 +602,61 @@ async fn ack(
         *st = new_state;
     }
     Ok(())
+}
+
+/// Rows a committer stored lately, by row tick (consecutive), so that acknowledging them
+/// deletes by seq without reading the rows and their bodies back. Bounded; a gap (a restart,
+/// rows older than the bound) falls back to reading the store.
+#[derive(Default)]
+struct Recent {
+    rows: std::collections::VecDeque<(u64, String, u64, String)>,
+}
+
+/// Rows a committer remembers (about 2 MiB at most).
+const RECENT_ROWS_MAX: usize = 16_384;
+
+impl Recent {
+    fn push(&mut self, row_tick: u64, dest: &str, seq: u64, id_prefix: &str) {
+        if let Some(last) = self.rows.back() {
+            if last.0 + 1 != row_tick {
+                // Not consecutive (cannot happen while one committer assigns the ticks; a
+                // cheap guard): start over.
+                self.rows.clear();
+            }
+        }
+        if self.rows.len() == RECENT_ROWS_MAX {
+            self.rows.pop_front();
+        }
+        self.rows
+            .push_back((row_tick, dest.to_string(), seq, format!("{id_prefix}{seq}")));
+    }
+
+    /// Delete ops for the `n` rows from `first_row` on and the last one's ID, if all known.
+    fn deletes(&mut self, first_row: u64, n: usize) -> Option<(Vec<Op>, String)> {
+        self.forget_below(first_row);
+        let front = self.rows.front()?;
+        if front.0 != first_row || self.rows.len() < n {
+            return None;
+        }
+        let ops = self
+            .rows
+            .iter()
+            .take(n)
+            .map(|(_, dest, seq, _)| Op::Delete {
+                dest: dest.clone(),
+                seq: *seq,
+            })
+            .collect();
+        let last = &self.rows[n - 1];
+        debug_assert_eq!(last.0, first_row + n as u64 - 1);
+        Some((ops, last.3.clone()))
+    }
+
+    fn forget_below(&mut self, row_tick: u64) {
+        while self.rows.front().is_some_and(|r| r.0 < row_tick) {
+            self.rows.pop_front();
+        }
+    }
 }
 
 /// One sender's messages waiting for the stream's next commit.
@@ -662,11 +782,17 @@ impl Messaging {
                         state.row_stream().to_string(),
                         state.row_base,
                     )),
+                    next_tick: std::sync::atomic::AtomicU64::new(state.next_tick),
                     state: Mutex::new(state),
                     work,
                     notify: Notify::new(),
                 });
-                tokio::spawn(committer(self.store.clone(), Arc::downgrade(&stream), rx));
+                tokio::spawn(committer(
+                    self.store.clone(),
+                    Arc::downgrade(&stream),
+                    rx,
+                    format!("{}:{}:", self.uuid, self.incarnation),
+                ));
                 stream
             })
             .clone();

@@ -564,7 +564,7 @@ async fn source_side<S: LinkIo>(
     let mut sent_upto = from.map_or(peer_acked, |f| f - 1);
     loop {
         if let Some(next) = next_send.as_mut() {
-            let next_tick = stream.state().await.next_tick;
+            let next_tick = stream.next_tick();
             // At most STREAM_WINDOW unacknowledged ticks in flight.
             while *next < next_tick && next.saturating_sub(peer_acked) <= STREAM_WINDOW {
                 let room = (next_tick - *next)
