@@ -1477,6 +1477,77 @@ fn stream_message(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flush_renumbers_without_moving_rows_and_keeps_every_message() {
+        let mut st = OutState::fresh();
+        st.next_tick = 11; // ticks 1..=10 assigned
+        st.acked = 4; // 5..=10 unacknowledged
+        let f = st.flushed("e1");
+        assert_ne!(f.stream_id, st.stream_id);
+        assert_eq!((f.next_tick, f.acked, f.resend_upto), (7, 0, 6));
+        assert_eq!(f.row_stream(), st.stream_id, "rows stay where they are");
+        // Wire tick 1 of the new stream is old tick 5: row 5.
+        assert_eq!(1 + f.row_base, 5);
+        // A second flush after 2 more sends and 3 acks composes.
+        let mut g = f.clone();
+        g.next_tick = 9;
+        g.acked = 3;
+        let h = g.flushed("e2");
+        assert_eq!((h.next_tick, h.resend_upto), (6, 5));
+        assert_eq!(1 + h.row_base, 4 + 4, "old tick 8 = row 8");
+        assert_eq!(h.row_stream(), st.stream_id);
+    }
+
+    #[test]
+    fn the_duplicate_window_drops_only_what_an_incarnation_delivered() {
+        let mut seen = Seen::default();
+        assert!(seen.admit(7, 10, 1_000));
+        assert!(seen.admit(7, 11, 1_000));
+        assert!(!seen.admit(7, 11, 1_000), "redelivered");
+        assert!(!seen.admit(7, 3, 1_000), "older in the same incarnation");
+        assert!(seen.admit(8, 1, 1_000), "another incarnation has its own mark");
+        // Pruned by age: the incarnation-7 mark was last moved at 1 000.
+        seen.prune(1_000 + 500, 400);
+        assert!(seen.marks.is_empty());
+        assert!(seen.admit(7, 3, 2_000), "forgotten after the window");
+        // Pruned by count: the least recently moved go first.
+        let mut many = Seen::default();
+        for inc in 0..(SEEN_INCARNATIONS_MAX as u64 + 10) {
+            many.admit(inc, 1, inc);
+        }
+        many.prune(0, u64::MAX);
+        assert_eq!(many.marks.len(), SEEN_INCARNATIONS_MAX);
+        assert!(!many.marks.contains_key(&0) && many.marks.contains_key(&265));
+    }
+
+    #[test]
+    fn system_ids_split_into_uuid_incarnation_and_seq() {
+        let id = "0b5e0c1e-5a1d-4c38-9c0e-b3e1c0ffee00:1795625557399:42";
+        assert_eq!(
+            parse_system_id(id),
+            Some(("0b5e0c1e-5a1d-4c38-9c0e-b3e1c0ffee00", 1_795_625_557_399, 42))
+        );
+        assert_eq!(parse_system_id("app-id-7"), None);
+        assert_eq!(parse_system_id("a:b:c"), None);
+    }
+
+    #[test]
+    fn recent_rows_answer_only_consecutive_runs_from_the_first_unacknowledged() {
+        let mut r = Recent::default();
+        for t in 5..10 {
+            r.push(t, "_XMIT:x:q", 100 + t, "u:1:");
+        }
+        assert!(r.deletes(4, 2).is_none(), "row 4 is not remembered");
+        let (ops, last) = r.deletes(5, 3).unwrap();
+        assert_eq!(ops.len(), 3);
+        assert_eq!(last, "u:1:107");
+        assert!(r.deletes(6, 10).is_none(), "more than remembered");
+        r.push(20, "_XMIT:x:q", 1, "u:1:");
+        assert_eq!(r.rows.len(), 1, "a gap starts over");
+    }
+
     #[test]
     fn transmission_destinations_round_trip() {
         let x = super::xmit_dest("node01.server2-bus1", "a:b.c");
