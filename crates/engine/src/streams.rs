@@ -1345,6 +1345,22 @@ pub async fn begin_flush(
     let mut ops = Vec::new();
     let mut messages = 0;
     let outs = store.kv_scan(OUT_KV).await?;
+    // A peer this engine's store has no stream towards still gets a stream made for this
+    // flush: its target then retires whatever older streams of this engine it knows (they may
+    // come from history the restore took away), so none of them is ever taken again.
+    for (peer, _) in peers {
+        if !outs.iter().any(|(t, _)| t == peer) {
+            let new = OutState {
+                flush_epoch: Some(epoch.clone()),
+                ..OutState::fresh()
+            };
+            ops.push(Op::SetKv {
+                space: OUT_KV.into(),
+                key: peer.clone(),
+                value: serde_json::to_vec(&new).expect("stream state serializes"),
+            });
+        }
+    }
     let streams = outs.len();
     for (target, bytes) in outs {
         let st: OutState = serde_json::from_slice(&bytes).map_err(|e| {
@@ -1507,7 +1523,10 @@ mod tests {
         assert!(seen.admit(7, 11, 1_000));
         assert!(!seen.admit(7, 11, 1_000), "redelivered");
         assert!(!seen.admit(7, 3, 1_000), "older in the same incarnation");
-        assert!(seen.admit(8, 1, 1_000), "another incarnation has its own mark");
+        assert!(
+            seen.admit(8, 1, 1_000),
+            "another incarnation has its own mark"
+        );
         // Pruned by age: the incarnation-7 mark was last moved at 1 000.
         seen.prune(1_000 + 500, 400);
         assert!(seen.marks.is_empty());
@@ -1527,7 +1546,11 @@ mod tests {
         let id = "0b5e0c1e-5a1d-4c38-9c0e-b3e1c0ffee00:1795625557399:42";
         assert_eq!(
             parse_system_id(id),
-            Some(("0b5e0c1e-5a1d-4c38-9c0e-b3e1c0ffee00", 1_795_625_557_399, 42))
+            Some((
+                "0b5e0c1e-5a1d-4c38-9c0e-b3e1c0ffee00",
+                1_795_625_557_399,
+                42
+            ))
         );
         assert_eq!(parse_system_id("app-id-7"), None);
         assert_eq!(parse_system_id("a:b:c"), None);

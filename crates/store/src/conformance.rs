@@ -539,8 +539,42 @@ pub async fn incarnation_and_restore_state(b: &dyn Backend) {
         format!("{UUID}:{second}:{seq}"),
         "system ids carry the incarnation"
     );
+    // The restore state moves in a commit, with the changes that justify it, and survives a
+    // reopen; a failing batch leaves it as it was.
+    commit(
+        &*s,
+        vec![
+            Op::SetRestoreState(RestoreState::FlushPending),
+            Op::SetKv {
+                space: "streams.flush".into(),
+                key: "pending".into(),
+                value: b"{}".to_vec(),
+            },
+        ],
+    )
+    .await;
+    assert_eq!(
+        s.info().await.unwrap().restore_state,
+        RestoreState::FlushPending
+    );
+    let bad = s
+        .commit(vec![
+            Op::SetRestoreState(RestoreState::None),
+            Op::Delete {
+                dest: "Q".into(),
+                seq: 999_999,
+            },
+        ])
+        .await;
+    assert!(bad.is_err());
     let s = reopen(b, "incarnation", s).await;
     assert_eq!(s.info().await.unwrap().incarnation, second);
+    assert_eq!(
+        s.info().await.unwrap().restore_state,
+        RestoreState::FlushPending
+    );
+    commit(&*s, vec![Op::SetRestoreState(RestoreState::None)]).await;
+    assert_eq!(s.info().await.unwrap().restore_state, RestoreState::None);
     assert!(s.begin_incarnation(false).await.unwrap() > second);
     s.close().await.unwrap();
 }
