@@ -328,3 +328,52 @@ fn two_engines_restored_and_flushed_at_once() {
     q1.exactly_once("q1", (0..60).chain(100..150));
     env.ok(&["node", "stop", "--stop-servers"]);
 }
+
+/// A FLUSH interrupted by a crash at fault point `point` of `crashing` finishes after the node
+/// agent restarts that server (a normal start continues a pending flush), and every message
+/// arrives once: the pre-backup ones resent from ME1's restored transmission queue are dropped
+/// by ME2's duplicate window.
+fn a_flush_survives_a_crash_at(point: &str, crashing: &str) {
+    let env = Env::new();
+    let bus = two_engines(&env);
+    env.ok(&["server", "stop", "server2"]);
+    bus.send("server1", "q2", 0..40);
+    let backup = env.dir().join("me1.backup");
+    env.ok(&["store", "backup", ME1, "--to", backup.to_str().unwrap()]);
+    env.ok(&["server", "start", "server2"]);
+    let mut q2 = Tally::default();
+    q2.add(bus.receive("server2", "q2", 40));
+
+    env.ok(&["me", "stop", ME1]);
+    env.ok(&["store", "restore", ME1, "--from", backup.to_str().unwrap()]);
+    env.ok(&["server", "stop", crashing]);
+    let mut c = env.cmd(&["server", "start", crashing]);
+    c.env("KEEL_FAULTS", format!("{point}:crash"));
+    assert!(c.status().unwrap().success());
+    // The command may lose its server mid-way: the crash is the point.
+    let _ = env.keel(&["me", "start", ME1, "--flush"]);
+    env.wait_restarted(crashing, 1);
+    env.wait_for(Duration::from_secs(60), "CWSIP0783E", || {
+        env.log("server1").contains("CWSIP0783E").then_some(())
+    });
+    assert_eq!(restore_state(&env, ME1), "none");
+    bus.send("server1", "q2", 40..80);
+    q2.add(bus.receive("server2", "q2", 40));
+    q2.exactly_once("q2", 0..80);
+    env.ok(&["node", "stop", "--stop-servers"]);
+}
+
+#[test]
+fn a_flush_survives_a_crash_right_after_it_began() {
+    a_flush_survives_a_crash_at("bus.flush_after_begin", "server1");
+}
+
+#[test]
+fn a_flush_survives_a_crash_after_a_confirmation() {
+    a_flush_survives_a_crash_at("bus.flush_after_confirm", "server1");
+}
+
+#[test]
+fn a_flush_survives_a_crash_of_the_peer_after_it_moved_its_stream() {
+    a_flush_survives_a_crash_at("bus.source_after_flush", "server2");
+}

@@ -37,6 +37,18 @@ pub const POINTS: &[(&str, &str)] = &[
         "bus.target_after_commit",
         "a messaging engine receiving a delivery stream, after messages and the stream's prefix are durable, before the ack",
     ),
+    (
+        "bus.flush_after_begin",
+        "a messaging engine's FLUSH start, after its streams were moved and the flush recorded, before CWSIP0109I",
+    ),
+    (
+        "bus.flush_after_confirm",
+        "a messaging engine running a FLUSH, after a peer's confirmation is durable",
+    ),
+    (
+        "bus.source_after_flush",
+        "a messaging engine asked by a flushing peer to move its stream, after the new stream is durable, before it is announced",
+    ),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

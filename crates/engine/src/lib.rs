@@ -328,6 +328,7 @@ impl Engine {
                 messaging::streams::begin_flush(&*store, me, &self.cfg.peers)
                     .await
                     .map_err(flush_err)?;
+            keel_core::faults::hit("bus.flush_after_begin");
             emit!(
                 catalog::CWSIP0109I,
                 me = me,

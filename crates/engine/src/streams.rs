@@ -439,6 +439,7 @@ async fn flush_one(
             value: serde_json::to_vec(&new).expect("stream state serializes"),
         }])
         .await?;
+    keel_core::faults::hit("bus.source_after_flush");
     emit!(
         catalog::CWSIT0010I,
         stream = st.stream_id,
@@ -1028,6 +1029,7 @@ impl Messaging {
             }]
         };
         self.store.commit(ops).await?;
+        keel_core::faults::hit("bus.flush_after_confirm");
         emit!(
             catalog::CWSIP0110I,
             me = self.me,
