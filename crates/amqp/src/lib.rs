@@ -545,10 +545,11 @@ fn route(settings: &Settings, principal: &Principal, attach: &Attach) -> Result<
         .iter()
         .any(|d| d.name == dest && d.kind == keel_config::DestinationKind::Topic);
     let topic = (attach.role == Role::Receiver && is_topic).then(|| (dest.clone(), durable));
-    // A client may send to a queue on another engine of the bus (its messages travel on a
-    // delivery stream); receiving needs the queue here.
-    let remote_put = attach.role == Role::Sender && messaging.remote_queue(&dest).is_some();
-    if !is_topic && !remote_put {
+    // A client may send to and receive from a queue on another engine of the bus: its
+    // messages travel on a delivery stream (remote put), or are lent by the queue's engine
+    // over the link between the two (remote get).
+    let remote = messaging.remote_queue(&dest).is_some();
+    if !is_topic && !remote {
         // Queues and subscriptions must be served by this engine; refuse now, not per message.
         messaging
             .queue(&dest)

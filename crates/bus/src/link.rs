@@ -90,9 +90,46 @@ pub enum LinkFrame {
     Flush {
         stream: StreamState,
     },
+    /// Remote get: up to `max` messages of `queue` (a queue of the answering engine), locked
+    /// for this link until settled or the link ends.
+    Get {
+        req: u64,
+        queue: String,
+        max: u32,
+    },
+    /// The answer to `Get` (`error`: why nothing could be taken).
+    Got {
+        req: u64,
+        msgs: Vec<RemoteMessage>,
+        error: Option<String>,
+    },
+    /// Outcomes (seq, outcome code) of deliveries a `Got` handed out.
+    Settle {
+        req: u64,
+        queue: String,
+        settles: Vec<(u64, u8)>,
+    },
+    /// The answer to `Settle`: per delivery, None if settled, else why not.
+    Settled {
+        req: u64,
+        results: Vec<Option<String>>,
+        error: Option<String>,
+    },
     Close {
         reason: String,
     },
+}
+
+/// A message lent to another engine's consumer by remote get.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteMessage {
+    pub seq: u64,
+    pub id: String,
+    pub priority: u8,
+    pub reliability: u8,
+    pub delivery_count: u32,
+    pub properties: Vec<u8>,
+    pub body: Vec<u8>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -261,6 +298,34 @@ mod tests {
                     resend_upto: 2,
                 },
             },
+            LinkFrame::Get {
+                req: 1,
+                queue: "q".into(),
+                max: 16,
+            },
+            LinkFrame::Got {
+                req: 1,
+                msgs: vec![RemoteMessage {
+                    seq: 9,
+                    id: "u:1:9".into(),
+                    priority: 4,
+                    reliability: 4,
+                    delivery_count: 1,
+                    properties: b"{}".to_vec(),
+                    body: vec![1, 2],
+                }],
+                error: None,
+            },
+            LinkFrame::Settle {
+                req: 2,
+                queue: "q".into(),
+                settles: vec![(9, 0)],
+            },
+            LinkFrame::Settled {
+                req: 2,
+                results: vec![None, Some("gone".into())],
+                error: None,
+            },
             LinkFrame::Close {
                 reason: "bye".into(),
             },
@@ -323,7 +388,7 @@ mod tests {
         /// A valid frame with random payload corruption (checksum recomputed, so only the
         /// postcard decoder stands guard) decodes or errors, never panics.
         #[test]
-        fn corrupted_payloads_with_valid_checksums_never_panic(i in 0usize..9, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8)) {
+        fn corrupted_payloads_with_valid_checksums_never_panic(i in 0usize..13, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8)) {
             let mut payload = postcard::to_stdvec(&frames()[i]).unwrap();
             for (at, x) in flips {
                 let n = payload.len();

@@ -624,3 +624,72 @@ fn a_target_store_copied_back_is_caught_by_the_handshake() {
     held_messages_arrive_once(&env);
     env.ok(&["node", "stop", "--stop-servers"]);
 }
+
+#[test]
+fn consumers_on_one_server_receive_from_a_queue_on_another_engine() {
+    let env = remote_queue_env();
+    env.ok(&["server", "start", "server2"]);
+    let password = env.admin_password();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (port1, port2) = (env.bus_port("server1"), env.bus_port("server2"));
+    send_numbers(&rt, port2, &password, "q2", 0..100);
+    // Remote get: through server1, settled at server2's engine.
+    let mut got = receive_numbers(&rt, port1, &password, "q2", 100, Duration::from_secs(30));
+    got.extend(receive_numbers(
+        &rt,
+        port1,
+        &password,
+        "q2",
+        1,
+        Duration::from_secs(2),
+    ));
+    got.sort_unstable();
+    assert_eq!(got, (0..100).collect::<Vec<_>>(), "each message once");
+    let me2_messages = || {
+        let info: serde_json::Value =
+            serde_json::from_str(&env.ok(&["store", "info", "node01.server2-bus1", "--json"]))
+                .unwrap();
+        info["messages"].as_u64().unwrap()
+    };
+    env.wait_for(
+        Duration::from_secs(10),
+        "the accepted messages removed",
+        || (me2_messages() == 0).then_some(()),
+    );
+
+    // A remote consumer's server dies holding unsettled deliveries: the queue's engine gets
+    // them back when the link ends, and nothing is lost.
+    send_numbers(&rt, port2, &password, "q2", 100..150);
+    // The client connection stays open (held below) until server1 is killed: the deliveries
+    // must come back through the end of the link between the engines, not a clean release.
+    let (held, _client) = rt.block_on(async {
+        let (c, mut s) = open(port1, &password).await;
+        let mut r = Receiver::attach(&mut s, "hold", "q2").await.unwrap();
+        let mut held = 0;
+        while held < 5 {
+            if let Ok(Ok(_)) =
+                tokio::time::timeout(Duration::from_secs(10), r.recv::<Body<Value>>()).await
+            {
+                held += 1;
+            } else {
+                break;
+            }
+        }
+        (held, (c, s, r))
+    });
+    assert!(held > 0, "the remote consumer got messages");
+    let pid1 = env.status("server1")["pid"].as_u64().unwrap();
+    common::sigkill(pid1);
+    let mut rest = receive_numbers(&rt, port2, &password, "q2", 50, Duration::from_secs(30));
+    rest.extend(receive_numbers(
+        &rt,
+        port2,
+        &password,
+        "q2",
+        1,
+        Duration::from_secs(2),
+    ));
+    rest.sort_unstable();
+    assert_eq!(rest, (100..150).collect::<Vec<_>>(), "released, not lost");
+    env.ok(&["node", "stop", "--stop-servers"]);
+}

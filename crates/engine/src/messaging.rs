@@ -16,6 +16,8 @@ use keel_store::{Op, Store, StoredMessage};
 
 use crate::queue::{Entry, QueueState, RefillMark, NONPERSISTENT_MAX, REFILL_BATCH};
 
+#[path = "remote.rs"]
+pub mod remote;
 #[path = "streams.rs"]
 pub mod streams;
 
@@ -87,7 +89,7 @@ pub enum MessagingError {
     /// An error another task met and logged, passed on as its sentence.
     #[error("{0}")]
     Relayed(String),
-    #[error("destination {dest} is held by messaging engine {holder}, not {me}; receive from it on the server of {holder} (receiving from another engine's queue is not built yet; sending is)")]
+    #[error("destination {dest} is held by messaging engine {holder}, not {me}: sending and receiving work through any engine of the bus, but a transaction's work on it needs its own engine; connect to the server of {holder} for that")]
     NotHere {
         dest: String,
         me: String,
@@ -311,6 +313,8 @@ pub struct Messaging {
     duplicate_window_ms: u64,
     /// This engine's FLUSH while some peer has not confirmed it.
     flush: tokio::sync::Mutex<Option<streams::FlushRecord>>,
+    /// Links that carry remote get requests, by peer engine.
+    remote_links: remote::RemoteLinks,
     /// Queue points by destination name: configured queues, the exception destination, and
     /// one per durable subscription (`<topic>::<subscription>`), which are added at run time.
     queues: std::sync::RwLock<HashMap<String, Arc<QueuePoint>>>,
@@ -404,6 +408,7 @@ impl Messaging {
             peer_uuids: cfg.peers.iter().cloned().collect(),
             duplicate_window_ms: cfg.duplicate_window_ms,
             flush: tokio::sync::Mutex::new(flush),
+            remote_links: remote::RemoteLinks::default(),
             closed: std::sync::atomic::AtomicBool::new(false),
             stopped_tx: tokio::sync::watch::channel(false).0,
         }
@@ -683,6 +688,9 @@ impl Messaging {
         dest: &str,
         timeout: Duration,
     ) -> Result<Option<Delivery>, MessagingError> {
+        if let Some(peer) = self.remote_queue(dest).map(|d| d.me.clone()) {
+            return self.remote_receive(&peer, dest, timeout).await;
+        }
         let q = self.queue(dest)?;
         let deadline = Instant::now() + timeout;
         loop {
@@ -716,6 +724,9 @@ impl Messaging {
     ) -> Result<Vec<Delivery>, MessagingError> {
         assert!(max > 0);
         self.check_open()?;
+        if let Some(peer) = self.remote_queue(dest).map(|d| d.me.clone()) {
+            return self.remote_receive_now(&peer, dest, max).await;
+        }
         let q = self.queue(dest)?;
         self.refill(&q).await?;
         let mut taken = Vec::with_capacity(max);
@@ -768,6 +779,10 @@ impl Messaging {
         outcome: Outcome,
     ) -> Result<(), MessagingError> {
         self.check_open()?;
+        if let Some(peer) = self.remote_queue(dest).map(|d| d.me.clone()) {
+            let mut r = self.remote_settle(&peer, dest, &[(seq, outcome)]).await?;
+            return r.pop().unwrap_or(Ok(()));
+        }
         let (q, e) = self.claim(dest, seq)?;
         let plan = self.settle_plan(&q, &e, outcome);
         // Durable effect first; the in-memory change only once it committed.
@@ -791,6 +806,9 @@ impl Messaging {
         settles: &[(u64, Outcome)],
     ) -> Result<Vec<Result<(), MessagingError>>, MessagingError> {
         self.check_open()?;
+        if let Some(peer) = self.remote_queue(dest).map(|d| d.me.clone()) {
+            return self.remote_settle(&peer, dest, settles).await;
+        }
         let mut results: Vec<Option<Result<(), MessagingError>>> =
             (0..settles.len()).map(|_| None).collect();
         let mut claimed = Vec::with_capacity(settles.len());

@@ -30,8 +30,11 @@ use keel_bus::link::{check_header, LinkCodec, LinkFrame, StreamState, VerdictKin
 use keel_core::catalog;
 use keel_core::emit;
 use keel_core::unix_ms as now_ms;
+use keel_engine::messaging::remote::{
+    delivery_from, lend, outcome_code, outcome_of, RemoteRequest, REMOTE_REQUESTS_MAX,
+};
 use keel_engine::messaging::streams::{FlushSide, InHello, OutState, OutStream, StreamMessage};
-use keel_engine::messaging::Messaging;
+use keel_engine::messaging::{Delivery, Messaging};
 use keel_engine::Engine;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -443,6 +446,151 @@ pub async fn source_link<S: LinkIo>(
     Ok(source_side(&messaging, peer, &stream, from, &mut framed).await)
 }
 
+/// A remote get request sent on a link, waiting for its answer (answers come in order).
+enum Waiting {
+    Get(
+        String,
+        tokio::sync::oneshot::Sender<Result<Vec<Delivery>, String>>,
+    ),
+    Settle(tokio::sync::oneshot::Sender<Result<Vec<Result<(), String>>, String>>),
+}
+
+/// Deliveries a target engine has lent to a peer's consumers at most, over one link.
+pub const LENT_MAX: usize = 4_096;
+
+/// Deliveries lent over one link, by queue: released when the link ends.
+#[derive(Default)]
+struct Lent {
+    by_queue: HashMap<String, std::collections::BTreeSet<u64>>,
+    count: usize,
+}
+
+/// The owning engine's answer to a remote `Get`.
+async fn lend_messages(
+    messaging: &Messaging,
+    lent: &mut Lent,
+    req: u64,
+    queue: String,
+    max: u32,
+) -> LinkFrame {
+    let room = LENT_MAX.saturating_sub(lent.count);
+    let max = usize::try_from(max)
+        .unwrap_or(usize::MAX)
+        .min(room)
+        .min(DELIVER_BATCH_MAX);
+    let error = |e: String| LinkFrame::Got {
+        req,
+        msgs: Vec::new(),
+        error: Some(e),
+    };
+    if let Err(e) = messaging.queue(&queue) {
+        return error(e.to_string());
+    }
+    if max == 0 {
+        return LinkFrame::Got {
+            req,
+            msgs: Vec::new(),
+            error: None,
+        };
+    }
+    match messaging.receive_now(&queue, max).await {
+        Err(e) => error(e.to_string()),
+        Ok(ds) => {
+            let set = lent.by_queue.entry(queue).or_default();
+            let msgs = ds
+                .into_iter()
+                .map(|d| {
+                    set.insert(d.seq);
+                    let (properties, reliability) = lend(&d);
+                    keel_bus::link::RemoteMessage {
+                        seq: d.seq,
+                        id: d.id,
+                        priority: d.priority,
+                        reliability,
+                        delivery_count: d.delivery_count,
+                        properties,
+                        body: d.body,
+                    }
+                })
+                .collect::<Vec<_>>();
+            lent.count += msgs.len();
+            LinkFrame::Got {
+                req,
+                msgs,
+                error: None,
+            }
+        }
+    }
+}
+
+/// The owning engine's answer to a remote `Settle`: only deliveries lent over this link.
+async fn settle_lent(
+    messaging: &Messaging,
+    lent: &mut Lent,
+    req: u64,
+    queue: String,
+    settles: Vec<(u64, u8)>,
+) -> LinkFrame {
+    let mut results: Vec<Option<String>> = vec![None; settles.len()];
+    let mut valid = Vec::with_capacity(settles.len());
+    let mut at = Vec::with_capacity(settles.len());
+    let set = lent.by_queue.entry(queue.clone()).or_default();
+    for (i, (seq, code)) in settles.into_iter().enumerate() {
+        match outcome_of(code) {
+            Some(o) if set.remove(&seq) => {
+                valid.push((seq, o));
+                at.push(i);
+            }
+            Some(_) => {
+                results[i] = Some(format!(
+                    "delivery {seq} of {queue} was not lent to this link"
+                ))
+            }
+            None => results[i] = Some(format!("unknown outcome code {code}")),
+        }
+    }
+    lent.count -= valid.len();
+    if valid.is_empty() {
+        return LinkFrame::Settled {
+            req,
+            results,
+            error: None,
+        };
+    }
+    match messaging.settle_batch(&queue, &valid).await {
+        Ok(rs) => {
+            for (i, r) in at.into_iter().zip(rs) {
+                results[i] = r.err().map(|e| e.to_string());
+            }
+            LinkFrame::Settled {
+                req,
+                results,
+                error: None,
+            }
+        }
+        Err(e) => LinkFrame::Settled {
+            req,
+            results: Vec::new(),
+            error: Some(e.to_string()),
+        },
+    }
+}
+
+/// Gives back what was lent over a link that ended: delivered again, count unchanged.
+async fn release_lent(messaging: &Messaging, lent: Lent) {
+    for (queue, seqs) in lent.by_queue {
+        let settles: Vec<_> = seqs
+            .into_iter()
+            .map(|s| (s, keel_engine::messaging::Outcome::Released))
+            .collect();
+        for chunk in settles.chunks(DELIVER_BATCH_MAX) {
+            if let Err(e) = messaging.settle_batch(&queue, chunk).await {
+                tracing::warn!(queue = %queue, error = %e, "releasing deliveries lent over an ended link failed; they stay locked until the engine restarts");
+            }
+        }
+    }
+}
+
 /// Times a FLUSH may be requested in one handshake (each for a new epoch: several engines
 /// restored at once each ask once).
 pub const FLUSH_ROUNDS_MAX: usize = 4;
@@ -562,6 +710,11 @@ async fn source_side<S: LinkIo>(
     // Highest tick sent on this link: acks and resend requests beyond it are refused, so a
     // peer can never make this side forget messages it did not receive.
     let mut sent_upto = from.map_or(peer_acked, |f| f - 1);
+    // Remote get requests of this engine's consumers, carried on this link while it is up.
+    let mut remote_rx = messaging.attach_remote_link(&peer.me);
+    let mut remote_open = true;
+    let mut next_req: u64 = 1;
+    let mut waiting: std::collections::VecDeque<(u64, Waiting)> = Default::default();
     loop {
         if let Some(next) = next_send.as_mut() {
             let next_tick = stream.next_tick();
@@ -623,11 +776,63 @@ async fn source_side<S: LinkIo>(
                         *next = from;
                     }
                 }
+                Some(Ok(LinkFrame::Got { req, msgs, error })) => {
+                    match waiting.pop_front() {
+                        Some((r, Waiting::Get(queue, reply))) if r == req => {
+                            let _ = reply.send(match error {
+                                Some(e) => Err(e),
+                                None => Ok(msgs
+                                    .into_iter()
+                                    .map(|m| delivery_from(&queue, m.seq, m.id, m.priority, m.reliability, m.delivery_count, &m.properties, m.body))
+                                    .collect()),
+                            });
+                        }
+                        _ => return format!("the peer answered remote get request {req}, which was not the next one"),
+                    }
+                }
+                Some(Ok(LinkFrame::Settled { req, results, error })) => {
+                    match waiting.pop_front() {
+                        Some((r, Waiting::Settle(reply))) if r == req => {
+                            let _ = reply.send(match error {
+                                Some(e) => Err(e),
+                                None => Ok(results.into_iter().map(|r| r.map_or(Ok(()), Err)).collect()),
+                            });
+                        }
+                        _ => return format!("the peer answered remote settle request {req}, which was not the next one"),
+                    }
+                }
                 Some(Ok(LinkFrame::Close { reason })) => return format!("closed by the peer: {reason}"),
                 Some(Ok(_)) => return "the peer sent a frame a source does not take".into(),
                 Some(Err(e)) => return e.to_string(),
                 None => return "the peer closed the connection".into(),
             },
+            r = remote_rx.recv(), if remote_open && waiting.len() < REMOTE_REQUESTS_MAX => {
+                let Some(r) = r else {
+                    // A newer link took over the requests.
+                    remote_open = false;
+                    continue;
+                };
+                let req = next_req;
+                next_req += 1;
+                let (frame, w) = match r {
+                    RemoteRequest::Get { queue, max, reply } => (
+                        LinkFrame::Get { req, queue: queue.clone(), max },
+                        Waiting::Get(queue, reply),
+                    ),
+                    RemoteRequest::Settle { queue, settles, reply } => (
+                        LinkFrame::Settle {
+                            req,
+                            queue,
+                            settles: settles.iter().map(|(s, o)| (*s, outcome_code(*o))).collect(),
+                        },
+                        Waiting::Settle(reply),
+                    ),
+                };
+                if let Err(e) = framed.send(frame).await {
+                    return e.to_string();
+                }
+                waiting.push_back((req, w));
+            }
             _ = stream.notify.notified() => {}
             _ = messaging.stopped() => return "this engine stopped".into(),
             // A bound on how long a missed wake-up can delay sending.
@@ -666,10 +871,24 @@ async fn target_side<S: LinkIo>(
     framed: &mut Framed<S, LinkCodec>,
 ) -> Result<String, String> {
     let messaging = engine.messaging().map_err(|e| e.to_string())?;
+    let mut lent = Lent::default();
+    let r = target_loop(engine, &messaging, peer_me, streams, framed, &mut lent).await;
+    release_lent(&messaging, lent).await;
+    r
+}
+
+async fn target_loop<S: LinkIo>(
+    engine: &Engine,
+    messaging: &Messaging,
+    peer_me: &str,
+    streams: Vec<StreamState>,
+    framed: &mut Framed<S, LinkCodec>,
+    lent: &mut Lent,
+) -> Result<String, String> {
     let ours = &engine.config().me;
     let mut target = keel_bus::Target::default();
     for s in streams {
-        if let Some(why) = handshake(&messaging, ours, peer_me, s, &mut target, framed).await? {
+        if let Some(why) = handshake(messaging, ours, peer_me, s, &mut target, framed).await? {
             return Ok(why);
         }
     }
@@ -702,7 +921,7 @@ async fn target_side<S: LinkIo>(
         for frame in frames {
             match frame {
                 LinkFrame::Close { reason } => {
-                    store_batch(&messaging, peer_me, batch.take(), &mut replies).await?;
+                    store_batch(messaging, peer_me, batch.take(), &mut replies).await?;
                     send_all(framed, replies).await?;
                     return Ok(format!("the peer closed it ({reason})"));
                 }
@@ -735,7 +954,7 @@ async fn target_side<S: LinkIo>(
                             match batch.as_mut() {
                                 Some((id, msgs)) if *id == stream_id => msgs.push(m),
                                 _ => {
-                                    store_batch(&messaging, peer_me, batch.take(), &mut replies)
+                                    store_batch(messaging, peer_me, batch.take(), &mut replies)
                                         .await?;
                                     batch = Some((stream_id, vec![m]));
                                 }
@@ -752,10 +971,20 @@ async fn target_side<S: LinkIo>(
                         other => return Err(format!("unexpected protocol answer {other:?}")),
                     }
                 }
+                LinkFrame::Get { req, queue, max } => {
+                    replies.push(lend_messages(messaging, lent, req, queue, max).await);
+                }
+                LinkFrame::Settle {
+                    req,
+                    queue,
+                    settles,
+                } => {
+                    replies.push(settle_lent(messaging, lent, req, queue, settles).await);
+                }
                 _ => return Err("a frame a target does not take".into()),
             }
         }
-        store_batch(&messaging, peer_me, batch.take(), &mut replies).await?;
+        store_batch(messaging, peer_me, batch.take(), &mut replies).await?;
         send_all(framed, replies).await?;
     }
 }
