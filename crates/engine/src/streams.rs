@@ -28,8 +28,8 @@
 //! target's prefix only grows, and a retired (replaced) stream is never taken again; within
 //! one incarnation of a source, the messages it sends one target carry increasing seqs, which
 //! is what lets the duplicate window keep one high-water mark per incarnation.
-//! Deliberately absent so far: remote get, and non-persistent remote sends (every remote
-//! message is stored on the transmission queue).
+//! Deliberately absent so far: non-persistent remote sends (every remote message is stored on
+//! the transmission queue). Remote get is `remote.rs`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;

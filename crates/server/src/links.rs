@@ -16,8 +16,10 @@
 //!
 //! Delivery streams (DESIGN §5): a link carries the connecting engine's stream towards the
 //! accepting one ([`source_side`], [`target_side`]); the protocol decisions are keel-bus's, the
-//! durable state the engine's (`keel_engine::messaging::streams`). Deliberately absent so far
-//! (issue 4): FLUSH over links, remote get, the target's duplicate window.
+//! durable state the engine's (`keel_engine::messaging::streams`). FLUSH rounds run in the
+//! handshake ([`handshake`], `link_once`). Remote get rides on the same link: the connecting
+//! engine's consumers send `Get`/`Settle`, the accepting engine (the queue's) answers in order
+//! and releases what it lent when the link ends (`Lent`, at most LENT_MAX per link).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
