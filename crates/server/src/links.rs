@@ -36,7 +36,7 @@ use keel_engine::messaging::remote::{
     delivery_from, lend, outcome_code, outcome_of, RemoteRequest, REMOTE_REQUESTS_MAX,
 };
 use keel_engine::messaging::streams::{FlushSide, InHello, OutState, OutStream, StreamMessage};
-use keel_engine::messaging::{Delivery, Messaging};
+use keel_engine::messaging::{Delivery, Messaging, Outcome};
 use keel_engine::Engine;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -455,6 +455,8 @@ enum Waiting {
         tokio::sync::oneshot::Sender<Result<Vec<Delivery>, String>>,
     ),
     Settle(tokio::sync::oneshot::Sender<Result<Vec<Result<(), String>>, String>>),
+    /// A release this side sent for messages nobody wanted any more.
+    Discard,
 }
 
 /// Deliveries a target engine has lent to a peer's consumers at most, over one link.
@@ -781,19 +783,34 @@ async fn source_side<S: LinkIo>(
                 Some(Ok(LinkFrame::Got { req, msgs, error })) => {
                     match waiting.pop_front() {
                         Some((r, Waiting::Get(queue, reply))) if r == req => {
-                            let _ = reply.send(match error {
+                            let answer = match error {
                                 Some(e) => Err(e),
                                 None => Ok(msgs
                                     .into_iter()
                                     .map(|m| delivery_from(&queue, m.seq, m.id, m.priority, m.reliability, m.delivery_count, &m.properties, m.body))
-                                    .collect()),
-                            });
+                                    .collect::<Vec<_>>()),
+                            };
+                            // The consumer gave up meanwhile (its link detached): give the
+                            // messages back at once rather than leave them lent until this
+                            // link ends.
+                            if let Err(Ok(unwanted)) = reply.send(answer) {
+                                if !unwanted.is_empty() {
+                                    let req = next_req;
+                                    next_req += 1;
+                                    let settles = unwanted.iter().map(|d| (d.seq, outcome_code(Outcome::Released))).collect();
+                                    if let Err(e) = framed.send(LinkFrame::Settle { req, queue, settles }).await {
+                                        return e.to_string();
+                                    }
+                                    waiting.push_back((req, Waiting::Discard));
+                                }
+                            }
                         }
                         _ => return format!("the peer answered remote get request {req}, which was not the next one"),
                     }
                 }
                 Some(Ok(LinkFrame::Settled { req, results, error })) => {
                     match waiting.pop_front() {
+                        Some((r, Waiting::Discard)) if r == req => {}
                         Some((r, Waiting::Settle(reply))) if r == req => {
                             let _ = reply.send(match error {
                                 Some(e) => Err(e),

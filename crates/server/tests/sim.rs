@@ -10,7 +10,8 @@
 //! - nothing arrives twice, nothing arrives that was not sent, and a message whose send failed
 //!   ambiguously (a crash mid-commit) arrives at most once.
 //!
-//! `KEEL_SIM_SEEDS=N` runs N seeds per scenario (default 4); a failure names its seed.
+//! `KEEL_SIM_SEEDS=N` runs N seeds per scenario (default 8, as CI runs them); a failure names
+//! its seed. By hand: `KEEL_SIM_SEEDS=150 cargo test -p keel-server --test sim -- --nocapture`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -473,7 +474,7 @@ fn seeds() -> u64 {
     std::env::var("KEEL_SIM_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(4)
+        .unwrap_or(8)
 }
 
 #[test]
