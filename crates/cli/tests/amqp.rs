@@ -693,3 +693,54 @@ fn consumers_on_one_server_receive_from_a_queue_on_another_engine() {
     assert_eq!(rest, (100..150).collect::<Vec<_>>(), "released, not lost");
     env.ok(&["node", "stop", "--stop-servers"]);
 }
+
+#[test]
+fn remote_put_and_remote_get_share_a_link_under_load_with_large_messages() {
+    // Producers and a consumer both on server1 for q2 on server2: data frames flow one way and
+    // lent messages (256 KiB each) the other way on the same link at the same time.
+    let env = remote_queue_env();
+    env.ok(&["server", "start", "server2"]);
+    let password = env.admin_password();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let port1 = env.bus_port("server1");
+    const N: u64 = 200;
+    let got = rt.block_on(async {
+        let producer = async {
+            let (mut c, mut s) = open(port1, &password).await;
+            let mut snd = Sender::attach(&mut s, "big-p", "q2").await.unwrap();
+            for n in 0..N {
+                let o = snd
+                    .send(numbers::numbered_sized(n, 256 * 1024))
+                    .await
+                    .unwrap();
+                assert!(matches!(o, Outcome::Accepted(_)), "{o:?}");
+            }
+            let _ = snd.close().await;
+            let _ = s.end().await;
+            let _ = c.close().await;
+        };
+        let consumer = async {
+            let (mut c, mut s) = open(port1, &password).await;
+            let mut r = Receiver::attach(&mut s, "big-c", "q2").await.unwrap();
+            let mut got = Vec::new();
+            while got.len() < N as usize {
+                match tokio::time::timeout(Duration::from_secs(60), r.recv::<Body<Value>>()).await {
+                    Ok(Ok(d)) => {
+                        got.push(n_of(d.message()));
+                        r.accept(&d).await.unwrap();
+                    }
+                    _ => break,
+                }
+            }
+            let _ = r.close().await;
+            let _ = s.end().await;
+            let _ = c.close().await;
+            got
+        };
+        tokio::join!(producer, consumer).1
+    });
+    let mut got = got;
+    got.sort_unstable();
+    assert_eq!(got, (0..N).collect::<Vec<_>>(), "each message once");
+    env.ok(&["node", "stop", "--stop-servers"]);
+}

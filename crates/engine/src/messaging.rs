@@ -725,7 +725,8 @@ impl Messaging {
         assert!(max > 0);
         self.check_open()?;
         if let Some(peer) = self.remote_queue(dest).map(|d| d.me.clone()) {
-            return self.remote_receive_now(&peer, dest, max).await;
+            let wait = Duration::from_millis(remote::REMOTE_WAIT_MS);
+            return self.remote_receive_now(&peer, dest, max, wait).await;
         }
         let q = self.queue(dest)?;
         self.refill(&q).await?;

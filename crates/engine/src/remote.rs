@@ -19,8 +19,12 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{Delivery, Messaging, MessagingError, Outcome};
 
-/// Requests queued towards one link before callers wait.
-pub const REMOTE_REQUESTS_MAX: usize = 256;
+/// Requests queued towards one link, and sent on it unanswered, before callers wait. Bounds
+/// what a link's reader may have to hold: answers to these, each at most GOT_BYTES_MAX.
+pub const REMOTE_REQUESTS_MAX: usize = 64;
+/// Bytes of message bodies and properties one `Got` answer carries at most (at least one
+/// message, whatever its size).
+pub const GOT_BYTES_MAX: usize = 1024 * 1024;
 /// How long one request may wait for the owning engine's answer.
 pub const REMOTE_WAIT_MS: u64 = 10_000;
 /// A waiting remote consumer looks again after this long, doubling up to REMOTE_POLL_MAX_MS.
@@ -41,11 +45,17 @@ pub enum RemoteRequest {
     },
 }
 
-/// Remote links by peer engine (registered by the link while it is up).
-#[derive(Default)]
+/// Remote links by peer engine (registered by the link while it is up), and the next loan.
 pub struct RemoteLinks(
     std::sync::Mutex<std::collections::HashMap<String, mpsc::Sender<RemoteRequest>>>,
+    std::sync::atomic::AtomicU64,
 );
+
+impl Default for RemoteLinks {
+    fn default() -> Self {
+        RemoteLinks(Default::default(), std::sync::atomic::AtomicU64::new(1))
+    }
+}
 
 /// Outcomes on the wire.
 pub fn outcome_code(o: Outcome) -> u8 {
@@ -68,6 +78,14 @@ pub fn outcome_of(code: u8) -> Option<Outcome> {
 }
 
 impl Messaging {
+    /// A number for a remote delivery as this engine's consumers see it (its `seq`), unique
+    /// for the engine's run, so a settle always names one loan of one link.
+    pub fn next_loan(&self) -> u64 {
+        self.remote_links
+            .1
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Registers the link towards `peer` that carries remote get requests; returns the
     /// receiving end the link serves. A newer link replaces an older one.
     pub fn attach_remote_link(&self, peer: &str) -> mpsc::Receiver<RemoteRequest> {
@@ -98,38 +116,58 @@ impl Messaging {
         }
     }
 
-    /// One request to `peer`; Ok(None) when there is no link to it now.
-    async fn remote_ask<T>(
+    /// One request to `peer` within `wait` (queueing included); Ok(None) when there is no
+    /// link to it now, or no answer came in time for a caller that may simply look again.
+    async fn remote_ask<T: Unanswered>(
         &self,
         peer: &str,
+        wait: Duration,
         make: impl FnOnce(oneshot::Sender<Result<T, String>>) -> RemoteRequest,
     ) -> Result<Option<T>, MessagingError> {
         let Some(tx) = self.remote_link(peer) else {
             return Ok(None);
         };
+        let deadline = tokio::time::Instant::now() + wait;
         let (reply, answer) = oneshot::channel();
-        if tx.send(make(reply)).await.is_err() {
-            return Ok(None);
+        match tokio::time::timeout_at(deadline, tx.send(make(reply))).await {
+            Ok(Ok(())) => {}
+            // The link ended, or it is saturated: nothing was asked.
+            Ok(Err(_)) | Err(_) => return Ok(None),
         }
-        match tokio::time::timeout(Duration::from_millis(REMOTE_WAIT_MS), answer).await {
+        // If this future is dropped or times out after the answer came, what it brought is
+        // given back (`Unanswered::give_back`), never left lent.
+        let mut guard = AnswerGuard {
+            answer: Some(answer),
+            link: tx,
+        };
+        let answer = guard.answer.as_mut().expect("set above");
+        let got = tokio::time::timeout_at(deadline, answer).await;
+        if got.is_ok() {
+            // Read: nothing left for the guard. (After a timeout it looks once more as it
+            // drops; an answer later than that fails to arrive and the link gives it back.)
+            guard.answer = None;
+        }
+        match got {
             Ok(Ok(Ok(v))) => Ok(Some(v)),
             Ok(Ok(Err(why))) => Err(self.unreachable(peer, &why)),
             // The link ended with the request: as if there were no link.
             Ok(Err(_)) => Ok(None),
-            Err(_) => Err(self.unreachable(peer, "no answer in time")),
+            Err(_) => T::late(self, peer),
         }
     }
 
-    /// Up to `max` messages of remote queue `dest` (on engine `peer`), not waiting.
+    /// Up to `max` messages of remote queue `dest` (on engine `peer`), not waiting for
+    /// messages (at most `wait` for the answer).
     pub(crate) async fn remote_receive_now(
         &self,
         peer: &str,
         dest: &str,
         max: usize,
+        wait: Duration,
     ) -> Result<Vec<Delivery>, MessagingError> {
         let max = u32::try_from(max).unwrap_or(u32::MAX);
         Ok(self
-            .remote_ask(peer, |reply| RemoteRequest::Get {
+            .remote_ask(peer, wait, |reply| RemoteRequest::Get {
                 queue: dest.to_string(),
                 max,
                 reply,
@@ -149,7 +187,14 @@ impl Messaging {
         let mut pause_ms = REMOTE_POLL_FIRST_MS;
         loop {
             self.check_open()?;
-            if let Some(d) = self.remote_receive_now(peer, dest, 1).await?.pop() {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let wait = left.max(Duration::from_millis(REMOTE_POLL_MAX_MS));
+            let mut got = self.remote_receive_now(peer, dest, 1, wait).await?;
+            assert!(
+                got.len() <= 1,
+                "the link checks answers against the request"
+            );
+            if let Some(d) = got.pop() {
                 return Ok(Some(d));
             }
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -169,10 +214,12 @@ impl Messaging {
         settles: &[(u64, Outcome)],
     ) -> Result<Vec<Result<(), MessagingError>>, MessagingError> {
         let answer = self
-            .remote_ask(peer, |reply| RemoteRequest::Settle {
-                queue: dest.to_string(),
-                settles: settles.to_vec(),
-                reply,
+            .remote_ask(peer, Duration::from_millis(REMOTE_WAIT_MS), |reply| {
+                RemoteRequest::Settle {
+                    queue: dest.to_string(),
+                    settles: settles.to_vec(),
+                    reply,
+                }
             })
             .await?;
         let Some(results) = answer else {
@@ -186,6 +233,62 @@ impl Messaging {
             .into_iter()
             .map(|r| r.map_err(MessagingError::Relayed))
             .collect())
+    }
+}
+
+/// What to do with an answer nobody waits for any more.
+trait Unanswered: Sized {
+    /// Hands what the answer brought back to the queue's engine (through the link).
+    fn give_back(self, link: &mpsc::Sender<RemoteRequest>);
+    /// The caller's result when no answer came in time.
+    fn late(m: &Messaging, peer: &str) -> Result<Option<Self>, MessagingError>;
+}
+
+impl Unanswered for Vec<Delivery> {
+    fn give_back(self, link: &mpsc::Sender<RemoteRequest>) {
+        let Some(queue) = self.first().map(|d| d.dest.clone()) else {
+            return;
+        };
+        let (reply, _) = oneshot::channel();
+        // Best effort without waiting: if the link is gone or full, the queue's engine
+        // releases them when the link ends.
+        let _ = link.try_send(RemoteRequest::Settle {
+            queue,
+            settles: self.iter().map(|d| (d.seq, Outcome::Released)).collect(),
+            reply,
+        });
+    }
+
+    fn late(_: &Messaging, _: &str) -> Result<Option<Self>, MessagingError> {
+        // A receiver looks again; the late answer is given back by the guard.
+        Ok(None)
+    }
+}
+
+impl Unanswered for Vec<Result<(), String>> {
+    fn give_back(self, _: &mpsc::Sender<RemoteRequest>) {}
+
+    fn late(m: &Messaging, peer: &str) -> Result<Option<Self>, MessagingError> {
+        Err(m.unreachable(
+            peer,
+            "no answer to a settle in time; it may or may not have been applied",
+        ))
+    }
+}
+
+/// Gives back an answer that arrived for a request whose caller went away.
+struct AnswerGuard<T: Unanswered> {
+    answer: Option<oneshot::Receiver<Result<T, String>>>,
+    link: mpsc::Sender<RemoteRequest>,
+}
+
+impl<T: Unanswered> Drop for AnswerGuard<T> {
+    fn drop(&mut self) {
+        if let Some(mut answer) = self.answer.take() {
+            if let Ok(Ok(v)) = answer.try_recv() {
+                v.give_back(&self.link);
+            }
+        }
     }
 }
 

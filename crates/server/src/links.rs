@@ -33,7 +33,8 @@ use keel_core::catalog;
 use keel_core::emit;
 use keel_core::unix_ms as now_ms;
 use keel_engine::messaging::remote::{
-    delivery_from, lend, outcome_code, outcome_of, RemoteRequest, REMOTE_REQUESTS_MAX,
+    delivery_from, lend, outcome_code, outcome_of, RemoteRequest, GOT_BYTES_MAX,
+    REMOTE_REQUESTS_MAX,
 };
 use keel_engine::messaging::streams::{FlushSide, InHello, OutState, OutStream, StreamMessage};
 use keel_engine::messaging::{Delivery, Messaging, Outcome};
@@ -450,11 +451,18 @@ pub async fn source_link<S: LinkIo>(
 
 /// A remote get request sent on a link, waiting for its answer (answers come in order).
 enum Waiting {
+    /// Queue, messages asked for, the consumer's reply.
     Get(
         String,
+        u32,
         tokio::sync::oneshot::Sender<Result<Vec<Delivery>, String>>,
     ),
-    Settle(tokio::sync::oneshot::Sender<Result<Vec<Result<(), String>>, String>>),
+    /// Settles asked, the positions of those sent (known loans), the reply.
+    Settle(
+        usize,
+        Vec<usize>,
+        tokio::sync::oneshot::Sender<Result<Vec<Result<(), String>>, String>>,
+    ),
     /// A release this side sent for messages nobody wanted any more.
     Discard,
 }
@@ -497,33 +505,56 @@ async fn lend_messages(
             error: None,
         };
     }
-    match messaging.receive_now(&queue, max).await {
-        Err(e) => error(e.to_string()),
-        Ok(ds) => {
-            let set = lent.by_queue.entry(queue).or_default();
-            let msgs = ds
-                .into_iter()
-                .map(|d| {
-                    set.insert(d.seq);
-                    let (properties, reliability) = lend(&d);
-                    keel_bus::link::RemoteMessage {
-                        seq: d.seq,
-                        id: d.id,
-                        priority: d.priority,
-                        reliability,
-                        delivery_count: d.delivery_count,
-                        properties,
-                        body: d.body,
+    // Taken a few at a time, up to GOT_BYTES_MAX (at least one message): one answer stays
+    // within a frame and within what the peer's reader holds.
+    let mut ds = Vec::new();
+    let mut bytes = 0usize;
+    while ds.len() < max && bytes < GOT_BYTES_MAX {
+        let step = (max - ds.len()).min(8);
+        match messaging.receive_now(&queue, step).await {
+            Err(e) if ds.is_empty() => return error(e.to_string()),
+            Err(_) => break,
+            Ok(more) if more.is_empty() => break,
+            Ok(more) => {
+                for d in more {
+                    if bytes >= GOT_BYTES_MAX {
+                        // Over the budget: back at once, delivered again (count unchanged).
+                        let _ = messaging
+                            .settle_batch(
+                                &queue,
+                                &[(d.seq, keel_engine::messaging::Outcome::Released)],
+                            )
+                            .await;
+                        continue;
                     }
-                })
-                .collect::<Vec<_>>();
-            lent.count += msgs.len();
-            LinkFrame::Got {
-                req,
-                msgs,
-                error: None,
+                    bytes += d.body.len() + 256;
+                    ds.push(d);
+                }
             }
         }
+    }
+    let set = lent.by_queue.entry(queue).or_default();
+    let msgs = ds
+        .into_iter()
+        .map(|d| {
+            set.insert(d.seq);
+            let (properties, reliability) = lend(&d);
+            keel_bus::link::RemoteMessage {
+                seq: d.seq,
+                id: d.id,
+                priority: d.priority,
+                reliability,
+                delivery_count: d.delivery_count,
+                properties,
+                body: d.body,
+            }
+        })
+        .collect::<Vec<_>>();
+    lent.count += msgs.len();
+    LinkFrame::Got {
+        req,
+        msgs,
+        error: None,
     }
 }
 
@@ -538,7 +569,8 @@ async fn settle_lent(
     let mut results: Vec<Option<String>> = vec![None; settles.len()];
     let mut valid = Vec::with_capacity(settles.len());
     let mut at = Vec::with_capacity(settles.len());
-    let set = lent.by_queue.entry(queue.clone()).or_default();
+    let mut none = std::collections::BTreeSet::new();
+    let set = lent.by_queue.get_mut(&queue).unwrap_or(&mut none);
     for (i, (seq, code)) in settles.into_iter().enumerate() {
         match outcome_of(code) {
             Some(o) if set.remove(&seq) => {
@@ -572,11 +604,20 @@ async fn settle_lent(
                 error: None,
             }
         }
-        Err(e) => LinkFrame::Settled {
-            req,
-            results: Vec::new(),
-            error: Some(e.to_string()),
-        },
+        Err(e) => {
+            // Nothing was settled (the engine stopped or its store failed): they stay lent, so
+            // the end of the link still releases them.
+            let set = lent.by_queue.entry(queue).or_default();
+            for (seq, _) in &valid {
+                set.insert(*seq);
+            }
+            lent.count += valid.len();
+            LinkFrame::Settled {
+                req,
+                results: Vec::new(),
+                error: Some(e.to_string()),
+            }
+        }
     }
 }
 
@@ -707,6 +748,46 @@ async fn source_side<S: LinkIo>(
     from: Option<u64>,
     framed: &mut Framed<S, LinkCodec>,
 ) -> String {
+    // The peer's frames are read all the time, also while this side writes: the peer may be
+    // writing (acks, remote get answers with message bodies) while it does not read, and two
+    // sides that only write would wait for each other forever. What is read waits in a
+    // channel bounded by what the protocol lets the peer have outstanding: an ack per window
+    // of ticks and an answer per remote request (REMOTE_REQUESTS_MAX, each bounded by
+    // GOT_BYTES_MAX).
+    let (mut sink, mut source) = StreamExt::split(framed);
+    let (inbound_tx, mut inbound) = tokio::sync::mpsc::channel(INBOUND_FRAMES_MAX);
+    let reader = async move {
+        while let Some(f) = source.next().await {
+            if inbound_tx.send(f).await.is_err() {
+                break;
+            }
+        }
+    };
+    let writer = source_loop(messaging, peer, stream, from, &mut sink, &mut inbound);
+    tokio::pin!(reader, writer);
+    let mut reading = true;
+    loop {
+        tokio::select! {
+            why = &mut writer => return why,
+            _ = &mut reader, if reading => reading = false,
+        }
+    }
+}
+
+/// Frames read ahead on a source link (see `source_side`).
+const INBOUND_FRAMES_MAX: usize = 2 * STREAM_WINDOW as usize + REMOTE_REQUESTS_MAX;
+
+type LinkSink<'a, S> = futures_util::stream::SplitSink<&'a mut Framed<S, LinkCodec>, LinkFrame>;
+type Inbound = tokio::sync::mpsc::Receiver<Result<LinkFrame, keel_bus::link::LinkError>>;
+
+async fn source_loop<S: LinkIo>(
+    messaging: &Messaging,
+    peer: &Peer,
+    stream: &OutStream,
+    from: Option<u64>,
+    framed: &mut LinkSink<'_, S>,
+    inbound: &mut Inbound,
+) -> String {
     let st0 = stream.state().await;
     let stream_id = st0.stream_id.clone();
     let mut peer_acked = st0.acked;
@@ -719,6 +800,10 @@ async fn source_side<S: LinkIo>(
     let mut remote_open = true;
     let mut next_req: u64 = 1;
     let mut waiting: std::collections::VecDeque<(u64, Waiting)> = Default::default();
+    // Deliveries lent over this link, by the loan number this engine's consumer sees as the
+    // delivery's seq: a settle names a loan of this link, never a seq the queue's engine may
+    // have lent again over a later link.
+    let mut loans: HashMap<u64, u64> = HashMap::new();
     loop {
         if let Some(next) = next_send.as_mut() {
             let next_tick = stream.next_tick();
@@ -759,7 +844,7 @@ async fn source_side<S: LinkIo>(
             }
         }
         tokio::select! {
-            f = framed.next() => match f {
+            f = inbound.recv() => match f {
                 Some(Ok(LinkFrame::Ack { stream_id: id, .. } | LinkFrame::Resend { stream_id: id, .. })) if id != stream_id => {
                     return format!("the peer answered for stream {id}, not this link's stream {stream_id}");
                 }
@@ -782,12 +867,19 @@ async fn source_side<S: LinkIo>(
                 }
                 Some(Ok(LinkFrame::Got { req, msgs, error })) => {
                     match waiting.pop_front() {
-                        Some((r, Waiting::Get(queue, reply))) if r == req => {
+                        Some((r, Waiting::Get(queue, max, reply))) if r == req => {
+                            if msgs.len() > usize::try_from(max).unwrap_or(usize::MAX) {
+                                return format!("the peer answered remote get request {req} with {} messages, more than the {max} asked for", msgs.len());
+                            }
                             let answer = match error {
                                 Some(e) => Err(e),
                                 None => Ok(msgs
                                     .into_iter()
-                                    .map(|m| delivery_from(&queue, m.seq, m.id, m.priority, m.reliability, m.delivery_count, &m.properties, m.body))
+                                    .map(|m| {
+                                        let loan = messaging.next_loan();
+                                        loans.insert(loan, m.seq);
+                                        delivery_from(&queue, loan, m.id, m.priority, m.reliability, m.delivery_count, &m.properties, m.body)
+                                    })
                                     .collect::<Vec<_>>()),
                             };
                             // The consumer gave up meanwhile (its link detached): give the
@@ -797,7 +889,11 @@ async fn source_side<S: LinkIo>(
                                 if !unwanted.is_empty() {
                                     let req = next_req;
                                     next_req += 1;
-                                    let settles = unwanted.iter().map(|d| (d.seq, outcome_code(Outcome::Released))).collect();
+                                    let settles = unwanted
+                                        .iter()
+                                        .filter_map(|d| loans.remove(&d.seq))
+                                        .map(|seq| (seq, outcome_code(Outcome::Released)))
+                                        .collect();
                                     if let Err(e) = framed.send(LinkFrame::Settle { req, queue, settles }).await {
                                         return e.to_string();
                                     }
@@ -811,10 +907,19 @@ async fn source_side<S: LinkIo>(
                 Some(Ok(LinkFrame::Settled { req, results, error })) => {
                     match waiting.pop_front() {
                         Some((r, Waiting::Discard)) if r == req => {}
-                        Some((r, Waiting::Settle(reply))) if r == req => {
+                        Some((r, Waiting::Settle(asked, at, reply))) if r == req => {
+                            if error.is_none() && results.len() != at.len() {
+                                return format!("the peer answered remote settle request {req} with {} results for {} deliveries", results.len(), at.len());
+                            }
                             let _ = reply.send(match error {
                                 Some(e) => Err(e),
-                                None => Ok(results.into_iter().map(|r| r.map_or(Ok(()), Err)).collect()),
+                                None => {
+                                    let mut all: Vec<Result<(), String>> = vec![Err("lent over a link that has ended: the queue's engine released it, and delivers it again".to_string()); asked];
+                                    for (i, r) in at.into_iter().zip(results) {
+                                        all[i] = r.map_or(Ok(()), Err);
+                                    }
+                                    Ok(all)
+                                }
                             });
                         }
                         _ => return format!("the peer answered remote settle request {req}, which was not the next one"),
@@ -836,16 +941,24 @@ async fn source_side<S: LinkIo>(
                 let (frame, w) = match r {
                     RemoteRequest::Get { queue, max, reply } => (
                         LinkFrame::Get { req, queue: queue.clone(), max },
-                        Waiting::Get(queue, reply),
+                        Waiting::Get(queue, max, reply),
                     ),
-                    RemoteRequest::Settle { queue, settles, reply } => (
-                        LinkFrame::Settle {
-                            req,
-                            queue,
-                            settles: settles.iter().map(|(s, o)| (*s, outcome_code(*o))).collect(),
-                        },
-                        Waiting::Settle(reply),
-                    ),
+                    RemoteRequest::Settle { queue, settles, reply } => {
+                        // Loans of an earlier link are refused here: the queue's engine
+                        // released them when that link ended.
+                        let mut known = Vec::with_capacity(settles.len());
+                        let mut at = Vec::with_capacity(settles.len());
+                        for (i, (loan, o)) in settles.iter().enumerate() {
+                            if let Some(seq) = loans.remove(loan) {
+                                known.push((seq, outcome_code(*o)));
+                                at.push(i);
+                            }
+                        }
+                        (
+                            LinkFrame::Settle { req, queue, settles: known },
+                            Waiting::Settle(settles.len(), at, reply),
+                        )
+                    }
                 };
                 if let Err(e) = framed.send(frame).await {
                     return e.to_string();

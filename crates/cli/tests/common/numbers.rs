@@ -12,6 +12,11 @@ use fe2o3_amqp::types::primitives::{SimpleValue, Value};
 use fe2o3_amqp::{Receiver, Sender, Session};
 
 pub fn numbered(n: u64) -> Message<Body<Value>> {
+    numbered_sized(n, 1024)
+}
+
+/// A numbered message with a body of `body_bytes`.
+pub fn numbered_sized(n: u64, body_bytes: usize) -> Message<Body<Value>> {
     let mut props = fe2o3_amqp::types::primitives::OrderedMap::new();
     props.insert("n".to_string(), SimpleValue::Ulong(n));
     Message::builder()
@@ -21,7 +26,7 @@ pub fn numbered(n: u64) -> Message<Body<Value>> {
         })
         .application_properties(ApplicationProperties(props))
         .body(Body::Data(fe2o3_amqp::types::messaging::Batch::new(vec![
-            fe2o3_amqp::types::messaging::Data(vec![7u8; 1024].into()),
+            fe2o3_amqp::types::messaging::Data(vec![7u8; body_bytes].into()),
         ])))
         .build()
 }
