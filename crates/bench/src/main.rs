@@ -129,6 +129,31 @@ enum What {
     },
 }
 
+/// The keel binary and the producers-only workload of `scale` and `flush`.
+#[cfg(feature = "peers")]
+fn fill_workload(
+    keel: Option<PathBuf>,
+    producers: usize,
+    messages: u64,
+    body_bytes: usize,
+) -> Result<(PathBuf, peers::Workload)> {
+    let keel = keel.map_or_else(peers::default_keel_binary, Ok)?;
+    let w = peers::Workload {
+        producers,
+        consumers: 1,
+        messages,
+        body_bytes,
+        inflight_per_producer: 256,
+    };
+    Ok((keel, w))
+}
+
+#[cfg(feature = "peers")]
+fn print_json(report: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(report)?);
+    Ok(())
+}
+
 fn main() -> Result<()> {
     match Cli::parse().what {
         What::Engine {
@@ -197,18 +222,9 @@ fn main() -> Result<()> {
             keel,
             keel_base_port,
         } => {
-            let keel = keel.map_or_else(peers::default_keel_binary, Ok)?;
-            let w = peers::Workload {
-                producers,
-                consumers: 1,
-                messages,
-                body_bytes,
-                inflight_per_producer: 256,
-            };
+            let (keel, w) = fill_workload(keel, producers, messages, body_bytes)?;
             let rt = tokio::runtime::Runtime::new()?;
-            let report = rt.block_on(peers::run_scale(&keel, keel_base_port, &w))?;
-            println!("{}", serde_json::to_string_pretty(&report)?);
-            Ok(())
+            print_json(&rt.block_on(peers::run_scale(&keel, keel_base_port, &w))?)
         }
         #[cfg(feature = "peers")]
         What::Flush {
@@ -218,18 +234,9 @@ fn main() -> Result<()> {
             keel,
             keel_base_port,
         } => {
-            let keel = keel.map_or_else(peers::default_keel_binary, Ok)?;
-            let w = peers::Workload {
-                producers,
-                consumers: 1,
-                messages,
-                body_bytes,
-                inflight_per_producer: 256,
-            };
+            let (keel, w) = fill_workload(keel, producers, messages, body_bytes)?;
             let rt = tokio::runtime::Runtime::new()?;
-            let report = rt.block_on(peers::run_flush(&keel, keel_base_port, &w))?;
-            println!("{}", serde_json::to_string_pretty(&report)?);
-            Ok(())
+            print_json(&rt.block_on(peers::run_flush(&keel, keel_base_port, &w))?)
         }
         #[cfg(not(feature = "peers"))]
         What::Flush { .. } => bail!(

@@ -13,7 +13,7 @@ use common::Env;
 use fe2o3_amqp::types::messaging::{Body, Outcome};
 use fe2o3_amqp::types::primitives::Value;
 use fe2o3_amqp::{Receiver, Sender};
-use numbers::{drain_numbers, n_of, numbered, open, receive_numbers, send_numbers};
+use numbers::{drain_numbers, n_of, numbered, open, receive_every, receive_numbers, send_numbers};
 
 const ME: &str = "node01.server1-bus1";
 
@@ -466,17 +466,7 @@ fn delivery_streams_survive_crashes_of_either_engine_without_loss_or_duplicates(
     common::sigkill(pid1);
     env.wait_restarted("server1", 1);
     let port2 = env.bus_port("server2");
-    let mut got = receive_numbers(&rt, port2, &password, "q2", 600, Duration::from_secs(60));
-    // Anything late would be a duplicate: look once more.
-    got.extend(receive_numbers(
-        &rt,
-        port2,
-        &password,
-        "q2",
-        1,
-        Duration::from_secs(2),
-    ));
-    got.sort_unstable();
+    let got = receive_every(&rt, port2, &password, "q2", 600, Duration::from_secs(60));
     assert_eq!(
         got,
         (0..600).collect::<Vec<_>>(),
@@ -580,16 +570,7 @@ fn held_messages_arrive_once(env: &Env) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let password = env.admin_password();
     let port2 = env.bus_port("server2");
-    let mut got = receive_numbers(&rt, port2, &password, "q2", 10, Duration::from_secs(30));
-    got.extend(receive_numbers(
-        &rt,
-        port2,
-        &password,
-        "q2",
-        1,
-        Duration::from_secs(2),
-    ));
-    got.sort_unstable();
+    let got = receive_every(&rt, port2, &password, "q2", 10, Duration::from_secs(30));
     assert_eq!(got, (50..60).collect::<Vec<_>>(), "each held message once");
 }
 
@@ -634,16 +615,7 @@ fn consumers_on_one_server_receive_from_a_queue_on_another_engine() {
     let (port1, port2) = (env.bus_port("server1"), env.bus_port("server2"));
     send_numbers(&rt, port2, &password, "q2", 0..100);
     // Remote get: through server1, settled at server2's engine.
-    let mut got = receive_numbers(&rt, port1, &password, "q2", 100, Duration::from_secs(30));
-    got.extend(receive_numbers(
-        &rt,
-        port1,
-        &password,
-        "q2",
-        1,
-        Duration::from_secs(2),
-    ));
-    got.sort_unstable();
+    let got = receive_every(&rt, port1, &password, "q2", 100, Duration::from_secs(30));
     assert_eq!(got, (0..100).collect::<Vec<_>>(), "each message once");
     let me2_messages = || {
         let info: serde_json::Value =
@@ -680,16 +652,7 @@ fn consumers_on_one_server_receive_from_a_queue_on_another_engine() {
     assert!(held > 0, "the remote consumer got messages");
     let pid1 = env.status("server1")["pid"].as_u64().unwrap();
     common::sigkill(pid1);
-    let mut rest = receive_numbers(&rt, port2, &password, "q2", 50, Duration::from_secs(30));
-    rest.extend(receive_numbers(
-        &rt,
-        port2,
-        &password,
-        "q2",
-        1,
-        Duration::from_secs(2),
-    ));
-    rest.sort_unstable();
+    let rest = receive_every(&rt, port2, &password, "q2", 50, Duration::from_secs(30));
     assert_eq!(rest, (100..150).collect::<Vec<_>>(), "released, not lost");
     env.ok(&["node", "stop", "--stop-servers"]);
 }

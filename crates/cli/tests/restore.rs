@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::Env;
-use numbers::{receive_numbers, send_numbers};
+use numbers::{receive_every, send_numbers};
 
 const ME1: &str = "node01.server1-bus1";
 const ME2: &str = "node01.server2-bus1";
@@ -76,17 +76,7 @@ impl Bus<'_> {
     fn receive(&self, server: &str, dest: &str, want: usize) -> Vec<u64> {
         let port = self.env.bus_port(server);
         let limit = Duration::from_secs(30);
-        let mut got = receive_numbers(&self.rt, port, &self.password, dest, want, limit);
-        let late = Duration::from_secs(2);
-        got.extend(receive_numbers(
-            &self.rt,
-            port,
-            &self.password,
-            dest,
-            1,
-            late,
-        ));
-        got
+        receive_every(&self.rt, port, &self.password, dest, want, limit)
     }
 }
 

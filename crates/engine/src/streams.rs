@@ -904,6 +904,20 @@ impl Messaging {
         stream_id: &str,
         upto: u64,
     ) -> Result<(), MessagingError> {
+        self.ask_committer(target, |reply| StreamWork::Ack {
+            stream_id: stream_id.to_string(),
+            upto,
+            reply: Some(reply),
+        })
+        .await
+    }
+
+    /// Hands the stream's committer one work item and waits for its answer.
+    async fn ask_committer<T>(
+        &self,
+        target: &str,
+        make: impl FnOnce(tokio::sync::oneshot::Sender<Result<T, String>>) -> StreamWork,
+    ) -> Result<T, MessagingError> {
         let stream = self.out_stream(target).await?;
         let (reply, done) = tokio::sync::oneshot::channel();
         let closed = || {
@@ -911,15 +925,7 @@ impl Messaging {
                 me: self.me.clone(),
             }))
         };
-        stream
-            .work
-            .send(StreamWork::Ack {
-                stream_id: stream_id.to_string(),
-                upto,
-                reply: Some(reply),
-            })
-            .await
-            .map_err(|_| closed())?;
+        stream.work.send(make(reply)).await.map_err(|_| closed())?;
         done.await
             .map_err(|_| closed())?
             .map_err(MessagingError::Relayed)
@@ -954,24 +960,11 @@ impl Messaging {
     /// messages become ticks 1 .. of the new stream, in order; messages sent from now on
     /// follow them.
     pub async fn out_flush(&self, target: &str, epoch: &str) -> Result<OutState, MessagingError> {
-        let stream = self.out_stream(target).await?;
-        let (reply, done) = tokio::sync::oneshot::channel();
-        let closed = || {
-            MessagingError::Store(Box::new(keel_store::StoreError::Closed {
-                me: self.me.clone(),
-            }))
-        };
-        stream
-            .work
-            .send(StreamWork::Flush {
-                epoch: epoch.to_string(),
-                reply,
-            })
-            .await
-            .map_err(|_| closed())?;
-        done.await
-            .map_err(|_| closed())?
-            .map_err(MessagingError::Relayed)
+        self.ask_committer(target, |reply| StreamWork::Flush {
+            epoch: epoch.to_string(),
+            reply,
+        })
+        .await
     }
 
     /// The flush this engine runs, if a peer has not confirmed it yet.

@@ -312,17 +312,13 @@ fn status_kib(pid: u64, field: &str) -> Result<u64> {
         .with_context(|| format!("{field} of process {pid}"))
 }
 
-/// Fills one queue with `w.messages` assured persistent messages over AMQP (the server's
-/// memory stays bounded: messages page to disk), restarts the server and times how soon it is
-/// open and hands out the first message.
-pub async fn run_scale(keel: &Path, base_port: u16, w: &Workload) -> Result<ScaleReport> {
-    let queue = format!("scale{}", unique_suffix()?);
-    let server = KeelServer::start(keel, base_port, &queue)?;
-    let pid = server_pid(&server)?;
+/// Puts `w.messages` on `queue` through the server at `url` with `w.producers` producers;
+/// returns the seconds it took.
+async fn fill(url: &str, queue: &str, w: &Workload) -> Result<f64> {
     let mut producers = Vec::with_capacity(w.producers);
     for index in 0..w.producers {
-        let mut c = connect(&server.url, &format!("producer-{index}")).await?;
-        let sender = Sender::attach(&mut c.session, format!("p{index}"), queue.as_str())
+        let mut c = connect(url, &format!("producer-{index}")).await?;
+        let sender = Sender::attach(&mut c.session, format!("p{index}"), queue)
             .await
             .context("attaching a sender")?;
         producers.push((c, sender));
@@ -341,7 +337,17 @@ pub async fn run_scale(keel: &Path, base_port: u16, w: &Workload) -> Result<Scal
     while let Some(done) = tasks.join_next().await {
         done.context("producer task")??;
     }
-    let fill_s = started.elapsed().as_secs_f64();
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// Fills one queue with `w.messages` assured persistent messages over AMQP (the server's
+/// memory stays bounded: messages page to disk), restarts the server and times how soon it is
+/// open and hands out the first message.
+pub async fn run_scale(keel: &Path, base_port: u16, w: &Workload) -> Result<ScaleReport> {
+    let queue = format!("scale{}", unique_suffix()?);
+    let server = KeelServer::start(keel, base_port, &queue)?;
+    let pid = server_pid(&server)?;
+    let fill_s = fill(&server.url, &queue, w).await?;
     let peak_kib = status_kib(pid, "VmHWM:")?;
 
     server.keel(&["server", "stop", "server1"])?;
@@ -411,29 +417,7 @@ pub async fn run_flush(keel: &Path, base_port: u16, w: &Workload) -> Result<Flus
     let queue = format!("flush{}", unique_suffix()?);
     let server = KeelServer::start_two(keel, base_port, &queue)?;
     server.keel(&["server", "stop", "server2"])?;
-    let mut producers = Vec::with_capacity(w.producers);
-    for index in 0..w.producers {
-        let mut c = connect(&server.url, &format!("producer-{index}")).await?;
-        let sender = Sender::attach(&mut c.session, format!("p{index}"), queue.as_str())
-            .await
-            .context("attaching a sender")?;
-        producers.push((c, sender));
-    }
-    let started = std::time::Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for (index, (client, sender)) in producers.into_iter().enumerate() {
-        let ids = w.ids(index);
-        let w = w.clone();
-        tasks.spawn(async move {
-            let sender = Arc::new(Mutex::new(sender));
-            produce(&sender, ids, &w).await?;
-            close(client).await
-        });
-    }
-    while let Some(done) = tasks.join_next().await {
-        done.context("producer task")??;
-    }
-    let fill_s = started.elapsed().as_secs_f64();
+    let fill_s = fill(&server.url, &queue, w).await?;
     let stored = |me: &str| -> Result<u64> {
         let info: serde_json::Value =
             serde_json::from_str(&server.keel(&["store", "info", me, "--json"])?)

@@ -117,3 +117,26 @@ pub fn receive_numbers(
         got
     })
 }
+
+/// Receives until `want` arrived (or `limit` passed), then for 2 s more (anything late would be
+/// a duplicate); the numbers, sorted.
+pub fn receive_every(
+    rt: &tokio::runtime::Runtime,
+    port: u16,
+    password: &str,
+    dest: &str,
+    want: usize,
+    limit: Duration,
+) -> Vec<u64> {
+    let mut got = receive_numbers(rt, port, password, dest, want, limit);
+    got.extend(receive_numbers(
+        rt,
+        port,
+        password,
+        dest,
+        1,
+        Duration::from_secs(2),
+    ));
+    got.sort_unstable();
+    got
+}
