@@ -27,6 +27,7 @@ use serde_json::{json, Value};
 mod engine_bench;
 #[cfg(feature = "peers")]
 mod peers;
+mod tx_bench;
 
 #[derive(Parser)]
 #[command(about = "Keel benchmarks")]
@@ -50,6 +51,15 @@ enum What {
         /// Keep the store here instead of a temp directory.
         #[arg(long)]
         dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Two-phase commit with two in-process resources and the forced tranlog (group commit).
+    Tx {
+        #[arg(long, default_value_t = 200_000)]
+        transactions: u64,
+        #[arg(long, default_value_t = 512)]
+        concurrency: u64,
         #[arg(long)]
         json: bool,
     },
@@ -171,6 +181,11 @@ fn main() -> Result<()> {
             dir,
             json,
         }),
+        What::Tx {
+            transactions,
+            concurrency,
+            json,
+        } => tx_bench::run(transactions, concurrency.max(1), json),
         What::Foundation {
             keel,
             cycles,

@@ -46,6 +46,18 @@ pub const POINTS: &[(&str, &str)] = &[
         "a messaging engine running a FLUSH, after a peer's confirmation is durable",
     ),
     (
+        "tx.after_prepare",
+        "the transaction coordinator, after every branch of a transaction prepared, before the commit decision is logged",
+    ),
+    (
+        "tx.after_decision",
+        "the transaction coordinator, after the commit decision is forced to the tranlog, before any branch commits",
+    ),
+    (
+        "tx.mid_commit",
+        "the transaction coordinator, after the first branch committed, before the next",
+    ),
+    (
         "bus.source_after_flush",
         "a messaging engine asked by a flushing peer to move its stream, after the new stream is durable, before it is announced",
     ),

@@ -514,12 +514,18 @@ impl RecoveryLog {
         let closed = || LogError::Closed {
             dir: self.dir.clone(),
         };
-        // The channel is bounded: a caller waits (on a blocking thread) when it is full.
-        let tx = self.tx.clone();
-        tokio::task::spawn_blocking(move || tx.send(Request::Write { ops, force, reply }))
-            .await
-            .map_err(|_| closed())?
-            .map_err(|_| closed())?;
+        // The channel is bounded: when it is full a caller waits, on a blocking thread.
+        match self.tx.try_send(Request::Write { ops, force, reply }) {
+            Ok(()) => {}
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return Err(closed()),
+            Err(std::sync::mpsc::TrySendError::Full(r)) => {
+                let tx = self.tx.clone();
+                tokio::task::spawn_blocking(move || tx.send(r))
+                    .await
+                    .map_err(|_| closed())?
+                    .map_err(|_| closed())?;
+            }
+        }
         answer.await.map_err(|_| closed())?
     }
 }

@@ -1,0 +1,412 @@
+//! Two-phase commit over XA-style resources (DESIGN §6), with presumed abort.
+//!
+//! - One resource (or one left after read-only votes): one-phase commit, no log write.
+//! - Several: prepare all (concurrently); any refusal or failure rolls every branch back and
+//!   nothing is logged (presumed abort: a prepared branch without a commit record is rolled
+//!   back by recovery). All prepared: the commit decision is put in the tranlog and *forced*
+//!   (group commit with every transaction deciding at the same moment), then each branch is
+//!   committed, then the record is removed (not forced: a record left behind only makes
+//!   recovery commit a branch again, which a resource answers as "not found").
+//! - Recovery ([`Coordinator::recover`]): every resource is asked for its prepared branches of
+//!   this coordinator (Keel's format ID and this server's recovery identity); those with a
+//!   commit record are committed, the rest rolled back; a decision whose branches are all done
+//!   leaves the log.
+//!
+//! XIDs: format ID [`KEEL_FORMAT_ID`]; global id = recovery identity, the coordinator's
+//! incarnation (Unix ms at its start: unique across restarts) and a sequence number; branch
+//! qualifier = the branch's index. So recovery only ever touches its own branches.
+//!
+//! Deliberately absent so far: transaction timeouts, heuristic outcomes, resources other than
+//! in-process ones (PostgreSQL, MariaDB, messaging engines come next), the partnerlog.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::log::{LogError, Op, RecoveryLog};
+
+/// "KEEL".
+pub const KEEL_FORMAT_ID: i32 = 0x4B45_454C;
+/// Longest recovery identity (XA allows 64 bytes of global id; 16 go to the numbers).
+pub const RECOVERY_ID_BYTES_MAX: usize = 48;
+
+/// An XA transaction branch identifier.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Xid {
+    pub format_id: i32,
+    pub gtrid: Vec<u8>,
+    pub bqual: Vec<u8>,
+}
+
+impl Xid {
+    /// The (incarnation, sequence) of a Keel XID of recovery identity `recovery_id`, if it is one.
+    pub fn keel_tx(&self, recovery_id: &str) -> Option<(u64, u64)> {
+        if self.format_id != KEEL_FORMAT_ID {
+            return None;
+        }
+        let rest = self.gtrid.strip_prefix(recovery_id.as_bytes())?;
+        let rest: [u8; 16] = rest.try_into().ok()?;
+        Some((
+            u64::from_be_bytes(rest[..8].try_into().expect("8 bytes")),
+            u64::from_be_bytes(rest[8..].try_into().expect("8 bytes")),
+        ))
+    }
+}
+
+impl std::fmt::Display for Xid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:08x}:", self.format_id)?;
+        for b in &self.gtrid {
+            write!(f, "{b:02x}")?;
+        }
+        f.write_str(":")?;
+        for b in &self.bqual {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A branch's answer to prepare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vote {
+    /// Prepared: it will commit or roll back as told, even after a crash.
+    Commit,
+    /// Nothing to commit: the branch is finished and takes no part in phase two.
+    ReadOnly,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("resource {resource}: {detail}")]
+pub struct ResourceError {
+    pub resource: String,
+    pub detail: String,
+    /// The branch is unknown to the resource (already committed or rolled back).
+    pub not_found: bool,
+}
+
+pub type ResourceFuture<'a, T> =
+    Pin<Box<dyn Future<Output = Result<T, ResourceError>> + Send + 'a>>;
+
+/// An XA-style resource: a database or a messaging engine taking part in transactions.
+pub trait Resource: Send + Sync {
+    /// Its configuration name (what the partnerlog and messages name; never a password).
+    fn name(&self) -> &str;
+    fn prepare<'a>(&'a self, xid: &'a Xid) -> ResourceFuture<'a, Vote>;
+    /// `one_phase`: no prepare came first (the only branch).
+    fn commit<'a>(&'a self, xid: &'a Xid, one_phase: bool) -> ResourceFuture<'a, ()>;
+    fn rollback<'a>(&'a self, xid: &'a Xid) -> ResourceFuture<'a, ()>;
+    /// Its prepared branches (of every coordinator: the caller picks its own).
+    fn recover(&self) -> ResourceFuture<'_, Vec<Xid>>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TxError {
+    #[error("transaction {xid} rolled back: {cause}")]
+    RolledBack { xid: String, cause: String },
+    #[error(
+        "transaction {xid}: the commit decision could not be logged, so it rolled back: {source}"
+    )]
+    Log {
+        xid: String,
+        #[source]
+        source: LogError,
+    },
+    #[error("transaction {xid} committed, but {pending} branch(es) could not be told yet ({cause}); recovery commits them")]
+    CommitPending {
+        xid: String,
+        pending: usize,
+        cause: String,
+    },
+}
+
+/// What the tranlog holds for a decided transaction: its branches by resource.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Decision {
+    branches: Vec<(String, Xid)>,
+}
+
+/// One global transaction: its branches, one per resource enlisted.
+pub struct Transaction {
+    gtrid: Vec<u8>,
+    id: u64,
+    branches: Vec<(Arc<dyn Resource>, Xid)>,
+}
+
+impl Transaction {
+    /// Enlists `resource`; returns the XID its branch must use.
+    pub fn enlist(&mut self, resource: Arc<dyn Resource>) -> Xid {
+        let xid = Xid {
+            format_id: KEEL_FORMAT_ID,
+            gtrid: self.gtrid.clone(),
+            bqual: (self.branches.len() as u32).to_be_bytes().to_vec(),
+        };
+        self.branches.push((resource, xid.clone()));
+        xid
+    }
+
+    /// The global id, for messages.
+    pub fn name(&self) -> String {
+        Xid {
+            format_id: KEEL_FORMAT_ID,
+            gtrid: self.gtrid.clone(),
+            bqual: Vec::new(),
+        }
+        .to_string()
+    }
+}
+
+/// The transaction coordinator of one server.
+pub struct Coordinator {
+    recovery_id: String,
+    incarnation: u64,
+    next: AtomicU64,
+    log: RecoveryLog,
+}
+
+/// What recovery did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Recovered {
+    pub committed: usize,
+    pub rolled_back: usize,
+    /// Decisions still waiting for an unreachable resource.
+    pub pending: usize,
+}
+
+impl Coordinator {
+    /// `recovery_id`: this server's identity in XIDs (e.g. `cell/node/server`); `incarnation`:
+    /// at least the previous start's (Unix ms is what servers use).
+    pub fn new(recovery_id: &str, incarnation: u64, log: RecoveryLog) -> Coordinator {
+        assert!(
+            !recovery_id.is_empty() && recovery_id.len() <= RECOVERY_ID_BYTES_MAX,
+            "a recovery identity of 1 to {RECOVERY_ID_BYTES_MAX} bytes"
+        );
+        Coordinator {
+            recovery_id: recovery_id.to_string(),
+            incarnation,
+            next: AtomicU64::new(1),
+            log,
+        }
+    }
+
+    pub fn begin(&self) -> Transaction {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut gtrid = self.recovery_id.as_bytes().to_vec();
+        gtrid.extend_from_slice(&self.incarnation.to_be_bytes());
+        gtrid.extend_from_slice(&id.to_be_bytes());
+        Transaction {
+            gtrid,
+            id,
+            branches: Vec::new(),
+        }
+    }
+
+    /// Commits `tx` (see the module docs).
+    pub async fn commit(&self, tx: Transaction) -> Result<(), TxError> {
+        let name = tx.name();
+        match tx.branches.len() {
+            0 => return Ok(()),
+            1 => {
+                let (r, xid) = &tx.branches[0];
+                return r.commit(xid, true).await.map_err(|e| TxError::RolledBack {
+                    xid: name,
+                    cause: e.to_string(),
+                });
+            }
+            _ => {}
+        }
+        let votes = futures_join(tx.branches.iter().map(|(r, xid)| r.prepare(xid))).await;
+        if let Some(e) = votes.iter().find_map(|v| v.as_ref().err()) {
+            let cause = e.to_string();
+            self.rollback_all(&tx, &votes).await;
+            return Err(TxError::RolledBack { xid: name, cause });
+        }
+        let voters: Vec<&(Arc<dyn Resource>, Xid)> = tx
+            .branches
+            .iter()
+            .zip(&votes)
+            .filter(|(_, v)| matches!(v, Ok(Vote::Commit)))
+            .map(|(b, _)| b)
+            .collect();
+        match voters.len() {
+            0 => return Ok(()),
+            // The only voter left: its commit is the decision; a crash before it is a rollback
+            // nobody was told otherwise of.
+            1 => {
+                let (r, xid) = voters[0];
+                return r.commit(xid, false).await.map_err(|e| TxError::RolledBack {
+                    xid: name,
+                    cause: e.to_string(),
+                });
+            }
+            _ => {}
+        }
+        keel_core::faults::hit("tx.after_prepare");
+        let decision = Decision {
+            branches: voters
+                .iter()
+                .map(|(r, xid)| (r.name().to_string(), xid.clone()))
+                .collect(),
+        };
+        let data = postcard::to_stdvec(&decision).expect("decisions encode");
+        if let Err(source) = self
+            .log
+            .write(vec![Op::Put { id: tx.id, data }], true)
+            .await
+        {
+            self.rollback_all(&tx, &votes).await;
+            return Err(TxError::Log { xid: name, source });
+        }
+        keel_core::faults::hit("tx.after_decision");
+        let mut failed = Vec::new();
+        for (i, (r, xid)) in voters.iter().enumerate() {
+            if i > 0 {
+                keel_core::faults::hit("tx.mid_commit");
+            }
+            if let Err(e) = r.commit(xid, false).await {
+                if !e.not_found {
+                    failed.push(e);
+                }
+            }
+        }
+        if let Some(e) = failed.first() {
+            // The decision stays logged: recovery (or a retry) finishes the branches.
+            return Err(TxError::CommitPending {
+                xid: name,
+                pending: failed.len(),
+                cause: e.to_string(),
+            });
+        }
+        // Not forced: a record left by a crash only makes recovery commit again.
+        let _ = self.log.write(vec![Op::Remove { id: tx.id }], false).await;
+        Ok(())
+    }
+
+    /// Rolls back `tx` (nothing was logged for it).
+    pub async fn rollback(&self, tx: Transaction) -> Result<(), TxError> {
+        let name = tx.name();
+        let results = futures_join(tx.branches.iter().map(|(r, xid)| r.rollback(xid))).await;
+        match results.into_iter().find_map(Result::err) {
+            Some(e) if !e.not_found => Err(TxError::RolledBack {
+                xid: name,
+                cause: format!(
+                    "a branch did not confirm its rollback ({e}); recovery rolls it back"
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    async fn rollback_all(&self, tx: &Transaction, votes: &[Result<Vote, ResourceError>]) {
+        let to_undo = tx
+            .branches
+            .iter()
+            .zip(votes)
+            .filter(|(_, v)| !matches!(v, Ok(Vote::ReadOnly)))
+            .map(|((r, xid), _)| r.rollback(xid));
+        // A branch that does not answer stays prepared; recovery rolls it back (no record).
+        let _ = futures_join(to_undo).await;
+    }
+
+    /// Finishes what the log and `resources` hold in doubt for this coordinator's recovery
+    /// identity: logged decisions committed, other prepared branches rolled back. `live`: the
+    /// tranlog's records as read when it was opened.
+    pub async fn recover(
+        &self,
+        live: &std::collections::BTreeMap<u64, Vec<u8>>,
+        resources: &[Arc<dyn Resource>],
+    ) -> Result<Recovered, LogError> {
+        let mut out = Recovered::default();
+        let mut decisions: Vec<(u64, Decision)> = Vec::new();
+        for (id, data) in live {
+            let d: Decision = postcard::from_bytes(data).map_err(|e| LogError::Corrupt {
+                file: std::path::PathBuf::from("tranlog"),
+                offset: 0,
+                detail: format!("decision record {id} does not decode ({e})"),
+            })?;
+            decisions.push((*id, d));
+        }
+        let committed: std::collections::HashSet<&Xid> = decisions
+            .iter()
+            .flat_map(|(_, d)| d.branches.iter().map(|(_, x)| x))
+            .collect();
+        let mut unreachable = std::collections::HashSet::new();
+        let mut answered = std::collections::HashSet::new();
+        for r in resources {
+            let prepared = match r.recover().await {
+                Ok(p) => p,
+                Err(_) => {
+                    unreachable.insert(r.name().to_string());
+                    continue;
+                }
+            };
+            answered.insert(r.name().to_string());
+            for xid in prepared {
+                if xid.keel_tx(&self.recovery_id).is_none() {
+                    continue; // another coordinator's
+                }
+                let r2 = if committed.contains(&xid) {
+                    out.committed += 1;
+                    r.commit(&xid, false).await
+                } else {
+                    out.rolled_back += 1;
+                    r.rollback(&xid).await
+                };
+                if let Err(e) = r2 {
+                    if !e.not_found {
+                        unreachable.insert(r.name().to_string());
+                    }
+                }
+            }
+        }
+        // Decisions whose resources all answered (and took their outcome) are done; one whose
+        // resource was not asked at all (not configured now) stays, for an operator to see.
+        let mut done = Vec::new();
+        for (id, d) in &decisions {
+            if d.branches
+                .iter()
+                .any(|(name, _)| unreachable.contains(name) || !answered.contains(name))
+            {
+                out.pending += 1;
+            } else {
+                done.push(Op::Remove { id: *id });
+            }
+        }
+        if !done.is_empty() {
+            self.log.write(done, true).await?;
+        }
+        Ok(out)
+    }
+}
+
+/// Runs futures concurrently and returns their outputs in order.
+async fn futures_join<T, F: Future<Output = T>>(futs: impl IntoIterator<Item = F>) -> Vec<T> {
+    let mut set: Vec<Pin<Box<F>>> = futs.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<T>> = (0..set.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in set.iter_mut().enumerate() {
+            if out[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => out[i] = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter()
+        .map(|v| v.expect("every future finished"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;
