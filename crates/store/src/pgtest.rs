@@ -97,7 +97,7 @@ impl Cluster {
             ],
         );
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=50",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=50 -c max_prepared_transactions=64",
             c.port,
             c.socket_dir.display()
         );

@@ -8,3 +8,4 @@
 
 pub mod coordinator;
 pub mod log;
+pub mod pg;
