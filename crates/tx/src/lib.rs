@@ -8,4 +8,5 @@
 
 pub mod coordinator;
 pub mod log;
+pub mod mariadb;
 pub mod pg;

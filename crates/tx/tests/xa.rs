@@ -1,0 +1,303 @@
+//! The transaction service over PostgreSQL and MariaDB together, each a throwaway server
+//! started here (PostgreSQL with `max_prepared_transactions`, MariaDB 10.5+ whose prepared XA
+//! branches survive their connection): a transaction updates a row in PostgreSQL and inserts one
+//! in MariaDB; a child process crashes (KEEL_FAULTS abort) after the decision, between the two
+//! commits, or after preparing; recovery in a new coordinator makes the outcome atomic: committed
+//! in both when the decision was logged, rolled back in both before it, and the locks are gone.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+
+use keel_store::pgtest::{pg_bin, Cluster};
+use keel_tx::coordinator::{Coordinator, Resource};
+use keel_tx::log::RecoveryLog;
+use keel_tx::mariadb::MariaDbResource;
+use keel_tx::pg::PgResource;
+use mysql_async::prelude::Queryable;
+
+const ID: &str = "cell/node01/server1";
+
+/// A throwaway MariaDB server, killed on drop.
+struct Maria {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Maria {
+    fn start() -> Maria {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let out = Command::new("mariadb-install-db")
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .args([
+                "--user=root",
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+            ])
+            .output()
+            .expect("mariadb-install-db (MariaDB is installed)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = free_port();
+        let child = Command::new("mariadbd")
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--socket={}", dir.path().join("sock").display()))
+            .arg(format!("--port={port}"))
+            .args([
+                "--bind-address=127.0.0.1",
+                "--user=root",
+                "--skip-log-bin",
+                "--innodb-buffer-pool-size=16M",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mariadbd");
+        let m = Maria {
+            child,
+            port,
+            _dir: dir,
+        };
+        for _ in 0..300 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return m;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("MariaDB did not start");
+    }
+
+    fn url(&self, db: &str) -> String {
+        format!("mysql://root@127.0.0.1:{}/{db}", self.port)
+    }
+}
+
+impl Drop for Maria {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    (0..2000u16)
+        .map(|i| 15_000 + (std::process::id() as u16 % 2000 + i * 7) % 4000)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port")
+}
+
+async fn pg(
+    url: &str,
+    statements: &str,
+) -> Result<Vec<tokio_postgres::SimpleQueryMessage>, tokio_postgres::Error> {
+    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    c.simple_query(statements).await
+}
+
+async fn pg_value(url: &str, query: &str) -> String {
+    pg(url, query)
+        .await
+        .unwrap()
+        .into_iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("").to_string()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+async fn maria(url: &str, statements: &str) -> Result<Vec<mysql_async::Row>, mysql_async::Error> {
+    let mut c = mysql_async::Conn::new(mysql_async::Opts::from_url(url).unwrap()).await?;
+    let r = c.query(statements).await;
+    let _ = c.disconnect().await;
+    r
+}
+
+struct Resources {
+    pg: Arc<PgResource>,
+    maria: Arc<MariaDbResource>,
+}
+
+impl Resources {
+    fn new(pg_url: &str, maria_url: &str) -> Resources {
+        Resources {
+            pg: Arc::new(PgResource::new("orders-pg", pg_url)),
+            maria: Arc::new(MariaDbResource::new("audit-maria", maria_url).unwrap()),
+        }
+    }
+
+    fn all(&self) -> Vec<Arc<dyn Resource>> {
+        vec![self.pg.clone(), self.maria.clone()]
+    }
+
+    /// One unit of work: 10 out of the PostgreSQL account, audit row `n` into MariaDB.
+    async fn work(&self, c: &Coordinator, n: i32) -> Result<(), keel_tx::coordinator::TxError> {
+        let mut tx = c.begin();
+        let xp = tx.enlist(self.pg.clone());
+        let xm = tx.enlist(self.maria.clone());
+        self.pg.begin(&xp).await.unwrap();
+        self.maria.begin(&xm).await.unwrap();
+        self.pg
+            .execute(&xp, "UPDATE acct SET v = v - 10 WHERE id = 1", &[])
+            .await
+            .unwrap();
+        self.maria
+            .execute(&xm, &format!("INSERT INTO audit VALUES ({n})"))
+            .await
+            .unwrap();
+        c.commit(tx).await
+    }
+}
+
+#[test]
+fn xa_child() {
+    let (Ok(pg_url), Ok(maria_url), Ok(dir), Ok(n)) = (
+        std::env::var("KEEL_TX_PG_URL"),
+        std::env::var("KEEL_TX_MARIA_URL"),
+        std::env::var("KEEL_TX_LOG"),
+        std::env::var("KEEL_TX_N"),
+    ) else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (log, _) = RecoveryLog::open(Path::new(&dir)).unwrap();
+        let c = Coordinator::new(ID, 2, log);
+        let r = Resources::new(&pg_url, &maria_url);
+        // KEEL_FAULTS aborts this process inside the commit.
+        let _ = r.work(&c, n.parse().unwrap()).await;
+    });
+}
+
+fn crash_child(pg_url: &str, maria_url: &str, dir: &Path, point: &str, n: i32) {
+    let status = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "xa_child", "--nocapture", "--test-threads", "1"])
+        .env("KEEL_TX_PG_URL", pg_url)
+        .env("KEEL_TX_MARIA_URL", maria_url)
+        .env("KEEL_TX_LOG", dir)
+        .env("KEEL_TX_N", n.to_string())
+        .env("KEEL_FAULTS", format!("{point}:crash"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!status.success(), "the child crashed at {point}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashes_anywhere_in_two_phase_commit_recover_atomically_across_postgresql_and_mariadb() {
+    let bin =
+        pg_bin().expect("PostgreSQL is installed (initdb and pg_ctl under /usr/lib/postgresql)");
+    let cluster = Cluster::start(bin);
+    let pg_url = cluster.url();
+    let m = Maria::start();
+    maria(&m.url(""), "CREATE DATABASE keel").await.unwrap();
+    let maria_url = m.url("keel");
+    pg(
+        &pg_url,
+        "CREATE TABLE acct (id int PRIMARY KEY, v int); INSERT INTO acct VALUES (1, 1000)",
+    )
+    .await
+    .unwrap();
+    maria(
+        &maria_url,
+        "CREATE TABLE audit (n int PRIMARY KEY) ENGINE=InnoDB",
+    )
+    .await
+    .unwrap();
+    let r = Resources::new(&pg_url, &maria_url);
+    let logs = tempfile::tempdir().unwrap();
+    let logs_dir: PathBuf = logs.path().to_path_buf();
+
+    // A normal transaction.
+    {
+        let (log, _) = RecoveryLog::open(&logs_dir).unwrap();
+        let c = Coordinator::new(ID, 1, log);
+        r.work(&c, 1).await.unwrap();
+    }
+    let mut expect_balance = 990;
+    let mut expect_audit = vec![1];
+    assert_eq!(
+        pg_value(&pg_url, "SELECT v FROM acct").await,
+        expect_balance.to_string()
+    );
+
+    let cases = [
+        ("tx.after_decision", true, 2),
+        ("tx.mid_commit", true, 3),
+        ("tx.after_prepare", false, 4),
+    ];
+    for (point, decided, n) in cases {
+        crash_child(&pg_url, &maria_url, &logs_dir, point, n);
+        // In doubt: the PostgreSQL row is locked by a prepared branch (unless it already
+        // committed between the two commits).
+        let pg_prepared = pg_value(&pg_url, "SELECT count(*) FROM pg_prepared_xacts").await;
+        let maria_prepared = maria(&maria_url, "XA RECOVER").await.unwrap().len();
+        assert!(
+            pg_prepared == "1" || maria_prepared == 1,
+            "{point}: something in doubt"
+        );
+        if pg_prepared == "1" {
+            let blocked = pg(
+                &pg_url,
+                "SET lock_timeout = '300ms'; UPDATE acct SET v = v WHERE id = 1",
+            )
+            .await;
+            assert!(
+                matches!(&blocked, Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)),
+                "{point}: another session blocks on the locked row"
+            );
+        }
+
+        let (log, live) = RecoveryLog::open(&logs_dir).unwrap();
+        assert_eq!(live.len(), usize::from(decided), "{point}: decision logged");
+        let c = Coordinator::new(ID, 3 + n as u64, log);
+        let rec = c.recover(&live, &r.all()).await.unwrap();
+        assert_eq!(rec.pending, 0, "{point}");
+        assert_eq!(
+            pg_value(&pg_url, "SELECT count(*) FROM pg_prepared_xacts").await,
+            "0"
+        );
+        assert!(
+            maria(&maria_url, "XA RECOVER").await.unwrap().is_empty(),
+            "{point}"
+        );
+        pg(
+            &pg_url,
+            "SET lock_timeout = '300ms'; UPDATE acct SET v = v WHERE id = 1",
+        )
+        .await
+        .unwrap();
+        if decided {
+            expect_balance -= 10;
+            expect_audit.push(n);
+        }
+        assert_eq!(
+            pg_value(&pg_url, "SELECT v FROM acct").await,
+            expect_balance.to_string(),
+            "{point}: PostgreSQL outcome"
+        );
+        let audit: Vec<i32> = maria(&maria_url, "SELECT n FROM audit ORDER BY n")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|row| row.get::<i32, _>(0).unwrap())
+            .collect();
+        assert_eq!(audit, expect_audit, "{point}: MariaDB outcome");
+        drop(c);
+        assert!(
+            RecoveryLog::open(&logs_dir).unwrap().1.is_empty(),
+            "{point}: log empty"
+        );
+    }
+}
