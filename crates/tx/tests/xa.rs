@@ -45,7 +45,12 @@ impl Maria {
             String::from_utf8_lossy(&out.stderr)
         );
         let port = free_port();
-        let child = Command::new("mariadbd")
+        // Debian puts it in /usr/sbin, which a non-root PATH may lack.
+        let server = ["/usr/sbin/mariadbd", "/usr/bin/mariadbd"]
+            .into_iter()
+            .find(|p| Path::new(p).is_file())
+            .unwrap_or("mariadbd");
+        let child = Command::new(server)
             .arg("--no-defaults")
             .arg(format!("--datadir={}", data.display()))
             .arg(format!("--socket={}", dir.path().join("sock").display()))
