@@ -306,3 +306,152 @@ async fn crashes_anywhere_in_two_phase_commit_recover_atomically_across_postgres
         );
     }
 }
+
+/// The torture child: 8 concurrent transactions at a time (PostgreSQL `ledger` row and MariaDB
+/// `audit` row, both `n`), until a fault point or a timer aborts the process.
+#[test]
+fn torture_child() {
+    let (Ok(pg_url), Ok(maria_url), Ok(dir), Ok(base)) = (
+        std::env::var("KEEL_TX_PG_URL"),
+        std::env::var("KEEL_TX_MARIA_URL"),
+        std::env::var("KEEL_TX_LOG"),
+        std::env::var("KEEL_TX_TORTURE_BASE"),
+    ) else {
+        return;
+    };
+    let base: i32 = base.parse().unwrap();
+    if let Some(ms) = std::env::var("KEEL_TX_ABORT_AFTER_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            std::process::abort();
+        });
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (log, _) = RecoveryLog::open(Path::new(&dir)).unwrap();
+        let c = Arc::new(Coordinator::new(ID, base as u64, log));
+        let r = Arc::new(Resources::new(&pg_url, &maria_url));
+        let mut tasks = Vec::new();
+        for t in 0..8 {
+            let (c, r) = (c.clone(), r.clone());
+            tasks.push(tokio::spawn(async move {
+                for i in 0..500 {
+                    let n = base + t * 1_000 + i;
+                    let mut tx = c.begin();
+                    let xp = tx.enlist(r.pg.clone());
+                    let xm = tx.enlist(r.maria.clone());
+                    r.pg.begin(&xp).await.unwrap();
+                    r.maria.begin(&xm).await.unwrap();
+                    r.pg.execute(&xp, "INSERT INTO ledger VALUES ($1)", &[&n])
+                        .await
+                        .unwrap();
+                    r.maria
+                        .execute(&xm, &format!("INSERT INTO audit VALUES ({n})"))
+                        .await
+                        .unwrap();
+                    let _ = c.commit(tx).await;
+                }
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_torture_leaves_no_transaction_half_committed() {
+    let runs: u64 = std::env::var("KEEL_TX_TORTURE_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(9);
+    let bin = pg_bin().expect("PostgreSQL is installed");
+    let cluster = Cluster::start(bin);
+    let pg_url = cluster.url();
+    let m = Maria::start();
+    maria(&m.url(""), "CREATE DATABASE keel").await.unwrap();
+    let maria_url = m.url("keel");
+    pg(&pg_url, "CREATE TABLE ledger (n int PRIMARY KEY)")
+        .await
+        .unwrap();
+    maria(
+        &maria_url,
+        "CREATE TABLE audit (n int PRIMARY KEY) ENGINE=InnoDB",
+    )
+    .await
+    .unwrap();
+    let r = Resources::new(&pg_url, &maria_url);
+    let logs = tempfile::tempdir().unwrap();
+    let points = ["tx.after_prepare", "tx.after_decision", "tx.mid_commit", ""];
+    let mut recovered = (0usize, 0usize);
+    for run in 0..runs {
+        let point = points[(run % 4) as usize];
+        let base = (run as i32 + 1) * 100_000;
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args([
+            "--exact",
+            "torture_child",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env("KEEL_TX_PG_URL", &pg_url)
+        .env("KEEL_TX_MARIA_URL", &maria_url)
+        .env("KEEL_TX_LOG", logs.path())
+        .env("KEEL_TX_TORTURE_BASE", base.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+        if point.is_empty() {
+            // A random moment instead of a fault point.
+            cmd.env("KEEL_TX_ABORT_AFTER_MS", (20 + run * 37 % 300).to_string());
+        } else {
+            cmd.env("KEEL_FAULTS", format!("{point}:crash"));
+        }
+        let status = cmd.status().unwrap();
+        assert!(
+            !status.success(),
+            "run {run}: the child crashed ({point:?})"
+        );
+        let (log, live) = RecoveryLog::open(logs.path()).unwrap();
+        let c = Coordinator::new(ID, 1_000_000 + run, log);
+        let rec = c.recover(&live, &r.all()).await.unwrap();
+        assert_eq!(rec.pending, 0, "run {run}");
+        recovered.0 += rec.committed;
+        recovered.1 += rec.rolled_back;
+        // Atomic: every transaction is in both databases or in neither; nothing in doubt.
+        let ledger: std::collections::BTreeSet<i32> = pg(&pg_url, "SELECT n FROM ledger")
+            .await
+            .unwrap()
+            .into_iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(|v| v.parse().unwrap()),
+                _ => None,
+            })
+            .collect();
+        let audit: std::collections::BTreeSet<i32> = maria(&maria_url, "SELECT n FROM audit")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|row| row.get::<i32, _>(0).unwrap())
+            .collect();
+        let only_pg: Vec<_> = ledger.difference(&audit).collect();
+        let only_maria: Vec<_> = audit.difference(&ledger).collect();
+        assert!(
+            only_pg.is_empty() && only_maria.is_empty(),
+            "run {run} ({point:?}): half-committed transactions: only in PostgreSQL {only_pg:?}, only in MariaDB {only_maria:?}"
+        );
+        assert_eq!(
+            pg_value(&pg_url, "SELECT count(*) FROM pg_prepared_xacts").await,
+            "0"
+        );
+        assert!(maria(&maria_url, "XA RECOVER").await.unwrap().is_empty());
+        drop(c);
+    }
+    eprintln!(
+        "{runs} crash runs: {} branches committed and {} rolled back by recovery, no inconsistent outcome",
+        recovered.0, recovered.1
+    );
+}
