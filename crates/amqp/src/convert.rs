@@ -220,8 +220,10 @@ fn decode_body(bytes: &[u8]) -> Option<Body<Value>> {
 fn message_id_to_json(id: &MessageId) -> Json {
     match id {
         MessageId::Ulong(n) => Json::from(*n),
-        MessageId::Uuid(u) => Json::from(format!("uuid:{}", hex(u.as_ref()))),
-        MessageId::Binary(b) => Json::from(format!("binary:{}", hex(b.as_ref()))),
+        MessageId::Uuid(u) => Json::from(format!("uuid:{}", keel_core::hex::encode(u.as_ref()))),
+        MessageId::Binary(b) => {
+            Json::from(format!("binary:{}", keel_core::hex::encode(b.as_ref())))
+        }
         MessageId::String(s) => Json::from(s.clone()),
     }
 }
@@ -231,9 +233,9 @@ fn json_to_message_id(v: &Json) -> Option<MessageId> {
         Json::Number(n) => n.as_u64().map(MessageId::Ulong),
         Json::String(s) => {
             if let Some(h) = s.strip_prefix("binary:") {
-                unhex(h).map(|b| MessageId::Binary(Binary::from(b)))
+                keel_core::hex::decode(h).map(|b| MessageId::Binary(Binary::from(b)))
             } else if let Some(h) = s.strip_prefix("uuid:") {
-                let b: [u8; 16] = unhex(h)?.try_into().ok()?;
+                let b: [u8; 16] = keel_core::hex::decode(h)?.try_into().ok()?;
                 Some(MessageId::Uuid(b.into()))
             } else {
                 Some(MessageId::String(s.clone()))
@@ -241,20 +243,6 @@ fn json_to_message_id(v: &Json) -> Option<MessageId> {
         }
         _ => None,
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 fn put_properties(amqp: &mut serde_json::Map<String, Json>, p: AmqpProperties) {

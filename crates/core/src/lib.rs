@@ -4,6 +4,7 @@
 
 pub mod catalog;
 pub mod faults;
+pub mod hex;
 pub mod layout;
 pub mod names;
 

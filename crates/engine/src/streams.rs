@@ -322,7 +322,7 @@ async fn committer(
     mut rx: tokio::sync::mpsc::Receiver<StreamWork>,
     id_prefix: String,
 ) {
-    let mut recent = Recent::default();
+    let mut recent = Recent::new(id_prefix);
     while let Some(first) = rx.recv().await {
         let mut round = vec![first];
         while round.len() < STREAM_ROUND_MAX {
@@ -375,7 +375,6 @@ async fn committer(
                         &mut st,
                         std::mem::take(&mut chunk),
                         &mut recent,
-                        &id_prefix,
                     )
                     .await;
                     (ops, bytes) = (1, 0);
@@ -384,15 +383,7 @@ async fn committer(
                 bytes += b;
                 chunk.push(p);
             }
-            commit_sends(
-                &*store,
-                &stream.target,
-                &mut st,
-                chunk,
-                &mut recent,
-                &id_prefix,
-            )
-            .await;
+            commit_sends(&*store, &stream.target, &mut st, chunk, &mut recent).await;
             stream.next_tick.store(st.next_tick, Ordering::Release);
             stream.notify.notify_one();
         }
@@ -466,7 +457,6 @@ async fn commit_sends(
     st: &mut OutState,
     batches: Vec<PendingSend>,
     recent: &mut Recent,
-    id_prefix: &str,
 ) {
     let mut next = st.next_tick;
     let mut ops = Vec::with_capacity(batches.iter().map(|b| b.items.len()).sum::<usize>() + 1);
@@ -503,9 +493,9 @@ async fn commit_sends(
             for b in batches {
                 let mine: Vec<u64> = seqs.by_ref().take(b.items.len()).collect();
                 assert_eq!(mine.len(), b.items.len(), "one seq per message");
-                let dest = xmit_dest(target, &b.dest);
+                let dest: Arc<str> = xmit_dest(target, &b.dest).into();
                 for seq in &mine {
-                    recent.push(row, &dest, *seq, id_prefix);
+                    recent.push(row, &dest, *seq);
                     row += 1;
                 }
                 let _ = b.reply.send(Ok(mine));
@@ -607,17 +597,27 @@ async fn ack(
 
 /// Rows a committer stored lately, by row tick (consecutive), so that acknowledging them
 /// deletes by seq without reading the rows and their bodies back. Bounded; a gap (a restart,
-/// rows older than the bound) falls back to reading the store.
-#[derive(Default)]
+/// rows older than the bound) falls back to reading the store. A row's ID is derived (this
+/// engine's `<uuid>:<incarnation>:` and its seq), and rows of one batch share their
+/// destination name, so remembering a row allocates nothing.
 struct Recent {
-    rows: std::collections::VecDeque<(u64, String, u64, String)>,
+    /// (row tick, transmission-queue destination, seq).
+    rows: std::collections::VecDeque<(u64, Arc<str>, u64)>,
+    id_prefix: String,
 }
 
-/// Rows a committer remembers (about 2 MiB at most).
+/// Rows a committer remembers.
 const RECENT_ROWS_MAX: usize = 16_384;
 
 impl Recent {
-    fn push(&mut self, row_tick: u64, dest: &str, seq: u64, id_prefix: &str) {
+    fn new(id_prefix: String) -> Recent {
+        Recent {
+            rows: std::collections::VecDeque::new(),
+            id_prefix,
+        }
+    }
+
+    fn push(&mut self, row_tick: u64, dest: &Arc<str>, seq: u64) {
         if let Some(last) = self.rows.back() {
             if last.0 + 1 != row_tick {
                 // Not consecutive (cannot happen while one committer assigns the ticks; a
@@ -628,8 +628,7 @@ impl Recent {
         if self.rows.len() == RECENT_ROWS_MAX {
             self.rows.pop_front();
         }
-        self.rows
-            .push_back((row_tick, dest.to_string(), seq, format!("{id_prefix}{seq}")));
+        self.rows.push_back((row_tick, dest.clone(), seq));
     }
 
     /// Delete ops for the `n` rows from `first_row` on and the last one's ID, if all known.
@@ -643,14 +642,14 @@ impl Recent {
             .rows
             .iter()
             .take(n)
-            .map(|(_, dest, seq, _)| Op::Delete {
-                dest: dest.clone(),
+            .map(|(_, dest, seq)| Op::Delete {
+                dest: dest.to_string(),
                 seq: *seq,
             })
             .collect();
         let last = &self.rows[n - 1];
         debug_assert_eq!(last.0, first_row + n as u64 - 1);
-        Some((ops, last.3.clone()))
+        Some((ops, format!("{}{}", self.id_prefix, last.2)))
     }
 
     fn forget_below(&mut self, row_tick: u64) {
@@ -1243,7 +1242,7 @@ impl Messaging {
         let msgs: Vec<StreamMessage> = msgs
             .into_iter()
             .filter(|m| match parse_system_id(&m.id) {
-                Some((uuid, inc, seq)) if Some(&uuid.to_string()) == source_uuid => {
+                Some((uuid, inc, seq)) if source_uuid.is_some_and(|u| u == uuid) => {
                     // Every delivery moves the marks; only a resent tick can be dropped.
                     let new = seen.admit(inc, seq, now);
                     let drop = !new && m.tick <= resend_upto;
@@ -1553,16 +1552,17 @@ mod tests {
 
     #[test]
     fn recent_rows_answer_only_consecutive_runs_from_the_first_unacknowledged() {
-        let mut r = Recent::default();
+        let mut r = Recent::new("u:1:".into());
+        let dest: Arc<str> = "_XMIT:x:q".into();
         for t in 5..10 {
-            r.push(t, "_XMIT:x:q", 100 + t, "u:1:");
+            r.push(t, &dest, 100 + t);
         }
         assert!(r.deletes(4, 2).is_none(), "row 4 is not remembered");
         let (ops, last) = r.deletes(5, 3).unwrap();
         assert_eq!(ops.len(), 3);
         assert_eq!(last, "u:1:107");
         assert!(r.deletes(6, 10).is_none(), "more than remembered");
-        r.push(20, "_XMIT:x:q", 1, "u:1:");
+        r.push(20, &dest, 1);
         assert_eq!(r.rows.len(), 1, "a gap starts over");
     }
 

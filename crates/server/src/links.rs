@@ -516,19 +516,21 @@ async fn lend_messages(
             Err(_) => break,
             Ok(more) if more.is_empty() => break,
             Ok(more) => {
+                let mut over = Vec::new();
                 for d in more {
                     if bytes >= GOT_BYTES_MAX {
-                        // Over the budget: back at once, delivered again (count unchanged).
-                        let _ = messaging
-                            .settle_batch(
-                                &queue,
-                                &[(d.seq, keel_engine::messaging::Outcome::Released)],
-                            )
-                            .await;
+                        over.push((d.seq, keel_engine::messaging::Outcome::Released));
                         continue;
                     }
                     bytes += d.body.len() + 256;
                     ds.push(d);
+                }
+                if !over.is_empty() {
+                    // Over the budget: back at once in one settle, delivered again (count
+                    // unchanged); if that fails they stay locked until the engine restarts.
+                    if let Err(e) = messaging.settle_batch(&queue, &over).await {
+                        tracing::warn!(queue = %queue, error = %e, "giving back messages over a remote get's budget failed");
+                    }
                 }
             }
         }

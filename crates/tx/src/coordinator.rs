@@ -58,15 +58,13 @@ impl Xid {
 
 impl std::fmt::Display for Xid {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:08x}:", self.format_id)?;
-        for b in &self.gtrid {
-            write!(f, "{b:02x}")?;
-        }
-        f.write_str(":")?;
-        for b in &self.bqual {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
+        write!(
+            f,
+            "{:08x}:{}:{}",
+            self.format_id,
+            keel_core::hex::encode(&self.gtrid),
+            keel_core::hex::encode(&self.bqual)
+        )
     }
 }
 
@@ -322,10 +320,10 @@ impl Coordinator {
         let mut out = Recovered::default();
         let mut decisions: Vec<(u64, Decision)> = Vec::new();
         for (id, data) in live {
-            let d: Decision = postcard::from_bytes(data).map_err(|e| LogError::Corrupt {
-                file: std::path::PathBuf::from("tranlog"),
-                offset: 0,
-                detail: format!("decision record {id} does not decode ({e})"),
+            let d: Decision = postcard::from_bytes(data).map_err(|e| LogError::BadRecord {
+                dir: self.log.dir().to_path_buf(),
+                id: *id,
+                detail: e.to_string(),
             })?;
             decisions.push((*id, d));
         }

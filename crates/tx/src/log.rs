@@ -95,6 +95,12 @@ pub enum LogError {
         "recovery log {dir} has no usable file: {detail}; restore the log directory from a backup"
     )]
     Unusable { dir: PathBuf, detail: String },
+    #[error("recovery log {dir}: record {id} does not decode ({detail}); recovery stops and the record stays: run the Keel version that wrote it, or restore the log directory from a backup")]
+    BadRecord {
+        dir: PathBuf,
+        id: u64,
+        detail: String,
+    },
     #[error("a recovery log record of {bytes} bytes is over the limit of {max}")]
     TooLarge { bytes: usize, max: usize },
     #[error("recovery log {dir} holds {records} live records, its limit")]
@@ -506,6 +512,10 @@ impl RecoveryLog {
             },
             live,
         ))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Applies `ops`; with `force`, resolves only once they are durable.

@@ -25,19 +25,19 @@ pub struct MariaDbResource {
     open: Mutex<usize>,
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 /// The XID as MariaDB's XA statements take it.
 fn xa(xid: &Xid) -> String {
     // An empty branch qualifier is written as '' (X'' is accepted too, but not everywhere).
     let bqual = if xid.bqual.is_empty() {
         "''".to_string()
     } else {
-        format!("X'{}'", hex(&xid.bqual))
+        format!("X'{}'", keel_core::hex::encode(&xid.bqual))
     };
-    format!("X'{}',{bqual},{}", hex(&xid.gtrid), xid.format_id)
+    format!(
+        "X'{}',{bqual},{}",
+        keel_core::hex::encode(&xid.gtrid),
+        xid.format_id
+    )
 }
 
 impl MariaDbResource {
@@ -45,8 +45,10 @@ impl MariaDbResource {
     pub fn new(name: &str, url: &str) -> Result<MariaDbResource, ResourceError> {
         let opts = Opts::from_url(url).map_err(|e| ResourceError {
             resource: name.to_string(),
+            // Only the error's kind (before any `:`): its details may quote the URL, and with
+            // it the password.
             detail: format!(
-                "the data source URL does not parse ({})",
+                "the data source URL does not parse ({}); give it as mysql://USER:PASSWORD@HOST:PORT/DATABASE",
                 e.to_string().split(':').next().unwrap_or("invalid")
             ),
             not_found: false,

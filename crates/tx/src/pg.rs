@@ -28,27 +28,13 @@ pub struct PgResource {
     branches: Mutex<HashMap<Xid, std::sync::Arc<Client>>>,
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
 /// The PostgreSQL global id of a branch.
 pub fn gid(xid: &Xid) -> String {
     format!(
         "keel:{:08x}:{}:{}",
         xid.format_id,
-        hex(&xid.gtrid),
-        hex(&xid.bqual)
+        keel_core::hex::encode(&xid.gtrid),
+        keel_core::hex::encode(&xid.bqual)
     )
 }
 
@@ -56,8 +42,8 @@ pub fn gid(xid: &Xid) -> String {
 pub fn xid_of(gid: &str) -> Option<Xid> {
     let mut parts = gid.strip_prefix("keel:")?.split(':');
     let format_id = u32::from_str_radix(parts.next()?, 16).ok()? as i32;
-    let gtrid = unhex(parts.next()?)?;
-    let bqual = unhex(parts.next()?)?;
+    let gtrid = keel_core::hex::decode(parts.next()?)?;
+    let bqual = keel_core::hex::decode(parts.next()?)?;
     parts.next().is_none().then_some(Xid {
         format_id,
         gtrid,
@@ -87,7 +73,12 @@ impl PgResource {
         let mut cfg: tokio_postgres::Config = self
             .url
             .parse()
-            .map_err(|e| self.err("the data source URL does not parse", e))?;
+            .map_err(|e| {
+                self.err(
+                    "the data source URL does not parse (give it as postgresql://USER:PASSWORD@HOST:PORT/DATABASE)",
+                    e,
+                )
+            })?;
         cfg.connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS));
         let (client, conn) = cfg
             .connect(NoTls)

@@ -91,6 +91,50 @@ impl Drop for Maria {
     }
 }
 
+/// Both throwaway servers, MariaDB's `audit` table made and `pg_schema` run on PostgreSQL.
+struct Servers {
+    pg_url: String,
+    maria_url: String,
+    _pg: Cluster,
+    _maria: Maria,
+}
+
+impl Servers {
+    async fn start(pg_schema: &str) -> Servers {
+        let bin = pg_bin()
+            .expect("PostgreSQL is installed (initdb and pg_ctl under /usr/lib/postgresql)");
+        let cluster = Cluster::start(bin);
+        let m = Maria::start();
+        maria(&m.url(""), "CREATE DATABASE keel").await.unwrap();
+        let s = Servers {
+            pg_url: cluster.url(),
+            maria_url: m.url("keel"),
+            _pg: cluster,
+            _maria: m,
+        };
+        pg(&s.pg_url, pg_schema).await.unwrap();
+        maria(
+            &s.maria_url,
+            "CREATE TABLE audit (n int PRIMARY KEY) ENGINE=InnoDB",
+        )
+        .await
+        .unwrap();
+        s
+    }
+
+    /// This test binary run again as child `test`, against these servers and log `dir`.
+    fn child(&self, test: &str, dir: &Path) -> Command {
+        let mut c = Command::new(std::env::current_exe().unwrap());
+        c.args(["--exact", test, "--nocapture", "--test-threads", "1"])
+            .env("KEEL_TX_PG_URL", &self.pg_url)
+            .env("KEEL_TX_MARIA_URL", &self.maria_url)
+            .env("KEEL_TX_LOG", dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        c
+    }
+}
+
 fn free_port() -> u16 {
     (0..2000u16)
         .map(|i| 15_000 + (std::process::id() as u16 % 2000 + i * 7) % 4000)
@@ -184,42 +228,13 @@ fn xa_child() {
     });
 }
 
-fn crash_child(pg_url: &str, maria_url: &str, dir: &Path, point: &str, n: i32) {
-    let status = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "xa_child", "--nocapture", "--test-threads", "1"])
-        .env("KEEL_TX_PG_URL", pg_url)
-        .env("KEEL_TX_MARIA_URL", maria_url)
-        .env("KEEL_TX_LOG", dir)
-        .env("KEEL_TX_N", n.to_string())
-        .env("KEEL_FAULTS", format!("{point}:crash"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(!status.success(), "the child crashed at {point}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashes_anywhere_in_two_phase_commit_recover_atomically_across_postgresql_and_mariadb() {
-    let bin =
-        pg_bin().expect("PostgreSQL is installed (initdb and pg_ctl under /usr/lib/postgresql)");
-    let cluster = Cluster::start(bin);
-    let pg_url = cluster.url();
-    let m = Maria::start();
-    maria(&m.url(""), "CREATE DATABASE keel").await.unwrap();
-    let maria_url = m.url("keel");
-    pg(
-        &pg_url,
+    let servers = Servers::start(
         "CREATE TABLE acct (id int PRIMARY KEY, v int); INSERT INTO acct VALUES (1, 1000)",
     )
-    .await
-    .unwrap();
-    maria(
-        &maria_url,
-        "CREATE TABLE audit (n int PRIMARY KEY) ENGINE=InnoDB",
-    )
-    .await
-    .unwrap();
+    .await;
+    let (pg_url, maria_url) = (servers.pg_url.clone(), servers.maria_url.clone());
     let r = Resources::new(&pg_url, &maria_url);
     let logs = tempfile::tempdir().unwrap();
     let logs_dir: PathBuf = logs.path().to_path_buf();
@@ -243,7 +258,13 @@ async fn crashes_anywhere_in_two_phase_commit_recover_atomically_across_postgres
         ("tx.after_prepare", false, 4),
     ];
     for (point, decided, n) in cases {
-        crash_child(&pg_url, &maria_url, &logs_dir, point, n);
+        let status = servers
+            .child("xa_child", &logs_dir)
+            .env("KEEL_TX_N", n.to_string())
+            .env("KEEL_FAULTS", format!("{point}:crash"))
+            .status()
+            .unwrap();
+        assert!(!status.success(), "the child crashed at {point}");
         // In doubt: the PostgreSQL row is locked by a prepared branch (unless it already
         // committed between the two commits).
         let pg_prepared = pg_value(&pg_url, "SELECT count(*) FROM pg_prepared_xacts").await;
@@ -368,21 +389,8 @@ async fn crash_torture_leaves_no_transaction_half_committed() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(9);
-    let bin = pg_bin().expect("PostgreSQL is installed");
-    let cluster = Cluster::start(bin);
-    let pg_url = cluster.url();
-    let m = Maria::start();
-    maria(&m.url(""), "CREATE DATABASE keel").await.unwrap();
-    let maria_url = m.url("keel");
-    pg(&pg_url, "CREATE TABLE ledger (n int PRIMARY KEY)")
-        .await
-        .unwrap();
-    maria(
-        &maria_url,
-        "CREATE TABLE audit (n int PRIMARY KEY) ENGINE=InnoDB",
-    )
-    .await
-    .unwrap();
+    let servers = Servers::start("CREATE TABLE ledger (n int PRIMARY KEY)").await;
+    let (pg_url, maria_url) = (servers.pg_url.clone(), servers.maria_url.clone());
     let r = Resources::new(&pg_url, &maria_url);
     let logs = tempfile::tempdir().unwrap();
     let points = ["tx.after_prepare", "tx.after_decision", "tx.mid_commit", ""];
@@ -390,20 +398,8 @@ async fn crash_torture_leaves_no_transaction_half_committed() {
     for run in 0..runs {
         let point = points[(run % 4) as usize];
         let base = (run as i32 + 1) * 100_000;
-        let mut cmd = Command::new(std::env::current_exe().unwrap());
-        cmd.args([
-            "--exact",
-            "torture_child",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
-        .env("KEEL_TX_PG_URL", &pg_url)
-        .env("KEEL_TX_MARIA_URL", &maria_url)
-        .env("KEEL_TX_LOG", logs.path())
-        .env("KEEL_TX_TORTURE_BASE", base.to_string())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
+        let mut cmd = servers.child("torture_child", logs.path());
+        cmd.env("KEEL_TX_TORTURE_BASE", base.to_string());
         if point.is_empty() {
             // A random moment instead of a fault point.
             cmd.env("KEEL_TX_ABORT_AFTER_MS", (20 + run * 37 % 300).to_string());
