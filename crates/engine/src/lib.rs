@@ -237,11 +237,28 @@ impl Engine {
     }
 
     pub async fn start(&self, mode: StartMode) -> Result<(), EngineError> {
+        if self.recovery_mode {
+            return Err(EngineError::RecoveryMode {
+                me: self.cfg.me.clone(),
+            });
+        }
+        self.start_inner(mode).await
+    }
+
+    /// Opens the engine's store for the transaction service of a recovery-mode server, which
+    /// resolves the engine's prepared branches: the server opens no bus port and runs no links
+    /// or applications, so nothing else reaches the engine. Operators still cannot start it.
+    pub async fn start_for_recovery(&self) -> Result<(), EngineError> {
+        assert!(
+            self.recovery_mode,
+            "only a recovery-mode engine starts for recovery"
+        );
+        self.start_inner(StartMode::Normal).await
+    }
+
+    async fn start_inner(&self, mode: StartMode) -> Result<(), EngineError> {
         let me = &self.cfg.me;
         let _t = self.transition.lock().await;
-        if self.recovery_mode {
-            return Err(EngineError::RecoveryMode { me: me.clone() });
-        }
         let state = self.state();
         if state != MeState::Stopped {
             return Err(EngineError::AlreadyInState {

@@ -20,6 +20,8 @@ use crate::queue::{Entry, QueueState, RefillMark, NONPERSISTENT_MAX, REFILL_BATC
 pub mod remote;
 #[path = "streams.rs"]
 pub mod streams;
+#[path = "xa.rs"]
+pub mod xa;
 
 pub type Properties = serde_json::Map<String, serde_json::Value>;
 
@@ -329,6 +331,8 @@ pub struct Messaging {
     stopped_tx: tokio::sync::watch::Sender<bool>,
     /// Seqs of non-persistent messages: from 2^63 up, never colliding with store seqs.
     volatile_seq: AtomicU64,
+    /// Transaction branches prepared by this run (the engine as an XA resource, `xa`).
+    xa: xa::Branches,
 }
 
 pub fn reliability_code(r: Reliability) -> u8 {
@@ -403,6 +407,7 @@ impl Messaging {
             exception,
             max_message_bytes,
             volatile_seq: AtomicU64::new(1 << 63),
+            xa: xa::Branches::default(),
             out_streams: streams::OutStreams::default(),
             in_streams: streams::InStreams::default(),
             peer_uuids: cfg.peers.iter().cloned().collect(),
@@ -1317,14 +1322,25 @@ impl Messaging {
     /// Discards the transaction's sends; every delivery it settled counts one failed delivery
     /// (redelivered, or moved to the exception destination after max_failed_deliveries), so a
     /// message that always makes its transaction fail cannot loop forever.
-    pub async fn rollback(&self, mut tx: Transaction) -> Result<(), MessagingError> {
+    pub async fn rollback(&self, tx: Transaction) -> Result<(), MessagingError> {
+        self.rollback_as(tx, Outcome::Failed).await
+    }
+
+    /// Like `rollback`, with the outcome its settled deliveries get: `Released` when the
+    /// transaction failed for a reason that is not the message's (a data source down), so a
+    /// good message does not drift to the exception destination while a database restarts.
+    pub async fn rollback_as(
+        &self,
+        mut tx: Transaction,
+        outcome: Outcome,
+    ) -> Result<(), MessagingError> {
         tx.done = true;
         tx.sends.clear();
         let settles: Vec<(Arc<QueuePoint>, Entry)> =
             tx.settles.drain(..).map(|(q, e, _)| (q, e)).collect();
         let plans: Vec<SettlePlan> = settles
             .iter()
-            .map(|(q, e)| self.settle_plan(q, e, Outcome::Failed))
+            .map(|(q, e)| self.settle_plan(q, e, outcome))
             .collect();
         let ops: Vec<Op> = plans.iter().flat_map(|p| p.ops.iter().cloned()).collect();
         if !ops.is_empty() {
