@@ -15,6 +15,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 mod admin_cmd;
+mod app_cmd;
 mod config_cmd;
 mod ctx;
 mod me_cmd;
@@ -22,6 +23,7 @@ mod msg_cmd;
 mod node_cmd;
 mod quickstart;
 mod server_cmd;
+mod tx_cmd;
 
 pub use ctx::Ctx;
 
@@ -66,6 +68,15 @@ enum Command {
     /// Queues and topic spaces.
     #[command(subcommand)]
     Destination(me_cmd::DestinationCmd),
+    /// XA-capable data sources (PostgreSQL, MariaDB/MySQL) that applications use.
+    #[command(subcommand)]
+    Datasource(app_cmd::DataSourceCmd),
+    /// Message-driven applications (forward, sql, script) on a server.
+    #[command(subcommand)]
+    App(app_cmd::AppCmd),
+    /// Transactions in doubt, and their resolution by hand.
+    #[command(subcommand)]
+    Tx(tx_cmd::TxCmd),
     /// Send messages to a queue.
     Send(msg_cmd::SendArgs),
     /// Receive (consume) messages from a queue; one per line.
@@ -115,6 +126,9 @@ fn main() -> ExitCode {
         Command::Me(c) => me_cmd::run_me(&ctx, c),
         Command::Store(c) => me_cmd::run_store(&ctx, c),
         Command::Destination(c) => me_cmd::run_destination(&ctx, c),
+        Command::Datasource(c) => app_cmd::run_datasource(&ctx, c),
+        Command::App(c) => app_cmd::run_app(&ctx, c),
+        Command::Tx(c) => tx_cmd::run(&ctx, c),
         Command::Send(a) => msg_cmd::send(&ctx, a),
         Command::Receive(a) => msg_cmd::receive(&ctx, a),
         Command::Admin(a) => admin_cmd::run(&ctx, a),

@@ -1246,4 +1246,71 @@ mod tests {
             10
         );
     }
+
+    #[test]
+    fn backup_restore_and_sync_carry_datasources_and_apps() {
+        use crate::model::{AppCfg, AppKind, DataSourceCfg, DataSourceKind, DestinationKind};
+        let t = tempfile::tempdir().expect("tempdir");
+        let p = profile(&t, "p", "keelCell");
+        p.master()
+            .update(|c| {
+                c.add_destination("bus1", "in", DestinationKind::Queue, None, None)?;
+                c.add_datasource(DataSourceCfg {
+                    name: "pg1".into(),
+                    kind: DataSourceKind::Postgres,
+                    url: "postgresql://keel@127.0.0.1/db".into(),
+                    pool_max: 8,
+                })?;
+                c.add_app(AppCfg {
+                    name: "sc".into(),
+                    server: "server1".into(),
+                    bus: "bus1".into(),
+                    on: "in".into(),
+                    kind: AppKind::Script,
+                    to: None,
+                    datasource: None,
+                    statement: None,
+                    script: Some(crate::model::tests::TRICKY_SCRIPT.into()),
+                    concurrency: 2,
+                })?;
+                Ok(())
+            })
+            .expect("update");
+        let before = p.master().load().expect("load");
+        let info = create_backup(&p, Some(&t.path().join("a.keelcfg"))).expect("backup");
+        let v = verify_backup(&info.path).expect("verify");
+        assert_eq!(v.config, before);
+        for f in ["datasources/pg1.toml", "apps/sc.toml"] {
+            assert!(
+                v.files().iter().any(|(rel, _)| rel == Path::new(f)),
+                "{f} archived"
+            );
+        }
+        // Node sync copies the new directories.
+        crate::repo::sync(&p.master(), &p.node_copy("node01")).expect("sync");
+        let copy = p.node_copy("node01").load().expect("copy");
+        assert_eq!(copy, before);
+        assert!(p
+            .layout()
+            .node_config("node01")
+            .join("apps/sc.toml")
+            .is_file());
+
+        p.master()
+            .update(|c| {
+                c.remove_app("sc")?;
+                c.remove_datasource("pg1")?;
+                Ok(())
+            })
+            .expect("remove");
+        assert!(!p.master().dir().join("apps/sc.toml").exists());
+        assert!(!p.master().dir().join("datasources/pg1.toml").exists());
+        crate::repo::sync(&p.master(), &p.node_copy("node01")).expect("sync");
+        let copy = p.node_copy("node01").load().expect("copy");
+        assert!(copy.apps.is_empty() && copy.datasources.is_empty());
+
+        restore_backup(&p, &info.path).expect("restore");
+        let after = p.master().load().expect("load restored");
+        assert_eq!(without_version(after), without_version(before));
+    }
 }

@@ -75,6 +75,16 @@ pub enum ConfigError {
         known: Vec<String>,
     },
 
+    #[error("there is no data source `{name}` in the cell (known data sources: {}); create it with `keel datasource create {name} --kind postgres|mariadb --url URL`", if known.is_empty() { "none".to_string() } else { known.join(", ") })]
+    UnknownDataSource { name: String, known: Vec<String> },
+
+    #[error("there is no application `{name}` in the cell (known applications: {}); `keel app list` shows them", if known.is_empty() { "none".to_string() } else { known.join(", ") })]
+    UnknownApp { name: String, known: Vec<String> },
+
+    /// A data source cannot go while sql applications name it.
+    #[error("data source `{name}` is used by the sql application(s) {}; delete or change them first (`keel app delete NAME`)", apps.join(", "))]
+    DataSourceInUse { name: String, apps: Vec<String> },
+
     /// A destination was created without `--me` on a bus that has not exactly one member.
     #[error("{}", if known.is_empty() { format!("bus `{bus}` has no members, so no messaging engine can hold the destination; add one first with `keel bus add-member {bus} --server NAME`") } else { format!("bus `{bus}` has several messaging engines ({}); give --me ME to choose the one that holds the destination", known.join(", ")) })]
     MeRequired { bus: String, known: Vec<String> },
@@ -108,7 +118,7 @@ pub enum ConfigError {
         holder: Option<u32>,
     },
 
-    /// The admin credential file is missing, empty or too open.
+    /// A secret (the admin credential, a data source password) is missing, empty or too open.
     #[error("{}: {problem}; fix: {fix}", file.display())]
     Secret {
         file: PathBuf,

@@ -10,6 +10,10 @@
 //!                                    [[destination]] name, type, me, reliability,
 //!                                    default_reliability, default_priority,
 //!                                    max_failed_deliveries, exception_destination
+//! datasources/<name>.toml            [datasource] name, kind, url, pool_max
+//!                                      (no password: it is in the profile's secrets)
+//! apps/<name>.toml                   [app] name, server, bus, on, kind, to, datasource,
+//!                                      statement, script, concurrency
 //! ```
 //!
 //! Files are read in three steps so that every mistake gets the most precise message: TOML
@@ -24,8 +28,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{io_err, ConfigError, Result, FIX_PERM};
 use crate::fsx::read_file;
 use crate::model::{
-    self, invalid, BusCfg, BusMember, Cell, Config, DestinationCfg, DestinationKind, InitialState,
-    MonitorPolicy, NodeCfg, Reliability, ServerCfg,
+    self, invalid, AppCfg, AppKind, BusCfg, BusMember, Cell, Config, DataSourceCfg, DataSourceKind,
+    DestinationCfg, DestinationKind, InitialState, MonitorPolicy, NodeCfg, Reliability, ServerCfg,
 };
 
 /// The repository format this code reads and writes (`[repository] format`).
@@ -155,6 +159,49 @@ struct MemberSection {
     store_url: Option<String>,
 }
 
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DataSourceFile {
+    datasource: DataSourceSection,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DataSourceSection {
+    name: String,
+    kind: String,
+    url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pool_max: Option<i64>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AppFile {
+    app: AppSection,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AppSection {
+    name: String,
+    server: String,
+    bus: String,
+    on: String,
+    kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    to: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    datasource: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    concurrency: Option<i64>,
+    // Last, so the long texts do not hide the short keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    statement: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    script: Option<String>,
+}
+
 // --- key schema --------------------------------------------------------------------------------
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -282,6 +329,36 @@ const BUS_SCHEMA: &[TableSpec] = &[
         array: true,
     },
 ];
+
+const DATASOURCE_SCHEMA: &[TableSpec] = &[TableSpec {
+    name: "datasource",
+    keys: &[
+        key("name", Kind::Str, true),
+        key("kind", Kind::Str, true),
+        key("url", Kind::Str, true),
+        key("pool_max", Kind::Int, false),
+    ],
+    required: true,
+    array: false,
+}];
+
+const APP_SCHEMA: &[TableSpec] = &[TableSpec {
+    name: "app",
+    keys: &[
+        key("name", Kind::Str, true),
+        key("server", Kind::Str, true),
+        key("bus", Kind::Str, true),
+        key("on", Kind::Str, true),
+        key("kind", Kind::Str, true),
+        key("to", Kind::Str, false),
+        key("datasource", Kind::Str, false),
+        key("statement", Kind::Str, false),
+        key("script", Kind::Str, false),
+        key("concurrency", Kind::Int, false),
+    ],
+    required: true,
+    array: false,
+}];
 
 fn describe(v: &toml::Value) -> String {
     match v {
@@ -499,7 +576,7 @@ pub(crate) fn read_tree(dir: &Path) -> Result<Tree> {
     Ok(tree)
 }
 
-/// The object files (node, server and bus files) present in `dir`, repository-relative, by
+/// The object files (node, server, bus, data source and application files) present in `dir`, repository-relative, by
 /// walking the fixed layout. Works without a cell.toml, so a writer can find stale files.
 pub(crate) fn list_object_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
@@ -515,8 +592,10 @@ pub(crate) fn list_object_files(dir: &Path) -> Result<Vec<PathBuf>> {
             break;
         }
     }
-    for bus in list(dir, Path::new("buses"), false)? {
-        out.push(Path::new("buses").join(bus));
+    for top in ["buses", "datasources", "apps"] {
+        for f in list(dir, Path::new(top), false)? {
+            out.push(Path::new(top).join(f));
+        }
     }
     debug_assert!(out.iter().all(|rel| is_object_file(rel)));
     Ok(out)
@@ -594,6 +673,8 @@ enum Kind2<'a> {
     Node(&'a str),
     Server(&'a str, &'a str),
     Bus(&'a str),
+    DataSource(&'a str),
+    App(&'a str),
     Other,
 }
 
@@ -618,6 +699,10 @@ fn classify(rel: &Path) -> Kind2<'_> {
             .strip_suffix(".toml")
             .map_or(Kind2::Other, |s| Kind2::Server(n, s)),
         ["buses", f] => f.strip_suffix(".toml").map_or(Kind2::Other, Kind2::Bus),
+        ["datasources", f] => f
+            .strip_suffix(".toml")
+            .map_or(Kind2::Other, Kind2::DataSource),
+        ["apps", f] => f.strip_suffix(".toml").map_or(Kind2::Other, Kind2::App),
         _ => Kind2::Other,
     }
 }
@@ -694,6 +779,8 @@ pub(crate) fn parse_tree(tree: &Tree, root: &Path) -> Result<Config> {
     let mut nodes: BTreeMap<String, Option<NodeCfg>> = BTreeMap::new();
     let mut servers: Vec<(String, ServerCfg)> = Vec::new();
     let mut buses = Vec::new();
+    let mut datasources = Vec::new();
+    let mut apps = Vec::new();
     for (rel, bytes) in tree {
         let file = root.join(rel);
         match classify(rel) {
@@ -829,6 +916,8 @@ pub(crate) fn parse_tree(tree: &Tree, root: &Path) -> Result<Config> {
                     duplicate_window_hours,
                 });
             }
+            Kind2::DataSource(stem) => datasources.push(parse_datasource(&file, bytes, stem)?),
+            Kind2::App(stem) => apps.push(parse_app(&file, bytes, stem)?),
             Kind2::Other => {
                 tracing::warn!(file = %file.display(), "ignoring a file that is not part of the configuration layout")
             }
@@ -857,6 +946,8 @@ pub(crate) fn parse_tree(tree: &Tree, root: &Path) -> Result<Config> {
         cell: Cell { name: cell },
         nodes: node_list,
         buses,
+        datasources,
+        apps,
     };
     // Validate before sorting: `[[destination]]` tables are sorted by name, and an error's
     // `destination[i]` must count the tables in the order the file has them.
@@ -935,6 +1026,94 @@ fn parse_destination(file: &Path, i: usize, d: DestinationSection) -> Result<Des
     };
     model::check_destination_values(file, &k, &out)?;
     Ok(out)
+}
+
+/// One `datasources/<stem>.toml`: schema, name, kind and ranges; the URL rules are left to
+/// `Config::validate`.
+fn parse_datasource(file: &Path, bytes: &[u8], stem: &str) -> Result<DataSourceCfg> {
+    let d: DataSourceFile = parse_doc(file, bytes, DATASOURCE_SCHEMA)?;
+    let d = d.datasource;
+    name_matches(
+        file,
+        "datasource.name",
+        "data source",
+        &d.name,
+        stem,
+        "data source file",
+    )?;
+    let Some(kind) = DataSourceKind::parse(&d.kind) else {
+        return Err(invalid(
+            file,
+            "datasource.kind",
+            format!("{:?}", d.kind),
+            "must be \"postgres\" or \"mariadb\"",
+            "set it to \"postgres\" (PostgreSQL) or \"mariadb\" (MariaDB or MySQL)",
+        ));
+    };
+    let pool_max = match d.pool_max {
+        None => model::DEFAULT_POOL_MAX,
+        Some(v) => model::check_range(
+            file,
+            "datasource.pool_max",
+            v,
+            1,
+            model::MAX_POOL_MAX,
+            "number of connections",
+        )?,
+    };
+    Ok(DataSourceCfg {
+        name: d.name,
+        kind,
+        url: d.url,
+        pool_max,
+    })
+}
+
+/// One `apps/<stem>.toml`: schema, name, kind and ranges; references are left to
+/// `Config::validate`.
+fn parse_app(file: &Path, bytes: &[u8], stem: &str) -> Result<AppCfg> {
+    let a: AppFile = parse_doc(file, bytes, APP_SCHEMA)?;
+    let a = a.app;
+    name_matches(
+        file,
+        "app.name",
+        "application",
+        &a.name,
+        stem,
+        "application file",
+    )?;
+    let Some(kind) = AppKind::parse(&a.kind) else {
+        return Err(invalid(
+            file,
+            "app.kind",
+            format!("{:?}", a.kind),
+            "must be \"forward\", \"sql\" or \"script\"",
+            "set it to one of these three kinds",
+        ));
+    };
+    let concurrency = match a.concurrency {
+        None => model::DEFAULT_APP_CONCURRENCY,
+        Some(v) => model::check_range(
+            file,
+            "app.concurrency",
+            v,
+            1,
+            model::MAX_APP_CONCURRENCY,
+            "number of messages handled at once",
+        )?,
+    };
+    Ok(AppCfg {
+        name: a.name,
+        server: a.server,
+        bus: a.bus,
+        on: a.on,
+        kind,
+        to: a.to,
+        datasource: a.datasource,
+        statement: a.statement,
+        script: a.script,
+        concurrency,
+    })
 }
 
 /// Best-effort (cell name, version) of a repository whose other files may be broken; used by
@@ -1068,6 +1247,42 @@ pub(crate) fn render_objects(cfg: &Config) -> Tree {
         };
         out.insert(model::rel_bus(&b.name), to_toml(&header, &file));
     }
+    for d in &cfg.datasources {
+        let header = format!(
+            "# Keel data source {}: an XA-capable database applications use in global transactions.\n# Its password is never in the configuration: keel keeps it in the profile, in a file only its\n# owner can read. After a hand edit, run `keel config validate`.\n\n",
+            d.name
+        );
+        let file = DataSourceFile {
+            datasource: DataSourceSection {
+                name: d.name.clone(),
+                kind: d.kind.as_str().into(),
+                url: d.url.clone(),
+                pool_max: Some(i64::from(d.pool_max)),
+            },
+        };
+        out.insert(model::rel_datasource(&d.name), to_toml(&header, &file));
+    }
+    for a in &cfg.apps {
+        let header = format!(
+            "# Keel application {}: a message-driven handler on server {}; each message runs in one global\n# transaction. Servers read their applications when they start. After a hand edit, run\n# `keel config validate`.\n\n",
+            a.name, a.server
+        );
+        let file = AppFile {
+            app: AppSection {
+                name: a.name.clone(),
+                server: a.server.clone(),
+                bus: a.bus.clone(),
+                on: a.on.clone(),
+                kind: a.kind.as_str().into(),
+                to: a.to.clone(),
+                datasource: a.datasource.clone(),
+                concurrency: Some(i64::from(a.concurrency)),
+                statement: a.statement.clone(),
+                script: a.script.clone(),
+            },
+        };
+        out.insert(model::rel_app(&a.name), to_toml(&header, &file));
+    }
     out
 }
 
@@ -1075,7 +1290,7 @@ pub(crate) fn render_objects(cfg: &Config) -> Tree {
 pub(crate) fn is_object_file(rel: &Path) -> bool {
     matches!(
         classify(rel),
-        Kind2::Node(_) | Kind2::Server(..) | Kind2::Bus(_)
+        Kind2::Node(_) | Kind2::Server(..) | Kind2::Bus(_) | Kind2::DataSource(_) | Kind2::App(_)
     )
 }
 
@@ -1490,6 +1705,149 @@ mod tests {
                 !e.to_string().contains("secret"),
                 "the password never reaches an error: {e}"
             );
+        }
+    }
+
+    #[test]
+    fn datasources_and_apps_round_trip_with_a_header() {
+        let c = crate::model::tests::sample_with_apps();
+        let t = tree_of(&c);
+        assert_eq!(parse_tree(&t, Path::new("config")).expect("parse"), c);
+        let ds = std::str::from_utf8(&t[Path::new("datasources/pg1.toml")]).expect("utf8");
+        assert!(ds.starts_with("# Keel data source pg1"), "{ds}");
+        assert!(!ds.contains("secret"), "{ds}");
+        for k in [
+            "[datasource]",
+            "name = \"pg1\"",
+            "kind = \"postgres\"",
+            "url = \"postgresql://keel@127.0.0.1:5432/db\"",
+            "pool_max = 16",
+        ] {
+            assert!(ds.contains(k), "{k} in {ds}");
+        }
+        for (name, keys) in [
+            (
+                "fwd",
+                &["kind = \"forward\"", "to = \"out\"", "concurrency = 4"][..],
+            ),
+            (
+                "sq",
+                &["kind = \"sql\"", "datasource = \"pg1\"", "statement = "][..],
+            ),
+            ("sc", &["kind = \"script\"", "script = "][..]),
+        ] {
+            let rel = PathBuf::from(format!("apps/{name}.toml"));
+            let text = std::str::from_utf8(&t[&rel]).expect("utf8");
+            assert!(
+                text.starts_with(&format!("# Keel application {name}")),
+                "{text}"
+            );
+            assert!(text.contains("keel config validate"), "{text}");
+            for k in [
+                "[app]",
+                "server = \"server1\"",
+                "bus = \"bus1\"",
+                "on = \"in\"",
+            ]
+            .iter()
+            .chain(keys)
+            {
+                assert!(text.contains(k), "{k} in {text}");
+            }
+        }
+        // The script comes back byte for byte, and a hand-written multi-line literal loads too.
+        let loaded = parse_tree(&t, Path::new("config")).expect("parse");
+        assert_eq!(
+            loaded.app("sc").and_then(|a| a.script.as_deref()),
+            Some(crate::model::tests::TRICKY_SCRIPT)
+        );
+        let mut t2 = t.clone();
+        let hand = "[app]\nname = \"sc\"\nserver = \"server1\"\nbus = \"bus1\"\non = \"in\"\nkind = \"script\"\nscript = '''\nfn on_message(msg) {\n    send(\"out\", \"a\\b\");\n}\n'''\n";
+        t2.insert(PathBuf::from("apps/sc.toml"), hand.as_bytes().to_vec());
+        let loaded = parse_tree(&t2, Path::new("config")).expect("hand-written");
+        let a = loaded.app("sc").expect("sc");
+        assert_eq!(
+            a.script.as_deref(),
+            Some("fn on_message(msg) {\n    send(\"out\", \"a\\b\");\n}\n")
+        );
+        assert_eq!(a.concurrency, 4, "concurrency defaults");
+        assert!(is_object_file(Path::new("apps/sc.toml")));
+        assert!(is_object_file(Path::new("datasources/pg1.toml")));
+        assert!(!is_object_file(Path::new("apps/sc.txt")));
+    }
+
+    #[test]
+    fn datasource_and_app_key_errors_are_named() {
+        let ds = PathBuf::from("datasources/pg1.toml");
+        let fwd = PathBuf::from("apps/fwd.toml");
+        let sc = PathBuf::from("apps/sc.toml");
+        let cases: &[(&PathBuf, &str, &str, &str)] = &[
+            (
+                &ds,
+                "pool_max = 16",
+                "pool_max = 16\npasword = \"x\"",
+                "datasource.pasword",
+            ),
+            (&ds, "[datasource]", "[datasourc]", "datasourc"),
+            (&ds, "kind = \"postgres\"\n", "", "datasource.kind"),
+            (
+                &ds,
+                "kind = \"postgres\"",
+                "kind = \"oracle\"",
+                "datasource.kind",
+            ),
+            (
+                &ds,
+                "pool_max = 16",
+                "pool_max = \"16\"",
+                "datasource.pool_max",
+            ),
+            (&ds, "pool_max = 16", "pool_max = 0", "datasource.pool_max"),
+            (&ds, "name = \"pg1\"", "name = \"pg2\"", "datasource.name"),
+            (&ds, "@127.0.0.1", ":secret@127.0.0.1", "datasource.url"),
+            (&ds, "postgresql://", "mysql://", "datasource.url"),
+            (
+                &fwd,
+                "to = \"out\"",
+                "to = \"out\"\nscirpt = \"x\"",
+                "app.scirpt",
+            ),
+            (&fwd, "to = \"out\"", "", "app.to"),
+            (&fwd, "on = \"in\"\n", "", "app.on"),
+            (&fwd, "kind = \"forward\"", "kind = \"relay\"", "app.kind"),
+            (
+                &fwd,
+                "concurrency = 4",
+                "concurrency = 65",
+                "app.concurrency",
+            ),
+            (
+                &fwd,
+                "concurrency = 4",
+                "concurrency = true",
+                "app.concurrency",
+            ),
+            (&fwd, "name = \"fwd\"", "name = \"fwd2\"", "app.name"),
+            (
+                &fwd,
+                "server = \"server1\"",
+                "server = \"server2\"",
+                "app.on",
+            ),
+            (&sc, "kind = \"script\"", "kind = \"sql\"", "app.datasource"),
+        ];
+        for (rel, from, to, want) in cases {
+            let mut t = tree_of(&crate::model::tests::sample_with_apps());
+            edit(&mut t, rel, from, to);
+            let e = err_of(&t);
+            assert!(!e.to_string().contains("secret@"), "{e}");
+            match e {
+                ConfigError::Invalid { file, key, .. } => {
+                    assert_eq!(&key, want, "{from} -> {to}");
+                    assert_eq!(file, Path::new("config").join(rel));
+                }
+                other => panic!("{from} -> {to}: {other:?}"),
+            }
         }
     }
 }

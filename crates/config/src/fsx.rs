@@ -94,6 +94,17 @@ pub(crate) fn ensure_dir(dir: &Path) -> Result<()> {
 /// Replaces `path` with `bytes` atomically: readers see the old or the new content, never a
 /// mix, and after return the new content survives a crash.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_mode(path, bytes, None)
+}
+
+/// `write_atomic` for a file only its owner may read (mode 0600 from its creation on, so the
+/// content is never readable by others, not even in the temp file).
+pub(crate) fn write_atomic_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_mode(path, bytes, Some(0o600))
+}
+
+fn write_atomic_mode(path: &Path, bytes: &[u8], mode: Option<u32>) -> Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let dir = parent_of(path);
     let name = path
         .file_name()
@@ -106,11 +117,17 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     );
     let tmp = dir.join(format!(".{name}.tmp-{}", random_hex(6)));
     let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(io_err("create", &tmp, FIX_PERM))?;
+        let mut opts = OpenOptions::new();
+        opts.write(true).create_new(true);
+        if let Some(m) = mode {
+            opts.mode(m);
+        }
+        let mut f = opts.open(&tmp).map_err(io_err("create", &tmp, FIX_PERM))?;
+        if let Some(m) = mode {
+            // The umask can only remove bits; set them exactly anyway.
+            f.set_permissions(std::fs::Permissions::from_mode(m))
+                .map_err(io_err("set permissions of", &tmp, FIX_PERM))?;
+        }
         f.write_all(bytes)
             .map_err(io_err("write", &tmp, FIX_PERM))?;
         f.sync_all().map_err(io_err("fsync", &tmp, FIX_PERM))?;

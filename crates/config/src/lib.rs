@@ -1,5 +1,7 @@
-//! Keel's configuration: the profile directory, the cell's configuration repository (master
-//! and node copies, TOML files), node synchronization, and config backup/restore.
+//! Keel's configuration: the profile directory and its secrets (the admin credential, data
+//! source passwords), the cell's configuration repository (master and node copies, TOML files:
+//! nodes, servers, buses, data sources, applications), node synchronization, and config
+//! backup/restore.
 //!
 //! Modelled on WebSphere: a *profile* holds one cell; the cell's *master repository*
 //! (`config/`) is changed only through [`Repository::update`], which bumps a version number;
@@ -20,11 +22,13 @@ pub use backup::{
 };
 pub use error::{ConfigError, Result};
 pub use model::{
-    me_name, system_exception_destination, BusCfg, BusMember, Cell, Config, DestinationCfg,
+    me_name, system_exception_destination, take_url_password, url_has_password, AppCfg, AppKind,
+    BusCfg, BusMember, Cell, Config, DataSourceCfg, DataSourceKind, DestinationCfg,
     DestinationKind, InitialState, MonitorPolicy, NodeCfg, Reliability, ServerCfg,
-    DEFAULT_MAX_FAILED_DELIVERIES, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PRIORITY,
-    MAX_DESTINATION_NAME_LEN, MAX_FAILED_DELIVERIES, MAX_MESSAGE_BYTES, MAX_PRIORITY,
-    MIN_MESSAGE_BYTES, SYSTEM_PREFIX,
+    DEFAULT_APP_CONCURRENCY, DEFAULT_MAX_FAILED_DELIVERIES, DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_POOL_MAX, DEFAULT_PRIORITY, MAX_APP_CONCURRENCY, MAX_DESTINATION_NAME_LEN,
+    MAX_FAILED_DELIVERIES, MAX_MESSAGE_BYTES, MAX_POOL_MAX, MAX_PRIORITY, MAX_SCRIPT_BYTES,
+    MAX_STATEMENT_BYTES, MIN_MESSAGE_BYTES, SYSTEM_PREFIX,
 };
-pub use profile::{CreateOptions, Profile};
+pub use profile::{read_datasource_password, CreateOptions, Profile};
 pub use repo::{sync, Repository, SyncOutcome};

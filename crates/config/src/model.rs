@@ -1,8 +1,14 @@
-//! The configuration model: one cell, its nodes and their servers, and the buses with their
-//! members. Plain data plus the rules that make it valid; no I/O (see `repo` for files).
+//! The configuration model: one cell, its nodes and their servers, the buses with their
+//! members and destinations, the data sources (XA-capable databases) and the applications
+//! (message-driven handlers on a server). Plain data plus the rules that make it valid; no I/O
+//! (see `repo` for files).
 //!
-//! Order: nodes, servers within a node and buses are kept in *natural name order* (`server2`
-//! before `server10`) because the files on disk carry no order; members keep their file order.
+//! Order: nodes, servers within a node, buses, destinations, data sources and applications are
+//! kept in *natural name order* (`server2` before `server10`) because the files on disk carry no
+//! order; members keep their file order.
+//!
+//! Data source passwords are never part of the model: a URL holding one is refused, and the
+//! password lives in the profile's secrets (`Profile::set_datasource_password`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Display;
@@ -26,6 +32,12 @@ pub struct Config {
     pub cell: Cell,
     pub nodes: Vec<NodeCfg>,
     pub buses: Vec<BusCfg>,
+    /// XA-capable databases applications use, in natural name order.
+    #[serde(default)]
+    pub datasources: Vec<DataSourceCfg>,
+    /// Message-driven applications, in natural name order.
+    #[serde(default)]
+    pub apps: Vec<AppCfg>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -341,6 +353,191 @@ impl InitialState {
     }
 }
 
+/// `pool_max` of a data source that does not set it.
+pub const DEFAULT_POOL_MAX: u32 = 16;
+/// Highest `pool_max` of a data source.
+pub const MAX_POOL_MAX: u32 = 256;
+/// `concurrency` of an application that does not set it.
+pub const DEFAULT_APP_CONCURRENCY: u32 = 4;
+/// Highest `concurrency` of an application.
+pub const MAX_APP_CONCURRENCY: u32 = 64;
+/// Longest `statement` of an sql application, in bytes.
+pub const MAX_STATEMENT_BYTES: usize = 64 * 1024;
+/// Longest `script` of a script application, in bytes.
+pub const MAX_SCRIPT_BYTES: usize = 256 * 1024;
+
+/// The database product behind a data source; both take part in global transactions (XA).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataSourceKind {
+    /// PostgreSQL (`PREPARE TRANSACTION` / `COMMIT PREPARED`).
+    Postgres,
+    /// MariaDB or MySQL (`XA START` ... `XA COMMIT`).
+    MariaDb,
+}
+
+impl DataSourceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataSourceKind::Postgres => "postgres",
+            DataSourceKind::MariaDb => "mariadb",
+        }
+    }
+
+    /// The kind spelled `s` (`postgres` or `mariadb`), if any.
+    pub fn parse(s: &str) -> Option<DataSourceKind> {
+        match s {
+            "postgres" => Some(DataSourceKind::Postgres),
+            "mariadb" => Some(DataSourceKind::MariaDb),
+            _ => None,
+        }
+    }
+
+    /// The URL schemes a data source of this kind accepts.
+    pub fn schemes(self) -> [&'static str; 2] {
+        match self {
+            DataSourceKind::Postgres => ["postgresql://", "postgres://"],
+            DataSourceKind::MariaDb => ["mysql://", "mariadb://"],
+        }
+    }
+}
+
+impl std::fmt::Display for DataSourceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An XA-capable database that applications use inside global transactions. The URL holds no
+/// password: that is in the profile's secrets, one file per data source.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DataSourceCfg {
+    pub name: String,
+    pub kind: DataSourceKind,
+    /// `postgresql://user@host:port/database` or `mysql://user@host:port/database`.
+    pub url: String,
+    /// Most connections the server keeps open to it (1..=256, default 16).
+    pub pool_max: u32,
+}
+
+/// What an application does with each message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppKind {
+    /// Sends the message on to another destination of the same engine.
+    Forward,
+    /// Runs one SQL statement on a data source.
+    Sql,
+    /// Runs a Rhai script's `fn on_message(msg)`.
+    Script,
+}
+
+impl AppKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AppKind::Forward => "forward",
+            AppKind::Sql => "sql",
+            AppKind::Script => "script",
+        }
+    }
+
+    /// The kind spelled `s` (`forward`, `sql` or `script`), if any.
+    pub fn parse(s: &str) -> Option<AppKind> {
+        match s {
+            "forward" => Some(AppKind::Forward),
+            "sql" => Some(AppKind::Sql),
+            "script" => Some(AppKind::Script),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for AppKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A message-driven application: it receives from one queue on its server's messaging engine
+/// and handles each message in one global transaction with everything it touches.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AppCfg {
+    pub name: String,
+    pub server: String,
+    pub bus: String,
+    /// A queue of `bus` held by the server's messaging engine on that bus.
+    pub on: String,
+    pub kind: AppKind,
+    /// forward: a destination of `bus` held by the same engine (a transaction stays on one
+    /// engine).
+    pub to: Option<String>,
+    /// sql: the data source the statement runs on.
+    pub datasource: Option<String>,
+    /// sql: the statement.
+    pub statement: Option<String>,
+    /// script: the Rhai source text itself.
+    pub script: Option<String>,
+    /// Messages handled at once (1..=64, default 4).
+    pub concurrency: u32,
+}
+
+// --- passwords in URLs ---------------------------------------------------------------------
+
+/// Byte range of the password in `url` (`scheme://user:PASSWORD@host/...`), if it has one.
+/// Deliberately broad, so that a password is never stored by mistake: the user information is
+/// everything before the *last* `@` (a password may hold an unescaped `@` or `/`), and any `:` in
+/// it starts a password. A `@` elsewhere in a URL is written `%40`.
+fn url_password_range(url: &str) -> Option<std::ops::Range<usize>> {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let rest = &url[start..];
+    let at = rest.rfind('@')?;
+    let colon = rest[..at].find(':')?;
+    Some(start + colon + 1..start + at)
+}
+
+/// Whether `url` holds a password (see [`take_url_password`]).
+pub fn url_has_password(url: &str) -> bool {
+    url_password_range(url).is_some()
+}
+
+/// Splits the password out of `url`: `postgresql://u:secret@h/db` gives
+/// (`postgresql://u@h/db`, `Some("secret")`). The password is percent-decoded (`p%40ss` is
+/// `p@ss`) unless that would not give UTF-8 text. A URL without a password comes back as is.
+pub fn take_url_password(url: &str) -> (String, Option<String>) {
+    let Some(r) = url_password_range(url) else {
+        return (url.to_string(), None);
+    };
+    let raw = &url[r.clone()];
+    let password = percent_decode(raw).unwrap_or_else(|| raw.to_string());
+    // Drop the `:` before the password too.
+    let clean = format!("{}{}", &url[..r.start - 1], &url[r.end..]);
+    (clean, Some(password))
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 // --- repository-relative file names, used by validation errors --------------------------------
 
 pub(crate) fn rel_cell() -> PathBuf {
@@ -357,6 +554,12 @@ pub(crate) fn rel_server(node: &str, server: &str) -> PathBuf {
 }
 pub(crate) fn rel_bus(bus: &str) -> PathBuf {
     Path::new("buses").join(format!("{bus}.toml"))
+}
+pub(crate) fn rel_datasource(name: &str) -> PathBuf {
+    Path::new("datasources").join(format!("{name}.toml"))
+}
+pub(crate) fn rel_app(name: &str) -> PathBuf {
+    Path::new("apps").join(format!("{name}.toml"))
 }
 
 /// The ME name of a bus member, fixed by the operator contract.
@@ -610,6 +813,113 @@ pub(crate) fn check_monitor(file: &Path, m: &MonitorPolicy) -> Result<()> {
         "number of seconds",
     )?;
     Ok(())
+}
+
+/// The rules of one data source that need no other object: name, URL (scheme of its kind, no
+/// password), pool size. Keys as in `datasources/<name>.toml`.
+pub(crate) fn check_datasource(file: &Path, d: &DataSourceCfg) -> Result<()> {
+    check_name(file, "datasource.name", "data source", &d.name)?;
+    check_datasource_url(file, d.kind, &d.url)?;
+    check_range(
+        file,
+        "datasource.pool_max",
+        i64::from(d.pool_max),
+        1,
+        MAX_POOL_MAX,
+        "number of connections",
+    )?;
+    Ok(())
+}
+
+/// Longest data source URL.
+const MAX_URL_LEN: usize = 2048;
+
+pub(crate) fn check_datasource_url(file: &Path, kind: DataSourceKind, url: &str) -> Result<()> {
+    let key = "datasource.url";
+    // First, so that no later message echoes a password.
+    if url_has_password(url) {
+        return Err(invalid(
+            file,
+            key,
+            "a URL with a password",
+            "must not hold a password (it would end up in every copy and backup of the configuration)",
+            "remove the password from the URL: `keel datasource create` takes it out of the URL and keeps it in the profile's secrets (secrets/datasources/<name>); if the `:` before an `@` is not a password, write that `@` as %40",
+        ));
+    }
+    let [a, b] = kind.schemes();
+    let example = format!("write it as {a}user@host:port/database");
+    let Some(rest) = url.strip_prefix(a).or_else(|| url.strip_prefix(b)) else {
+        return Err(invalid(
+            file,
+            key,
+            format!("{url:?}"),
+            &format!("a {kind} data source needs a URL starting with {a} or {b}"),
+            &format!("{example}, or correct `datasource.kind`"),
+        ));
+    };
+    if rest.is_empty()
+        || url.len() > MAX_URL_LEN
+        || url.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(invalid(
+            file,
+            key,
+            format!("{url:?}"),
+            &format!(
+                "must name a database server, without spaces, in at most {MAX_URL_LEN} characters"
+            ),
+            &example,
+        ));
+    }
+    Ok(())
+}
+
+/// An sql statement or a script: text, not blank, at most `limit` bytes. The value is never
+/// echoed (a script can be long), only its size.
+fn check_text(file: &Path, key: &str, what: &str, text: &str, limit: usize) -> Result<()> {
+    let why = if text.trim().is_empty() {
+        Some("must not be empty".to_string())
+    } else if text.len() > limit {
+        Some(format!("is longer than the limit of {limit} bytes"))
+    } else {
+        text.char_indices()
+            .find(|(_, c)| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+            .map(|(i, c)| {
+                format!(
+                    "holds the control character U+{:04X} at byte {i} (only tabs and line breaks may appear)",
+                    c as u32
+                )
+            })
+    };
+    match why {
+        None => Ok(()),
+        Some(why) => Err(invalid(
+            file,
+            key,
+            format!("a {what} of {} bytes", text.len()),
+            &why,
+            &format!("give a {what} of 1 to {limit} bytes of text"),
+        )),
+    }
+}
+
+/// A required key that is absent, in the shape of `invalid`.
+fn missing(file: &Path, key: &str, why: &str, fix: &str) -> ConfigError {
+    ConfigError::Invalid {
+        file: file.to_path_buf(),
+        key: key.to_string(),
+        problem: format!("is missing: {why}"),
+        fix: format!("{fix}, then run `keel config validate`"),
+    }
+}
+
+fn known_list<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    let v: Vec<&str> = names.collect();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
 }
 
 fn bad_name(what: &'static str, name: &str) -> Result<()> {
@@ -892,8 +1202,324 @@ impl Config {
         Ok(&b.destinations[at])
     }
 
-    /// Puts nodes, servers and buses in natural name order, the order `Repository::load`
-    /// returns, so a saved and reloaded config compares equal.
+    pub fn datasource(&self, name: &str) -> Option<&DataSourceCfg> {
+        self.datasources.iter().find(|d| d.name == name)
+    }
+
+    /// Adds a data source after checking it (name, URL without password, pool size).
+    pub fn add_datasource(&mut self, d: DataSourceCfg) -> Result<&DataSourceCfg> {
+        bad_name("data source", &d.name)?;
+        if self.datasource(&d.name).is_some() {
+            return Err(ConfigError::Duplicate {
+                what: "data source",
+                name: d.name,
+                place: String::new(),
+            });
+        }
+        check_datasource(&rel_datasource(&d.name), &d)?;
+        let at = self
+            .datasources
+            .partition_point(|x| natural_cmp(&x.name, &d.name).is_lt());
+        self.datasources.insert(at, d);
+        Ok(&self.datasources[at])
+    }
+
+    /// Removes a data source; refused while an sql application uses it (the error names them).
+    pub fn remove_datasource(&mut self, name: &str) -> Result<DataSourceCfg> {
+        let Some(at) = self.datasources.iter().position(|d| d.name == name) else {
+            return Err(ConfigError::UnknownDataSource {
+                name: name.into(),
+                known: self.datasources.iter().map(|d| d.name.clone()).collect(),
+            });
+        };
+        let users: Vec<String> = self
+            .apps
+            .iter()
+            .filter(|a| a.kind == AppKind::Sql && a.datasource.as_deref() == Some(name))
+            .map(|a| a.name.clone())
+            .collect();
+        if !users.is_empty() {
+            return Err(ConfigError::DataSourceInUse {
+                name: name.into(),
+                apps: users,
+            });
+        }
+        Ok(self.datasources.remove(at))
+    }
+
+    pub fn app(&self, name: &str) -> Option<&AppCfg> {
+        self.apps.iter().find(|a| a.name == name)
+    }
+
+    /// Adds an application after checking it against the rest of the configuration (server,
+    /// bus membership, the queue it receives from, what its kind needs).
+    pub fn add_app(&mut self, a: AppCfg) -> Result<&AppCfg> {
+        bad_name("application", &a.name)?;
+        if let Some(old) = self.app(&a.name) {
+            return Err(ConfigError::Duplicate {
+                what: "message-driven application",
+                name: a.name,
+                place: format!(" (on server {})", old.server),
+            });
+        }
+        if self.find_server(&a.server).is_none() {
+            return Err(ConfigError::UnknownServer {
+                server: a.server,
+                known: self.server_names(),
+            });
+        }
+        if self.bus(&a.bus).is_none() {
+            return Err(ConfigError::UnknownBus {
+                bus: a.bus,
+                known: self.buses.iter().map(|b| b.name.clone()).collect(),
+            });
+        }
+        if let Some(ds) = a.datasource.as_deref().filter(|_| a.kind == AppKind::Sql) {
+            if self.datasource(ds).is_none() {
+                return Err(ConfigError::UnknownDataSource {
+                    name: ds.into(),
+                    known: self.datasources.iter().map(|d| d.name.clone()).collect(),
+                });
+            }
+        }
+        self.check_app(&rel_app(&a.name), &a)?;
+        let at = self
+            .apps
+            .partition_point(|x| natural_cmp(&x.name, &a.name).is_lt());
+        self.apps.insert(at, a);
+        Ok(&self.apps[at])
+    }
+
+    pub fn remove_app(&mut self, name: &str) -> Result<AppCfg> {
+        match self.apps.iter().position(|a| a.name == name) {
+            Some(at) => Ok(self.apps.remove(at)),
+            None => Err(ConfigError::UnknownApp {
+                name: name.into(),
+                known: self.apps.iter().map(|a| a.name.clone()).collect(),
+            }),
+        }
+    }
+
+    /// The applications of a server, in name order.
+    pub fn apps_of_server(&self, server: &str) -> Vec<&AppCfg> {
+        self.apps.iter().filter(|a| a.server == server).collect()
+    }
+
+    fn server_names(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .flat_map(|n| n.servers.iter().map(|s| s.name.clone()))
+            .collect()
+    }
+
+    /// Every rule of one application that spans objects. Keys as in `apps/<name>.toml`.
+    fn check_app(&self, file: &Path, a: &AppCfg) -> Result<()> {
+        check_name(file, "app.name", "application", &a.name)?;
+        let Some((node, _)) = self.find_server(&a.server) else {
+            let known = self.server_names();
+            return Err(invalid(
+                file,
+                "app.server",
+                format!("{:?}", a.server),
+                &format!(
+                    "no such server (known: {})",
+                    known_list(known.iter().map(String::as_str))
+                ),
+                "name an existing server, or remove the application",
+            ));
+        };
+        let Some(bus) = self.bus(&a.bus) else {
+            return Err(invalid(
+                file,
+                "app.bus",
+                format!("{:?}", a.bus),
+                &format!(
+                    "no such bus (known: {})",
+                    known_list(self.buses.iter().map(|b| b.name.as_str()))
+                ),
+                &format!("name a bus server {} is a member of", a.server),
+            ));
+        };
+        let Some(member) = bus
+            .members
+            .iter()
+            .find(|m| m.node == node.name && m.server == a.server)
+        else {
+            let its = self.mes_of_server(&node.name, &a.server);
+            return Err(invalid(
+                file,
+                "app.bus",
+                format!("{:?}", a.bus),
+                &format!(
+                    "server {} is not a member of this bus (its buses: {})",
+                    a.server,
+                    known_list(its.iter().map(|(b, _)| b.name.as_str()))
+                ),
+                &format!(
+                    "make it one with `keel bus add-member {} --server {}`, or name one of its buses",
+                    a.bus, a.server
+                ),
+            ));
+        };
+        let me = member.me.as_str();
+        let Some(on) = bus.destinations.iter().find(|d| d.name == a.on) else {
+            return Err(invalid(
+                file,
+                "app.on",
+                format!("{:?}", a.on),
+                &format!("bus {} has no destination of that name", bus.name),
+                &format!(
+                    "create the queue with `keel destination create {} {} --type queue --me {me}`, or name a queue of bus {} held by {me}",
+                    bus.name, a.on, bus.name
+                ),
+            ));
+        };
+        if on.kind != DestinationKind::Queue {
+            return Err(invalid(
+                file,
+                "app.on",
+                format!("{:?}", a.on),
+                "is a topic space: an application receives from a queue",
+                &format!("name a queue of bus {} held by {me}", bus.name),
+            ));
+        }
+        if on.me != me {
+            return Err(invalid(
+                file,
+                "app.on",
+                format!("{:?}", a.on),
+                &format!(
+                    "is held by messaging engine {}, not by {me} (the engine of server {} on bus {}): an application receives from a queue of its own server's engine",
+                    on.me, a.server, bus.name
+                ),
+                &format!(
+                    "name a queue held by {me}, or run the application on the server of {}",
+                    on.me
+                ),
+            ));
+        }
+        check_range(
+            file,
+            "app.concurrency",
+            i64::from(a.concurrency),
+            1,
+            MAX_APP_CONCURRENCY,
+            "number of messages handled at once",
+        )?;
+        let unused = |key: &str, shown: Option<String>| -> Result<()> {
+            match shown {
+                None => Ok(()),
+                Some(v) => Err(invalid(
+                    file,
+                    key,
+                    v,
+                    &format!("is not used by a {} application", a.kind),
+                    "remove the key, or set `app.kind` to the kind that uses it",
+                )),
+            }
+        };
+        let quoted = |v: &Option<String>| v.as_ref().map(|v| format!("{v:?}"));
+        let sized = |what: &str, v: &Option<String>| {
+            v.as_ref().map(|v| format!("a {what} of {} bytes", v.len()))
+        };
+        match a.kind {
+            AppKind::Forward => {
+                let Some(to) = &a.to else {
+                    return Err(missing(
+                        file,
+                        "app.to",
+                        "a forward application needs the destination it forwards to",
+                        &format!(
+                            "add `to = \"DEST\"`, a destination of bus {} held by {me}",
+                            bus.name
+                        ),
+                    ));
+                };
+                let fix = format!("name a destination of bus {} held by {me}", bus.name);
+                let Some(d) = bus.destinations.iter().find(|d| d.name == *to) else {
+                    return Err(invalid(
+                        file,
+                        "app.to",
+                        format!("{to:?}"),
+                        &format!("bus {} has no destination of that name", bus.name),
+                        &fix,
+                    ));
+                };
+                if d.name == on.name {
+                    return Err(invalid(
+                        file,
+                        "app.to",
+                        format!("{to:?}"),
+                        "is the queue the application receives from: every message would come straight back",
+                        &fix,
+                    ));
+                }
+                if d.me != me {
+                    return Err(invalid(
+                        file,
+                        "app.to",
+                        format!("{to:?}"),
+                        &format!("is held by messaging engine {}, not by {me}: the transaction of a forward application stays on one engine", d.me),
+                        &fix,
+                    ));
+                }
+                unused("app.datasource", quoted(&a.datasource))?;
+                unused("app.statement", sized("statement", &a.statement))?;
+                unused("app.script", sized("script", &a.script))?;
+            }
+            AppKind::Sql => {
+                let Some(ds) = &a.datasource else {
+                    return Err(missing(
+                        file,
+                        "app.datasource",
+                        "an sql application needs the data source its statement runs on",
+                        "add `datasource = \"NAME\"`, a data source of the cell",
+                    ));
+                };
+                if self.datasource(ds).is_none() {
+                    return Err(invalid(
+                        file,
+                        "app.datasource",
+                        format!("{ds:?}"),
+                        &format!(
+                            "no such data source (known: {})",
+                            known_list(self.datasources.iter().map(|d| d.name.as_str()))
+                        ),
+                        &format!("create it with `keel datasource create {ds} --kind postgres|mariadb --url URL`, or name an existing one"),
+                    ));
+                }
+                let Some(st) = &a.statement else {
+                    return Err(missing(
+                        file,
+                        "app.statement",
+                        "an sql application needs the statement it runs for each message",
+                        "add `statement = \"...\"`",
+                    ));
+                };
+                check_text(file, "app.statement", "statement", st, MAX_STATEMENT_BYTES)?;
+                unused("app.to", quoted(&a.to))?;
+                unused("app.script", sized("script", &a.script))?;
+            }
+            AppKind::Script => {
+                let Some(script) = &a.script else {
+                    return Err(missing(
+                        file,
+                        "app.script",
+                        "a script application needs its script (a Rhai `fn on_message(msg)`)",
+                        "add `script = \"\"\"...\"\"\"` with the script's text",
+                    ));
+                };
+                check_text(file, "app.script", "script", script, MAX_SCRIPT_BYTES)?;
+                unused("app.to", quoted(&a.to))?;
+                unused("app.datasource", quoted(&a.datasource))?;
+                unused("app.statement", sized("statement", &a.statement))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts nodes, servers, buses, destinations, data sources and applications in natural name
+    /// order, the order `Repository::load` returns, so a saved and reloaded config compares equal.
     pub(crate) fn canonicalize(&mut self) {
         self.nodes.sort_by(|a, b| natural_cmp(&a.name, &b.name));
         for n in &mut self.nodes {
@@ -903,6 +1529,9 @@ impl Config {
         for b in &mut self.buses {
             b.destinations.sort_by(|x, y| natural_cmp(&x.name, &y.name));
         }
+        self.datasources
+            .sort_by(|a, b| natural_cmp(&a.name, &b.name));
+        self.apps.sort_by(|a, b| natural_cmp(&a.name, &b.name));
     }
 
     /// Checks every rule that spans fields or files. Errors name the file relative to the
@@ -1119,6 +1748,37 @@ impl Config {
                 }
             }
         }
+
+        let mut ds_names = HashSet::new();
+        for d in &self.datasources {
+            let df = rel_datasource(&d.name);
+            check_datasource(&df, d)?;
+            if !ds_names.insert(d.name.as_str()) {
+                return Err(invalid(
+                    &df,
+                    "datasource.name",
+                    format!("{:?}", d.name),
+                    "another data source has the same name",
+                    "give each data source its own name",
+                ));
+            }
+        }
+        // After the buses and data sources: applications refer to both. A removed server, bus
+        // member, destination or data source leaves its applications dangling, caught here.
+        let mut app_names = HashSet::new();
+        for a in &self.apps {
+            let af = rel_app(&a.name);
+            self.check_app(&af, a)?;
+            if !app_names.insert(a.name.as_str()) {
+                return Err(invalid(
+                    &af,
+                    "app.name",
+                    format!("{:?}", a.name),
+                    "another application has the same name",
+                    "give each application its own name",
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -1141,6 +1801,8 @@ pub(crate) mod tests {
                 servers: vec![],
             }],
             buses: vec![],
+            datasources: vec![],
+            apps: vec![],
         };
         c.add_server("node01", "server1").expect("add server");
         c.add_bus_member("bus1", "server1").expect("add member");
@@ -1763,5 +2425,429 @@ pub(crate) mod tests {
             toml::Value::try_from(InitialState::Stopped).expect("ser"),
             toml::Value::String("stopped".into())
         );
+    }
+
+    /// A script with quotes, backslashes, TOML string delimiters, tabs and CRLF, so the file
+    /// round trip is tested on the hard cases.
+    pub(crate) const TRICKY_SCRIPT: &str = "// mover\nfn on_message(msg) {\n\tlet q = \"say \\\"hi\\\"\";\n    let p = 'c';\n    let s = \"\"\"not toml\"\"\" + '''nor this''';\n    send(\"out\", msg.body + \"\\\\n\");\r\n}\n";
+
+    /// `sample` plus: server2 as a member of bus1 and of bus2; queues `in`, `out`, topic `news`
+    /// on server1's engine and queue `far` on server2's, on bus1; data source pg1; applications
+    /// fwd (forward in → out), sq (sql on pg1) and sc (script), all on server1.
+    pub(crate) fn sample_with_apps() -> Config {
+        let mut c = sample();
+        c.add_server("node01", "server2").expect("add server");
+        c.add_bus_member("bus1", "server2").expect("member");
+        c.add_bus_member("bus2", "server2").expect("member");
+        let me1 = "node01.server1-bus1";
+        for (name, kind, me) in [
+            ("in", DestinationKind::Queue, me1),
+            ("out", DestinationKind::Queue, me1),
+            ("news", DestinationKind::Topic, me1),
+            ("far", DestinationKind::Queue, "node01.server2-bus1"),
+        ] {
+            c.add_destination("bus1", name, kind, Some(me), None)
+                .expect("destination");
+        }
+        c.add_datasource(DataSourceCfg {
+            name: "pg1".into(),
+            kind: DataSourceKind::Postgres,
+            url: "postgresql://keel@127.0.0.1:5432/db".into(),
+            pool_max: DEFAULT_POOL_MAX,
+        })
+        .expect("datasource");
+        c.add_app(app("fwd", AppKind::Forward)).expect("forward");
+        c.add_app(app("sq", AppKind::Sql)).expect("sql");
+        c.add_app(app("sc", AppKind::Script)).expect("script");
+        c.validate().expect("valid");
+        c
+    }
+
+    /// A valid application of `kind` on server1 receiving from bus1/in.
+    pub(crate) fn app(name: &str, kind: AppKind) -> AppCfg {
+        let mut a = AppCfg {
+            name: name.into(),
+            server: "server1".into(),
+            bus: "bus1".into(),
+            on: "in".into(),
+            kind,
+            to: None,
+            datasource: None,
+            statement: None,
+            script: None,
+            concurrency: DEFAULT_APP_CONCURRENCY,
+        };
+        match kind {
+            AppKind::Forward => a.to = Some("out".into()),
+            AppKind::Sql => {
+                a.datasource = Some("pg1".into());
+                a.statement = Some("INSERT INTO t(body) VALUES ($1)".into());
+            }
+            AppKind::Script => a.script = Some(TRICKY_SCRIPT.into()),
+        }
+        a
+    }
+
+    #[test]
+    fn kinds_are_spelled_as_documented() {
+        for k in [DataSourceKind::Postgres, DataSourceKind::MariaDb] {
+            assert_eq!(DataSourceKind::parse(k.as_str()), Some(k));
+            assert_eq!(
+                toml::Value::try_from(k).expect("ser"),
+                toml::Value::String(k.as_str().into())
+            );
+        }
+        assert_eq!(DataSourceKind::MariaDb.as_str(), "mariadb");
+        assert_eq!(DataSourceKind::parse("mysql"), None);
+        for k in [AppKind::Forward, AppKind::Sql, AppKind::Script] {
+            assert_eq!(AppKind::parse(k.as_str()), Some(k));
+            assert_eq!(
+                toml::Value::try_from(k).expect("ser"),
+                toml::Value::String(k.as_str().into())
+            );
+        }
+        assert_eq!(
+            [AppKind::Forward, AppKind::Sql, AppKind::Script].map(AppKind::as_str),
+            ["forward", "sql", "script"]
+        );
+        assert_eq!(AppKind::parse("Forward"), None);
+    }
+
+    #[test]
+    fn url_passwords_are_found_and_taken_out() {
+        let cases: &[(&str, &str, Option<&str>)] = &[
+            (
+                "postgresql://u:secret@127.0.0.1:5432/db",
+                "postgresql://u@127.0.0.1:5432/db",
+                Some("secret"),
+            ),
+            ("mysql://u:p%40ss%2F@h/db", "mysql://u@h/db", Some("p@ss/")),
+            (
+                "mysql://u:p@ss/x@h:3306/db",
+                "mysql://u@h:3306/db",
+                Some("p@ss/x"),
+            ),
+            ("mariadb://u:100%@h/db", "mariadb://u@h/db", Some("100%")),
+            ("postgresql://u@h/db", "postgresql://u@h/db", None),
+            ("postgresql://h:5432/db", "postgresql://h:5432/db", None),
+            ("postgresql:///db", "postgresql:///db", None),
+            ("u:pw@h", "u@h", Some("pw")),
+        ];
+        for (url, clean, pw) in cases {
+            let (c, p) = take_url_password(url);
+            assert_eq!((c.as_str(), p.as_deref()), (*clean, *pw), "{url}");
+            assert_eq!(url_has_password(url), pw.is_some(), "{url}");
+            assert!(!url_has_password(&c), "{c}");
+        }
+    }
+
+    #[test]
+    fn datasource_and_app_api() {
+        let mut c = sample_with_apps();
+        let names: Vec<&str> = c.apps.iter().map(|a| a.name.as_str()).collect();
+        assert_eq!(names, ["fwd", "sc", "sq"]);
+        assert_eq!(c.apps_of_server("server1").len(), 3);
+        assert!(c.apps_of_server("server2").is_empty());
+        assert_eq!(c.app("sq").map(|a| a.kind), Some(AppKind::Sql));
+        assert_eq!(c.datasource("pg1").map(|d| d.pool_max), Some(16));
+        let before = c.clone();
+
+        // Refusals change nothing.
+        let e = c.add_app(app("sq", AppKind::Sql)).expect_err("dup");
+        assert!(matches!(e, ConfigError::Duplicate { .. }), "{e:?}");
+        let e = c
+            .add_app(AppCfg {
+                server: "ghost".into(),
+                ..app("a1", AppKind::Forward)
+            })
+            .expect_err("server");
+        assert!(matches!(e, ConfigError::UnknownServer { .. }), "{e:?}");
+        let e = c
+            .add_app(AppCfg {
+                bus: "bus9".into(),
+                ..app("a1", AppKind::Forward)
+            })
+            .expect_err("bus");
+        assert!(matches!(e, ConfigError::UnknownBus { .. }), "{e:?}");
+        let e = c
+            .add_app(AppCfg {
+                datasource: Some("ghost".into()),
+                ..app("a1", AppKind::Sql)
+            })
+            .expect_err("ds");
+        assert!(e.to_string().contains("no data source `ghost`"), "{e}");
+        let e = c
+            .add_app(AppCfg {
+                on: "far".into(),
+                ..app("a1", AppKind::Forward)
+            })
+            .expect_err("on");
+        assert!(
+            matches!(&e, ConfigError::Invalid { key, .. } if key == "app.on"),
+            "{e:?}"
+        );
+        assert!(c.add_app(app("bad name", AppKind::Forward)).is_err());
+        let e = c
+            .add_datasource(c.datasources[0].clone())
+            .expect_err("dup ds");
+        assert!(matches!(e, ConfigError::Duplicate { .. }), "{e:?}");
+        let e = c
+            .add_datasource(DataSourceCfg {
+                name: "m1".into(),
+                kind: DataSourceKind::MariaDb,
+                url: "mysql://u:s3cret@h/db".into(),
+                pool_max: 4,
+            })
+            .expect_err("password");
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+        let e = c.remove_datasource("pg1").expect_err("in use").to_string();
+        assert!(e.contains("pg1") && e.contains("sq"), "{e}");
+        assert!(matches!(
+            c.remove_datasource("pg9"),
+            Err(ConfigError::UnknownDataSource { .. })
+        ));
+        assert!(matches!(
+            c.remove_app("nope"),
+            Err(ConfigError::UnknownApp { .. })
+        ));
+        assert_eq!(c, before);
+
+        c.add_datasource(DataSourceCfg {
+            name: "m10".into(),
+            kind: DataSourceKind::MariaDb,
+            url: "mariadb://keel@127.0.0.1:3306/db".into(),
+            pool_max: 256,
+        })
+        .expect("mariadb");
+        c.add_datasource(DataSourceCfg {
+            name: "m2".into(),
+            kind: DataSourceKind::MariaDb,
+            url: "mysql://keel@127.0.0.1/db".into(),
+            pool_max: 1,
+        })
+        .expect("mysql");
+        let names: Vec<&str> = c.datasources.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["m2", "m10", "pg1"], "natural name order");
+        assert_eq!(c.remove_app("sq").expect("remove").name, "sq");
+        assert_eq!(c.remove_datasource("pg1").expect("remove").name, "pg1");
+        c.validate().expect("valid");
+    }
+
+    #[test]
+    fn validate_catches_each_datasource_rule() {
+        type Edit = Box<dyn FnOnce(&mut Config)>;
+        fn ds(f: fn(&mut DataSourceCfg)) -> Edit {
+            Box::new(move |c| f(&mut c.datasources[0]))
+        }
+        let cases: Vec<(&str, Edit)> = vec![
+            ("datasource.name", ds(|d| d.name = "bad name".into())),
+            (
+                "datasource.name",
+                Box::new(|c| {
+                    let d = c.datasources[0].clone();
+                    c.datasources.push(d);
+                }),
+            ),
+            ("datasource.url", ds(|d| d.url = "mysql://keel@h/db".into())),
+            (
+                "datasource.url",
+                ds(|d| {
+                    d.kind = DataSourceKind::MariaDb;
+                    d.url = "postgresql://keel@h/db".into();
+                }),
+            ),
+            ("datasource.url", ds(|d| d.url = "postgresql://".into())),
+            (
+                "datasource.url",
+                ds(|d| d.url = "postgresql://h/my db".into()),
+            ),
+            ("datasource.pool_max", ds(|d| d.pool_max = 0)),
+            ("datasource.pool_max", ds(|d| d.pool_max = 257)),
+        ];
+        for (want, f) in cases {
+            let mut c = sample_with_apps();
+            f(&mut c);
+            assert_eq!(invalid_key(c.validate()), want);
+        }
+        // A password is refused and never echoed, whatever the scheme.
+        for url in [
+            "postgresql://keel:s3cret@h/db",
+            "postgres://keel:s3cret@h/db",
+            "mysql://keel:s3cret@h/db",
+            "keel:s3cret@h/db",
+        ] {
+            let mut c = sample_with_apps();
+            c.datasources[0].url = url.into();
+            let e = c.validate().expect_err(url);
+            assert!(
+                matches!(&e, ConfigError::Invalid { key, file, .. } if key == "datasource.url" && file == Path::new("datasources/pg1.toml")),
+                "{e:?}"
+            );
+            let e = e.to_string();
+            assert!(!e.contains("s3cret") && e.contains("password"), "{e}");
+        }
+        let mut c = sample_with_apps();
+        c.datasources[0].pool_max = 256;
+        c.datasources[0].url = "postgres://keel@[::1]:5432/db?sslmode=disable".into();
+        c.validate().expect("edges are valid");
+    }
+
+    #[test]
+    fn validate_catches_each_app_rule() {
+        type Edit = Box<dyn FnOnce(&mut AppCfg)>;
+        fn long(n: usize) -> String {
+            "x".repeat(n)
+        }
+        // (app to edit, expected key, edit)
+        let cases: Vec<(&str, &str, Edit)> = vec![
+            ("fwd", "app.name", Box::new(|a| a.name = "-x".into())),
+            ("fwd", "app.server", Box::new(|a| a.server = "ghost".into())),
+            ("fwd", "app.bus", Box::new(|a| a.bus = "bus9".into())),
+            // server1 is not a member of bus2.
+            ("fwd", "app.bus", Box::new(|a| a.bus = "bus2".into())),
+            ("fwd", "app.on", Box::new(|a| a.on = "ghost".into())),
+            ("fwd", "app.on", Box::new(|a| a.on = "news".into())),
+            ("fwd", "app.on", Box::new(|a| a.on = "far".into())),
+            ("fwd", "app.concurrency", Box::new(|a| a.concurrency = 0)),
+            ("fwd", "app.concurrency", Box::new(|a| a.concurrency = 65)),
+            ("fwd", "app.to", Box::new(|a| a.to = None)),
+            ("fwd", "app.to", Box::new(|a| a.to = Some("ghost".into()))),
+            ("fwd", "app.to", Box::new(|a| a.to = Some("far".into()))),
+            ("fwd", "app.to", Box::new(|a| a.to = Some("in".into()))),
+            (
+                "fwd",
+                "app.datasource",
+                Box::new(|a| a.datasource = Some("pg1".into())),
+            ),
+            (
+                "fwd",
+                "app.statement",
+                Box::new(|a| a.statement = Some("SELECT 1".into())),
+            ),
+            (
+                "fwd",
+                "app.script",
+                Box::new(|a| a.script = Some("fn on_message(m) {}".into())),
+            ),
+            ("sq", "app.datasource", Box::new(|a| a.datasource = None)),
+            (
+                "sq",
+                "app.datasource",
+                Box::new(|a| a.datasource = Some("pg9".into())),
+            ),
+            ("sq", "app.statement", Box::new(|a| a.statement = None)),
+            (
+                "sq",
+                "app.statement",
+                Box::new(|a| a.statement = Some(" \n".into())),
+            ),
+            (
+                "sq",
+                "app.statement",
+                Box::new(|a| a.statement = Some(long(64 * 1024 + 1))),
+            ),
+            (
+                "sq",
+                "app.statement",
+                Box::new(|a| a.statement = Some("SELECT \u{1}".into())),
+            ),
+            ("sq", "app.to", Box::new(|a| a.to = Some("out".into()))),
+            (
+                "sq",
+                "app.script",
+                Box::new(|a| a.script = Some("x".into())),
+            ),
+            ("sc", "app.script", Box::new(|a| a.script = None)),
+            (
+                "sc",
+                "app.script",
+                Box::new(|a| a.script = Some(String::new())),
+            ),
+            (
+                "sc",
+                "app.script",
+                Box::new(|a| a.script = Some(long(256 * 1024 + 1))),
+            ),
+            (
+                "sc",
+                "app.script",
+                Box::new(|a| a.script = Some("fn on_message(m) {\0}".into())),
+            ),
+            ("sc", "app.to", Box::new(|a| a.to = Some("out".into()))),
+            (
+                "sc",
+                "app.datasource",
+                Box::new(|a| a.datasource = Some("pg1".into())),
+            ),
+            (
+                "sc",
+                "app.statement",
+                Box::new(|a| a.statement = Some("SELECT 1".into())),
+            ),
+        ];
+        for (name, want, f) in cases {
+            let mut c = sample_with_apps();
+            let a = c.apps.iter_mut().find(|a| a.name == name).expect("app");
+            f(a);
+            let file = rel_app(&a.name);
+            match c.validate() {
+                Err(ConfigError::Invalid { key, file: f, .. }) => {
+                    assert_eq!((name, key.as_str()), (name, want));
+                    assert_eq!(f, file);
+                }
+                other => panic!("{name} {want}: expected Invalid, got {other:?}"),
+            }
+        }
+        // Duplicate names.
+        let mut c = sample_with_apps();
+        let a = c.apps[0].clone();
+        c.apps.push(a);
+        assert_eq!(invalid_key(c.validate()), "app.name");
+        // A script is never echoed in an error, only its size.
+        let mut c = sample_with_apps();
+        c.apps[0].script = Some("let secret_token = 1;".into());
+        let e = c.validate().expect_err("forward with script").to_string();
+        assert!(
+            !e.contains("secret_token") && e.contains("a script of 21 bytes"),
+            "{e}"
+        );
+        // The edges are accepted.
+        let mut c = sample_with_apps();
+        for a in &mut c.apps {
+            a.concurrency = if a.kind == AppKind::Sql { 1 } else { 64 };
+            match a.kind {
+                AppKind::Forward => a.to = Some("news".into()),
+                AppKind::Sql => a.statement = Some(long(64 * 1024)),
+                AppKind::Script => a.script = Some(long(256 * 1024)),
+            }
+        }
+        c.validate().expect("edges are valid");
+    }
+
+    #[test]
+    fn removing_what_an_app_needs_is_caught() {
+        // The server (with its memberships and the queues of its engines).
+        let mut c = sample_with_apps();
+        for b in &mut c.buses {
+            b.members.retain(|m| m.server != "server1");
+            b.destinations.retain(|d| d.me != "node01.server1-bus1");
+        }
+        c.nodes[0].servers.retain(|s| s.name != "server1");
+        assert_eq!(invalid_key(c.validate()), "app.server");
+        // The bus membership (and the queues of the engine that went with it).
+        let mut c = sample_with_apps();
+        c.buses[0].members.retain(|m| m.server != "server1");
+        c.buses[0]
+            .destinations
+            .retain(|d| d.me != "node01.server1-bus1");
+        assert_eq!(invalid_key(c.validate()), "app.bus");
+        // A destination.
+        let mut c = sample_with_apps();
+        c.buses[0].destinations.retain(|d| d.name != "out");
+        assert_eq!(invalid_key(c.validate()), "app.to");
+        // A data source.
+        let mut c = sample_with_apps();
+        c.datasources.clear();
+        assert_eq!(invalid_key(c.validate()), "app.datasource");
     }
 }

@@ -1,9 +1,13 @@
 //! A profile: one self-contained directory holding a cell's configuration, credentials, logs,
 //! data stores, recovery logs and backups. Copying or deleting the directory is the whole
 //! install, so creation is all-or-nothing.
+//!
+//! Secrets live in `secrets/` (mode 0700), never in the configuration, logs or error messages:
+//! `admin-password` (the admin credential) and `datasources/<name>` (the password of data
+//! source `<name>`), each mode 0600, written by temp + fsync + rename.
 
 use std::fs::OpenOptions;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -16,6 +20,8 @@ use crate::repo::Repository;
 
 /// Length of the generated admin password; 32 alphanumerics are ~190 bits.
 const PASSWORD_LEN: usize = 32;
+/// Largest data source password file read; a password is one line.
+const MAX_SECRET_BYTES: u64 = 4096;
 
 /// What `keel profile create` may choose; the defaults are the documented ones.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -212,6 +218,50 @@ impl Profile {
         Ok(pw.to_string())
     }
 
+    /// Where the password of data source `name` is kept (`secrets/datasources/<name>`),
+    /// whether or not it exists.
+    pub fn datasource_password_file(&self, name: &str) -> Result<PathBuf> {
+        datasource_secret_file(&self.layout, name)
+    }
+
+    /// Saves the password of data source `name` in the profile's secrets (mode 0600, replaced
+    /// atomically, durable on return). A password is one line of at most 4 KiB.
+    pub fn set_datasource_password(&self, name: &str, password: &str) -> Result<()> {
+        let file = datasource_secret_file(&self.layout, name)?;
+        if password.is_empty()
+            || password.contains(['\n', '\r', '\0'])
+            || password.len() as u64 >= MAX_SECRET_BYTES
+        {
+            return Err(ConfigError::BadOption {
+                option: format!("the password of data source {name}"),
+                problem: format!(
+                    "is empty, longer than {} bytes, or holds a line break or NUL",
+                    MAX_SECRET_BYTES - 1
+                ),
+                fix: "use a password of one line".into(),
+            });
+        }
+        ensure_private_dir(&self.layout.secrets())?;
+        ensure_private_dir(&fsx::parent_of(&file))?;
+        fsx::write_atomic_private(&file, format!("{password}\n").as_bytes())
+    }
+
+    /// The password of data source `name`, `None` when it has none (see
+    /// [`read_datasource_password`]).
+    pub fn datasource_password(&self, name: &str) -> Result<Option<String>> {
+        read_datasource_password(&self.layout, name)
+    }
+
+    /// Deletes the password of data source `name`; a data source without one is fine.
+    pub fn remove_datasource_password(&self, name: &str) -> Result<()> {
+        let file = datasource_secret_file(&self.layout, name)?;
+        match std::fs::remove_file(&file) {
+            Ok(()) => fsx::fsync_dir(&fsx::parent_of(&file)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("delete", &file, FIX_PERM)(e)),
+        }
+    }
+
     /// The node this profile runs (profiles hold exactly one node for now). Read from the
     /// master's directory layout, not by loading it, so it works while a file is broken.
     pub fn local_node(&self) -> Result<String> {
@@ -233,6 +283,98 @@ impl Profile {
             fix: "restore the configuration with `keel config restore FILE`, or create a new profile".into(),
         })
     }
+}
+
+fn datasource_secret_file(layout: &Layout, name: &str) -> Result<PathBuf> {
+    // The name becomes a file name: the naming rule keeps it inside secrets/datasources/.
+    if let Some(problem) = name_problem(name) {
+        return Err(ConfigError::BadName {
+            what: "data source",
+            name: name.into(),
+            problem,
+        });
+    }
+    Ok(layout.secrets().join("datasources").join(name))
+}
+
+/// The password of data source `name` from the profile's secrets (`secrets/datasources/<name>`,
+/// one line), `None` when there is no such file. Refuses a file readable by group or others, or
+/// an empty one. For the server process, which has a layout but no `Profile`.
+pub fn read_datasource_password(layout: &Layout, name: &str) -> Result<Option<String>> {
+    let file = datasource_secret_file(layout, name)?;
+    let f = match std::fs::File::open(&file) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err("open", &file, FIX_PERM)(e)),
+    };
+    // Checked on the open file, so what is read is what was checked.
+    let meta = f.metadata().map_err(io_err("inspect", &file, FIX_PERM))?;
+    let secret_err = |problem: String, fix: String| ConfigError::Secret {
+        file: file.clone(),
+        problem,
+        fix,
+    };
+    if !meta.is_file() {
+        return Err(secret_err(
+            format!("the password of data source {name} is not a regular file"),
+            "replace it with a file holding the password (mode 600)".into(),
+        ));
+    }
+    let mode = meta.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(secret_err(
+            format!(
+                "the password file of data source {name} is readable by group or others (mode {mode:o})"
+            ),
+            format!("run `chmod 600 {}`", file.display()),
+        ));
+    }
+    let mut bytes = Vec::new();
+    f.take(MAX_SECRET_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_err("read", &file, FIX_PERM))?;
+    if bytes.len() as u64 > MAX_SECRET_BYTES {
+        return Err(secret_err(
+            format!(
+                "the password file of data source {name} is larger than {MAX_SECRET_BYTES} bytes"
+            ),
+            "write the password alone into it, on one line".into(),
+        ));
+    }
+    let Ok(text) = String::from_utf8(bytes) else {
+        return Err(secret_err(
+            format!("the password file of data source {name} is not UTF-8 text"),
+            "write the password into it as text, on one line".into(),
+        ));
+    };
+    let pw = text.strip_suffix('\n').unwrap_or(&text);
+    let pw = pw.strip_suffix('\r').unwrap_or(pw);
+    if pw.is_empty() {
+        return Err(secret_err(
+            format!("the password file of data source {name} is empty"),
+            "write the password into it (one line, mode 600), or delete the file if the data source needs no password".into(),
+        ));
+    }
+    Ok(Some(pw.to_string()))
+}
+
+/// Creates a directory only its owner may enter (fsyncing its parent); an existing one is left
+/// as it is.
+fn ensure_private_dir(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => return Ok(()),
+        Err(e) => return Err(io_err("create directory", dir, FIX_PERM)(e)),
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err(
+        "set permissions of",
+        dir,
+        FIX_PERM,
+    ))?;
+    fsx::fsync_dir(&fsx::parent_of(dir))
 }
 
 fn check_options(opts: &CreateOptions) -> Result<()> {
@@ -283,6 +425,8 @@ fn initial_config(opts: &CreateOptions) -> Result<Config> {
             servers: Vec::new(),
         }],
         buses: Vec::new(),
+        datasources: Vec::new(),
+        apps: Vec::new(),
     };
     let s = cfg.add_server(&opts.node, &opts.server)?;
     assert_eq!(
@@ -593,5 +737,75 @@ mod tests {
         let b = generate_password().expect("pw");
         assert_eq!(a.len(), PASSWORD_LEN);
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn datasource_passwords_are_private_files_in_secrets() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let p = Profile::create(&t.path().join("p"), &CreateOptions::default()).expect("create");
+        assert_eq!(p.datasource_password("pg1").expect("absent"), None);
+        p.remove_datasource_password("pg1").expect("absent is fine");
+
+        p.set_datasource_password("pg1", "s3cret with spaces ")
+            .expect("set");
+        let file = p.datasource_password_file("pg1").expect("path");
+        assert_eq!(file, p.layout().secrets().join("datasources").join("pg1"));
+        let mode = |path: &Path| std::fs::metadata(path).expect("stat").mode() & 0o777;
+        assert_eq!(mode(&file), 0o600);
+        assert_eq!(mode(file.parent().expect("dir")), 0o700);
+        assert_eq!(
+            p.datasource_password("pg1").expect("read").as_deref(),
+            Some("s3cret with spaces ")
+        );
+        assert_eq!(
+            read_datasource_password(p.layout(), "pg1")
+                .expect("read")
+                .as_deref(),
+            Some("s3cret with spaces ")
+        );
+        // Replaced atomically, no temp files left.
+        p.set_datasource_password("pg1", "0th3r-pw")
+            .expect("set again");
+        assert_eq!(
+            p.datasource_password("pg1").expect("read").as_deref(),
+            Some("0th3r-pw")
+        );
+        let entries: Vec<_> = std::fs::read_dir(file.parent().expect("dir"))
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(entries, ["pg1"]);
+
+        // Readable by group: refused, with the fix, and without the password.
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        let e = p.datasource_password("pg1").expect_err("group").to_string();
+        assert!(e.contains(&format!("chmod 600 {}", file.display())), "{e}");
+        assert!(!e.contains("0th3r-pw"), "{e}");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o604)).expect("chmod");
+        assert!(p.datasource_password("pg1").is_err(), "others");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+
+        // A hand-written file with a trailing newline; an empty one is refused.
+        std::fs::write(&file, "by hand\n").expect("write");
+        assert_eq!(
+            p.datasource_password("pg1").expect("read").as_deref(),
+            Some("by hand")
+        );
+        std::fs::write(&file, "\n").expect("write");
+        assert!(p.datasource_password("pg1").is_err(), "empty");
+
+        p.remove_datasource_password("pg1").expect("remove");
+        assert!(!file.exists());
+        assert_eq!(p.datasource_password("pg1").expect("absent"), None);
+
+        // Names stay inside secrets/datasources/; passwords are one line.
+        for bad in ["../admin-password", "", "a/b", ".x"] {
+            assert!(p.set_datasource_password(bad, "x").is_err(), "{bad:?}");
+            assert!(p.datasource_password(bad).is_err(), "{bad:?}");
+        }
+        for bad in ["", "two\nlines", "nul\0"] {
+            assert!(p.set_datasource_password("pg1", bad).is_err(), "{bad:?}");
+        }
+        assert!(!file.exists());
     }
 }

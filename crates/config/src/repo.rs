@@ -61,7 +61,7 @@ impl Repository {
         let _lock = RepoLock::exclusive(&self.dir)?;
         let (old, _) = self.load_unlocked()?;
         let mut cfg = old.clone();
-        f(&mut cfg)?;
+        f(&mut cfg).map_err(|e| files::rebase(e, &self.dir))?;
         cfg.canonicalize();
         cfg.version = old
             .version
@@ -149,7 +149,9 @@ fn write_repo(dir: &Path, cfg: &Config, old: Option<&Tree>) -> Result<()> {
         for _ in 0..2 {
             if d == dir
                 || !d.starts_with(dir)
-                || d.file_name().is_some_and(|n| n == "nodes" || n == "buses")
+                || d.file_name().is_some_and(|n| {
+                    n == "nodes" || n == "buses" || n == "datasources" || n == "apps"
+                })
             {
                 break;
             }
@@ -727,7 +729,7 @@ pub(crate) mod tests {
                 let mes: Vec<String> = out.iter().map(|m| m.me.clone()).collect();
                 BusCfg { name: bus, members: out, destinations: destinations(&mes, dests), allow_anonymous, max_message_bytes, duplicate_window_hours: 1 + (max_message_bytes % 500) as u32 }
             }).collect();
-            let mut c = Config { version, cell: Cell { name: cell }, nodes, buses };
+            let mut c = Config { version, cell: Cell { name: cell }, nodes, buses, datasources: Vec::new(), apps: Vec::new() };
             c.canonicalize();
             c
         }

@@ -74,6 +74,43 @@ catalog! {
     WSVR0106W, Warning, "Fault point names in KEEL_FAULTS are not known and will never fire: {points}.",
         "KEEL_FAULTS names fault points for crash tests; these names match no point in this build.",
         "Correct the names; `keel explain WSVR0106W` and docs/OPERATIONS.md list the points.";
+    // --- transaction service and applications -----------------------------------------------
+    WTRN0001I, Info, "Transaction service of server {server} started (recovery identity {recovery_id}, incarnation {incarnation}, resources {resources}); {decisions} logged decision(s) from earlier runs.",
+        "The server's two-phase commit coordinator opened its recovery logs (tranlog and partnerlog). Logged decisions are transactions that committed while some branch was not told yet.",
+        "None. Recovery finishes them; look for WTRN0004I.";
+    WTRN0002I, Info, "Transaction recovery pass {pass} of server {server}: {committed} branch(es) committed, {rolled_back} rolled back, {pending} decision(s) waiting for a resource.",
+        "Recovery asked every resource for the prepared branches of earlier runs of this server and finished them: committed where the decision was logged, rolled back otherwise (presumed abort). Passes repeat until one finds nothing.",
+        "None while the numbers fall to zero. If decisions keep waiting, read the WTRN0003W lines: a resource is unreachable.";
+    WTRN0003W, Warning, "Resource {resource} could not take part in transaction recovery: {reason}; trying again in {retry_s} s.",
+        "A data source or messaging engine did not answer recovery. Its in-doubt branches keep their locks until it answers.",
+        "Make the resource reachable (database running, URL and password right: `keel datasource list`). Recovery retries by itself.";
+    WTRN0004I, Info, "Transaction recovery of server {server} complete: {committed} branch(es) committed, {rolled_back} rolled back in {passes} pass(es); the locks in-doubt transactions held are released.",
+        "Every transaction in doubt after an earlier run of this server reached its outcome at every resource.",
+        "None.";
+    WTRN0005W, Warning, "Resource {resource} is named in the partnerlog of server {server} but is not configured; its in-doubt branches cannot be finished until it is configured again or an operator resolves them.",
+        "An earlier run of the server used this data source or messaging engine in transactions; the configuration no longer has it.",
+        "Configure it again (same name) and restart the server, or resolve the transactions by hand with `keel tx list` and `keel tx commit|rollback XID`.";
+    WTRN0006W, Warning, "Transaction {xid} was resolved by an operator ({outcome}): {detail}.",
+        "`keel tx commit` or `keel tx rollback` finished a transaction's branches by hand. Against a logged decision this is a heuristic outcome: some branches may have been told otherwise.",
+        "Check the data the transaction touched at every resource.";
+    WTRN0007E, Error, "Transaction {xid} committed but some branches could not be told yet: {reason}.",
+        "The commit decision is logged: recovery commits the remaining branches when their resources answer again.",
+        "Make the named resource reachable; `keel tx list` shows the transaction until it is finished.";
+    WTRN0008W, Warning, "Application {app}: message {id} from {dest} failed and its transaction rolled back: {reason}.",
+        "The handler or one of the resources it used failed; nothing of the transaction was committed. The message counts a failed delivery: it is delivered again, and after the destination's max_failed_deliveries it moves to the exception destination.",
+        "Fix the cause named (script error, statement, data source); messages on the exception destination can be moved back with `keel receive` / `keel send`.";
+    WTRN0009I, Info, "Application {app} started on {dest} ({kind}, {concurrency} handler(s)).",
+        "A message-driven application of the server receives from its destination; each message runs in one global transaction.",
+        "None.";
+    WTRN0010E, Error, "Application {app} cannot start: {reason}.",
+        "The application's configuration, script, destination or data source is not usable; the server runs without it.",
+        "Fix what is named, then restart the server.";
+    WTRN0011I, Info, "Transaction service of server {server} stopped with empty recovery logs (the next start is a cold start).",
+        "Every transaction finished before the server stopped, so the recovery logs hold nothing.",
+        "None.";
+    WTRN0012W, Warning, "Transaction service of server {server} stopped with {decisions} decision(s) still logged; the next start (normal or `--recovery`) finishes them.",
+        "Some committed transaction has a branch that was not told yet (its resource did not answer).",
+        "Start the server again when the resource is reachable; `keel server start NAME --recovery` finishes them without taking new work.";
     // --- admin API and node agent -----------------------------------------------------------
     ADMN0001I, Info, "Node agent of node {node} started (pid {pid}, admin port {admin_port}).",
         "The node agent is up and supervises the servers of its node.",

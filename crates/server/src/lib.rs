@@ -7,9 +7,10 @@
 //! file removed, `WSVR0024I`, exit 0.
 //!
 //! Recovery mode (`--recovery`): refused with `WSVR0104E` when the server has no recovery logs;
-//! otherwise only the admin port and the recovery participants run (no bus port, no
-//! applications), then `WSVR0105I` and exit 0. The transaction service plugs in as a
-//! participant.
+//! otherwise only the admin port, the messaging engines' stores and the transaction service
+//! run (no bus port, no links, no applications, no FLUSH); when recovery is complete
+//! `WSVR0105I` and exit 0. Normal mode runs the same recovery in the background while it takes
+//! new work, then starts the applications (`apps`).
 //!
 //! Exit codes (read by the node agent): 0 normal stop or recovery complete, 2 refused by
 //! configuration or state, 3 a port or file could not be opened.
@@ -30,8 +31,10 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+pub mod apps;
 pub mod links;
 pub mod recovery;
+pub mod txsvc;
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -245,6 +248,28 @@ async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
         }
     }
 
+    // The transaction service: its recovery logs and resources (the engines above, the
+    // cell's data sources). A corrupt log stops the start here, with the file named.
+    let tx_svc = txsvc::TxService::open(
+        profile.layout(),
+        &cfg,
+        &node,
+        &opts.server,
+        &tranlog_dir,
+        &engines,
+    )
+    .await
+    .map_err(|e| {
+        Fatal::refused(format!(
+            "transaction service of server {}: {e}",
+            opts.server
+        ))
+    })?;
+    registry.register(Arc::new(txsvc::TxServiceObject::new(tx_svc.clone(), &node)));
+    let (tx_stop, _) = watch::channel(false);
+    let mut tx_tasks = tokio::task::JoinSet::new();
+    let mut apps = None;
+
     let admin_shutdown = {
         let mut rx = stop_tx.subscribe();
         async move {
@@ -296,19 +321,56 @@ async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
     if opts.recovery {
         state.store(State::Started as u8, Ordering::Release);
         emit!(catalog::WSVR0103I, server = opts.server);
-        let resolved = recovery::run_participants(&[], &tranlog_dir)
-            .await
-            .map_err(|e| {
-                Fatal::refused(format!("recovery of server {} failed: {e}", opts.server))
-            })?;
-        emit!(
-            catalog::WSVR0105I,
-            server = opts.server,
-            resolved = resolved
-        );
-        let _ = stop_tx.send(Some("recovery complete".into()));
+        // Every engine opens its store (whatever its initial state): it may hold prepared
+        // branches. Nothing else reaches it: no bus port, no links, no applications.
+        for e in &engines {
+            if let Err(err) = e.start_for_recovery().await {
+                tracing::warn!(target: "keel_server", me = %e.config().me, error = %err, "the messaging engine cannot open for recovery; its branches wait");
+            }
+        }
+        let svc = tx_svc.clone();
+        let stop = stop_tx.clone();
+        let server = opts.server.clone();
+        let halt = tx_stop.subscribe();
+        tx_tasks.spawn(async move {
+            let s = svc.recover(halt).await;
+            if s.complete {
+                emit!(
+                    catalog::WTRN0004I,
+                    server = server,
+                    committed = s.committed,
+                    rolled_back = s.rolled_back,
+                    passes = s.passes
+                );
+                emit!(
+                    catalog::WSVR0105I,
+                    server = server,
+                    resolved = s.committed + s.rolled_back
+                );
+                let _ = stop.send(Some("recovery complete".into()));
+            }
+        });
     } else {
         start_engines(&cfg, &engines).await;
+        {
+            let svc = tx_svc.clone();
+            let server = opts.server.clone();
+            let halt = tx_stop.subscribe();
+            tx_tasks.spawn(async move {
+                let s = svc.recover(halt.clone()).await;
+                if s.complete {
+                    emit!(
+                        catalog::WTRN0004I,
+                        server = server,
+                        committed = s.committed,
+                        rolled_back = s.rolled_back,
+                        passes = s.passes
+                    );
+                    svc.watch_pending(halt).await;
+                }
+            });
+        }
+        apps = Some(apps::Apps::start(&cfg, &opts.server, &tx_svc));
         bus_task = bus_listener.map(|l| tokio::spawn(keel_amqp::serve(l, amqp_settings)));
         for e in &engines {
             for peer in links::peers_of(&cfg, e) {
@@ -350,6 +412,14 @@ async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
         t.abort();
     }
     link_tasks.abort_all();
+    // Applications finish the message they hold; then recovery stops and the logs close
+    // (empty when nothing is in doubt), before the engines the resources use.
+    if let Some(a) = apps {
+        a.stop().await;
+    }
+    let _ = tx_stop.send(true);
+    while tx_tasks.join_next().await.is_some() {}
+    tx_svc.shutdown().await;
     for e in &engines {
         if e.state() == keel_engine::MeState::Started {
             if let Err(err) = e.stop(false).await {

@@ -1,6 +1,5 @@
-//! Recovery-mode plumbing of the server. The transaction service (a later crate) plugs in as a
-//! `Participant`. With logs present and no participant able to replay them, a recovery start
-//! is refused and the logs are left untouched: reporting "nothing to do" would be a lie.
+//! Whether a server has recovery logs (a `--recovery` start without them is refused). The
+//! recovery itself is the transaction service's (`txsvc`).
 //!
 //! What counts as "has recovery logs": a non-empty file anywhere under
 //! `tranlog/<cell>/<node>/<server>/` (the tranlog and partnerlog directories). A clean shutdown
@@ -34,38 +33,6 @@ pub fn has_logs(dir: &Path) -> bool {
     }
     let mut budget = 10_000;
     walk(dir, 0, &mut budget)
-}
-
-/// Something that replays recovery logs: finishes in-doubt transactions at every resource.
-pub trait Participant: Send + Sync {
-    fn name(&self) -> &str;
-    /// Resolves everything the logs hold; returns how many transactions it resolved.
-    fn recover<'a>(
-        &'a self,
-        tranlog_dir: &'a Path,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, String>> + Send + 'a>>;
-}
-
-/// Runs every participant to completion and returns how many in-doubt transactions they
-/// resolved in total. Refuses when there is none: the logs would go unread.
-pub async fn run_participants(
-    participants: &[Box<dyn Participant>],
-    tranlog_dir: &Path,
-) -> Result<u64, String> {
-    if participants.is_empty() {
-        return Err(format!(
-            "recovery logs exist under {} but this build of Keel has no transaction service to replay them; the logs are left untouched",
-            tranlog_dir.display()
-        ));
-    }
-    let mut resolved = 0u64;
-    for p in participants {
-        resolved += p
-            .recover(tranlog_dir)
-            .await
-            .map_err(|e| format!("{}: {e}", p.name()))?;
-    }
-    Ok(resolved)
 }
 
 #[cfg(test)]

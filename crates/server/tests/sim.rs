@@ -89,6 +89,8 @@ fn config(sides: &[&Side]) -> Config {
             max_message_bytes: 1 << 20,
             duplicate_window_hours: 168,
         }],
+        datasources: Vec::new(),
+        apps: Vec::new(),
     }
 }
 

@@ -18,6 +18,8 @@
 pub mod conformance;
 mod error;
 mod fsx;
+#[doc(hidden)]
+pub mod mariatest;
 mod pg;
 #[doc(hidden)]
 pub mod pgtest;

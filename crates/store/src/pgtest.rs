@@ -122,6 +122,21 @@ impl Cluster {
 }
 
 impl Cluster {
+    /// The `psql` client of this cluster's installation, connected over its socket.
+    pub fn psql(&self) -> Command {
+        let mut c = if self.root {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(self.bin.join("psql"));
+            c
+        } else {
+            Command::new(self.bin.join("psql"))
+        };
+        c.arg("-X")
+            .args(["-v", "ON_ERROR_STOP=1", "-At", "-d"])
+            .arg(self.url());
+        c
+    }
+
     /// URL form over TCP on 127.0.0.1 (trust authentication, no password).
     pub fn tcp_url(&self) -> String {
         format!("postgresql://postgres@127.0.0.1:{}/postgres", self.port)
@@ -148,7 +163,7 @@ impl Drop for Cluster {
 /// A free port in 11000..20000: below the kernel's ephemeral range (a port from that range,
 /// which binding port 0 gives, can be taken by any outgoing connection before PostgreSQL binds
 /// it) and apart from the 20000+ ranges the integration tests give their servers.
-fn free_port_below_ephemeral() -> u16 {
+pub(crate) fn free_port_below_ephemeral() -> u16 {
     let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse().ok())

@@ -56,6 +56,33 @@ impl Xid {
     }
 }
 
+impl std::str::FromStr for Xid {
+    type Err = String;
+
+    /// The form `Display` writes: `<format id, 8 hex>:<gtrid hex>:<bqual hex>`.
+    fn from_str(s: &str) -> Result<Xid, String> {
+        let bad = || {
+            format!(
+                "`{s}` is not a transaction id: give it as `keel tx list` shows it (FORMAT:GTRID:BQUAL in hex)"
+            )
+        };
+        let mut parts = s.split(':');
+        let (Some(f), Some(g), Some(b), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad());
+        };
+        if f.len() != 8 || g.is_empty() || g.len() > 128 || b.len() > 128 {
+            return Err(bad());
+        }
+        Ok(Xid {
+            format_id: u32::from_str_radix(f, 16).map_err(|_| bad())? as i32,
+            gtrid: keel_core::hex::decode(g).ok_or_else(bad)?,
+            bqual: keel_core::hex::decode(b).ok_or_else(bad)?,
+        })
+    }
+}
+
 impl std::fmt::Display for Xid {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -121,6 +148,9 @@ pub enum TxError {
     },
 }
 
+/// A decided transaction's branches: (resource name, branch XID).
+pub type Branches = Vec<(String, Xid)>;
+
 /// What the tranlog holds for a decided transaction: its branches by resource.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Decision {
@@ -146,6 +176,14 @@ impl Transaction {
         xid
     }
 
+    /// Takes back the branch `xid` enlisted last, when its resource could not even open it
+    /// (a connect failed): there is nothing there to prepare or roll back.
+    pub fn unenlist(&mut self, xid: &Xid) {
+        if self.branches.last().is_some_and(|(_, x)| x == xid) {
+            self.branches.pop();
+        }
+    }
+
     /// The global id, for messages.
     pub fn name(&self) -> String {
         Xid {
@@ -163,6 +201,9 @@ pub struct Coordinator {
     incarnation: u64,
     next: AtomicU64,
     log: RecoveryLog,
+    /// Decisions of this incarnation whose phase two did not reach every branch
+    /// (`TxError::CommitPending`): the next recovery pass finishes them.
+    pending: std::sync::Mutex<std::collections::BTreeMap<u64, Vec<u8>>>,
 }
 
 /// What recovery did.
@@ -187,7 +228,71 @@ impl Coordinator {
             incarnation,
             next: AtomicU64::new(1),
             log,
+            pending: std::sync::Mutex::new(std::collections::BTreeMap::new()),
         }
+    }
+
+    /// This coordinator's incarnation (the XIDs of its transactions carry it).
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    pub fn recovery_id(&self) -> &str {
+        &self.recovery_id
+    }
+
+    /// Makes this coordinator's transaction numbers start above `max`: the tranlog keys
+    /// decisions by transaction number, and an earlier incarnation's decision still in the log
+    /// must never be overwritten (or removed) by a new transaction of the same number.
+    pub fn reserve_ids_above(&self, max: u64) {
+        self.next
+            .fetch_max(max.saturating_add(1), Ordering::Relaxed);
+    }
+
+    /// The decisions of a tranlog's live records: transaction number → branches by resource.
+    pub fn decisions(
+        &self,
+        live: &std::collections::BTreeMap<u64, Vec<u8>>,
+    ) -> Result<Vec<(u64, Branches)>, LogError> {
+        live.iter()
+            .map(|(id, data)| {
+                postcard::from_bytes::<Decision>(data)
+                    .map(|d| (*id, d.branches))
+                    .map_err(|e| LogError::BadRecord {
+                        dir: self.log.dir().to_path_buf(),
+                        id: *id,
+                        detail: e.to_string(),
+                    })
+            })
+            .collect()
+    }
+
+    /// Whether `xid` belongs to an earlier incarnation of this coordinator: recovery's to
+    /// resolve. (This incarnation's branches belong to transactions still running here: a
+    /// background recovery pass must never roll back a branch prepared a moment ago.)
+    pub fn is_recoverable(&self, xid: &Xid) -> bool {
+        matches!(xid.keel_tx(&self.recovery_id), Some((inc, _)) if inc != self.incarnation)
+    }
+
+    /// Moves this incarnation's pending decisions into `live` (what `recover_pass` does first),
+    /// for a listing or a resolution by hand.
+    pub fn merge_pending(&self, live: &mut std::collections::BTreeMap<u64, Vec<u8>>) {
+        live.append(&mut self.pending.lock().expect("pending lock"));
+    }
+
+    /// Closes the tranlog (see `RecoveryLog::close`); returns the live records it holds.
+    pub async fn close_log(&self) -> Result<usize, LogError> {
+        self.log.close().await
+    }
+
+    /// Whether some decision of this incarnation waits for a recovery pass.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.lock().expect("pending lock").is_empty()
+    }
+
+    /// Removes decision `id` from the tranlog (forced): an operator resolved it by hand.
+    pub async fn forget(&self, id: u64) -> Result<(), LogError> {
+        self.log.write(vec![Op::Remove { id }], true).await
     }
 
     pub fn begin(&self) -> Transaction {
@@ -252,7 +357,13 @@ impl Coordinator {
         let data = postcard::to_stdvec(&decision).expect("decisions encode");
         if let Err(source) = self
             .log
-            .write(vec![Op::Put { id: tx.id, data }], true)
+            .write(
+                vec![Op::Put {
+                    id: tx.id,
+                    data: data.clone(),
+                }],
+                true,
+            )
             .await
         {
             self.rollback_all(&tx, &votes).await;
@@ -271,7 +382,11 @@ impl Coordinator {
             }
         }
         if let Some(e) = failed.first() {
-            // The decision stays logged: recovery (or a retry) finishes the branches.
+            // The decision stays logged: the next recovery pass finishes the branches.
+            self.pending
+                .lock()
+                .expect("pending lock")
+                .insert(tx.id, data);
             return Err(TxError::CommitPending {
                 xid: name,
                 pending: failed.len(),
@@ -317,9 +432,22 @@ impl Coordinator {
         live: &std::collections::BTreeMap<u64, Vec<u8>>,
         resources: &[Arc<dyn Resource>],
     ) -> Result<Recovered, LogError> {
+        let mut live = live.clone();
+        self.recover_pass(&mut live, resources).await
+    }
+
+    /// One recovery pass (see [`Coordinator::recover`]); decisions it finished leave `live`,
+    /// so passes can repeat (a PREPARE in flight at a crash can complete after a pass).
+    /// Branches of this incarnation are left alone, except those of its pending decisions.
+    pub async fn recover_pass(
+        &self,
+        live: &mut std::collections::BTreeMap<u64, Vec<u8>>,
+        resources: &[Arc<dyn Resource>],
+    ) -> Result<Recovered, LogError> {
+        self.merge_pending(live);
         let mut out = Recovered::default();
         let mut decisions: Vec<(u64, Decision)> = Vec::new();
-        for (id, data) in live {
+        for (id, data) in live.iter() {
             let d: Decision = postcard::from_bytes(data).map_err(|e| LogError::BadRecord {
                 dir: self.log.dir().to_path_buf(),
                 id: *id,
@@ -343,12 +471,11 @@ impl Coordinator {
             };
             answered.insert(r.name().to_string());
             for xid in prepared {
-                if xid.keel_tx(&self.recovery_id).is_none() {
-                    continue; // another coordinator's
-                }
                 let r2 = if committed.contains(&xid) {
                     out.committed += 1;
                     r.commit(&xid, false).await
+                } else if !self.is_recoverable(&xid) {
+                    continue; // another coordinator's, or running in this incarnation
                 } else {
                     out.rolled_back += 1;
                     r.rollback(&xid).await
@@ -374,7 +501,12 @@ impl Coordinator {
             }
         }
         if !done.is_empty() {
-            self.log.write(done, true).await?;
+            self.log.write(done.clone(), true).await?;
+            for op in done {
+                if let Op::Remove { id } = op {
+                    live.remove(&id);
+                }
+            }
         }
         Ok(out)
     }

@@ -481,11 +481,15 @@ impl Writer {
 
 /// A request to the writer thread.
 enum Request {
-    Write {
-        ops: Vec<Op>,
-        force: bool,
-        reply: tokio::sync::oneshot::Sender<Result<(), LogError>>,
-    },
+    Write(WriteRequest),
+    /// Finish what came before, answer with the number of live records, and stop.
+    Close(tokio::sync::oneshot::Sender<usize>),
+}
+
+struct WriteRequest {
+    ops: Vec<Op>,
+    force: bool,
+    reply: tokio::sync::oneshot::Sender<Result<(), LogError>>,
 }
 
 /// A recovery log used from async code: one writer thread takes every request waiting at a
@@ -525,7 +529,10 @@ impl RecoveryLog {
             dir: self.dir.clone(),
         };
         // The channel is bounded: when it is full a caller waits, on a blocking thread.
-        match self.tx.try_send(Request::Write { ops, force, reply }) {
+        match self
+            .tx
+            .try_send(Request::Write(WriteRequest { ops, force, reply }))
+        {
             Ok(()) => {}
             Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return Err(closed()),
             Err(std::sync::mpsc::TrySendError::Full(r)) => {
@@ -538,14 +545,37 @@ impl RecoveryLog {
         }
         answer.await.map_err(|_| closed())?
     }
+
+    /// Finishes every write asked before, stops the writer thread (its files are closed when
+    /// this returns) and returns how many live records the log holds. Later writes fail with
+    /// `LogError::Closed`. A server's clean shutdown uses the count to leave empty logs.
+    pub async fn close(&self) -> Result<usize, LogError> {
+        let closed = || LogError::Closed {
+            dir: self.dir.clone(),
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let tx = self.tx.clone();
+        tokio::task::spawn_blocking(move || tx.send(Request::Close(reply)))
+            .await
+            .map_err(|_| closed())?
+            .map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())
+    }
 }
 
 fn writer_thread(mut w: Writer, rx: std::sync::mpsc::Receiver<Request>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < BATCH_REQUESTS_MAX {
+    loop {
+        let Ok(first) = rx.recv() else { return };
+        let mut batch = Vec::new();
+        let mut close = None;
+        match first {
+            Request::Write(r) => batch.push(r),
+            Request::Close(reply) => close = Some(reply),
+        }
+        while close.is_none() && batch.len() < BATCH_REQUESTS_MAX {
             match rx.try_recv() {
-                Ok(r) => batch.push(r),
+                Ok(Request::Write(r)) => batch.push(r),
+                Ok(Request::Close(reply)) => close = Some(reply),
                 Err(_) => break,
             }
         }
@@ -553,7 +583,7 @@ fn writer_thread(mut w: Writer, rx: std::sync::mpsc::Receiver<Request>) {
         // force for all that asked, then the answers.
         let mut results = Vec::with_capacity(batch.len());
         let mut force = false;
-        for Request::Write { ops, force: f, .. } in &batch {
+        for WriteRequest { ops, force: f, .. } in &batch {
             let r = w.append(ops);
             force |= *f && r.is_ok();
             results.push(r);
@@ -561,7 +591,7 @@ fn writer_thread(mut w: Writer, rx: std::sync::mpsc::Receiver<Request>) {
         let forced = if force { w.force() } else { Ok(()) };
         let forced = forced.map_err(|e| e.to_string());
         for (
-            Request::Write {
+            WriteRequest {
                 force: f, reply, ..
             },
             r,
@@ -575,6 +605,10 @@ fn writer_thread(mut w: Writer, rx: std::sync::mpsc::Receiver<Request>) {
                 (r, _) => r,
             };
             let _ = reply.send(r);
+        }
+        if let Some(reply) = close {
+            let _ = reply.send(w.live().len());
+            return;
         }
         // A keypoint failure poisons the log: later writes say so.
         if let Err(e) = w.keypoint_if_due() {

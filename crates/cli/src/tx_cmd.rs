@@ -1,0 +1,192 @@
+//! `keel tx list|commit|rollback`: transactions in doubt and their resolution by hand, through
+//! the `TransactionService` admin object of a running server (normal or recovery mode).
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Result};
+use clap::Subcommand;
+use keel_admin::{AdminClient, AdminError, Value};
+use keel_config::Config;
+
+use crate::ctx::{local, print_json, runtime, Ctx};
+
+#[derive(Subcommand, Debug)]
+pub enum TxCmd {
+    /// Transactions in doubt: decisions not finished, prepared branches of earlier runs.
+    List {
+        /// The server (default: every server of the node that is running).
+        #[arg(long)]
+        server: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Commits every prepared branch of a transaction by hand (a heuristic outcome when no
+    /// commit decision was logged).
+    Commit {
+        xid: String,
+        #[arg(long)]
+        server: Option<String>,
+    },
+    /// Rolls back every prepared branch of a transaction by hand (a heuristic outcome when a
+    /// commit decision was logged).
+    Rollback {
+        xid: String,
+        #[arg(long)]
+        server: Option<String>,
+    },
+}
+
+/// The servers to ask: the named one, or every server of the node.
+fn servers<'a>(cfg: &'a Config, node: &str, server: Option<&'a str>) -> Result<Vec<&'a str>> {
+    let all: Vec<&str> = cfg
+        .node(node)
+        .map(|n| n.servers.iter().map(|s| s.name.as_str()).collect())
+        .unwrap_or_default();
+    match server {
+        Some(s) if all.contains(&s) => Ok(vec![s]),
+        Some(s) => bail!(
+            "there is no server {s} on node {node} (servers: {})",
+            if all.is_empty() {
+                "none".into()
+            } else {
+                all.join(", ")
+            }
+        ),
+        None => Ok(all),
+    }
+}
+
+fn object(node: &str, server: &str) -> String {
+    keel_core::ObjectName::new(&[
+        ("type", "TransactionService"),
+        ("name", server),
+        ("node", node),
+        ("process", server),
+    ])
+    .to_string()
+}
+
+/// Invokes `op` on `server`'s transaction service; `Ok(None)` when the server is not running.
+fn invoke(
+    ctx: &Ctx,
+    cfg: &Config,
+    node: &str,
+    server: &str,
+    op: &str,
+    args: Vec<Value>,
+) -> Result<Option<Value>> {
+    let profile = ctx.profile()?;
+    let (_, s) = cfg
+        .find_server(server)
+        .ok_or_else(|| anyhow!("there is no server {server}"))?;
+    let client = AdminClient::new(local(s.admin_port), ctx.credential(&profile)?)
+        .with_timeout_ms(Duration::from_secs(120).as_millis() as u64);
+    let rt = runtime()?;
+    match rt.block_on(client.invoke(&object(node, server), op, args)) {
+        Ok(v) => Ok(Some(v)),
+        Err(AdminError::Unreachable { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub fn run(ctx: &Ctx, cmd: TxCmd) -> Result<ExitCode> {
+    let profile = ctx.profile()?;
+    let (node, cfg) = ctx.config(&profile)?;
+    match cmd {
+        TxCmd::List { server, json } => {
+            let mut rows = Vec::new();
+            let mut down = Vec::new();
+            for s in servers(&cfg, &node, server.as_deref())? {
+                match invoke(ctx, &cfg, &node, s, "list", vec![])? {
+                    Some(Value::Array(list)) => {
+                        for mut t in list {
+                            t["server"] = Value::from(s);
+                            rows.push(t);
+                        }
+                    }
+                    Some(other) => bail!("server {s} answered an unexpected list: {other}"),
+                    None => down.push(s.to_string()),
+                }
+            }
+            if server.is_some() && !down.is_empty() {
+                bail!(
+                    "server {} is not running: transactions in doubt are listed by a running server; start it (`keel server start {} --recovery` finishes them and exits)",
+                    down[0],
+                    down[0]
+                );
+            }
+            if json {
+                print_json(&Value::Array(rows));
+            } else if rows.is_empty() {
+                println!("No transaction in doubt.");
+            } else {
+                for t in &rows {
+                    println!(
+                        "{}  {}  server {}",
+                        t["xid"].as_str().unwrap_or("?"),
+                        t["state"].as_str().unwrap_or("?"),
+                        t["server"].as_str().unwrap_or("?")
+                    );
+                    for b in t["branches"].as_array().into_iter().flatten() {
+                        println!("    {}", b.as_str().unwrap_or("?"));
+                    }
+                }
+            }
+            if !down.is_empty() && server.is_none() {
+                eprintln!("(not running, not asked: {})", down.join(", "));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        TxCmd::Commit { xid, server } => resolve(ctx, &cfg, &node, &xid, server, "commit"),
+        TxCmd::Rollback { xid, server } => resolve(ctx, &cfg, &node, &xid, server, "rollback"),
+    }
+}
+
+/// The server whose transaction `xid` is: its global id starts with the server's recovery
+/// identity `node/server`.
+fn server_of(xid: &str) -> Option<String> {
+    let gtrid = keel_core::hex::decode(xid.split(':').nth(1)?)?;
+    let id = gtrid.get(..gtrid.len().checked_sub(16)?)?;
+    let id = std::str::from_utf8(id).ok()?;
+    id.split_once('/').map(|(_, s)| s.to_string())
+}
+
+fn resolve(
+    ctx: &Ctx,
+    cfg: &Config,
+    node: &str,
+    xid: &str,
+    server: Option<String>,
+    op: &str,
+) -> Result<ExitCode> {
+    let server = match server.or_else(|| server_of(xid)) {
+        Some(s) => s,
+        None => bail!("cannot tell which server transaction {xid} belongs to; give --server (`keel tx list` shows it)"),
+    };
+    servers(cfg, node, Some(&server))?;
+    match invoke(ctx, cfg, node, &server, op, vec![Value::from(xid)])? {
+        Some(Value::String(s)) => {
+            println!("{s}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(other) => {
+            println!("{other}");
+            Ok(ExitCode::SUCCESS)
+        }
+        None => bail!("server {server} is not running; start it (`keel server start {server} --recovery` resolves what the logs decide, then `keel tx list` shows what is left)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_server_comes_from_the_recovery_identity() {
+        let mut gtrid = b"node01/server1".to_vec();
+        gtrid.extend_from_slice(&[0; 16]);
+        let xid = format!("4b45454c:{}:", keel_core::hex::encode(&gtrid));
+        assert_eq!(super::server_of(&xid).as_deref(), Some("server1"));
+        assert_eq!(super::server_of("4b45454c:00:"), None);
+        assert_eq!(super::server_of("nonsense"), None);
+    }
+}
