@@ -33,6 +33,9 @@ pub struct SendArgs {
     body: Option<String>,
     #[arg(long)]
     file: Option<PathBuf>,
+    /// An application property, KEY=VALUE (repeatable); the value is a string.
+    #[arg(long = "property", value_name = "KEY=VALUE")]
+    properties: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -100,6 +103,16 @@ pub fn send(ctx: &Ctx, a: SendArgs) -> Result<ExitCode> {
     }
     if let Some(t) = a.ttl_ms {
         opts["ttl_ms"] = Value::from(t);
+    }
+    if !a.properties.is_empty() {
+        let mut props = serde_json::Map::new();
+        for p in &a.properties {
+            let Some((k, v)) = p.split_once('=').filter(|(k, _)| !k.is_empty()) else {
+                bail!("--property takes KEY=VALUE, not `{p}`");
+            };
+            props.insert(k.to_string(), Value::from(v));
+        }
+        opts["properties"] = Value::Object(props);
     }
     let rt = runtime()?;
     for _ in 0..a.count {
