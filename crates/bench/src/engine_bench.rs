@@ -27,7 +27,7 @@ pub struct Opts {
     pub json: bool,
 }
 
-fn engine(dir: &std::path::Path) -> Arc<Engine> {
+pub(crate) fn engine(dir: &std::path::Path) -> Arc<Engine> {
     let q = DestinationCfg::new("bench", DestinationKind::Queue, ME);
     Engine::new(
         EngineConfig {

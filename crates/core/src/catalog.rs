@@ -108,8 +108,8 @@ catalog! {
     WTRN0011I, Info, "Transaction service of server {server} stopped with empty recovery logs (the next start is a cold start).",
         "Every transaction finished before the server stopped, so the recovery logs hold nothing.",
         "None.";
-    WTRN0012W, Warning, "Transaction service of server {server} stopped with {decisions} decision(s) still logged; the next start (normal or `--recovery`) finishes them.",
-        "Some committed transaction has a branch that was not told yet (its resource did not answer).",
+    WTRN0012W, Warning, "Transaction service of server {server} stopped with work in doubt ({what}); its recovery logs are kept and the next start (normal or `--recovery`) finishes it.",
+        "Some transaction was not finished at every resource when the server stopped: a committed one has a branch not told yet, or recovery of an earlier run had not completed (a resource did not answer, or is not configured).",
         "Start the server again when the resource is reachable; `keel server start NAME --recovery` finishes them without taking new work.";
     // --- admin API and node agent -----------------------------------------------------------
     ADMN0001I, Info, "Node agent of node {node} started (pid {pid}, admin port {admin_port}).",

@@ -1241,7 +1241,22 @@ impl Messaging {
     /// Applies the whole transaction in one store commit, then in memory. Returns the IDs of
     /// the messages it sent. On a store error nothing took effect and the claimed deliveries
     /// are locked again (settle them, or roll back).
-    pub async fn commit(&self, mut tx: Transaction) -> Result<Vec<String>, MessagingError> {
+    pub async fn commit(&self, tx: Transaction) -> Result<Vec<String>, MessagingError> {
+        self.commit_with(tx, false).await
+    }
+
+    /// Like `commit`, but on a store error the claimed deliveries become available again
+    /// (the transaction rolled back) instead of staying locked for their consumer to settle
+    /// again: for a transaction no client holds (an application's).
+    pub async fn commit_or_release(&self, tx: Transaction) -> Result<Vec<String>, MessagingError> {
+        self.commit_with(tx, true).await
+    }
+
+    async fn commit_with(
+        &self,
+        mut tx: Transaction,
+        release_on_error: bool,
+    ) -> Result<Vec<String>, MessagingError> {
         self.check_open()?;
         let mut ops = Vec::new();
         for s in tx
@@ -1282,7 +1297,14 @@ impl Messaging {
                 Err(err) => {
                     pending.done();
                     for (q, e, _) in tx.settles.drain(..) {
-                        q.state.lock().expect("queue lock").unclaim(e);
+                        let mut st = q.state.lock().expect("queue lock");
+                        if release_on_error {
+                            st.release(e);
+                            drop(st);
+                            q.notify.notify_one();
+                        } else {
+                            st.unclaim(e);
+                        }
                     }
                     return Err(err.into());
                 }

@@ -134,6 +134,16 @@ impl Messaging {
                 self.me
             )));
         }
+        // Phase two needs up to three ops per settled message (move back, count, move on)
+        // and one per send: a branch whose phase two could not be one store batch is refused
+        // now, while it can still roll back, never after it was prepared.
+        let persistent_settles = tx.settles.iter().filter(|(_, e, _)| e.persistent).count();
+        let phase_two_ops = record_sends(&tx).len() + 3 * persistent_settles + 1;
+        if phase_two_ops > keel_store::BATCH_OPS_MAX {
+            return Err(MessagingError::TransactionTooLarge {
+                max: (keel_store::BATCH_OPS_MAX - 1) / 3,
+            });
+        }
         let pdest = Self::prepared_dest(id);
         let mut ops = Vec::new();
         let mut record = PreparedRecord {
@@ -183,8 +193,14 @@ impl Messaging {
         let out = match self.store.commit(ops).await {
             Ok(out) => out,
             Err(err) => {
+                // Not prepared: the branch rolled back, so its deliveries are available again
+                // (unchanged: nothing reached the store). Unlike a local commit, no client
+                // holds them to settle again.
                 for (q, e, _) in tx.settles.drain(..) {
-                    q.state.lock().expect("queue lock").unclaim(e);
+                    let mut st = q.state.lock().expect("queue lock");
+                    st.release(e);
+                    drop(st);
+                    q.notify.notify_one();
                 }
                 return Err(err.into());
             }
@@ -428,6 +444,12 @@ impl Messaging {
                     }
                     touched.push(q);
                 }
+                // Its queue is gone from the configuration and the message was consumed:
+                // nothing to keep.
+                Err(_) if outcome == Outcome::Accepted => ops.push(Op::Delete {
+                    dest: pdest.clone(),
+                    seq: *seq,
+                }),
                 // Its queue is gone from the configuration: keep the message where an
                 // operator looks for it.
                 Err(_) => {

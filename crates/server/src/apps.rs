@@ -397,6 +397,9 @@ async fn handle(app: &App, d: &Delivery) -> Result<(), Failure> {
             Ok(()) => Ok(()),
             // Committed: the rest is recovery's (WTRN0007E was logged).
             Err(TxError::CommitPending { .. }) => Ok(()),
+            // The recovery log failed: not the message's fault; the branches stay prepared
+            // for the next start's recovery.
+            Err(e @ TxError::Log { .. }) => Err(Failure::Unreachable(e.to_string())),
             Err(e) => Err(Failure::Message(e.to_string())),
         },
         Err(f) => {
@@ -662,9 +665,13 @@ impl Script {
         let joined = tokio::task::spawn_blocking(move || {
             CTX.with(|c| *c.borrow_mut() = Some(ctx));
             let mut scope = rhai::Scope::new();
-            let r =
+            // A panic inside the engine must not lose the context: it holds the transaction
+            // whose branches must roll back.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 this.engine
-                    .call_fn::<rhai::Dynamic>(&mut scope, &this.ast, "on_message", (msg,));
+                    .call_fn::<rhai::Dynamic>(&mut scope, &this.ast, "on_message", (msg,))
+            }))
+            .unwrap_or_else(|_| Err("the script engine panicked".into()));
             let ctx = CTX
                 .with(|c| c.borrow_mut().take())
                 .expect("the context is set");
@@ -673,9 +680,11 @@ impl Script {
         .await;
         match joined {
             Ok((ctx, r)) => {
+                // A data source that could not be reached fails the message even if the
+                // script caught the error: committing without its write is not what it meant.
                 let out = match (r, ctx.unreachable) {
-                    (Ok(_), _) => Ok(()),
-                    (Err(_), Some(u)) => Err(Failure::Unreachable(u)),
+                    (_, Some(u)) => Err(Failure::Unreachable(u)),
+                    (Ok(_), None) => Ok(()),
                     (Err(e), None) => Err(Failure::Message(format!("script error: {e}"))),
                 };
                 (ctx.t, out)

@@ -40,6 +40,8 @@ const RETRY_FIRST_MS: u64 = 1_000;
 const RETRY_MAX_MS: u64 = 30_000;
 /// How often a running server looks for decisions of its own that wait for a resource.
 const PENDING_CHECK_MS: u64 = 5_000;
+/// How often a running server runs a recovery pass with nothing known to be pending.
+const SLOW_PASS_MS: u64 = 60_000;
 
 /// A messaging engine as a resource: branches are the engine's local transactions, prepared
 /// durably in its store (`keel_engine::messaging::xa`).
@@ -138,7 +140,7 @@ impl Resource for MeResource {
                     .take(xid)
                     .ok_or_else(|| self.err("commit", format!("no open branch {xid}")))?;
                 return m
-                    .commit(tx)
+                    .commit_or_release(tx)
                     .await
                     .map(|_| ())
                     .map_err(|e| self.err("commit", e));
@@ -496,15 +498,17 @@ impl TxService {
                 self.coord.recover_pass(&mut live, &watched).await
             };
             let errors = std::mem::take(&mut *errors.lock().expect("errors lock"));
-            let found = match &pass {
+            // progress: branches finished this pass; waiting: decisions that could not be.
+            let (progress, waiting) = match &pass {
                 Ok(r) => {
                     let mut st = self.status.lock().expect("status lock");
                     st.passes += 1;
                     st.committed += r.committed as u64;
                     st.rolled_back += r.rolled_back as u64;
+                    let pending_changed = st.pending != r.pending as u64;
                     st.pending = r.pending as u64;
                     st.last_error = errors.first().map(|(r, e)| format!("{r}: {e}"));
-                    if r.committed + r.rolled_back + r.pending > 0 {
+                    if r.committed + r.rolled_back > 0 || pending_changed {
                         emit!(
                             catalog::WTRN0002I,
                             pass = st.passes,
@@ -514,33 +518,35 @@ impl TxService {
                             pending = r.pending
                         );
                     }
-                    r.committed + r.rolled_back + r.pending > 0
+                    (r.committed + r.rolled_back > 0, r.pending > 0)
                 }
                 Err(e) => {
                     let mut st = self.status.lock().expect("status lock");
                     st.passes += 1;
                     st.last_error = Some(e.to_string());
                     tracing::error!(target: "keel_server", error = %e, "transaction recovery pass failed");
-                    true
+                    (false, true)
                 }
             };
-            let pause_ms = if errors.is_empty() && pass.is_ok() {
+            let pause_ms = if progress {
+                quiet_passes = 0;
                 retry_ms = RETRY_FIRST_MS;
-                if !found {
-                    quiet_passes += 1;
-                    // Two quiet passes in a row, a pause apart: a PREPARE a crashed process
-                    // had in flight has had time to land (and would have been found).
-                    if quiet_passes >= 2 {
-                        let mut st = self.status.lock().expect("status lock");
-                        st.complete = true;
-                        st.pending = 0;
-                        return st.clone();
-                    }
-                } else {
-                    quiet_passes = 0;
+                PASS_PAUSE_MS
+            } else if errors.is_empty() && !waiting && self.missing.is_empty() {
+                retry_ms = RETRY_FIRST_MS;
+                quiet_passes += 1;
+                // Two quiet passes in a row, a pause apart: a PREPARE a crashed process had in
+                // flight has had time to land (and would have been found).
+                if quiet_passes >= 2 {
+                    let mut st = self.status.lock().expect("status lock");
+                    st.complete = true;
+                    st.pending = 0;
+                    return st.clone();
                 }
                 PASS_PAUSE_MS
             } else {
+                // A resource failed, or a decision waits for one that is not configured
+                // (WTRN0005W at start): not complete; try again with back-off.
                 quiet_passes = 0;
                 let mut seen = std::collections::HashSet::new();
                 for (r, e) in &errors {
@@ -564,18 +570,25 @@ impl TxService {
         }
     }
 
-    /// Keeps finishing this run's pending decisions (a branch not told at commit) while the
-    /// server runs.
+    /// Keeps finishing this run's pending decisions and unconfirmed rollbacks while the
+    /// server runs, and every `SLOW_PASS_MS` runs a pass anyway (an earlier run's PREPARE can
+    /// land late at a slow database).
     pub async fn watch_pending(&self, stop: tokio::sync::watch::Receiver<bool>) {
         let mut stop2 = stop.clone();
+        let mut since_pass_ms = 0;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(PENDING_CHECK_MS)) => {}
                 _ = stop2.wait_for(|v| *v) => return,
             }
-            if self.coord.has_pending() {
+            since_pass_ms += PENDING_CHECK_MS;
+            let due = self.coord.has_pending()
+                || !self.live.lock().await.is_empty()
+                || since_pass_ms >= SLOW_PASS_MS;
+            if due {
+                since_pass_ms = 0;
                 let s = self.recover(stop.clone()).await;
-                if s.complete {
+                if s.complete && s.committed + s.rolled_back > 0 {
                     emit!(
                         catalog::WTRN0004I,
                         server = self.server,
@@ -673,43 +686,67 @@ impl TxService {
             .filter(|(_, b)| b.iter().any(|(_, bx)| bx.gtrid == x.gtrid))
             .map(|(id, _)| *id)
             .collect();
-        if decided.is_empty() && !self.coord.is_recoverable(&x) {
+        if decided.is_empty() && !self.coord.is_recoverable(&x) && !self.coord.is_unresolved(&x) {
             return Err(format!(
                 "transaction {xid} is running in this server now; it finishes by itself"
             ));
         }
+        // Every resource must answer first: a resolution that reached only some branches would
+        // be finished the other way by recovery (a mixed outcome).
+        let mut branches = Vec::new();
+        for r in &self.resources {
+            let prepared = r.recover().await.map_err(|e| {
+                format!("transaction {xid}: nothing was done, because {e}; try again when the resource answers")
+            })?;
+            branches.extend(
+                prepared
+                    .into_iter()
+                    .filter(|b| b.gtrid == x.gtrid)
+                    .map(|b| (r.clone(), b)),
+            );
+        }
+        // The operator's decision is durable before any branch hears it, so whatever fails
+        // below is finished the same way by recovery.
+        if commit {
+            let named = branches
+                .iter()
+                .map(|(r, b)| (r.name().to_string(), b.clone()))
+                .collect();
+            self.coord
+                .decide_by_hand(named)
+                .await
+                .map_err(|e| format!("transaction {xid}: the decision could not be logged: {e}"))?;
+        } else {
+            for id in &decided {
+                self.coord.forget(*id).await.map_err(|e| e.to_string())?;
+                live.remove(id);
+            }
+            self.coord.rolled_back_by_hand(&x.gtrid);
+        }
         let mut done = 0usize;
         let mut failures = Vec::new();
-        for r in &self.resources {
-            let prepared = match r.recover().await {
-                Ok(p) => p,
-                Err(e) => {
-                    failures.push(e.to_string());
-                    continue;
-                }
+        for (r, b) in &branches {
+            let res = if commit {
+                r.commit(b, false).await
+            } else {
+                r.rollback(b).await
             };
-            for b in prepared.into_iter().filter(|b| b.gtrid == x.gtrid) {
-                let res = if commit {
-                    r.commit(&b, false).await
-                } else {
-                    r.rollback(&b).await
-                };
-                match res {
-                    Ok(()) => done += 1,
-                    Err(e) if e.not_found => {}
-                    Err(e) => failures.push(e.to_string()),
-                }
+            match res {
+                Ok(()) => done += 1,
+                Err(e) if e.not_found => {}
+                Err(e) => failures.push(e.to_string()),
             }
+        }
+        if commit {
+            // Recovery's next pass removes the records (the logged ones and the operator's)
+            // once nothing of them is prepared anywhere.
+            self.coord.merge_pending(&mut live);
         }
         if !failures.is_empty() {
             return Err(format!(
-                "transaction {xid}: {done} branch(es) finished, but: {}; nothing was removed from the log, try again when the resource answers",
+                "transaction {xid}: {done} branch(es) finished; the others ({}) are finished the same way by recovery when their resource answers",
                 failures.join("; ")
             ));
-        }
-        for id in &decided {
-            self.coord.forget(*id).await.map_err(|e| e.to_string())?;
-            live.remove(id);
         }
         let outcome = if commit { "commit" } else { "rollback" };
         let detail = match (decided.is_empty(), commit) {
@@ -732,6 +769,9 @@ impl TxService {
     /// Clean stop: closes the logs; with no decision logged, removes their files (a cold
     /// start next time). Returns the decisions left.
     pub async fn shutdown(&self) -> usize {
+        // Held to the end: no resolution by hand runs while the logs close.
+        let live = self.live.lock().await;
+        let settled = live.is_empty() && !self.coord.has_pending() && self.status().complete;
         let left = match self.coord_close().await {
             Ok(n) => n,
             Err(e) => {
@@ -740,7 +780,7 @@ impl TxService {
             }
         };
         let _ = self.partnerlog.close().await;
-        if left == 0 && self.missing.is_empty() {
+        if left == 0 && settled && self.missing.is_empty() {
             for sub in ["tranlog", "partnerlog"] {
                 let d = self.dir.join(sub);
                 for f in ["log1", "log2"] {
@@ -752,7 +792,14 @@ impl TxService {
             }
             emit!(catalog::WTRN0011I, server = self.server);
         } else {
-            emit!(catalog::WTRN0012W, server = self.server, decisions = left);
+            let what = if left > 0 {
+                format!("{left} decision(s) logged")
+            } else if !self.missing.is_empty() {
+                format!("resources not configured: {}", self.missing.join(", "))
+            } else {
+                "recovery not complete".to_string()
+            };
+            emit!(catalog::WTRN0012W, server = self.server, what = what);
         }
         left
     }

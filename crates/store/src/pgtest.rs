@@ -63,6 +63,12 @@ impl Cluster {
     }
 
     pub fn start(bin: PathBuf) -> Cluster {
+        Cluster::start_with(bin, 64)
+    }
+
+    /// A cluster allowing `max_prepared` prepared transactions (benchmarks of recovery hold
+    /// thousands at once).
+    pub fn start_with(bin: PathBuf, max_prepared: u32) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let root = is_root();
         if root {
@@ -97,7 +103,7 @@ impl Cluster {
             ],
         );
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=50 -c max_prepared_transactions=64",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=100 -c max_prepared_transactions={max_prepared}",
             c.port,
             c.socket_dir.display()
         );

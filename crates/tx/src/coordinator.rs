@@ -206,7 +206,15 @@ pub struct Coordinator {
     /// Decisions of this incarnation whose phase two did not reach every branch
     /// (`TxError::CommitPending`): the next recovery pass finishes them.
     pending: std::sync::Mutex<std::collections::BTreeMap<u64, Vec<u8>>>,
+    /// Global ids of this incarnation's transactions that rolled back without every branch
+    /// confirming it (a resource failed to answer): the next recovery pass rolls back what is
+    /// still prepared of them (presumed abort, as for an earlier run's). Bounded: beyond
+    /// `UNRESOLVED_MAX` a restart's recovery finishes them.
+    unresolved: std::sync::Mutex<std::collections::HashSet<Vec<u8>>>,
 }
+
+/// This incarnation's unconfirmed rollbacks remembered for recovery passes.
+pub const UNRESOLVED_MAX: usize = 65_536;
 
 /// What recovery did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -231,6 +239,7 @@ impl Coordinator {
             next: AtomicU64::new(1),
             log,
             pending: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+            unresolved: std::sync::Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -287,9 +296,11 @@ impl Coordinator {
         self.log.close().await
     }
 
-    /// Whether some decision of this incarnation waits for a recovery pass.
+    /// Whether some decision or unconfirmed rollback of this incarnation waits for a recovery
+    /// pass.
     pub fn has_pending(&self) -> bool {
         !self.pending.lock().expect("pending lock").is_empty()
+            || !self.unresolved.lock().expect("unresolved lock").is_empty()
     }
 
     /// Removes decision `id` from the tranlog (forced): an operator resolved it by hand.
@@ -342,10 +353,19 @@ impl Coordinator {
             // nobody was told otherwise of.
             1 => {
                 let (r, xid) = voters[0];
-                return r.commit(xid, false).await.map_err(|e| TxError::RolledBack {
-                    xid: name,
-                    cause: e.to_string(),
-                });
+                return match r.commit(xid, false).await {
+                    Ok(()) => Ok(()),
+                    Err(e) => {
+                        // Prepared, no decision: a rollback whenever it answers again.
+                        if !e.not_found {
+                            self.unresolved(&tx.gtrid);
+                        }
+                        Err(TxError::RolledBack {
+                            xid: name,
+                            cause: e.to_string(),
+                        })
+                    }
+                };
             }
             _ => {}
         }
@@ -368,7 +388,10 @@ impl Coordinator {
             )
             .await
         {
-            self.rollback_all(&tx, &votes).await;
+            // The record may be on disk all the same (a write that succeeded before a failed
+            // fdatasync): rolling back now could contradict it after a restart. The branches
+            // stay prepared; the failed log refuses further writes, and the next start's
+            // recovery decides from what the log really holds.
             return Err(TxError::Log { xid: name, source });
         }
         keel_core::faults::hit("tx.after_decision");
@@ -405,14 +428,57 @@ impl Coordinator {
         let name = tx.name();
         let results = futures_join(tx.branches.iter().map(|(r, xid)| r.rollback(xid))).await;
         match results.into_iter().find_map(Result::err) {
-            Some(e) if !e.not_found => Err(TxError::RolledBack {
-                xid: name,
-                cause: format!(
-                    "a branch did not confirm its rollback ({e}); recovery rolls it back"
-                ),
-            }),
+            Some(e) if !e.not_found => {
+                self.unresolved(&tx.gtrid);
+                Err(TxError::RolledBack {
+                    xid: name,
+                    cause: format!(
+                        "a branch did not confirm its rollback ({e}); recovery rolls it back"
+                    ),
+                })
+            }
             _ => Ok(()),
         }
+    }
+
+    fn unresolved(&self, gtrid: &[u8]) {
+        let mut u = self.unresolved.lock().expect("unresolved lock");
+        if u.len() < UNRESOLVED_MAX {
+            u.insert(gtrid.to_vec());
+        }
+    }
+
+    /// Whether `xid` belongs to a transaction of this incarnation that rolled back without
+    /// every branch confirming.
+    pub fn is_unresolved(&self, xid: &Xid) -> bool {
+        self.unresolved
+            .lock()
+            .expect("unresolved lock")
+            .contains(&xid.gtrid)
+    }
+
+    /// Logs (forced) a commit decision an operator took for `branches`, as a pending decision:
+    /// the next recovery pass commits whatever of it is still prepared. Returns its record id.
+    pub async fn decide_by_hand(&self, branches: Branches) -> Result<u64, LogError> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let data = postcard::to_stdvec(&Decision { branches }).expect("decisions encode");
+        self.log
+            .write(
+                vec![Op::Put {
+                    id,
+                    data: data.clone(),
+                }],
+                true,
+            )
+            .await?;
+        self.pending.lock().expect("pending lock").insert(id, data);
+        Ok(id)
+    }
+
+    /// Records that an operator rolled back transaction `gtrid` by hand: whatever of it is
+    /// still prepared is rolled back by the next recovery pass.
+    pub fn rolled_back_by_hand(&self, gtrid: &[u8]) {
+        self.unresolved(gtrid);
     }
 
     async fn rollback_all(&self, tx: &Transaction, votes: &[Result<Vote, ResourceError>]) {
@@ -423,7 +489,13 @@ impl Coordinator {
             .filter(|(_, v)| !matches!(v, Ok(Vote::ReadOnly)))
             .map(|((r, xid), _)| r.rollback(xid));
         // A branch that does not answer stays prepared; recovery rolls it back (no record).
-        let _ = futures_join(to_undo).await;
+        let results = futures_join(to_undo).await;
+        if results
+            .iter()
+            .any(|r| r.as_ref().is_err_and(|e| !e.not_found))
+        {
+            self.unresolved(&tx.gtrid);
+        }
     }
 
     /// Finishes what the log and `resources` hold in doubt for this coordinator's recovery
@@ -463,6 +535,15 @@ impl Coordinator {
             .collect();
         let mut unreachable = std::collections::HashSet::new();
         let mut answered = std::collections::HashSet::new();
+        // This pass finishes the unconfirmed rollbacks known now (one added meanwhile waits
+        // for the next pass).
+        let unresolved_now: Vec<Vec<u8>> = self
+            .unresolved
+            .lock()
+            .expect("unresolved lock")
+            .iter()
+            .cloned()
+            .collect();
         for r in resources {
             let prepared = match r.recover().await {
                 Ok(p) => p,
@@ -476,7 +557,7 @@ impl Coordinator {
             for xid in prepared {
                 if committed.contains(&xid) {
                     actions.push((xid, true));
-                } else if self.is_recoverable(&xid) {
+                } else if self.is_recoverable(&xid) || self.is_unresolved(&xid) {
                     actions.push((xid, false));
                 } // else another coordinator's, or running in this incarnation
             }
@@ -526,6 +607,14 @@ impl Coordinator {
                     live.remove(&id);
                 }
             }
+        }
+        if unreachable.is_empty() && answered.len() == resources.len() {
+            let mut u = self.unresolved.lock().expect("unresolved lock");
+            for g in &unresolved_now {
+                u.remove(g);
+            }
+        } else {
+            out.pending += unresolved_now.len();
         }
         Ok(out)
     }

@@ -18,6 +18,8 @@ pub struct MemState {
     refuse_prepare: bool,
     read_only: bool,
     unreachable: bool,
+    /// Phase twos fail (the resource went away after it prepared).
+    fail_phase_two: bool,
 }
 
 impl Mem {
@@ -75,6 +77,9 @@ impl Resource for Mem {
             if s.unreachable {
                 return Err(self.err("unreachable", false));
             }
+            if !one_phase && s.fail_phase_two {
+                return Err(self.err("gone", false));
+            }
             if !one_phase && !s.prepared.remove(xid) {
                 return Err(self.err("no such branch", true));
             }
@@ -86,7 +91,7 @@ impl Resource for Mem {
     fn rollback<'a>(&'a self, xid: &'a Xid) -> ResourceFuture<'a, ()> {
         Box::pin(async move {
             let mut s = self.state.lock().unwrap();
-            if s.unreachable {
+            if s.unreachable || s.fail_phase_two {
                 return Err(self.err("unreachable", false));
             }
             s.prepared.remove(xid);
@@ -249,4 +254,65 @@ async fn concurrent_transactions_share_forces_and_all_commit() {
     }
     assert_eq!(a.counts(), (0, 300, 0));
     assert_eq!(b.counts(), (0, 300, 0));
+}
+
+#[tokio::test]
+async fn a_new_incarnation_never_reuses_a_live_decision_number() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (Mem::new("a"), Mem::new("b"));
+    {
+        let (c, _) = coordinator(d.path(), 1);
+        b.set(|s| s.fail_phase_two = true);
+        let mut t = c.begin();
+        t.enlist(a.clone());
+        t.enlist(b.clone());
+        assert!(matches!(
+            c.commit(t).await,
+            Err(TxError::CommitPending { .. })
+        ));
+    }
+    let (c, live) = coordinator(d.path(), 2);
+    assert_eq!(live.len(), 1, "the decision is logged");
+    c.reserve_ids_above(*live.keys().next_back().unwrap());
+    let mut t = c.begin();
+    t.enlist(a.clone());
+    t.enlist(Mem::new("c"));
+    c.commit(t).await.unwrap();
+    // The new transaction's record came and went without touching the old one.
+    let (_, after) = coordinator(d.path(), 3);
+    assert_eq!(after, live);
+}
+
+#[tokio::test]
+async fn this_runs_unfinished_work_is_finished_by_the_next_pass() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (Mem::new("a"), Mem::new("b"));
+    let (c, mut live) = coordinator(d.path(), 1);
+    // A rollback b did not confirm: a refused to prepare, b prepared and then went away.
+    a.set(|s| s.refuse_prepare = true);
+    let mut t = c.begin();
+    t.enlist(b.clone());
+    t.enlist(a.clone());
+    // (Mem prepares whatever `fail_phase_two` says; only the rollback fails.)
+    b.set(|s| s.fail_phase_two = true);
+    assert!(matches!(c.commit(t).await, Err(TxError::RolledBack { .. })));
+    assert_eq!(b.counts().0, 1, "b's branch is still prepared");
+    assert!(c.has_pending());
+    // And a decision whose phase two did not reach b.
+    a.set(|s| s.refuse_prepare = false);
+    let mut t = c.begin();
+    t.enlist(a.clone());
+    t.enlist(b.clone());
+    let r = c.commit(t).await;
+    assert!(matches!(r, Err(TxError::CommitPending { .. })), "{r:?}");
+    assert_eq!(b.counts().0, 2);
+    // The resource is back: one pass finishes both, this run's branches notwithstanding.
+    b.set(|s| s.fail_phase_two = false);
+    let r = c
+        .recover_pass(&mut live, &[a.clone(), b.clone()])
+        .await
+        .unwrap();
+    assert_eq!((r.committed, r.rolled_back, r.pending), (1, 1, 0));
+    assert_eq!(b.counts().0, 0);
+    assert!(!c.has_pending() && live.is_empty());
 }
