@@ -28,6 +28,7 @@ mod engine_bench;
 #[cfg(feature = "peers")]
 mod peers;
 mod tx_bench;
+mod xa_bench;
 
 #[derive(Parser)]
 #[command(about = "Keel benchmarks")]
@@ -60,6 +61,23 @@ enum What {
         transactions: u64,
         #[arg(long, default_value_t = 512)]
         concurrency: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// ME + PostgreSQL two-phase transactions per second, beside PostgreSQL alone doing the
+    /// same prepared transactions (a throwaway cluster).
+    TxPg {
+        #[arg(long, default_value_t = 20_000)]
+        transactions: u64,
+        #[arg(long, default_value_t = 32)]
+        concurrency: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Tranlog replay rate and recovery of N in-doubt ME + PostgreSQL transactions.
+    TxRecovery {
+        #[arg(long, default_value_t = 10_000)]
+        transactions: u64,
         #[arg(long)]
         json: bool,
     },
@@ -186,6 +204,12 @@ fn main() -> Result<()> {
             concurrency,
             json,
         } => tx_bench::run(transactions, concurrency.max(1), json),
+        What::TxPg {
+            transactions,
+            concurrency,
+            json,
+        } => xa_bench::throughput(transactions, concurrency.max(1), json),
+        What::TxRecovery { transactions, json } => xa_bench::recovery(transactions.max(1), json),
         What::Foundation {
             keel,
             cycles,

@@ -12,16 +12,18 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use keel_engine::messaging::OutgoingMessage;
 use keel_engine::StartMode;
 use keel_server::txsvc::MeResource;
-use keel_tx::coordinator::{Coordinator, Resource, ResourceError, ResourceFuture, TxError, Vote, Xid};
+use keel_tx::coordinator::{
+    Coordinator, Resource, ResourceError, ResourceFuture, TxError, Vote, Xid,
+};
 use keel_tx::log::RecoveryLog;
 use keel_tx::pg::PgResource;
-use keel_tx::{SqlResource, SqlValue};
+use keel_tx::SqlValue;
 use serde_json::json;
 
 const QUEUE: &str = "bench";
@@ -62,12 +64,11 @@ impl Resource for Refusing {
 
 struct Setup {
     _dir: tempfile::TempDir,
-    _pg: keel_store::pgtest::Cluster,
+    pg_cluster: keel_store::pgtest::Cluster,
     dir: std::path::PathBuf,
     engine: Arc<keel_engine::Engine>,
     me: Arc<MeResource>,
     pg: Arc<PgResource>,
-    pg_url: String,
 }
 
 async fn setup(max_prepared: u32, pool: usize) -> Result<Setup> {
@@ -76,42 +77,36 @@ async fn setup(max_prepared: u32, pool: usize) -> Result<Setup> {
     };
     let pg = keel_store::pgtest::Cluster::start_with(bin, max_prepared);
     let pg_url = pg.tcp_url();
-    let dir = tempfile::Builder::new().prefix("keel-bench-xa-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("keel-bench-xa-")
+        .tempdir()?;
     let engine = crate::engine_bench::engine(dir.path());
     engine.start(StartMode::Normal).await?;
-    let (client, conn) = tokio_postgres_connect(&pg_url).await?;
-    let conn_task = tokio::spawn(conn);
-    client
-        .batch_execute("CREATE TABLE t(id bigint PRIMARY KEY, body text)")
-        .await?;
-    drop(client);
-    let _ = conn_task.await;
+    let out = pg
+        .psql()
+        .arg("-c")
+        .arg("CREATE TABLE t(id bigint PRIMARY KEY, body text)")
+        .output()?;
+    if !out.status.success() {
+        bail!("psql: {}", String::from_utf8_lossy(&out.stderr));
+    }
     Ok(Setup {
         dir: dir.path().to_path_buf(),
         _dir: dir,
-        _pg: pg,
+        pg_cluster: pg,
         me: Arc::new(MeResource::new(engine.clone())),
         engine,
         pg: Arc::new(PgResource::new("pg1", &pg_url, pool)),
-        pg_url,
     })
 }
 
-async fn tokio_postgres_connect(
-    url: &str,
-) -> Result<(
-    tokio_postgres::Client,
-    tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
-)> {
-    tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .context("connect to the benchmark's PostgreSQL")
-}
-
-async fn pg_scalar(url: &str, sql: &str) -> Result<i64> {
-    let (client, conn) = tokio_postgres_connect(url).await?;
-    tokio::spawn(conn);
-    Ok(client.query_one(sql, &[]).await?.get(0))
+/// One number from PostgreSQL, through the cluster's psql.
+fn pg_scalar(pg: &keel_store::pgtest::Cluster, sql: &str) -> Result<i64> {
+    let out = pg.psql().arg("-c").arg(sql).output()?;
+    if !out.status.success() {
+        bail!("psql: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
 }
 
 /// One ME + PostgreSQL transaction: a message and a row.
@@ -202,7 +197,7 @@ pub fn throughput(transactions: u64, concurrency: u64, json_out: bool) -> Result
             r??;
         }
         let both = started.elapsed();
-        let rows = pg_scalar(&s.pg_url, "SELECT count(*) FROM t").await?;
+        let rows = pg_scalar(&s.pg_cluster, "SELECT count(*) FROM t")?;
         let depth = s.engine.messaging()?.depth(QUEUE).await?;
         if rows != 2 * done as i64 || depth != done {
             bail!("check failed: {rows} rows (expected {}), {depth} messages (expected {done})", 2 * done);
@@ -275,7 +270,7 @@ pub fn recovery(transactions: u64, json_out: bool) -> Result<()> {
         // "The crash": the engine restarts (its branches now live in its store only).
         s.engine.stop(false).await?;
         s.engine.start(StartMode::Normal).await?;
-        let in_doubt = pg_scalar(&s.pg_url, "SELECT count(*) FROM pg_prepared_xacts").await?;
+        let in_doubt = pg_scalar(&s.pg_cluster, "SELECT count(*) FROM pg_prepared_xacts")?;
         let log_bytes: u64 = ["log1", "log2"]
             .iter()
             .filter_map(|f| std::fs::metadata(log_dir.join(f)).ok())
@@ -306,8 +301,8 @@ pub fn recovery(transactions: u64, json_out: bool) -> Result<()> {
             }
         }
         let recovered = started.elapsed();
-        let rows = pg_scalar(&s.pg_url, "SELECT count(*) FROM t").await?;
-        let prepared = pg_scalar(&s.pg_url, "SELECT count(*) FROM pg_prepared_xacts").await?;
+        let rows = pg_scalar(&s.pg_cluster, "SELECT count(*) FROM t")?;
+        let prepared = pg_scalar(&s.pg_cluster, "SELECT count(*) FROM pg_prepared_xacts")?;
         let depth = s.engine.messaging()?.depth(QUEUE).await?;
         if rows != transactions as i64 || depth != transactions || prepared != 0 {
             bail!("check failed: {rows} rows, {depth} messages, {prepared} prepared (expected {transactions}, {transactions}, 0)");
@@ -324,7 +319,6 @@ pub fn recovery(transactions: u64, json_out: bool) -> Result<()> {
             println!("tranlog replay: {records} decisions ({:.1} MiB) in {:.1} ms: {rate:.0} records/s", log_bytes as f64 / 1048576.0, replay.as_secs_f64() * 1e3);
             println!("recovery of {transactions} in-doubt transactions (ME + PostgreSQL, {in_doubt} prepared at PostgreSQL): {:.2} s, {committed} branches committed, {rolled_back} rolled back, {passes} passes", recovered.as_secs_f64());
         }
-        let _ = Duration::ZERO;
         Ok(())
     })
 }
