@@ -86,6 +86,9 @@ pub enum AppCmd {
         /// Messages handled at once (1 to 64).
         #[arg(long, default_value_t = keel_config::DEFAULT_APP_CONCURRENCY)]
         concurrency: u32,
+        /// Transaction timeout in seconds: a message's handling that takes longer rolls back.
+        #[arg(long, default_value_t = keel_config::DEFAULT_APP_TIMEOUT_S)]
+        timeout_s: u32,
         #[command(flatten)]
         sync: SyncFlag,
     },
@@ -245,6 +248,7 @@ pub fn run_app(ctx: &Ctx, cmd: AppCmd) -> Result<ExitCode> {
             script,
             bus,
             concurrency,
+            timeout_s,
             sync,
         } => {
             let kind = AppKind::parse(&kind).ok_or_else(|| {
@@ -273,6 +277,7 @@ pub fn run_app(ctx: &Ctx, cmd: AppCmd) -> Result<ExitCode> {
                 statement,
                 script,
                 concurrency,
+                timeout_s,
             };
             let saved = profile.master().update(|c| c.add_app(a).map(|_| ()))?;
             let what = match kind {
@@ -322,6 +327,7 @@ pub fn run_app(ctx: &Ctx, cmd: AppCmd) -> Result<ExitCode> {
                             "statement": a.statement,
                             "script_bytes": a.script.as_ref().map(String::len),
                             "concurrency": a.concurrency,
+                            "timeout_s": a.timeout_s,
                         })
                     })
                     .collect();

@@ -303,7 +303,7 @@ fn receive_json(env: &Env, dest: &str, count: u32) -> Vec<serde_json::Value> {
 fn applications_forward_run_statements_and_roll_back_failures() {
     let Some(dbs) = Dbs::start() else { return };
     let env = Env::new();
-    for q in ["in", "out", "rows", "bad", "never"] {
+    for q in ["in", "out", "rows", "bad", "never", "locked"] {
         env.ok(&["destination", "create", "bus1", q, "--type", "queue"]);
     }
     env.ok(&[
@@ -348,6 +348,19 @@ fn applications_forward_run_statements_and_roll_back_failures() {
             "pg1",
             "--statement",
             "INSERT INTO missing_table VALUES ({body})",
+        ],
+    );
+    app(
+        "locker",
+        "locked",
+        "sql",
+        &[
+            "--datasource",
+            "pg1",
+            "--statement",
+            "UPDATE counters SET n = n + 1 WHERE name = 'moved'",
+            "--timeout-s",
+            "1",
         ],
     );
     let script = env.dir().join("typo.rhai");
@@ -406,6 +419,33 @@ fn applications_forward_run_statements_and_roll_back_failures() {
         "{log}"
     );
     assert_eq!(dbs.pg_state().2, "0", "nothing left prepared");
+
+    // Transaction timeout: another session holds the row the statement needs; every attempt
+    // gives up after 1 s and rolls back, until the message lands on the exception destination.
+    let mut holder = dbs
+        .pg
+        .psql()
+        .arg("-c")
+        .arg("BEGIN; SELECT n FROM counters WHERE name = 'moved' FOR UPDATE; SELECT pg_sleep(60); COMMIT;")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    env.wait_for(Duration::from_secs(10), "the lock to be held", || {
+        (dbs.pg_sql("SELECT count(*) FROM pg_locks WHERE mode = 'RowShareLock'")
+            .unwrap()
+            != "0")
+            .then_some(())
+    });
+    env.ok(&["send", "locked", "--server", "server1", "--body", "stuck"]);
+    let moved = receive_json(&env, &exc, 1);
+    assert_eq!(moved.len(), 1, "{}", env.log("server1"));
+    assert_eq!(moved[0]["body"], "stuck");
+    assert!(env.log("server1").contains("timed out after 1 s"));
+    let _ = holder.kill();
+    let _ = holder.wait();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(dbs.pg_state().1, "0", "no timed-out update committed");
     env.ok(&["node", "stop", "--stop-servers"]);
 }
 
@@ -589,6 +629,104 @@ fn crash_torture_of_applications_leaves_every_message_atomic_and_once() {
         acked.len(),
         processed.len(),
         failed.len()
+    );
+    env.ok(&["node", "stop", "--stop-servers"]);
+}
+
+/// A handler that runs past its transaction timeout rolls back (a looping script is stopped),
+/// and a data source that cannot be reached releases the message unchanged instead of counting
+/// failures: a database restart does not drain a queue onto the exception destination.
+#[test]
+fn applications_time_out_and_wait_for_unreachable_data_sources() {
+    let env = Env::new();
+    for q in ["spin", "db"] {
+        env.ok(&["destination", "create", "bus1", q, "--type", "queue"]);
+    }
+    // Nothing listens on this port (bound and released at once).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgresql://keel@127.0.0.1:{port}/db");
+    env.ok(&[
+        "datasource",
+        "create",
+        "down",
+        "--kind",
+        "postgres",
+        "--url",
+        &url,
+    ]);
+    let spin = env.dir().join("spin.rhai");
+    std::fs::write(&spin, "fn on_message(msg) { let n = 0; loop { n += 1; } }").unwrap();
+    env.ok(&[
+        "app",
+        "create",
+        "spinner",
+        "--server",
+        "server1",
+        "--on",
+        "spin",
+        "--kind",
+        "script",
+        "--script",
+        spin.to_str().unwrap(),
+        "--timeout-s",
+        "1",
+    ]);
+    env.ok(&[
+        "app",
+        "create",
+        "writer",
+        "--server",
+        "server1",
+        "--on",
+        "db",
+        "--kind",
+        "sql",
+        "--datasource",
+        "down",
+        "--statement",
+        "INSERT INTO t VALUES ({body})",
+    ]);
+    env.ok(&["node", "start"]);
+    env.ok(&["server", "start", "server1"]);
+    env.ok(&["send", "spin", "--server", "server1", "--body", "forever"]);
+    env.ok(&["send", "db", "--server", "server1", "--body", "patient"]);
+
+    // The spinning message is stopped at each attempt and ends on the exception destination.
+    let exc = keel_config::system_exception_destination(ME);
+    let moved = receive_json(&env, &exc, 1);
+    assert_eq!(moved.len(), 1, "{}", env.log("server1"));
+    assert_eq!(moved[0]["body"], "forever");
+    // Whichever stops it first: the timeout or the script's operation limit.
+    let log = env.log("server1");
+    assert!(
+        log.contains("timed out after 1 s") || log.contains("Too many operations"),
+        "{log}"
+    );
+
+    // The unreachable database: tried, released unchanged, tried again after a back-off.
+    env.wait_for(Duration::from_secs(30), "two attempts", || {
+        (env.log("server1")
+            .matches("WTRN0008W: Application writer")
+            .count()
+            >= 2)
+            .then_some(())
+    });
+    env.ok(&["app", "delete", "writer"]);
+    env.ok(&["server", "stop", "server1"]);
+    env.ok(&["server", "start", "server1"]);
+    let waiting = receive_json(&env, "db", 1);
+    assert_eq!(waiting.len(), 1);
+    assert_eq!(
+        (
+            waiting[0]["body"].as_str(),
+            waiting[0]["delivery_count"].as_u64()
+        ),
+        (Some("patient"), Some(0)),
+        "released unchanged, never counted"
     );
     env.ok(&["node", "stop", "--stop-servers"]);
 }

@@ -1272,6 +1272,7 @@ mod tests {
                     statement: None,
                     script: Some(crate::model::tests::TRICKY_SCRIPT.into()),
                     concurrency: 2,
+                    timeout_s: 60,
                 })?;
                 Ok(())
             })

@@ -13,7 +13,7 @@
 //! datasources/<name>.toml            [datasource] name, kind, url, pool_max
 //!                                      (no password: it is in the profile's secrets)
 //! apps/<name>.toml                   [app] name, server, bus, on, kind, to, datasource,
-//!                                      statement, script, concurrency
+//!                                      statement, script, concurrency, timeout_s
 //! ```
 //!
 //! Files are read in three steps so that every mistake gets the most precise message: TOML
@@ -195,6 +195,8 @@ struct AppSection {
     datasource: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     concurrency: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    timeout_s: Option<i64>,
     // Last, so the long texts do not hide the short keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     statement: Option<String>,
@@ -355,6 +357,7 @@ const APP_SCHEMA: &[TableSpec] = &[TableSpec {
         key("statement", Kind::Str, false),
         key("script", Kind::Str, false),
         key("concurrency", Kind::Int, false),
+        key("timeout_s", Kind::Int, false),
     ],
     required: true,
     array: false,
@@ -1102,6 +1105,17 @@ fn parse_app(file: &Path, bytes: &[u8], stem: &str) -> Result<AppCfg> {
             "number of messages handled at once",
         )?,
     };
+    let timeout_s = match a.timeout_s {
+        None => model::DEFAULT_APP_TIMEOUT_S,
+        Some(v) => model::check_range(
+            file,
+            "app.timeout_s",
+            v,
+            1,
+            model::MAX_APP_TIMEOUT_S,
+            "number of seconds",
+        )?,
+    };
     Ok(AppCfg {
         name: a.name,
         server: a.server,
@@ -1113,6 +1127,7 @@ fn parse_app(file: &Path, bytes: &[u8], stem: &str) -> Result<AppCfg> {
         statement: a.statement,
         script: a.script,
         concurrency,
+        timeout_s,
     })
 }
 
@@ -1277,6 +1292,7 @@ pub(crate) fn render_objects(cfg: &Config) -> Tree {
                 to: a.to.clone(),
                 datasource: a.datasource.clone(),
                 concurrency: Some(i64::from(a.concurrency)),
+                timeout_s: Some(i64::from(a.timeout_s)),
                 statement: a.statement.clone(),
                 script: a.script.clone(),
             },

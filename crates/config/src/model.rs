@@ -361,6 +361,10 @@ pub const MAX_POOL_MAX: u32 = 256;
 pub const DEFAULT_APP_CONCURRENCY: u32 = 4;
 /// Highest `concurrency` of an application.
 pub const MAX_APP_CONCURRENCY: u32 = 64;
+/// `timeout_s` (transaction timeout) of an application that does not set it.
+pub const DEFAULT_APP_TIMEOUT_S: u32 = 60;
+/// Highest `timeout_s` of an application.
+pub const MAX_APP_TIMEOUT_S: u32 = 3_600;
 /// Longest `statement` of an sql application, in bytes.
 pub const MAX_STATEMENT_BYTES: usize = 64 * 1024;
 /// Longest `script` of a script application, in bytes.
@@ -479,6 +483,9 @@ pub struct AppCfg {
     pub script: Option<String>,
     /// Messages handled at once (1..=64, default 4).
     pub concurrency: u32,
+    /// Transaction timeout: a message's handling that takes longer rolls back (1..=3600,
+    /// default 60).
+    pub timeout_s: u32,
 }
 
 // --- passwords in URLs ---------------------------------------------------------------------
@@ -1405,6 +1412,14 @@ impl Config {
             1,
             MAX_APP_CONCURRENCY,
             "number of messages handled at once",
+        )?;
+        check_range(
+            file,
+            "app.timeout_s",
+            i64::from(a.timeout_s),
+            1,
+            MAX_APP_TIMEOUT_S,
+            "number of seconds",
         )?;
         let unused = |key: &str, shown: Option<String>| -> Result<()> {
             match shown {
@@ -2476,6 +2491,7 @@ pub(crate) mod tests {
             statement: None,
             script: None,
             concurrency: DEFAULT_APP_CONCURRENCY,
+            timeout_s: DEFAULT_APP_TIMEOUT_S,
         };
         match kind {
             AppKind::Forward => a.to = Some("out".into()),

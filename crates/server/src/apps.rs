@@ -183,6 +183,38 @@ struct App {
     svc: Arc<TxService>,
     me: Arc<MeResource>,
     handler: Handler,
+    /// Until when handlers pause, and the last pause in ms (see `unreachable`).
+    backoff: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl App {
+    /// The transaction timeout.
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(u64::from(self.cfg.timeout_s))
+    }
+
+    fn paused_until(&self) -> Option<std::time::Instant> {
+        self.backoff.lock().expect("backoff lock").0
+    }
+
+    /// A data source could not be reached: pause every handler, doubling the pause.
+    fn unreachable(&self) {
+        let mut b = self.backoff.lock().expect("backoff lock");
+        let now = std::time::Instant::now();
+        if b.0.is_some_and(|t| t > now) {
+            return; // another handler paused it already
+        }
+        let ms = if b.1 == 0 {
+            UNREACHABLE_FIRST_MS
+        } else {
+            (b.1 * 2).min(UNREACHABLE_MAX_MS)
+        };
+        *b = (Some(now + Duration::from_millis(ms)), ms);
+    }
+
+    fn reachable(&self) {
+        *self.backoff.lock().expect("backoff lock") = (None, 0);
+    }
 }
 
 enum Handler {
@@ -283,14 +315,25 @@ fn build(cfg: &keel_config::Config, a: &AppCfg, svc: &Arc<TxService>) -> Result<
         svc: svc.clone(),
         me,
         handler,
+        backoff: std::sync::Mutex::new((None, 0)),
     })
 }
 
 async fn worker(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let mut backoff_ms = UNREACHABLE_FIRST_MS;
     loop {
         if *stop.borrow() {
             return;
+        }
+        // The whole application backs off while a data source is unreachable (not each
+        // handler on its own, which would retry `concurrency` times per period).
+        let pause = app
+            .paused_until()
+            .map(|t| t.saturating_duration_since(std::time::Instant::now()));
+        if let Some(p) = pause.filter(|p| !p.is_zero()) {
+            tokio::select! {
+                _ = tokio::time::sleep(p) => continue,
+                _ = stop.wait_for(|v| *v) => return,
+            }
         }
         let m = match app.me.messaging() {
             Ok(m) => m,
@@ -316,7 +359,7 @@ async fn worker(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<bool>) {
             }
         };
         match handle(&app, &d).await {
-            Ok(()) => backoff_ms = UNREACHABLE_FIRST_MS,
+            Ok(()) => app.reachable(),
             Err(f) => {
                 emit!(
                     catalog::WTRN0008W,
@@ -326,11 +369,7 @@ async fn worker(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<bool>) {
                     reason = f
                 );
                 if let Failure::Unreachable(_) = f {
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(backoff_ms)) => {}
-                        _ = stop.wait_for(|v| *v) => return,
-                    }
-                    backoff_ms = (backoff_ms * 2).min(UNREACHABLE_MAX_MS);
+                    app.unreachable();
                 }
             }
         }
@@ -374,20 +413,32 @@ async fn handle(app: &App, d: &Delivery) -> Result<(), Failure> {
         Handler::Sql { ds, dollar, parts } => {
             let (sql, values) = bind(parts, d, *dollar);
             let x = t.enlist(ds.clone());
-            match ds.begin(&x).await {
-                Err(e) => {
-                    t.unenlist(&x);
-                    Err(classify(e, true))
+            let work = async {
+                match ds.begin(&x).await {
+                    Err(e) => Err((classify(e, true), true)),
+                    Ok(()) => ds
+                        .execute(&x, &sql, &values)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| (classify(e, false), false)),
                 }
-                Ok(()) => ds
-                    .execute(&x, &sql, &values)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| classify(e, false)),
+            };
+            match tokio::time::timeout(app.timeout(), work).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err((f, not_opened))) => {
+                    if not_opened {
+                        t.unenlist(&x);
+                    }
+                    Err(f)
+                }
+                // Left enlisted: the rollback closes whatever of the branch was opened.
+                Err(_) => Err(timed_out(app.cfg.timeout_s)),
             }
         }
         Handler::Script(s) => {
-            let (back, r) = s.run(t, me_xid.clone(), app.me.clone(), d).await;
+            let (back, r) = s
+                .run(t, me_xid.clone(), app.me.clone(), d, app.cfg.timeout_s)
+                .await;
             t = back;
             r
         }
@@ -414,6 +465,12 @@ async fn handle(app: &App, d: &Delivery) -> Result<(), Failure> {
     }
 }
 
+fn timed_out(timeout_s: u32) -> Failure {
+    Failure::Message(format!(
+        "the transaction timed out after {timeout_s} s (the application's timeout_s)"
+    ))
+}
+
 /// Releases a delivery no transaction could take (its engine's branch did not open).
 async fn settle_alone(app: &App, d: &Delivery) -> Result<(), String> {
     let m = app.me.messaging().map_err(|e| e.to_string())?;
@@ -436,6 +493,25 @@ struct ScriptCtx {
     branches: HashMap<String, Xid>,
     /// A data source could not be reached (the failure is not the message's).
     unreachable: Option<String>,
+    /// The transaction timeout: the script is stopped, and statements cut, at this moment.
+    deadline: std::time::Instant,
+    timeout_s: u32,
+}
+
+impl ScriptCtx {
+    /// Runs `fut` on the runtime within the transaction's deadline.
+    fn within<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, keel_tx::coordinator::ResourceError>>,
+    ) -> Result<T, Box<rhai::EvalAltResult>> {
+        let left = self
+            .deadline
+            .saturating_duration_since(std::time::Instant::now());
+        match self.rt.block_on(tokio::time::timeout(left, fut)) {
+            Ok(r) => r.map_err(script_err),
+            Err(_) => Err(script_err(timed_out(self.timeout_s))),
+        }
+    }
 }
 
 thread_local! {
@@ -525,20 +601,25 @@ fn script_sql(
             Some(x) => x.clone(),
             None => {
                 let x = ctx.t.enlist(r.clone());
-                if let Err(e) = ctx.rt.block_on(r.begin(&x)) {
-                    ctx.t.unenlist(&x);
-                    ctx.unreachable = Some(e.to_string());
-                    return Err(script_err(e));
+                let left = ctx
+                    .deadline
+                    .saturating_duration_since(std::time::Instant::now());
+                match ctx.rt.block_on(tokio::time::timeout(left, r.begin(&x))) {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        ctx.t.unenlist(&x);
+                        ctx.unreachable = Some(e.to_string());
+                        return Err(script_err(e));
+                    }
+                    // Left enlisted: the rollback closes whatever of it was opened.
+                    Err(_) => return Err(script_err(timed_out(ctx.timeout_s))),
                 }
                 ctx.branches.insert(ds.to_string(), x.clone());
                 x
             }
         };
         if returns_rows(stmt) {
-            let rows = ctx
-                .rt
-                .block_on(r.query(&xid, stmt, &values))
-                .map_err(script_err)?;
+            let rows = ctx.within(r.query(&xid, stmt, &values))?;
             let mut out = rhai::Array::with_capacity(rows.rows.len());
             for row in rows.rows {
                 let mut m = rhai::Map::new();
@@ -549,10 +630,7 @@ fn script_sql(
             }
             Ok(out.into())
         } else {
-            let n = ctx
-                .rt
-                .block_on(r.execute(&xid, stmt, &values))
-                .map_err(script_err)?;
+            let n = ctx.within(r.execute(&xid, stmt, &values))?;
             Ok((n as rhai::INT).into())
         }
     })
@@ -613,6 +691,20 @@ impl Script {
             |dest: &str, body: rhai::Dynamic, props: rhai::Map| script_send(dest, body, props),
         );
         engine.on_print(|s| tracing::info!(target: "keel_server::app", "{s}"));
+        // The transaction timeout stops a looping script (checked every 4 096 operations).
+        engine.on_progress(|ops| {
+            if ops % 4096 != 0 {
+                return None;
+            }
+            let late = CTX.with(|c| {
+                c.try_borrow().ok().and_then(|c| {
+                    c.as_ref()
+                        .filter(|c| std::time::Instant::now() > c.deadline)
+                        .map(|c| c.timeout_s)
+                })
+            });
+            late.map(|t| timed_out(t).to_string().into())
+        });
         let ast = engine
             .compile(source)
             .map_err(|e| format!("the script does not compile: {e}"))?;
@@ -633,6 +725,7 @@ impl Script {
         me_xid: Xid,
         me: Arc<MeResource>,
         d: &Delivery,
+        timeout_s: u32,
     ) -> (GlobalTx, Result<(), Failure>) {
         let this = self.clone();
         let svc = self.svc.clone();
@@ -661,6 +754,8 @@ impl Script {
             t,
             branches: HashMap::new(),
             unreachable: None,
+            deadline: std::time::Instant::now() + Duration::from_secs(u64::from(timeout_s)),
+            timeout_s,
         };
         let joined = tokio::task::spawn_blocking(move || {
             CTX.with(|c| *c.borrow_mut() = Some(ctx));
