@@ -730,3 +730,106 @@ fn applications_time_out_and_wait_for_unreachable_data_sources() {
     );
     env.ok(&["node", "stop", "--stop-servers"]);
 }
+
+/// A decision that names a data source removed from the configuration keeps a recovery-mode
+/// server waiting (WTRN0005W); `keel tx list` shows the transaction, `keel tx commit` resolves
+/// it by hand at every resource still configured, and the server then completes and exits.
+#[test]
+fn an_operator_resolves_what_recovery_cannot_reach() {
+    let Some(dbs) = Dbs::start() else { return };
+    let env = Env::new();
+    env.ok(&["destination", "create", "bus1", "in", "--type", "queue"]);
+    env.ok(&[
+        "datasource",
+        "create",
+        "pg1",
+        "--kind",
+        "postgres",
+        "--url",
+        &dbs.pg.tcp_url(),
+    ]);
+    env.ok(&[
+        "datasource",
+        "create",
+        "maria1",
+        "--kind",
+        "mariadb",
+        "--url",
+        &dbs.maria.url("keel"),
+    ]);
+    env.ok(&[
+        "server",
+        "set-monitor-policy",
+        "server1",
+        "--auto-restart",
+        "false",
+    ]);
+    env.ok(&["node", "start"]);
+    env.ok(&["server", "start", "server1"]);
+    env.ok(&["send", "in", "--server", "server1", "--body", "m1"]);
+    env.ok(&["server", "stop", "server1"]);
+    let script = env.dir().join("mover.rhai");
+    std::fs::write(&script, SCRIPT).unwrap();
+    env.ok(&[
+        "app",
+        "create",
+        "mover",
+        "--server",
+        "server1",
+        "--on",
+        "in",
+        "--kind",
+        "script",
+        "--script",
+        script.to_str().unwrap(),
+    ]);
+    let mut c = env.cmd(&["server", "start", "server1"]);
+    c.env("KEEL_FAULTS", "tx.after_decision:crash");
+    let _ = c.output().unwrap();
+    wait_stopped(&env, "server1");
+
+    // The operator removes MariaDB from the configuration (the wrong thing to do, but done).
+    env.ok(&["app", "delete", "mover"]);
+    env.ok(&["datasource", "delete", "maria1"]);
+    // `server start --recovery` waits until the server stopped: it runs beside the operator.
+    let starter = env
+        .cmd(&["server", "start", "server1", "--recovery"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    env.wait_for(Duration::from_secs(30), "WTRN0005W", || {
+        env.log("server1").contains("WTRN0005W").then_some(())
+    });
+    let list: Vec<serde_json::Value> =
+        serde_json::from_str(&env.ok(&["tx", "list", "--server", "server1", "--json"])).unwrap();
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["state"], "committing");
+    let xid = list[0]["xid"].as_str().unwrap().to_string();
+    assert!(
+        list[0]["branches"].to_string().contains("maria1"),
+        "{list:?}"
+    );
+    assert_eq!(env.status("server1")["state"], "started", "still waiting");
+
+    let out = env.ok(&["tx", "commit", &xid]);
+    assert!(out.contains("maria1 (not configured)"), "{out}");
+    let done = starter.wait_with_output().unwrap();
+    assert!(done.status.success(), "{done:?}");
+    assert!(
+        String::from_utf8_lossy(&done.stdout).contains("finished recovery and stopped"),
+        "{done:?}"
+    );
+    wait_stopped(&env, "server1");
+    assert!(env.log("server1").contains("WTRN0006W"));
+    assert!(env.log("server1").contains("WSVR0105I"));
+    // PostgreSQL and the engine committed; MariaDB's branch is the operator's to finish.
+    assert_eq!(dbs.pg_state(), ("m1".into(), "1".into(), "0".into()));
+    assert_eq!(store_messages(&env), 0);
+    assert_eq!(
+        dbs.maria_state().2,
+        "1",
+        "MariaDB still holds its prepared branch"
+    );
+    env.ok(&["node", "stop"]);
+}

@@ -532,7 +532,7 @@ impl TxService {
                 quiet_passes = 0;
                 retry_ms = RETRY_FIRST_MS;
                 PASS_PAUSE_MS
-            } else if errors.is_empty() && !waiting && self.missing.is_empty() {
+            } else if errors.is_empty() && !waiting {
                 retry_ms = RETRY_FIRST_MS;
                 quiet_passes += 1;
                 // Two quiet passes in a row, a pause apart: a PREPARE a crashed process had in
@@ -546,7 +546,8 @@ impl TxService {
                 PASS_PAUSE_MS
             } else {
                 // A resource failed, or a decision waits for one that is not configured
-                // (WTRN0005W at start): not complete; try again with back-off.
+                // (WTRN0005W at start; an operator resolves it by hand): not complete; try
+                // again with back-off.
                 quiet_passes = 0;
                 let mut seen = std::collections::HashSet::new();
                 for (r, e) in &errors {
@@ -707,6 +708,8 @@ impl TxService {
         }
         // The operator's decision is durable before any branch hears it, so whatever fails
         // below is finished the same way by recovery.
+        // The operator's decision replaces any logged one (whose branches at resources that
+        // are not configured any more only an operator can see to: WTRN0005W).
         if commit {
             let named = branches
                 .iter()
@@ -717,11 +720,11 @@ impl TxService {
                 .await
                 .map_err(|e| format!("transaction {xid}: the decision could not be logged: {e}"))?;
         } else {
-            for id in &decided {
-                self.coord.forget(*id).await.map_err(|e| e.to_string())?;
-                live.remove(id);
-            }
             self.coord.rolled_back_by_hand(&x.gtrid);
+        }
+        for id in &decided {
+            self.coord.forget(*id).await.map_err(|e| e.to_string())?;
+            live.remove(id);
         }
         let mut done = 0usize;
         let mut failures = Vec::new();
@@ -749,12 +752,24 @@ impl TxService {
             ));
         }
         let outcome = if commit { "commit" } else { "rollback" };
-        let detail = match (decided.is_empty(), commit) {
+        let mut detail = match (decided.is_empty(), commit) {
             (false, true) => "the logged decision was commit: no heuristic outcome".to_string(),
             (false, false) => "heuristic: the logged decision was commit, so branches told before may have committed".to_string(),
             (true, true) => "heuristic: no decision was logged, so recovery would have rolled it back".to_string(),
             (true, false) => "no decision was logged: the same outcome recovery gives".to_string(),
         };
+        let unreached: std::collections::BTreeSet<&str> = decisions
+            .iter()
+            .filter(|(id, _)| decided.contains(id))
+            .flat_map(|(_, b)| b.iter().map(|(r, _)| r.as_str()))
+            .filter(|r| !self.resources.iter().any(|c| c.name() == *r))
+            .collect();
+        if !unreached.is_empty() {
+            detail.push_str(&format!(
+                "; its branches at {} (not configured) were not reached: finish them at the resource itself",
+                unreached.into_iter().collect::<Vec<_>>().join(", ")
+            ));
+        }
         emit!(
             catalog::WTRN0006W,
             xid = xid,
