@@ -624,6 +624,8 @@ fn crash_torture_of_applications_leaves_every_message_atomic_and_once() {
             "acknowledged message {id} was lost"
         );
     }
+    // Nothing left in the engine's store either (no branch of it still prepared).
+    assert_eq!(store_messages(&env), 0, "the engine's store holds nothing more");
     eprintln!(
         "{runs} runs: {} acknowledged, {} processed, {} on the exception destination",
         acked.len(),
