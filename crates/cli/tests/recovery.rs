@@ -625,7 +625,11 @@ fn crash_torture_of_applications_leaves_every_message_atomic_and_once() {
         );
     }
     // Nothing left in the engine's store either (no branch of it still prepared).
-    assert_eq!(store_messages(&env), 0, "the engine's store holds nothing more");
+    assert_eq!(
+        store_messages(&env),
+        0,
+        "the engine's store holds nothing more"
+    );
     eprintln!(
         "{runs} runs: {} acknowledged, {} processed, {} on the exception destination",
         acked.len(),
@@ -833,5 +837,47 @@ fn an_operator_resolves_what_recovery_cannot_reach() {
         "1",
         "MariaDB still holds its prepared branch"
     );
+    env.ok(&["node", "stop"]);
+}
+
+/// A damaged recovery log (here its header, so the file holds no complete keypoint) stops the
+/// start, normal or recovery mode, with the log named and what to do, and nothing is
+/// discarded: the file is left as it was for an operator to restore. (Damage in the middle of
+/// a log is tested on the log itself, `keel-tx`.)
+#[test]
+fn a_corrupt_recovery_log_stops_the_start_with_a_clear_error() {
+    let env = Env::new();
+    env.ok(&[
+        "server",
+        "set-monitor-policy",
+        "server1",
+        "--auto-restart",
+        "false",
+    ]);
+    env.ok(&["node", "start"]);
+    env.ok(&["server", "start", "server1"]);
+    // A crash keeps the logs (a clean stop with nothing in doubt would remove them).
+    let pid = env.status("server1")["pid"].as_u64().unwrap();
+    common::sigkill(pid);
+    wait_stopped(&env, "server1");
+    let log = env
+        .dir()
+        .join("profile/tranlog/keelCell/node01/server1/partnerlog/log1");
+    let mut bytes = std::fs::read(&log).unwrap();
+    assert!(bytes.len() > 40, "the partnerlog holds records");
+    bytes[12] ^= 0xff;
+    std::fs::write(&log, &bytes).unwrap();
+
+    for args in [
+        &["server", "start", "server1"][..],
+        &["server", "start", "server1", "--recovery"][..],
+    ] {
+        let err = env.fails(args);
+        assert!(
+            err.contains("partnerlog") && err.contains("restore the log directory from a backup"),
+            "{err}"
+        );
+    }
+    assert_eq!(std::fs::read(&log).unwrap(), bytes, "nothing discarded");
     env.ok(&["node", "stop"]);
 }
