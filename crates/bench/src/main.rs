@@ -25,6 +25,7 @@ use keel_admin::{AdminClient, Credential};
 use serde_json::{json, Value};
 
 mod engine_bench;
+mod logs_bench;
 #[cfg(feature = "peers")]
 mod peers;
 mod tx_bench;
@@ -78,6 +79,13 @@ enum What {
     TxRecovery {
         #[arg(long, default_value_t = 10_000)]
         transactions: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The binary log repository: records/s written, filtering by message ID and level.
+    Logs {
+        #[arg(long, default_value_t = 1_000_000)]
+        records: u64,
         #[arg(long)]
         json: bool,
     },
@@ -210,6 +218,7 @@ fn main() -> Result<()> {
             json,
         } => xa_bench::throughput(transactions, concurrency.max(1), json),
         What::TxRecovery { transactions, json } => xa_bench::recovery(transactions.max(1), json),
+        What::Logs { records, json } => logs_bench::run(records.max(1), json),
         What::Foundation {
             keel,
             cycles,

@@ -18,6 +18,7 @@ mod admin_cmd;
 mod app_cmd;
 mod config_cmd;
 mod ctx;
+mod logs_cmd;
 mod me_cmd;
 mod msg_cmd;
 mod node_cmd;
@@ -77,6 +78,9 @@ enum Command {
     /// Transactions in doubt, and their resolution by hand.
     #[command(subcommand)]
     Tx(tx_cmd::TxCmd),
+    /// The binary log repositories of servers and the node agent.
+    #[command(subcommand)]
+    Logs(logs_cmd::LogsCmd),
     /// Send messages to a queue.
     Send(msg_cmd::SendArgs),
     /// Receive (consume) messages from a queue; one per line.
@@ -129,6 +133,7 @@ fn main() -> ExitCode {
         Command::Datasource(c) => app_cmd::run_datasource(&ctx, c),
         Command::App(c) => app_cmd::run_app(&ctx, c),
         Command::Tx(c) => tx_cmd::run(&ctx, c),
+        Command::Logs(c) => logs_cmd::run(&ctx, c),
         Command::Send(a) => msg_cmd::send(&ctx, a),
         Command::Receive(a) => msg_cmd::receive(&ctx, a),
         Command::Admin(a) => admin_cmd::run(&ctx, a),

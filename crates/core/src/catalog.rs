@@ -111,6 +111,9 @@ catalog! {
     WTRN0012W, Warning, "Transaction service of server {server} stopped with work in doubt ({what}); its recovery logs are kept and the next start (normal or `--recovery`) finishes it.",
         "Some transaction was not finished at every resource when the server stopped: a committed one has a branch not told yet, or recovery of an earlier run had not completed (a resource did not answer, or is not configured).",
         "Start the server again when the resource is reachable; `keel server start NAME --recovery` finishes them without taking new work.";
+    WSVR0107W, Warning, "{dropped} log record(s) were not written to the log repository: its queue was full.",
+        "The binary log repository is written off the hot path through a bounded queue; when events come faster than it writes, new records are dropped (SystemOut.log still has them) and counted.",
+        "None usually. If it repeats, lower the log level (KEEL_LOG) or look at what logs so much; the LogRepository admin object shows the dropped count.";
     // --- admin API and node agent -----------------------------------------------------------
     ADMN0001I, Info, "Node agent of node {node} started (pid {pid}, admin port {admin_port}).",
         "The node agent is up and supervises the servers of its node.",

@@ -11,6 +11,11 @@
 //!
 //! Invariant: a line is written with one `write_all` under the writer's lock, so concurrent
 //! threads never interleave inside a line. No fsync: the log is diagnostics, not state.
+//!
+//! The same events also go, as structured records, to the process's binary log repository
+//! (`repo`: `logs/<process>/repository/`), through a bounded queue to a writer thread.
+
+pub mod repo;
 
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
@@ -37,10 +42,12 @@ struct Sink {
     echo_stdout: bool,
 }
 
-/// The `tracing` layer writing SystemOut.log lines.
+/// The `tracing` layer writing SystemOut.log lines (and records to the repository, when it has
+/// one).
 pub struct SystemOutLayer {
     sink: Sink,
     keel_level: Level,
+    repo: Option<(repo::RepoWriter, String)>,
 }
 
 impl SystemOutLayer {
@@ -56,7 +63,14 @@ impl SystemOutLayer {
                 echo_stdout,
             },
             keel_level: level_from_env(),
+            repo: None,
         })
+    }
+
+    /// Also writes every event as a record of `process` to the repository behind `writer`.
+    pub fn with_repository(mut self, writer: repo::RepoWriter, process: &str) -> SystemOutLayer {
+        self.repo = Some((writer, process.to_string()));
+        self
     }
 
     fn enabled_for(&self, target: &str, level: &Level) -> bool {
@@ -135,10 +149,7 @@ pub fn render_line(
         Level::DEBUG => 'D',
         Level::TRACE => 'T',
     };
-    let component = target
-        .strip_prefix("keel_")
-        .unwrap_or(target)
-        .replace("::", ".");
+    let component = component_of(target);
     let mut line = String::with_capacity(160);
     let _ = write!(
         line,
@@ -181,8 +192,12 @@ impl<S: Subscriber> Layer<S> for SystemOutLayer {
         let mut fields = Fields::default();
         event.record(&mut fields);
         let thread = THREAD_NO.with(|n| *n);
+        let now = std::time::SystemTime::now();
+        if let Some((w, process)) = &self.repo {
+            w.push(record_of(now, thread, process, meta, &fields));
+        }
         let mut line = render_line(
-            std::time::SystemTime::now(),
+            now,
             thread,
             meta.target(),
             meta.level(),
@@ -203,10 +218,81 @@ impl<S: Subscriber> Layer<S> for SystemOutLayer {
     }
 }
 
+/// The repository record of one event.
+fn record_of(
+    now: std::time::SystemTime,
+    thread: u32,
+    process: &str,
+    meta: &tracing::Metadata<'_>,
+    fields: &Fields,
+) -> repo::Record {
+    let level = match *meta.level() {
+        Level::ERROR => 1,
+        Level::WARN => 2,
+        Level::INFO => 3,
+        Level::DEBUG => 4,
+        Level::TRACE => 5,
+    };
+    let (id, text) = match fields.msg_id.as_deref().and_then(catalog::lookup) {
+        Some(m) => (
+            Some(m.id.to_string()),
+            catalog::render(m.text, &fields.rest),
+        ),
+        None => (
+            fields.msg_id.clone(),
+            fields.message.clone().unwrap_or_default(),
+        ),
+    };
+    repo::Record {
+        time_ms: now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        level,
+        process: process.to_string(),
+        thread,
+        logger: component_of(meta.target()),
+        id,
+        text,
+        fields: fields
+            .rest
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
+    }
+}
+
+/// `keel_server::runtime` → `server.runtime`: the component column of a line.
+pub fn component_of(target: &str) -> String {
+    target
+        .strip_prefix("keel_")
+        .unwrap_or(target)
+        .replace("::", ".")
+}
+
+static REPOSITORY: std::sync::OnceLock<repo::RepoWriter> = std::sync::OnceLock::new();
+
+/// The log repository writer of this process, once `init_process` started it.
+pub fn repository() -> Option<&'static repo::RepoWriter> {
+    REPOSITORY.get()
+}
+
+/// Writes what the repository writer holds (bounded wait): call before the process exits.
+pub fn flush() {
+    if let Some(w) = REPOSITORY.get() {
+        w.flush();
+    }
+}
+
 /// Keeps the process's log installed; dropping it changes nothing (lines are unbuffered) but
 /// holding it documents where logging was set up.
 pub struct LogGuard {
     pub path: PathBuf,
+}
+
+/// Where the binary log repository of `process` lives.
+pub fn repository_dir(layout: &keel_core::Layout, process: &str) -> PathBuf {
+    layout.logs(process).join("repository")
 }
 
 /// Installs the global subscriber of a Keel process (server or node agent): SystemOut.log
@@ -217,7 +303,10 @@ pub fn init_process(
     echo_stdout: bool,
 ) -> io::Result<LogGuard> {
     let path = layout.system_out(process);
-    let layer = SystemOutLayer::open(&path, echo_stdout)?;
+    let mut layer = SystemOutLayer::open(&path, echo_stdout)?;
+    let writer = repo::RepoWriter::start(repo::RepoConfig::new(repository_dir(layout, process)))?;
+    let _ = REPOSITORY.set(writer.clone());
+    layer = layer.with_repository(writer, process);
     let subscriber = tracing_subscriber::registry().with(layer);
     tracing::subscriber::set_global_default(subscriber)
         .map_err(|e| io::Error::other(format!("logging already initialised: {e}")))?;

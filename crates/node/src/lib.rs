@@ -164,14 +164,17 @@ pub fn run(opts: NodeOptions) -> u8 {
             return exit::RESOURCE;
         }
     };
-    match rt.block_on(serve(profile)) {
+    let code = match rt.block_on(serve(profile)) {
         Ok(()) => exit::OK,
         Err((code, reason)) => {
             tracing::error!(target: "keel_node", "{reason}");
             eprintln!("{reason}");
             code
         }
-    }
+    };
+    // The last records (the stop) reach the repository before the process ends.
+    keel_logs::flush();
+    code
 }
 
 async fn serve(profile: Profile) -> Result<(), (u8, String)> {
@@ -252,6 +255,9 @@ async fn serve(profile: Profile) -> Result<(), (u8, String)> {
             ("process", NODE_AGENT),
         ]),
     }));
+    if let Some(o) = keel_server::logrepo::LogRepositoryObject::new(&node, NODE_AGENT) {
+        registry.register(Arc::new(o));
+    }
     registry.set_delegate(Arc::new(Peers {
         agent: agent.clone(),
     }));

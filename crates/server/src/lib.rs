@@ -33,6 +33,7 @@ use tokio::sync::watch;
 
 pub mod apps;
 pub mod links;
+pub mod logrepo;
 pub mod recovery;
 pub mod txsvc;
 
@@ -99,7 +100,7 @@ pub fn run(opts: RunOptions) -> u8 {
             return exit::RESOURCE;
         }
     };
-    match rt.block_on(serve(profile, &opts)) {
+    let code = match rt.block_on(serve(profile, &opts)) {
         Ok(()) => exit::OK,
         Err(fatal) => {
             emit!(
@@ -110,7 +111,11 @@ pub fn run(opts: RunOptions) -> u8 {
             eprintln!("{}", fatal.reason);
             fatal.code
         }
-    }
+    };
+    // The last records (the stop, or why the start failed) reach the repository before the
+    // process ends.
+    keel_logs::flush();
+    code
 }
 
 /// Server lifecycle states as the admin API shows them.
@@ -240,6 +245,9 @@ async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
         stop: stop_tx.clone(),
     });
     registry.register(server_obj.clone());
+    if let Some(o) = logrepo::LogRepositoryObject::new(&node, &opts.server) {
+        registry.register(Arc::new(o));
+    }
     let engines = engines_of(&profile, &cfg, &node, &opts.server, opts.recovery);
     for e in &engines {
         registry.register(Arc::new(keel_engine::EngineObject::new(e.clone())));
