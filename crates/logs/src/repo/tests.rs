@@ -251,3 +251,31 @@ fn a_full_queue_drops_and_says_so() {
         QUEUE_RECORDS_MAX as u64 * 3 + 1 - dropped + got.len() as u64
     );
 }
+
+#[test]
+fn retention_by_age_keeps_the_segment_being_written() {
+    let d = tempfile::tempdir().unwrap();
+    // Three earlier runs, each its own segment.
+    for run in 0..3u64 {
+        write(
+            d.path(),
+            None,
+            (0..5).map(|n| rec(run * 10 + n, 3, None, "old run")),
+        );
+    }
+    assert_eq!(segments(d.path()).unwrap().len(), 3);
+    // A run with an age limit of zero: at its first segment every older one has expired.
+    let mut cfg = RepoConfig::new(d.path().to_path_buf());
+    cfg.age_max_ms = 0;
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    write(
+        d.path(),
+        Some(cfg),
+        (100..105).map(|n| rec(n, 3, None, "new run")),
+    );
+    let left = segments(d.path()).unwrap();
+    assert_eq!(left.len(), 1, "{left:?}");
+    let (got, _) = all(d.path(), &Query::default());
+    assert_eq!(got.len(), 5);
+    assert!(got.iter().all(|r| r.text == "new run"));
+}
