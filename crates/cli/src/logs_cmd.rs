@@ -147,6 +147,15 @@ fn render(r: &Record, format: &str) -> String {
     }
 }
 
+/// A reader that went away (`| head`) ends the command normally; other write errors are errors.
+fn broken_pipe_is_success(e: std::io::Error) -> Result<ExitCode> {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Err(e.into())
+    }
+}
+
 pub fn run(ctx: &Ctx, cmd: LogsCmd) -> Result<ExitCode> {
     let LogsCmd::View(a) = cmd;
     if !["text", "json", "advanced"].contains(&a.format.as_str()) {
@@ -194,15 +203,18 @@ pub fn run(ctx: &Ctx, cmd: LogsCmd) -> Result<ExitCode> {
     };
     let thread = match &a.thread {
         None => None,
-        Some(t) => Some(
-            u32::from_str_radix(t.trim_start_matches("0x"), 16)
-                .ok()
-                .filter(|_| t.len() == 8 || t.starts_with("0x"))
-                .or_else(|| t.parse().ok())
-                .ok_or_else(|| {
-                    anyhow!("--thread {t}: give the thread as in a line (0000001a) or as a number")
-                })?,
-        ),
+        Some(t) => {
+            // As a line shows it (8 hex digits), 0x-prefixed hex, or a decimal number.
+            let hex = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X"));
+            let parsed = match hex {
+                Some(h) => u32::from_str_radix(h, 16).ok(),
+                None if t.len() == 8 => u32::from_str_radix(t, 16).ok(),
+                None => t.parse().ok(),
+            };
+            Some(parsed.ok_or_else(|| {
+                anyhow!("--thread {t}: give the thread as in a line (0000001a), as 0x1a, or as a number")
+            })?)
+        }
     };
     let q = Query {
         since_ms: a
@@ -235,6 +247,11 @@ pub fn run(ctx: &Ctx, cmd: LogsCmd) -> Result<ExitCode> {
         thread,
         contains: a.contains.clone(),
     };
+    if let (Some(least), Some(most)) = (q.min_level, q.max_level) {
+        if most > least {
+            bail!("--max-level is less severe than --min-level: no record can match (--min-level is the least severe level shown, --max-level the most severe)");
+        }
+    }
     let dir = keel_logs::repository_dir(profile.layout(), &process);
     if !dir.is_dir() && !a.follow {
         bail!(
@@ -259,7 +276,9 @@ pub fn run(ctx: &Ctx, cmd: LogsCmd) -> Result<ExitCode> {
             true
         })?;
         for r in &last {
-            writeln!(out, "{}", render(r, &a.format))?;
+            if let Err(e) = writeln!(out, "{}", render(r, &a.format)) {
+                return broken_pipe_is_success(e);
+            }
         }
     } else {
         let mut failed = None;
@@ -275,13 +294,12 @@ pub fn run(ctx: &Ctx, cmd: LogsCmd) -> Result<ExitCode> {
             }
         })?;
         if let Some(e) = failed {
-            if e.kind() == std::io::ErrorKind::BrokenPipe {
-                return Ok(ExitCode::SUCCESS); // `| head`
-            }
-            return Err(e.into());
+            return broken_pipe_is_success(e);
         }
     }
-    out.flush()?;
+    if let Err(e) = out.flush() {
+        return broken_pipe_is_success(e);
+    }
     if !a.follow {
         return Ok(ExitCode::SUCCESS);
     }

@@ -254,12 +254,25 @@ fn record_of(
         logger: component_of(meta.target()),
         id,
         text,
+        // Cut before copying: the caller's thread pays for what it copies.
         fields: fields
             .rest
             .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
+            .map(|(k, v)| (k.to_string(), cut(v, repo::RECORD_BYTES_MAX).to_string()))
             .collect(),
     }
+}
+
+/// `s`, cut to at most `max` bytes on a character boundary.
+fn cut(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut at = max;
+    while !s.is_char_boundary(at) {
+        at -= 1;
+    }
+    &s[..at]
 }
 
 /// `keel_server::runtime` → `server.runtime`: the component column of a line.
@@ -304,9 +317,17 @@ pub fn init_process(
 ) -> io::Result<LogGuard> {
     let path = layout.system_out(process);
     let mut layer = SystemOutLayer::open(&path, echo_stdout)?;
-    let writer = repo::RepoWriter::start(repo::RepoConfig::new(repository_dir(layout, process)))?;
-    let _ = REPOSITORY.set(writer.clone());
-    layer = layer.with_repository(writer, process);
+    // The repository is diagnostics: a process whose repository cannot start runs without it.
+    match repo::RepoWriter::start(repo::RepoConfig::new(repository_dir(layout, process))) {
+        Ok(writer) => {
+            let _ = REPOSITORY.set(writer.clone());
+            layer = layer.with_repository(writer, process);
+        }
+        Err(e) => eprintln!(
+            "keel: the log repository of {process} under {} cannot be written ({e}); running without it (SystemOut.log has every record)",
+            repository_dir(layout, process).display()
+        ),
+    }
     let subscriber = tracing_subscriber::registry().with(layer);
     tracing::subscriber::set_global_default(subscriber)
         .map_err(|e| io::Error::other(format!("logging already initialised: {e}")))?;

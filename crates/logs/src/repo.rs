@@ -46,8 +46,10 @@ pub const FLUSH_MS: u64 = 200;
 /// Bounds of what a reader accepts (a header claiming more is damage).
 const PAYLOAD_BYTES_MAX: u32 = 4 * 1024 * 1024;
 const RAW_BYTES_MAX: u32 = 2 * BLOCK_RAW_BYTES_MAX as u32 + 64 * 1024;
+/// How often a quiet writer applies retention (a busy one does at every new segment).
+const RETAIN_IDLE_MS: u64 = 3_600_000;
 /// One record's text and fields are cut beyond this.
-const RECORD_BYTES_MAX: usize = 64 * 1024;
+pub const RECORD_BYTES_MAX: usize = 64 * 1024;
 const ZSTD_LEVEL: i32 = 1;
 
 /// Levels, most severe first (the order `tracing` uses).
@@ -192,10 +194,21 @@ impl RepoWriter {
 
     /// Waits until everything queued before is written (bounded: 5 s).
     pub fn flush(&self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
         let (tx, rx) = std::sync::mpsc::channel();
-        if self.tx.send(Msg::Flush(tx)).is_ok() {
-            let _ = rx.recv_timeout(Duration::from_secs(5));
+        let mut msg = Msg::Flush(tx);
+        // Never blocks past the deadline, even with the queue full and the disk hung.
+        loop {
+            match self.tx.try_send(msg) {
+                Ok(()) => break,
+                Err(TrySendError::Full(m)) if Instant::now() < deadline => {
+                    msg = m;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(_) => return,
+            }
         }
+        let _ = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
     }
 }
 
@@ -204,10 +217,17 @@ struct SegmentWriter {
     stats: Arc<RepoStats>,
     file: Option<(File, u64, PathBuf)>,
     next_number: u64,
+    /// The block being built: records already encoded (varint length + postcard), so its
+    /// size is the real one.
     buf: Vec<u8>,
-    records: Vec<Record>,
-    raw_bytes: usize,
+    count: usize,
+    first_ms: u64,
+    last_ms: u64,
+    mask: u8,
+    /// The process name of the last record (for the dropped-records record).
+    process: String,
     dropped_reported: u64,
+    last_retain: Instant,
 }
 
 fn segment_name(first_ms: u64, number: u64) -> String {
@@ -229,7 +249,9 @@ pub fn segments(dir: &Path) -> io::Result<Vec<PathBuf>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(e),
     };
-    v.sort();
+    // By number, which only goes up in a directory (names start with a time, and a clock can
+    // step back).
+    v.sort_by_key(|p| (segment_number(p).unwrap_or(0), p.clone()));
     Ok(v)
 }
 
@@ -252,43 +274,42 @@ impl SegmentWriter {
             stats,
             file: None,
             next_number,
-            buf: Vec::with_capacity(BLOCK_RAW_BYTES_MAX),
-            records: Vec::new(),
-            raw_bytes: 0,
+            buf: Vec::with_capacity(BLOCK_RAW_BYTES_MAX + RECORD_BYTES_MAX * 3),
+            count: 0,
+            first_ms: u64::MAX,
+            last_ms: 0,
+            mask: 0,
+            process: String::new(),
             dropped_reported: 0,
+            last_retain: Instant::now(),
         })
     }
 
     fn run(&mut self, rx: Receiver<Msg>) {
         let mut oldest: Option<Instant> = None;
         loop {
-            let wait = oldest.map_or(Duration::from_secs(3600), |t| {
+            let wait = oldest.map_or(Duration::from_millis(RETAIN_IDLE_MS), |t| {
                 Duration::from_millis(FLUSH_MS).saturating_sub(t.elapsed())
             });
             match rx.recv_timeout(wait) {
                 Ok(Msg::Record(r)) => {
                     self.add(*r);
-                    oldest.get_or_insert_with(Instant::now);
                     // Take what else is waiting without a syscall per record.
-                    while self.records.len() < BLOCK_RECORDS_MAX
-                        && self.raw_bytes < BLOCK_RAW_BYTES_MAX
-                    {
+                    while !self.full() {
                         match rx.try_recv() {
                             Ok(Msg::Record(r)) => self.add(*r),
                             Ok(Msg::Flush(done)) => {
                                 self.write_block();
-                                oldest = None;
                                 let _ = done.send(());
                             }
                             Err(_) => break,
                         }
                     }
-                    if self.records.len() >= BLOCK_RECORDS_MAX
-                        || self.raw_bytes >= BLOCK_RAW_BYTES_MAX
-                    {
+                    if self.full() {
                         self.write_block();
-                        oldest = None;
                     }
+                    // What is still buffered is written within FLUSH_MS of its arrival.
+                    oldest = (self.count > 0).then(|| oldest.unwrap_or_else(Instant::now));
                 }
                 Ok(Msg::Flush(done)) => {
                     self.write_block();
@@ -298,6 +319,10 @@ impl SegmentWriter {
                 Err(RecvTimeoutError::Timeout) => {
                     self.write_block();
                     oldest = None;
+                    // A quiet process still ages its old segments out.
+                    if self.last_retain.elapsed() >= Duration::from_millis(RETAIN_IDLE_MS) {
+                        self.retain();
+                    }
                 }
                 Err(RecvTimeoutError::Disconnected) => {
                     self.write_block();
@@ -307,46 +332,72 @@ impl SegmentWriter {
         }
     }
 
-    fn add(&mut self, mut r: Record) {
-        r.bound();
-        self.raw_bytes += r.text.len() + r.logger.len() + 32;
-        self.records.push(r);
+    fn full(&self) -> bool {
+        self.count >= BLOCK_RECORDS_MAX || self.buf.len() >= BLOCK_RAW_BYTES_MAX
     }
 
-    /// Encodes, compresses and writes the buffered records as one block.
+    /// Encodes `r` into the block being built.
+    fn add(&mut self, mut r: Record) {
+        r.bound();
+        let Ok(bytes) = postcard::to_stdvec(&r) else {
+            return;
+        };
+        let mut len = bytes.len() as u64;
+        loop {
+            let b = (len & 0x7f) as u8;
+            len >>= 7;
+            if len == 0 {
+                self.buf.push(b);
+                break;
+            }
+            self.buf.push(b | 0x80);
+        }
+        self.buf.extend_from_slice(&bytes);
+        self.count += 1;
+        self.first_ms = self.first_ms.min(r.time_ms);
+        self.last_ms = self.last_ms.max(r.time_ms);
+        self.mask |= 1 << (r.level.clamp(1, 5) - 1);
+        if self.process != r.process {
+            self.process = r.process;
+        }
+    }
+
+    /// Compresses and writes the block being built.
     fn write_block(&mut self) {
         let dropped = self.stats.dropped.load(Ordering::Relaxed);
-        if dropped > self.dropped_reported && !self.records.is_empty() {
-            let last = self.records.last().expect("not empty");
+        if dropped > self.dropped_reported && self.count > 0 {
+            let n = (dropped - self.dropped_reported).to_string();
             let r = Record {
-                time_ms: last.time_ms,
+                time_ms: self.last_ms,
                 level: 2,
-                process: last.process.clone(),
+                process: self.process.clone(),
                 thread: 0,
                 logger: "logs".into(),
                 id: Some(keel_core::catalog::WSVR0107W.id.into()),
                 text: keel_core::catalog::render(
                     keel_core::catalog::WSVR0107W.text,
-                    &[("dropped", (dropped - self.dropped_reported).to_string())],
+                    &[("dropped", n.clone())],
                 ),
-                fields: vec![(
-                    "dropped".into(),
-                    (dropped - self.dropped_reported).to_string(),
-                )],
+                fields: vec![("dropped".into(), n)],
             };
-            self.records.push(r);
+            self.add(r);
             self.dropped_reported = dropped;
         }
-        if self.records.is_empty() {
+        if self.count == 0 {
             return;
         }
-        let records = std::mem::take(&mut self.records);
-        self.raw_bytes = 0;
-        match self.encode_and_write(&records) {
+        let count = self.count;
+        let r = self.encode_and_write();
+        self.buf.clear();
+        self.count = 0;
+        self.first_ms = u64::MAX;
+        self.last_ms = 0;
+        self.mask = 0;
+        match r {
             Ok(()) => {
                 self.stats
                     .written
-                    .fetch_add(records.len() as u64, Ordering::Relaxed);
+                    .fetch_add(count as u64, Ordering::Relaxed);
                 self.stats.blocks.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => {
@@ -362,36 +413,24 @@ impl SegmentWriter {
         }
     }
 
-    fn encode_and_write(&mut self, records: &[Record]) -> io::Result<()> {
-        self.buf.clear();
-        let mut mask = 0u8;
-        for r in records {
-            let bytes = postcard::to_stdvec(r).map_err(io::Error::other)?;
-            let mut len = bytes.len() as u64;
-            loop {
-                let b = (len & 0x7f) as u8;
-                len >>= 7;
-                if len == 0 {
-                    self.buf.push(b);
-                    break;
-                }
-                self.buf.push(b | 0x80);
-            }
-            self.buf.extend_from_slice(&bytes);
-            mask |= 1 << (r.level.clamp(1, 5) - 1);
-        }
+    fn encode_and_write(&mut self) -> io::Result<()> {
+        // Bounded by construction: a block stops growing at BLOCK_RAW_BYTES_MAX and one record
+        // adds at most about three times RECORD_BYTES_MAX, well inside what readers accept.
+        assert!(
+            self.buf.len() as u32 <= RAW_BYTES_MAX,
+            "a block's raw size is bounded"
+        );
         let payload = zstd::bulk::compress(&self.buf, ZSTD_LEVEL)?;
         assert!(
             payload.len() as u32 <= PAYLOAD_BYTES_MAX,
             "a block's payload is bounded"
         );
-        let first = records.iter().map(|r| r.time_ms).min().unwrap_or(0);
-        let last = records.iter().map(|r| r.time_ms).max().unwrap_or(0);
+        let (first, last, mask) = (self.first_ms, self.last_ms, self.mask);
         let mut block = Vec::with_capacity(HEADER_BYTES + payload.len());
         block.extend_from_slice(MAGIC);
         block.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         block.extend_from_slice(&(self.buf.len() as u32).to_le_bytes());
-        block.extend_from_slice(&(records.len() as u32).to_le_bytes());
+        block.extend_from_slice(&(self.count as u32).to_le_bytes());
         block.extend_from_slice(&first.to_le_bytes());
         block.extend_from_slice(&last.to_le_bytes());
         block.push(mask);
@@ -425,6 +464,7 @@ impl SegmentWriter {
 
     /// Removes the oldest segments past the size or age limit (never the one being written).
     fn retain(&mut self) {
+        self.last_retain = Instant::now();
         let Ok(all) = segments(&self.cfg.dir) else {
             return;
         };
@@ -497,8 +537,9 @@ fn parse_header(b: &[u8]) -> Option<Header> {
 pub struct Query {
     pub since_ms: Option<u64>,
     pub until_ms: Option<u64>,
-    /// Most severe level wanted (1 = ERROR): records at or below this severity number.
+    /// The least severe level shown (`--min-level warn`: WARN and ERROR); 1 = ERROR … 5 = TRACE.
     pub min_level: Option<u8>,
+    /// The most severe level shown (`--max-level info`: INFO, DEBUG, TRACE).
     pub max_level: Option<u8>,
     pub ids: Vec<String>,
     pub logger: Option<String>,
@@ -531,10 +572,12 @@ impl Query {
             && self.since_ms.is_none_or(|s| r.time_ms >= s)
             && self.until_ms.is_none_or(|u| r.time_ms <= u)
             && (self.ids.is_empty() || r.id.as_ref().is_some_and(|i| self.ids.contains(i)))
-            && self
-                .logger
-                .as_ref()
-                .is_none_or(|l| r.logger.starts_with(l.as_str()))
+            && self.logger.as_ref().is_none_or(|l| {
+                r.logger == *l
+                    || r.logger
+                        .strip_prefix(l.as_str())
+                        .is_some_and(|rest| rest.starts_with('.'))
+            })
             && self.thread.is_none_or(|t| r.thread == t)
             && self
                 .contains
@@ -546,7 +589,9 @@ impl Query {
 /// Where a reader got to: per segment, the offset after the last whole block read.
 #[derive(Debug, Default, Clone)]
 pub struct Position {
-    done: HashMap<PathBuf, u64>,
+    /// Per segment: the offset of the first block not fully read, and how many of its records
+    /// were handed out already (a read stopped by its callback mid-block).
+    done: HashMap<PathBuf, (u64, u32)>,
 }
 
 /// What a read skipped.
@@ -578,7 +623,7 @@ pub fn read(
             Err(e) => return Err(e),
         };
         let len = file.metadata()?.len();
-        let mut at = pos.done.get(&seg).copied().unwrap_or(0);
+        let (mut at, mut skip) = pos.done.get(&seg).copied().unwrap_or((0, 0));
         if at >= len {
             continue;
         }
@@ -634,7 +679,8 @@ pub fn read(
                 }
             };
             let mut j = 0usize;
-            for _ in 0..h.count {
+            let first = std::mem::take(&mut skip);
+            for k in 0..h.count {
                 let Some((len, used)) = varint(&raw[j..]) else {
                     break;
                 };
@@ -643,16 +689,19 @@ pub fn read(
                     break;
                 };
                 j += len;
+                if k < first {
+                    continue; // handed out by the read that stopped here
+                }
                 if let Ok(r) = postcard::from_bytes::<Record>(bytes) {
                     if q.matches(&r) && !f(r) {
-                        pos.done.insert(seg.clone(), at + i as u64);
+                        pos.done.insert(seg.clone(), (at + (i - end) as u64, k + 1));
                         return Ok(());
                     }
                 }
             }
         }
         at += i as u64;
-        pos.done.insert(seg.clone(), at);
+        pos.done.insert(seg.clone(), (at, 0));
     }
     Ok(())
 }
