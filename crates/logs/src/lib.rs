@@ -38,8 +38,93 @@ const LINE_BYTES_MAX: usize = 16 * 1024;
 
 #[derive(Clone)]
 struct Sink {
-    file: Arc<Mutex<File>>,
+    file: Arc<Mutex<LogFile>>,
     echo_stdout: bool,
+}
+
+/// SystemOut.log rotation: past `SYSTEM_OUT_BYTES_MAX` the file is renamed
+/// `SystemOut_<yy.mm.dd_hh.mm.ss>.log` (WebSphere's names) and a new one begun; at most
+/// `SYSTEM_OUT_KEPT_MAX` rotated files are kept (the oldest removed). The repository keeps the
+/// longer, structured history.
+pub const SYSTEM_OUT_BYTES_MAX: u64 = 16 * 1024 * 1024;
+pub const SYSTEM_OUT_KEPT_MAX: usize = 5;
+
+struct LogFile {
+    file: File,
+    path: PathBuf,
+    bytes: u64,
+    bytes_max: u64,
+}
+
+impl LogFile {
+    fn open(path: &Path, bytes_max: u64) -> io::Result<LogFile> {
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let bytes = file.metadata()?.len();
+        Ok(LogFile {
+            file,
+            path: path.to_path_buf(),
+            bytes,
+            bytes_max,
+        })
+    }
+
+    fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
+        if self.bytes > 0 && self.bytes + line.len() as u64 > self.bytes_max {
+            // A failed rotation keeps writing to the current file (never lose the line).
+            if let Err(e) = self.rotate() {
+                eprintln!(
+                    "keel: cannot rotate {} ({e}); it keeps growing",
+                    self.path.display()
+                );
+                self.bytes_max = u64::MAX;
+            }
+        }
+        self.file.write_all(line)?;
+        self.bytes += line.len() as u64;
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let stem = self
+            .path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("SystemOut")
+            .to_string();
+        let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        // 2026-11-25T10:36:08Z → 26.11.25_10.36.08
+        let d = stamp.get(2..19).unwrap_or("00-00-00T00:00:00");
+        let stamp = d.replace('-', ".").replace('T', "_").replace(':', ".");
+        let mut target = dir.join(format!("{stem}_{stamp}.log"));
+        let mut n = 1;
+        while target.exists() && n < 100 {
+            target = dir.join(format!("{stem}_{stamp}_{n}.log"));
+            n += 1;
+        }
+        std::fs::rename(&self.path, &target)?;
+        self.file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
+        self.bytes = 0;
+        let prefix = format!("{stem}_");
+        let mut old: Vec<PathBuf> = std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".log"))
+            })
+            .collect();
+        // Oldest first by modification time (names sort by time too, within a century).
+        old.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+        while old.len() > SYSTEM_OUT_KEPT_MAX {
+            let _ = std::fs::remove_file(old.remove(0));
+        }
+        Ok(())
+    }
 }
 
 /// The `tracing` layer writing SystemOut.log lines (and records to the repository, when it has
@@ -53,10 +138,19 @@ pub struct SystemOutLayer {
 impl SystemOutLayer {
     /// Opens (appending, creating the directory) `path`.
     pub fn open(path: &Path, echo_stdout: bool) -> io::Result<SystemOutLayer> {
+        Self::open_with_limit(path, echo_stdout, SYSTEM_OUT_BYTES_MAX)
+    }
+
+    /// `open` with another rotation size (tests).
+    pub fn open_with_limit(
+        path: &Path,
+        echo_stdout: bool,
+        bytes_max: u64,
+    ) -> io::Result<SystemOutLayer> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let file = LogFile::open(path, bytes_max)?;
         Ok(SystemOutLayer {
             sink: Sink {
                 file: Arc::new(Mutex::new(file)),
@@ -208,7 +302,7 @@ impl<S: Subscriber> Layer<S> for SystemOutLayer {
         line.push('\n');
         if let Ok(mut f) = self.sink.file.lock() {
             // A failed log write must not take the server down; stderr is the last resort.
-            if let Err(e) = f.write_all(line.as_bytes()) {
+            if let Err(e) = f.write_line(line.as_bytes()) {
                 eprintln!("keel: cannot write SystemOut.log ({e}): {line}");
             }
         }
@@ -370,6 +464,31 @@ mod tests {
             line,
             "[1970-01-01T00:00:00.000Z] 00000001 node W hello k=a\\nb"
         );
+    }
+
+    #[test]
+    fn system_out_rotates_and_keeps_the_newest_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("logs/s1/SystemOut.log");
+        let layer = SystemOutLayer::open_with_limit(&path, false, 2_000).unwrap();
+        let subscriber = tracing_subscriber::registry().with(layer);
+        tracing::subscriber::with_default(subscriber, || {
+            for i in 0..400 {
+                tracing::info!(target: "keel_server", "line {i} {}", "x".repeat(40));
+            }
+        });
+        let mut rotated: Vec<String> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("SystemOut_"))
+            .collect();
+        rotated.sort();
+        assert_eq!(rotated.len(), SYSTEM_OUT_KEPT_MAX, "{rotated:?}");
+        assert!(std::fs::metadata(&path).unwrap().len() <= 2_000);
+        // The newest lines are in the current file, whole.
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.lines().last().unwrap().contains("line 399"));
+        assert!(text.lines().all(|l| l.starts_with('[')));
     }
 
     #[test]

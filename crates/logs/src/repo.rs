@@ -46,6 +46,8 @@ pub const FLUSH_MS: u64 = 200;
 /// Bounds of what a reader accepts (a header claiming more is damage).
 const PAYLOAD_BYTES_MAX: u32 = 4 * 1024 * 1024;
 const RAW_BYTES_MAX: u32 = 2 * BLOCK_RAW_BYTES_MAX as u32 + 64 * 1024;
+/// How long writing pauses after a failed block write (a full disk).
+const WRITE_RETRY_MS: u64 = 1_000;
 /// How often a quiet writer applies retention (a busy one does at every new segment).
 const RETAIN_IDLE_MS: u64 = 3_600_000;
 /// One record's text and fields are cut beyond this.
@@ -228,6 +230,8 @@ struct SegmentWriter {
     process: String,
     dropped_reported: u64,
     last_retain: Instant,
+    /// After a failed write: blocks are dropped (and counted) until then.
+    paused_until: Option<Instant>,
 }
 
 fn segment_name(first_ms: u64, number: u64) -> String {
@@ -282,6 +286,7 @@ impl SegmentWriter {
             process: String::new(),
             dropped_reported: 0,
             last_retain: Instant::now(),
+            paused_until: None,
         })
     }
 
@@ -387,12 +392,16 @@ impl SegmentWriter {
             return;
         }
         let count = self.count;
+        if self.paused_until.is_some_and(|t| Instant::now() < t) {
+            self.stats
+                .dropped
+                .fetch_add(count as u64, Ordering::Relaxed);
+            self.clear_block();
+            return;
+        }
+        self.paused_until = None;
         let r = self.encode_and_write();
-        self.buf.clear();
-        self.count = 0;
-        self.first_ms = u64::MAX;
-        self.last_ms = 0;
-        self.mask = 0;
+        self.clear_block();
         match r {
             Ok(()) => {
                 self.stats
@@ -408,9 +417,22 @@ impl SegmentWriter {
                         self.cfg.dir.display()
                     );
                 }
-                self.file = None;
+                // Its records count as dropped (reported once writing works again), and
+                // writing pauses a moment instead of failing on every block.
+                self.stats
+                    .dropped
+                    .fetch_add(count as u64, Ordering::Relaxed);
+                self.paused_until = Some(Instant::now() + Duration::from_millis(WRITE_RETRY_MS));
             }
         }
+    }
+
+    fn clear_block(&mut self) {
+        self.buf.clear();
+        self.count = 0;
+        self.first_ms = u64::MAX;
+        self.last_ms = 0;
+        self.mask = 0;
     }
 
     fn encode_and_write(&mut self) -> io::Result<()> {
@@ -457,7 +479,14 @@ impl SegmentWriter {
             self.retain();
         }
         let (f, size, _) = self.file.as_mut().expect("a segment is open");
-        f.write_all(&block)?;
+        if let Err(e) = f.write_all(&block) {
+            // Cut off whatever part of the block landed, so the segment stays whole and is
+            // written on once the disk has room again (not a new file per failed block).
+            if f.set_len(*size).is_err() {
+                self.file = None;
+            }
+            return Err(e);
+        }
         *size += block.len() as u64;
         Ok(())
     }

@@ -283,20 +283,36 @@ fn retention_by_age_keeps_the_segment_being_written() {
 #[test]
 fn a_read_stopped_mid_block_resumes_with_the_next_record() {
     let d = tempfile::tempdir().unwrap();
-    write(d.path(), None, (0..10).map(|n| rec(n, 3, None, &format!("r{n}"))));
+    write(
+        d.path(),
+        None,
+        (0..10).map(|n| rec(n, 3, None, &format!("r{n}"))),
+    );
     let mut pos = Position::default();
     let mut report = ReadReport::default();
     let mut got = Vec::new();
     // Stop after three records (one block holds all ten).
-    read(d.path(), &Query::default(), &mut pos, &mut report, &mut |r| {
-        got.push(r.text);
-        got.len() < 3
-    })
+    read(
+        d.path(),
+        &Query::default(),
+        &mut pos,
+        &mut report,
+        &mut |r| {
+            got.push(r.text);
+            got.len() < 3
+        },
+    )
     .unwrap();
-    read(d.path(), &Query::default(), &mut pos, &mut report, &mut |r| {
-        got.push(r.text);
-        true
-    })
+    read(
+        d.path(),
+        &Query::default(),
+        &mut pos,
+        &mut report,
+        &mut |r| {
+            got.push(r.text);
+            true
+        },
+    )
     .unwrap();
     let want: Vec<String> = (0..10).map(|n| format!("r{n}")).collect();
     assert_eq!(got, want, "each record once, in order");
@@ -311,7 +327,11 @@ fn loggers_match_by_component_and_big_records_fit_their_blocks() {
         None,
         (0..9_000u64).map(|n| {
             let mut r = rec(n, 3, None, "x");
-            r.logger = if n % 2 == 0 { "server".into() } else { "server.txsvc".into() };
+            r.logger = if n % 2 == 0 {
+                "server".into()
+            } else {
+                "server.txsvc".into()
+            };
             r.fields = vec![("big".into(), "y".repeat(300 + (n % 7) as usize))];
             r
         }),
@@ -326,5 +346,9 @@ fn loggers_match_by_component_and_big_records_fit_their_blocks() {
     };
     assert_eq!(all(d.path(), &q("server")).0.len(), 9_000);
     assert_eq!(all(d.path(), &q("server.txsvc")).0.len(), 4_500);
-    assert_eq!(all(d.path(), &q("s")).0.len(), 0, "a prefix of a name is not a component");
+    assert_eq!(
+        all(d.path(), &q("s")).0.len(),
+        0,
+        "a prefix of a name is not a component"
+    );
 }
