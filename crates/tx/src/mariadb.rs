@@ -89,7 +89,7 @@ impl MariaDbResource {
             name: name.to_string(),
             opts,
             pool: Pool::new(name, pool_max, Duration::from_millis(POOL_WAIT_MS)),
-            branches: Branches::new(),
+            branches: Branches::new(name),
             prepared: Mutex::new(HashMap::new()),
         })
     }
@@ -112,14 +112,6 @@ impl MariaDbResource {
             resource: self.name.clone(),
             detail: format!("{what}: {e}"),
             not_found: is_nota(e),
-        }
-    }
-
-    fn no_branch(&self, xid: &Xid) -> ResourceError {
-        ResourceError {
-            resource: self.name.clone(),
-            detail: format!("no open branch {xid}"),
-            not_found: true,
         }
     }
 
@@ -228,20 +220,7 @@ impl MariaDbResource {
         params: &[SqlValue],
         want_rows: bool,
     ) -> Result<(u64, Option<Rows>), ResourceError> {
-        let branch = self.branches.get(xid).ok_or_else(|| self.no_branch(xid))?;
-        let mut branch = branch.lock().await;
-        match &branch.state {
-            State::Ok if branch.lease.is_some() => {}
-            State::Ok => return Err(self.no_branch(xid)),
-            State::Failed(d) | State::Unclear(d) => {
-                return Err(self.err(
-                    "statement refused",
-                    format!(
-                        "an earlier statement of this branch failed ({d}); it can only roll back"
-                    ),
-                ))
-            }
-        }
+        let mut branch = self.branches.for_statement(xid).await?;
         let mut run = Running::start(&mut *branch);
         match statement(run.conn(), sql, params, want_rows).await {
             Ok(out) => {
@@ -291,16 +270,6 @@ impl MariaDbResource {
                 Ok(())
             }
             Err(e) => Err(self.classify(what, &e)),
-        }
-    }
-
-    fn refuse(&self, what: &str, state: &State) -> Option<ResourceError> {
-        match state {
-            State::Ok => None,
-            State::Failed(d) | State::Unclear(d) => Some(self.err(
-                what,
-                format!("a statement of this branch failed ({d}), so it rolled back"),
-            )),
         }
     }
 
@@ -499,7 +468,7 @@ impl Resource for MariaDbResource {
                 .take(xid)
                 .await
                 .ok_or_else(|| self.err("prepare", format!("no open branch {xid}")))?;
-            if let Some(e) = self.refuse("prepare", &state) {
+            if let Some(e) = state.refusal(&self.name, "prepare") {
                 self.abandon(lease, xid, &state).await;
                 return Err(e);
             }
@@ -532,7 +501,7 @@ impl Resource for MariaDbResource {
                     .take(xid)
                     .await
                     .ok_or_else(|| self.err("commit", format!("no open branch {xid}")))?;
-                if let Some(e) = self.refuse("commit", &state) {
+                if let Some(e) = state.refusal(&self.name, "commit") {
                     self.abandon(lease, xid, &state).await;
                     return Err(e);
                 }

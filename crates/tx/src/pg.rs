@@ -109,7 +109,7 @@ impl PgResource {
             name: name.to_string(),
             config,
             pool: Pool::new(name, pool_max, Duration::from_millis(POOL_WAIT_MS)),
-            branches: Branches::new(),
+            branches: Branches::new(name),
         }
     }
 
@@ -123,14 +123,6 @@ impl PgResource {
             resource: self.name.clone(),
             detail: format!("{what}: {e}"),
             not_found: false,
-        }
-    }
-
-    fn no_branch(&self, xid: &Xid) -> ResourceError {
-        ResourceError {
-            resource: self.name.clone(),
-            detail: format!("no open branch {xid}"),
-            not_found: true,
         }
     }
 
@@ -256,20 +248,7 @@ impl PgResource {
         params: &[SqlValue],
         want_rows: bool,
     ) -> Result<(u64, Option<Rows>), ResourceError> {
-        let branch = self.branches.get(xid).ok_or_else(|| self.no_branch(xid))?;
-        let mut branch = branch.lock().await;
-        match &branch.state {
-            State::Ok if branch.lease.is_some() => {}
-            State::Ok => return Err(self.no_branch(xid)),
-            State::Failed(d) | State::Unclear(d) => {
-                return Err(self.err(
-                    "statement refused",
-                    format!(
-                        "an earlier statement of this branch failed ({d}); it can only roll back"
-                    ),
-                ))
-            }
-        }
+        let mut branch = self.branches.for_statement(xid).await?;
         let mut run = Running::start(&mut *branch);
         let r = statement(run.conn(), sql, params, want_rows).await;
         match r {
@@ -300,16 +279,6 @@ impl PgResource {
     async fn abandon(&self, lease: Lease<Client>, state: &State) {
         if matches!(state, State::Failed(_)) && lease.conn.batch_execute("ROLLBACK").await.is_ok() {
             self.pool.give_back(lease);
-        }
-    }
-
-    fn refuse(&self, what: &str, state: &State) -> Option<ResourceError> {
-        match state {
-            State::Ok => None,
-            State::Failed(d) | State::Unclear(d) => Some(self.err(
-                what,
-                format!("a statement of this branch failed ({d}), so it rolled back"),
-            )),
         }
     }
 }
@@ -760,7 +729,7 @@ impl Resource for PgResource {
                 .take(xid)
                 .await
                 .ok_or_else(|| self.err("prepare", format!("no open branch {xid}")))?;
-            if let Some(e) = self.refuse("prepare", &state) {
+            if let Some(e) = state.refusal(&self.name, "prepare") {
                 self.abandon(lease, &state).await;
                 return Err(e);
             }
@@ -789,7 +758,7 @@ impl Resource for PgResource {
                     .take(xid)
                     .await
                     .ok_or_else(|| self.err("commit", format!("no open branch {xid}")))?;
-                if let Some(e) = self.refuse("commit", &state) {
+                if let Some(e) = state.refusal(&self.name, "commit") {
                     self.abandon(lease, &state).await;
                     return Err(e);
                 }

@@ -170,6 +170,22 @@ pub(crate) enum State {
     Unclear(String),
 }
 
+impl State {
+    /// Why a branch in this state cannot `what` (prepare, commit), if it cannot.
+    pub fn refusal(&self, resource: &str, what: &str) -> Option<ResourceError> {
+        match self {
+            State::Ok => None,
+            State::Failed(d) | State::Unclear(d) => Some(ResourceError {
+                resource: resource.to_string(),
+                detail: format!(
+                    "{what}: a statement of this branch failed ({d}), so it rolled back"
+                ),
+                not_found: false,
+            }),
+        }
+    }
+}
+
 pub(crate) struct Branch<C> {
     /// None once prepare, commit or rollback took it.
     pub lease: Option<Lease<C>>,
@@ -179,13 +195,44 @@ pub(crate) struct Branch<C> {
 /// The open branches of one resource, each with its own lock (held across its statements, so
 /// branches run concurrently; the map's lock is never held across an await).
 pub(crate) struct Branches<C> {
+    resource: String,
     map: Mutex<HashMap<Xid, Arc<tokio::sync::Mutex<Branch<C>>>>>,
 }
 
 impl<C> Branches<C> {
-    pub fn new() -> Branches<C> {
+    pub fn new(resource: &str) -> Branches<C> {
         Branches {
+            resource: resource.to_string(),
             map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn no_branch(&self, xid: &Xid) -> ResourceError {
+        ResourceError {
+            resource: self.resource.clone(),
+            detail: format!("no open branch {xid}"),
+            not_found: true,
+        }
+    }
+
+    /// Branch `xid`, locked, if it can take a statement: open, with its connection, and no
+    /// earlier statement failed (then it can only roll back).
+    pub async fn for_statement(
+        &self,
+        xid: &Xid,
+    ) -> Result<tokio::sync::OwnedMutexGuard<Branch<C>>, ResourceError> {
+        let branch = self.get(xid).ok_or_else(|| self.no_branch(xid))?;
+        let branch = branch.lock_owned().await;
+        match &branch.state {
+            State::Ok if branch.lease.is_some() => Ok(branch),
+            State::Ok => Err(self.no_branch(xid)),
+            State::Failed(d) | State::Unclear(d) => Err(ResourceError {
+                resource: self.resource.clone(),
+                detail: format!(
+                    "statement refused: an earlier statement of this branch failed ({d}); it can only roll back"
+                ),
+                not_found: false,
+            }),
         }
     }
 
