@@ -126,10 +126,10 @@ fn wait_stopped(env: &Env, server: &str) {
     });
 }
 
-/// The procedure with the server crashing at `point`; `committed`: whether the decision was
-/// logged before the crash (so recovery commits the first message everywhere).
-fn recovery_mode_finishes_a_crash_at(point: &str, committed: bool) {
-    let Some(dbs) = Dbs::start() else { return };
+/// A profile with queue `in`, data sources `pg1` and `maria1` on `dbs`, server1 without
+/// automatic restart (the seed's preparation: the operator chooses recovery mode), and its node
+/// agent started.
+fn mover_profile(dbs: &Dbs) -> Env {
     let env = Env::new();
     env.ok(&["destination", "create", "bus1", "in", "--type", "queue"]);
     env.ok(&[
@@ -150,7 +150,6 @@ fn recovery_mode_finishes_a_crash_at(point: &str, committed: bool) {
         "--url",
         &dbs.maria.url("keel"),
     ]);
-    // The seed's preparation: no automatic restart, so the operator chooses recovery mode.
     env.ok(&[
         "server",
         "set-monitor-policy",
@@ -159,15 +158,13 @@ fn recovery_mode_finishes_a_crash_at(point: &str, committed: bool) {
         "false",
     ]);
     env.ok(&["node", "start"]);
+    env
+}
 
-    // Two messages wait on the queue before the application exists: the first is the one in
-    // flight at the crash, the second must stay untouched until the next normal start.
-    env.ok(&["server", "start", "server1"]);
-    env.ok(&["send", "in", "--server", "server1", "--body", "m1"]);
-    env.ok(&["send", "in", "--server", "server1", "--body", "m2"]);
-    env.ok(&["server", "stop", "server1"]);
-    let script = env.dir().join("mover.rhai");
-    std::fs::write(&script, SCRIPT).unwrap();
+/// Creates the script application `mover` on `in` with `script` and `concurrency` handlers.
+fn create_mover(env: &Env, script: &str, concurrency: u32) {
+    let file = env.dir().join("mover.rhai");
+    std::fs::write(&file, script).unwrap();
     env.ok(&[
         "app",
         "create",
@@ -179,16 +176,36 @@ fn recovery_mode_finishes_a_crash_at(point: &str, committed: bool) {
         "--kind",
         "script",
         "--script",
-        script.to_str().unwrap(),
+        file.to_str().unwrap(),
         "--concurrency",
-        "1",
+        &concurrency.to_string(),
     ]);
+}
 
-    // The crash, inside two-phase commit of m1's transaction.
-    let before = env.log("server1").len();
+/// Starts server1 with `point` set to crash (the start command may lose its server).
+fn start_crashing_at(env: &Env, point: &str) {
     let mut c = env.cmd(&["server", "start", "server1"]);
     c.env("KEEL_FAULTS", format!("{point}:crash"));
     let _ = c.output().unwrap();
+}
+
+/// The procedure with the server crashing at `point`; `committed`: whether the decision was
+/// logged before the crash (so recovery commits the first message everywhere).
+fn recovery_mode_finishes_a_crash_at(point: &str, committed: bool) {
+    let Some(dbs) = Dbs::start() else { return };
+    let env = mover_profile(&dbs);
+
+    // Two messages wait on the queue before the application exists: the first is the one in
+    // flight at the crash, the second must stay untouched until the next normal start.
+    env.ok(&["server", "start", "server1"]);
+    env.ok(&["send", "in", "--server", "server1", "--body", "m1"]);
+    env.ok(&["send", "in", "--server", "server1", "--body", "m2"]);
+    env.ok(&["server", "stop", "server1"]);
+    create_mover(&env, SCRIPT, 1);
+
+    // The crash, inside two-phase commit of m1's transaction.
+    let before = env.log("server1").len();
+    start_crashing_at(&env, point);
     wait_stopped(&env, "server1");
     let crashed_run = env.log("server1")[before..].to_string();
     assert!(
@@ -463,34 +480,7 @@ fn crash_torture_of_applications_leaves_every_message_atomic_and_once() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(6);
-    let env = Env::new();
-    env.ok(&["destination", "create", "bus1", "in", "--type", "queue"]);
-    env.ok(&[
-        "datasource",
-        "create",
-        "pg1",
-        "--kind",
-        "postgres",
-        "--url",
-        &dbs.pg.tcp_url(),
-    ]);
-    env.ok(&[
-        "datasource",
-        "create",
-        "maria1",
-        "--kind",
-        "mariadb",
-        "--url",
-        &dbs.maria.url("keel"),
-    ]);
-    env.ok(&[
-        "server",
-        "set-monitor-policy",
-        "server1",
-        "--auto-restart",
-        "false",
-    ]);
-    env.ok(&["node", "start"]);
+    let env = mover_profile(&dbs);
     // Acknowledged message IDs (a send cut by a crash acknowledges only what it printed).
     let mut acked: Vec<String> = Vec::new();
     let mut send = |n: u32| {
@@ -514,23 +504,7 @@ fn crash_torture_of_applications_leaves_every_message_atomic_and_once() {
     env.ok(&["server", "start", "server1"]);
     send(100);
     env.ok(&["server", "stop", "server1"]);
-    let script = env.dir().join("mover.rhai");
-    std::fs::write(&script, SCRIPT.replace("msg.body", "msg.id")).unwrap();
-    env.ok(&[
-        "app",
-        "create",
-        "mover",
-        "--server",
-        "server1",
-        "--on",
-        "in",
-        "--kind",
-        "script",
-        "--script",
-        script.to_str().unwrap(),
-        "--concurrency",
-        "4",
-    ]);
+    create_mover(&env, &SCRIPT.replace("msg.body", "msg.id"), 4);
 
     let points = [
         "tx.after_prepare",
@@ -566,9 +540,7 @@ fn crash_torture_of_applications_leaves_every_message_atomic_and_once() {
     for run in 0..runs {
         let what = if run % 2 == 0 {
             let p = points[(run / 2) as usize % points.len()];
-            let mut c = env.cmd(&["server", "start", "server1"]);
-            c.env("KEEL_FAULTS", format!("{p}:crash"));
-            let _ = c.output().unwrap();
+            start_crashing_at(&env, p);
             // New work keeps the fault point in reach whatever is left on the queue.
             send(20);
             p.to_string()
@@ -743,55 +715,12 @@ fn applications_time_out_and_wait_for_unreachable_data_sources() {
 #[test]
 fn an_operator_resolves_what_recovery_cannot_reach() {
     let Some(dbs) = Dbs::start() else { return };
-    let env = Env::new();
-    env.ok(&["destination", "create", "bus1", "in", "--type", "queue"]);
-    env.ok(&[
-        "datasource",
-        "create",
-        "pg1",
-        "--kind",
-        "postgres",
-        "--url",
-        &dbs.pg.tcp_url(),
-    ]);
-    env.ok(&[
-        "datasource",
-        "create",
-        "maria1",
-        "--kind",
-        "mariadb",
-        "--url",
-        &dbs.maria.url("keel"),
-    ]);
-    env.ok(&[
-        "server",
-        "set-monitor-policy",
-        "server1",
-        "--auto-restart",
-        "false",
-    ]);
-    env.ok(&["node", "start"]);
+    let env = mover_profile(&dbs);
     env.ok(&["server", "start", "server1"]);
     env.ok(&["send", "in", "--server", "server1", "--body", "m1"]);
     env.ok(&["server", "stop", "server1"]);
-    let script = env.dir().join("mover.rhai");
-    std::fs::write(&script, SCRIPT).unwrap();
-    env.ok(&[
-        "app",
-        "create",
-        "mover",
-        "--server",
-        "server1",
-        "--on",
-        "in",
-        "--kind",
-        "script",
-        "--script",
-        script.to_str().unwrap(),
-    ]);
-    let mut c = env.cmd(&["server", "start", "server1"]);
-    c.env("KEEL_FAULTS", "tx.after_decision:crash");
-    let _ = c.output().unwrap();
+    create_mover(&env, SCRIPT, 4);
+    start_crashing_at(&env, "tx.after_decision");
     wait_stopped(&env, "server1");
 
     // The operator removes MariaDB from the configuration (the wrong thing to do, but done).
