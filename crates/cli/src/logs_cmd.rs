@@ -255,7 +255,7 @@ pub fn run(ctx: &Ctx, cmd: LogsCmd) -> Result<ExitCode> {
     let dir = keel_logs::repository_dir(profile.layout(), &process);
     if !dir.is_dir() && !a.follow {
         bail!(
-            "process {process} has no log repository yet ({} does not exist): it has not run since the repository came",
+            "process {process} has no log repository yet ({} does not exist): it has not run with this version of Keel; read its SystemOut.log beside that directory, or start it once",
             dir.display()
         );
     }

@@ -1311,15 +1311,39 @@ impl Messaging {
             }
         }
         keel_core::faults::hit("me.after_store_commit");
-        let mut ids = Vec::with_capacity(tx.sends.len());
-        for (s, mark) in std::mem::take(&mut tx.sends).into_iter().zip(marks) {
+        let per_send: Vec<Option<u64>> = tx
+            .sends
+            .iter()
+            .map(|s| {
+                s.prepared
+                    .reliability
+                    .is_persistent()
+                    .then(|| seqs.next().expect("one seq per persistent send"))
+            })
+            .collect();
+        let ids = self.offer_sent(std::mem::take(&mut tx.sends), per_send, marks);
+        pending.done();
+        for (q, e, plan) in std::mem::take(&mut tx.settles) {
+            self.settle_apply(&q, e, &plan)?;
+        }
+        Ok(ids)
+    }
+
+    /// Makes a committed transaction's sends available on their queues: each persistent one
+    /// under the seq its store commit gave it (`seqs`, one per send, None for non-persistent
+    /// ones, which get a volatile seq). Returns their message IDs.
+    fn offer_sent(
+        &self,
+        sends: Vec<TxSend>,
+        seqs: impl IntoIterator<Item = Option<u64>>,
+        marks: Vec<RefillMark>,
+    ) -> Vec<String> {
+        let mut ids = Vec::with_capacity(sends.len());
+        for ((s, seq), mark) in sends.into_iter().zip(seqs).zip(marks) {
             let p = s.prepared;
             let persistent = p.reliability.is_persistent();
-            let seq = if persistent {
-                seqs.next().expect("one seq per persistent send")
-            } else {
-                self.volatile_seq.fetch_add(1, Ordering::Relaxed)
-            };
+            debug_assert_eq!(persistent, seq.is_some(), "a seq for each persistent send");
+            let seq = seq.unwrap_or_else(|| self.volatile_seq.fetch_add(1, Ordering::Relaxed));
             let id = format!("{}:{}:{seq}", self.uuid, self.incarnation);
             let e = p.into_entry(seq, id.clone(), s.body, persistent);
             let mut st = s.q.state.lock().expect("queue lock");
@@ -1334,11 +1358,7 @@ impl Messaging {
             s.q.notify.notify_one();
             ids.push(id);
         }
-        pending.done();
-        for (q, e, plan) in std::mem::take(&mut tx.settles) {
-            self.settle_apply(&q, e, &plan)?;
-        }
-        Ok(ids)
+        ids
     }
 
     /// Discards the transaction's sends; every delivery it settled counts one failed delivery

@@ -348,30 +348,11 @@ impl Messaging {
         }
         keel_core::faults::hit("me.after_store_commit");
         if commit {
-            for ((s, seq), mark) in std::mem::take(&mut b.tx.sends)
-                .into_iter()
-                .zip(b.send_seqs.iter())
-                .zip(marks)
-            {
-                let p = s.prepared;
-                let persistent = p.reliability.is_persistent();
-                let seq = match seq {
-                    Some(seq) => *seq,
-                    None => self.volatile_seq.fetch_add(1, Ordering::Relaxed),
-                };
-                let mid = format!("{}:{}:{seq}", self.uuid, self.incarnation);
-                let e = p.into_entry(seq, mid, s.body, persistent);
-                let mut st = s.q.state.lock().expect("queue lock");
-                if persistent {
-                    st.offer_persistent(e, mark);
-                } else if st.volatile.len() < crate::queue::NONPERSISTENT_MAX {
-                    st.volatile.insert(e.key(), e);
-                }
-                drop(st);
-                s.q.counters.sent.fetch_add(1, Ordering::Relaxed);
-                s.q.counters.depth.fetch_add(1, Ordering::Relaxed);
-                s.q.notify.notify_one();
-            }
+            self.offer_sent(
+                std::mem::take(&mut b.tx.sends),
+                b.send_seqs.iter().copied(),
+                marks,
+            );
         }
         pending.done();
         for ((q, e), plan) in items.into_iter().zip(plans) {

@@ -108,6 +108,24 @@ impl MeResource {
         }
     }
 
+    /// A phase two's answer as the coordinator takes it ("not found": resolved before).
+    fn resolved(
+        &self,
+        xid: &Xid,
+        what: &str,
+        r: Result<keel_engine::messaging::xa::Resolved, MessagingError>,
+    ) -> Result<(), ResourceError> {
+        match r {
+            Ok(keel_engine::messaging::xa::Resolved::Done) => Ok(()),
+            Ok(keel_engine::messaging::xa::Resolved::NotFound) => Err(ResourceError {
+                resource: self.name.clone(),
+                detail: format!("no prepared branch {xid}"),
+                not_found: true,
+            }),
+            Err(e) => Err(self.err(what, e)),
+        }
+    }
+
     fn take(&self, xid: &Xid) -> Option<(Transaction, bool)> {
         self.open.lock().expect("open lock").remove(xid)
     }
@@ -145,15 +163,7 @@ impl Resource for MeResource {
                     .map(|_| ())
                     .map_err(|e| self.err("commit", e));
             }
-            match m.xa_commit(&xid.to_string()).await {
-                Ok(keel_engine::messaging::xa::Resolved::Done) => Ok(()),
-                Ok(keel_engine::messaging::xa::Resolved::NotFound) => Err(ResourceError {
-                    resource: self.name.clone(),
-                    detail: format!("no prepared branch {xid}"),
-                    not_found: true,
-                }),
-                Err(e) => Err(self.err("commit", e)),
-            }
+            self.resolved(xid, "commit", m.xa_commit(&xid.to_string()).await)
         })
     }
 
@@ -171,15 +181,7 @@ impl Resource for MeResource {
                     .await
                     .map_err(|e| self.err("rollback", e));
             }
-            match m.xa_rollback(&xid.to_string()).await {
-                Ok(keel_engine::messaging::xa::Resolved::Done) => Ok(()),
-                Ok(keel_engine::messaging::xa::Resolved::NotFound) => Err(ResourceError {
-                    resource: self.name.clone(),
-                    detail: format!("no prepared branch {xid}"),
-                    not_found: true,
-                }),
-                Err(e) => Err(self.err("rollback", e)),
-            }
+            self.resolved(xid, "rollback", m.xa_rollback(&xid.to_string()).await)
         })
     }
 
