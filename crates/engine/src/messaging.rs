@@ -214,6 +214,21 @@ impl Prepared {
     }
 }
 
+/// The seq of each send of a transaction: the next of `assigned` (the store's, in op order)
+/// for a persistent one, None for a non-persistent one.
+fn seqs_per_send(sends: &[TxSend], assigned: impl IntoIterator<Item = u64>) -> Vec<Option<u64>> {
+    let mut assigned = assigned.into_iter();
+    sends
+        .iter()
+        .map(|s| {
+            s.prepared
+                .reliability
+                .is_persistent()
+                .then(|| assigned.next().expect("one seq per persistent send"))
+        })
+        .collect()
+}
+
 /// Marks a refill as no longer running if its read is dropped (see `Messaging::refill`).
 struct AbortRefillOnDrop<'a>(&'a QueuePoint);
 
@@ -1311,16 +1326,7 @@ impl Messaging {
             }
         }
         keel_core::faults::hit("me.after_store_commit");
-        let per_send: Vec<Option<u64>> = tx
-            .sends
-            .iter()
-            .map(|s| {
-                s.prepared
-                    .reliability
-                    .is_persistent()
-                    .then(|| seqs.next().expect("one seq per persistent send"))
-            })
-            .collect();
+        let per_send = seqs_per_send(&tx.sends, seqs);
         let ids = self.offer_sent(std::mem::take(&mut tx.sends), per_send, marks);
         pending.done();
         for (q, e, plan) in std::mem::take(&mut tx.settles) {

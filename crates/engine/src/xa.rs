@@ -210,17 +210,7 @@ impl Messaging {
             persistent_sends.len(),
             "one seq per prepared send"
         );
-        let mut seqs = out.assigned_seqs.into_iter();
-        let send_seqs = tx
-            .sends
-            .iter()
-            .map(|s| {
-                s.prepared
-                    .reliability
-                    .is_persistent()
-                    .then(|| seqs.next().expect("one seq per persistent send"))
-            })
-            .collect();
+        let send_seqs = super::seqs_per_send(&tx.sends, out.assigned_seqs);
         self.xa
             .live
             .lock()
