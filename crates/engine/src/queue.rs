@@ -2,9 +2,9 @@
 //! consumers.
 //!
 //! Persistent messages (reliable, assured) live in the data store. The engine keeps, per queue,
-//! a *window*: at most `WINDOW_MAX` available messages in delivery order (priority DESC, seq
-//! ASC), refilled from the store by cursor paging, so a queue of millions of messages costs
-//! bounded memory. Non-persistent messages (best effort, express) live only in memory, bounded by
+//! a *window*: at most `WINDOW_MAX` available messages and `WINDOW_BYTES_MAX` bytes of them in
+//! delivery order (priority DESC, seq ASC), refilled from the store by cursor paging, so a queue
+//! of millions of messages costs bounded memory. Non-persistent messages (best effort, express) live only in memory, bounded by
 //! `NONPERSISTENT_MAX` per queue.
 //!
 //! Window invariant: every available persistent message with key ≤ `loaded_up_to` is in the
@@ -28,8 +28,11 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-/// Available persistent messages kept in memory per queue.
-pub const WINDOW_MAX: usize = 1_000;
+/// Available persistent messages kept in memory per queue. Above what producers usually have in
+/// flight (the peers benchmark: 4 × 256), so consumers that keep up never read the store back.
+pub const WINDOW_MAX: usize = 4_096;
+/// Bytes of bodies and properties the window holds at most (large messages: fewer of them).
+pub const WINDOW_BYTES_MAX: usize = 8 * 1024 * 1024;
 /// How many messages one refill reads from the store.
 pub const REFILL_BATCH: usize = 256;
 /// Refill pages remembered for offers that overlapped them; an offer later than that takes
@@ -79,12 +82,21 @@ impl Entry {
     pub fn key(&self) -> Key {
         key(self.priority, self.seq)
     }
+
+    /// What the entry holds in memory, as the window counts it.
+    pub fn bytes(&self) -> usize {
+        self.body.len() + self.properties.len() + self.id.len()
+    }
 }
 
 #[derive(Debug, Default)]
 pub struct QueueState {
-    /// Available persistent messages, loaded from the store (bounded by WINDOW_MAX).
-    pub window: BTreeMap<Key, Entry>,
+    /// Available persistent messages, loaded from the store (bounded by `window_max` and
+    /// `WINDOW_BYTES_MAX`). Changed only through the `window_*` methods, which keep
+    /// `window_bytes`.
+    window: BTreeMap<Key, Entry>,
+    /// Bytes of the window's entries ([`Entry::bytes`]).
+    window_bytes: usize,
     /// Greatest store key the window covers; None = nothing loaded yet.
     pub loaded_up_to: Option<Key>,
     /// The store may hold available messages beyond `loaded_up_to`.
@@ -107,6 +119,12 @@ pub struct QueueState {
     /// refill's read may have missed them, so it must not move the cursor past them. Bounded
     /// by the sends committed during one read.
     offered_meanwhile: Vec<Key>,
+    /// New messages offered while a refill was in flight that no refill had loaded (their keys
+    /// are in `offered_meanwhile` too). If the read turns out short, these are exactly what
+    /// committed after it, so they join the window from memory instead of being read back:
+    /// without this, under steady sends every refill overlapped an offer, never completed,
+    /// and every message was read back from the store. Bounded like `offered_meanwhile`.
+    offered_entries: Vec<Entry>,
     /// Seqs each recent refill loaded, with its epoch once applied: an offer that overlapped
     /// a refill looks its message up here. Bounded by LOADED_PAGES_KEPT pages.
     loaded_pages: std::collections::VecDeque<(u64, Vec<u64>)>,
@@ -169,6 +187,7 @@ impl QueueState {
             // The read in flight may have missed it: it must not move the cursor past it.
             self.skipped_offers += 1;
             self.offered_meanwhile.push(k);
+            self.offered_entries.push(e);
             return;
         }
         self.restore_persistent(e);
@@ -205,7 +224,8 @@ impl QueueState {
         let beyond = self.store_has_more && self.loaded_up_to.is_none_or(|u| k > u);
         if !beyond {
             // The evicted messages are in the store and not held: the refill reads them again.
-            drop(self.window.split_off(&k));
+            let evicted = self.window.split_off(&k);
+            self.window_bytes -= evicted.values().map(Entry::bytes).sum::<usize>();
             self.loaded_up_to = self.window.last_key_value().map(|(k, _)| *k);
             self.store_has_more = true;
         }
@@ -228,7 +248,7 @@ impl QueueState {
             }
             return; // the next refill reads it from the store
         }
-        self.window.insert(k, e);
+        self.window_insert(k, e);
         if self.loaded_up_to.is_none_or(|u| k > u) {
             self.loaded_up_to = Some(k);
         }
@@ -241,17 +261,22 @@ impl QueueState {
         // A read in flight may have missed those rows and would move the cursor past them.
         self.refill_void = self.refilling.is_some();
         self.window.clear();
+        self.window_bytes = 0;
         self.loaded_up_to = None;
         self.store_has_more = true;
         self.skipped_offers += 1;
     }
 
     fn evict_over_bound(&mut self) {
-        while self.window.len() > self.window_max {
-            let (k, _) = self
+        // A single message larger than the byte bound stays: the window always holds one.
+        while self.window.len() > self.window_max
+            || (self.window_bytes > WINDOW_BYTES_MAX && self.window.len() > 1)
+        {
+            let (k, e) = self
                 .window
                 .pop_last()
                 .expect("window over bound is non-empty");
+            self.window_bytes -= e.bytes();
             self.store_has_more = true;
             self.loaded_up_to = self.window.last_key_value().map(|(k, _)| *k);
             debug_assert!(self.loaded_up_to.is_none_or(|u| u < k));
@@ -271,6 +296,7 @@ impl QueueState {
         self.refill_epoch += 1;
         self.gone.clear();
         self.offered_meanwhile.clear();
+        self.offered_entries.clear();
         self.restored_meanwhile.clear();
         Some((self.loaded_up_to, self.skipped_offers))
     }
@@ -282,6 +308,7 @@ impl QueueState {
         self.refill_epoch += 1;
         self.gone.clear();
         self.offered_meanwhile.clear();
+        self.offered_entries.clear();
         self.restored_meanwhile.clear();
     }
 
@@ -343,19 +370,37 @@ impl QueueState {
         self.refill_epoch += 1;
         let gone = std::mem::take(&mut self.gone);
         let offered = std::mem::take(&mut self.offered_meanwhile);
+        let offered_entries = std::mem::take(&mut self.offered_entries);
         let mut restored = std::mem::take(&mut self.restored_meanwhile);
         if cursor != self.loaded_up_to || std::mem::take(&mut self.refill_void) {
             // Evicted meanwhile: the page starts after messages the window no longer holds.
             // Drop it; the next refill reads from the new cursor.
             return;
         }
-        // A message offered during the read and missing from the page committed after it: the
-        // page stops short of it, so the next refill reads it.
-        let missed = offered
-            .into_iter()
-            .filter(|k| !page.iter().any(|e| e.key() == *k))
-            .min();
-        let complete = complete && skipped_before == self.skipped_offers && missed.is_none();
+        let skipped_meanwhile = self
+            .skipped_offers
+            .checked_sub(skipped_before)
+            .expect("skipped offers only grow");
+        assert!(skipped_meanwhile >= offered_entries.len() as u64);
+        // A short read, and every offer left aside meanwhile is a new message held here: the
+        // store holds nothing beyond the page but those, so they join from memory.
+        let from_memory = complete && skipped_meanwhile == offered_entries.len() as u64;
+        let page_keys: HashSet<Key> = if from_memory {
+            page.iter().map(Entry::key).collect()
+        } else {
+            HashSet::new()
+        };
+        // Otherwise a message offered during the read and missing from the page committed
+        // after it: the page stops short of it, so the next refill reads it.
+        let missed = if from_memory {
+            None
+        } else {
+            offered
+                .into_iter()
+                .filter(|k| !page.iter().any(|e| e.key() == *k))
+                .min()
+        };
+        let complete = from_memory || (complete && skipped_meanwhile == 0 && missed.is_none());
         let mut loaded = Vec::with_capacity(page.len());
         for e in page
             .into_iter()
@@ -377,7 +422,27 @@ impl QueueState {
             loaded.push(e.seq);
             // What memory holds is at least as fresh as what the read saw.
             let e = restored.remove(&e.seq).unwrap_or(e);
-            self.window.entry(k).or_insert(e);
+            if !self.window.contains_key(&k) {
+                self.window_insert(k, e);
+            }
+        }
+        if from_memory {
+            for e in offered_entries {
+                let k = e.key();
+                if page_keys.contains(&k) {
+                    continue; // the read saw it: in the window from the page (or held)
+                }
+                // Offered after no refill loaded it, kept aside since: nobody can hold it.
+                assert!(
+                    cursor.is_none_or(|c| k > c),
+                    "offer kept aside below the cursor"
+                );
+                assert!(!self.locked.contains_key(&e.seq) && !self.claimed.contains(&e.seq));
+                if self.loaded_up_to.is_none_or(|u| k > u) {
+                    self.loaded_up_to = Some(k);
+                }
+                self.window_insert(k, e);
+            }
         }
         if self.loaded_pages.len() >= self.loaded_pages_max {
             let (epoch, _) = self.loaded_pages.pop_front().expect("full");
@@ -392,7 +457,9 @@ impl QueueState {
 
     /// Whether the window should be refilled before taking the next message.
     pub fn needs_refill(&self) -> bool {
-        self.store_has_more && self.window.len() < self.window_max / 2
+        self.store_has_more
+            && self.window.len() < self.window_max / 2
+            && self.window_bytes < WINDOW_BYTES_MAX / 2
     }
 
     /// The next available message in delivery order, across persistent and volatile ones; locks it.
@@ -401,12 +468,28 @@ impl QueueState {
         let v = self.volatile.first_key_value().map(|(k, _)| *k);
         let e = match (p, v) {
             (Some(pk), Some(vk)) if vk.0 > pk.0 => self.volatile.pop_first()?.1,
-            (Some(_), _) => self.window.pop_first()?.1,
+            (Some(_), _) => {
+                let e = self.window.pop_first()?.1;
+                self.window_bytes -= e.bytes();
+                e
+            }
             (None, Some(_)) => self.volatile.pop_first()?.1,
             (None, None) => return None,
         };
         self.locked.insert(e.seq, e.clone());
         Some(e)
+    }
+
+    /// Puts an entry in the window (its key not there yet), counting its bytes.
+    fn window_insert(&mut self, k: Key, e: Entry) {
+        self.window_bytes += e.bytes();
+        let old = self.window.insert(k, e);
+        assert!(old.is_none(), "window entry {k:?} inserted twice");
+    }
+
+    /// Persistent messages the window holds.
+    pub fn window_len(&self) -> usize {
+        self.window.len()
     }
 
     /// Available messages in memory (persistent window + volatile); the store may hold more.
@@ -515,6 +598,7 @@ mod tests {
                 Ok(true)
             };
             for s in steps {
+                prop_assert_eq!(q.window_bytes, q.window.values().map(Entry::bytes).sum::<usize>(), "window bytes miscounted");
                 match s {
                     Step::Send(prio) => {
                         seq += 1;
