@@ -819,14 +819,23 @@ async fn outgoing_link(mut tx: Sender, route: Route, presettled: bool, tags: Arc
                     .into_iter()
                     .map(|(tag, seq, fut, permit)| async move { (tag, seq, fut.await, permit) })
                     .collect();
-                while let Some((tag, seq, result, permit)) = outcomes.next().await {
-                    if tags.remove(&tag).is_none() {
-                        // Settled by a committed transaction already.
-                        continue;
+                use futures_util::FutureExt;
+                let mut ready = Vec::new();
+                while let Some(first) = outcomes.next().await {
+                    // Whatever else resolved meanwhile, with one lock of the tags.
+                    ready.push(first);
+                    while let Some(Some(more)) = outcomes.next().now_or_never() {
+                        ready.push(more);
                     }
-                    // An error: the link or connection went away.
-                    let outcome = engine_outcome(result.ok().as_ref());
-                    let _ = to_settler.send((seq, outcome, permit)).await;
+                    let still = tags.remove_many(ready.iter().map(|(tag, ..)| tag.as_slice()));
+                    for ((_, seq, result, permit), still) in ready.drain(..).zip(still) {
+                        if !still {
+                            continue; // settled by a committed transaction already
+                        }
+                        // An error: the link or connection went away.
+                        let outcome = engine_outcome(result.ok().as_ref());
+                        let _ = to_settler.send((seq, outcome, permit)).await;
+                    }
                 }
             });
         }

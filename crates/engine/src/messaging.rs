@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 use keel_config::{DestinationCfg, DestinationKind, Reliability};
 use keel_store::{Op, Store, StoredMessage};
 
-use crate::queue::{Entry, QueueState, RefillMark, NONPERSISTENT_MAX, REFILL_BATCH};
+use crate::queue::{
+    Entry, QueueState, RefillMark, WindowBudget, ENGINE_WINDOW_BYTES_MAX, NONPERSISTENT_MAX,
+    REFILL_BATCH,
+};
 
 #[path = "remote.rs"]
 pub mod remote;
@@ -300,10 +303,10 @@ pub struct Counters {
 }
 
 impl QueuePoint {
-    fn new(cfg: DestinationCfg) -> Arc<QueuePoint> {
+    fn new(cfg: DestinationCfg, budget: &Arc<WindowBudget>) -> Arc<QueuePoint> {
         Arc::new(QueuePoint {
             cfg,
-            state: Mutex::new(QueueState::unloaded()),
+            state: Mutex::new(QueueState::unloaded_in(budget.clone())),
             notify: tokio::sync::Notify::new(),
             refill: tokio::sync::Mutex::new(()),
             counters: Counters::default(),
@@ -335,6 +338,8 @@ pub struct Messaging {
     /// Queue points by destination name: configured queues, the exception destination, and
     /// one per durable subscription (`<topic>::<subscription>`), which are added at run time.
     queues: std::sync::RwLock<HashMap<String, Arc<QueuePoint>>>,
+    /// What the queue points' windows hold together, bounded (see `queue::WindowBudget`).
+    window_budget: Arc<WindowBudget>,
     /// Topic spaces published on this engine, with their durable subscriptions' queue names.
     topics: HashMap<String, DestinationCfg>,
     subscriptions: Mutex<HashMap<String, Vec<String>>>,
@@ -393,15 +398,16 @@ impl Messaging {
         let (me, uuid, bus) = (cfg.me.as_str(), cfg.uuid.as_str(), cfg.bus.as_str());
         let (destinations, max_message_bytes) = (&cfg.destinations, cfg.max_message_bytes);
         let exception = keel_config::system_exception_destination(me);
+        let window_budget = WindowBudget::new(ENGINE_WINDOW_BYTES_MAX);
         let mut queues: HashMap<String, Arc<QueuePoint>> = destinations
             .iter()
             .filter(|d| d.me == me && d.kind == DestinationKind::Queue)
-            .map(|d| (d.name.clone(), QueuePoint::new(d.clone())))
+            .map(|d| (d.name.clone(), QueuePoint::new(d.clone(), &window_budget)))
             .collect();
         let mut exc = DestinationCfg::new(&exception, DestinationKind::Queue, me);
         // Nothing leaves the exception destination by failing again: it has nowhere to go.
         exc.max_failed_deliveries = u32::MAX;
-        queues.insert(exception.clone(), QueuePoint::new(exc));
+        queues.insert(exception.clone(), QueuePoint::new(exc, &window_budget));
         Messaging {
             me: me.into(),
             uuid: uuid.into(),
@@ -413,6 +419,7 @@ impl Messaging {
                 .map(|d| (d.name.clone(), d.clone()))
                 .collect(),
             queues: std::sync::RwLock::new(queues),
+            window_budget,
             topics: destinations
                 .iter()
                 .filter(|d| d.me == me && d.kind == DestinationKind::Topic)
@@ -819,8 +826,9 @@ impl Messaging {
 
     /// Settles several locked deliveries of one destination with one store commit (a consumer
     /// link settles many messages per group-commit wait). Results in input order; a delivery
-    /// that is not locked fails alone. If the commit fails, every claimed delivery stays locked
-    /// and every result is that error's text.
+    /// that is not locked fails alone; a destination that is no queue here fails the batch. If
+    /// the commit fails, every claimed delivery stays locked and every result is that error's
+    /// text.
     pub async fn settle_batch(
         &self,
         dest: &str,
@@ -834,14 +842,26 @@ impl Messaging {
             (0..settles.len()).map(|_| None).collect();
         let mut claimed = Vec::with_capacity(settles.len());
         let mut ops = Vec::new();
-        for (i, (seq, outcome)) in settles.iter().enumerate() {
-            match self.claim(dest, *seq) {
-                Ok((q, e)) => {
+        // One lookup and one lock to claim the whole batch; plans after the lock is released
+        // (a plan may lock the exception destination).
+        let q = self.queue(dest)?;
+        let entries: Vec<Option<Entry>> = {
+            let mut st = q.state.lock().expect("queue lock");
+            settles.iter().map(|(seq, _)| st.claim(*seq)).collect()
+        };
+        for (i, ((seq, outcome), e)) in settles.iter().zip(entries).enumerate() {
+            match e {
+                Some(e) => {
                     let mut plan = self.settle_plan(&q, &e, *outcome);
                     ops.append(&mut plan.ops);
-                    claimed.push((i, q, e, plan));
+                    claimed.push((i, q.clone(), e, plan));
                 }
-                Err(err) => results[i] = Some(Err(err)),
+                None => {
+                    results[i] = Some(Err(MessagingError::UnknownDelivery {
+                        dest: dest.into(),
+                        seq: *seq,
+                    }))
+                }
             }
         }
         if !ops.is_empty() {
@@ -991,7 +1011,7 @@ impl Messaging {
             .write()
             .expect("queues lock")
             .entry(name.clone())
-            .or_insert_with(|| QueuePoint::new(cfg))
+            .or_insert_with(|| QueuePoint::new(cfg, &self.window_budget))
             .clone();
         let mut subs = self.subscriptions.lock().expect("subscriptions lock");
         let list = subs.entry(topic.name.clone()).or_default();

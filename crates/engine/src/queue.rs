@@ -2,9 +2,10 @@
 //! consumers.
 //!
 //! Persistent messages (reliable, assured) live in the data store. The engine keeps, per queue,
-//! a *window*: at most `WINDOW_MAX` available messages and `WINDOW_BYTES_MAX` bytes of them in
-//! delivery order (priority DESC, seq ASC), refilled from the store by cursor paging, so a queue
-//! of millions of messages costs bounded memory. Non-persistent messages (best effort, express) live only in memory, bounded by
+//! a *window*: available messages in delivery order (priority DESC, seq ASC), refilled from the
+//! store by cursor paging, so a queue of millions of messages costs bounded memory. A window
+//! holds at most `WINDOW_MAX` messages and `WINDOW_BYTES_MAX` bytes; beyond `WINDOW_BYTES_FLOOR`
+//! it grows only while the engine's windows together hold less than their [`WindowBudget`]. Non-persistent messages (best effort, express) live only in memory, bounded by
 //! `NONPERSISTENT_MAX` per queue.
 //!
 //! Window invariant: every available persistent message with key ≤ `loaded_up_to` is in the
@@ -28,11 +29,56 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-/// Available persistent messages kept in memory per queue. Above what producers usually have in
-/// flight (the peers benchmark: 4 × 256), so consumers that keep up never read the store back.
-pub const WINDOW_MAX: usize = 4_096;
-/// Bytes of bodies and properties the window holds at most (large messages: fewer of them).
-pub const WINDOW_BYTES_MAX: usize = 8 * 1024 * 1024;
+/// Available persistent messages kept in memory per queue. A backlog that fits is handed out
+/// from memory; beyond it, every message is written, evicted, and read back once (the peers
+/// benchmark's backlog stays between 5 000 and 20 000 messages while producers outrun
+/// consumers).
+pub const WINDOW_MAX: usize = 32_768;
+/// Bytes of bodies, properties and ids one window holds at most.
+pub const WINDOW_BYTES_MAX: usize = 32 * 1024 * 1024;
+/// Bytes every window may hold whatever the engine's budget says.
+pub const WINDOW_BYTES_FLOOR: usize = 1024 * 1024;
+/// Bytes all windows of one engine hold at most beyond their floors (see [`WindowBudget`]).
+pub const ENGINE_WINDOW_BYTES_MAX: usize = 128 * 1024 * 1024;
+
+/// The bytes all windows of one engine hold, shared by its queue points: a window beyond its
+/// floor stops growing (and evicts) while the total is over the budget, so many queues with a
+/// backlog cost at most `ENGINE_WINDOW_BYTES_MAX` plus a floor each.
+#[derive(Debug)]
+pub struct WindowBudget {
+    bytes: std::sync::atomic::AtomicUsize,
+    bytes_max: usize,
+}
+
+impl WindowBudget {
+    pub fn new(bytes_max: usize) -> std::sync::Arc<WindowBudget> {
+        std::sync::Arc::new(WindowBudget {
+            bytes: std::sync::atomic::AtomicUsize::new(0),
+            bytes_max,
+        })
+    }
+
+    /// Bytes held by every window now.
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn over(&self) -> bool {
+        self.bytes() > self.bytes_max
+    }
+
+    fn add(&self, n: usize) {
+        self.bytes
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn sub(&self, n: usize) {
+        let before = self
+            .bytes
+            .fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+        assert!(before >= n, "window budget went below zero");
+    }
+}
 /// How many messages one refill reads from the store.
 pub const REFILL_BATCH: usize = 256;
 /// Refill pages remembered for offers that overlapped them; an offer later than that takes
@@ -95,8 +141,10 @@ pub struct QueueState {
     /// `WINDOW_BYTES_MAX`). Changed only through the `window_*` methods, which keep
     /// `window_bytes`.
     window: BTreeMap<Key, Entry>,
-    /// Bytes of the window's entries ([`Entry::bytes`]).
+    /// Bytes of the window's entries ([`Entry::bytes`]), also counted in `budget`.
     window_bytes: usize,
+    /// The engine's budget for all windows (None: this window alone, as in tests).
+    budget: Option<std::sync::Arc<WindowBudget>>,
     /// Greatest store key the window covers; None = nothing loaded yet.
     pub loaded_up_to: Option<Key>,
     /// The store may hold available messages beyond `loaded_up_to`.
@@ -151,14 +199,20 @@ impl QueueState {
         QueueState::unloaded_with(WINDOW_MAX)
     }
 
+    /// A fresh queue state whose window counts against the engine's budget.
+    pub fn unloaded_in(budget: std::sync::Arc<WindowBudget>) -> QueueState {
+        let mut q = QueueState::unloaded();
+        q.budget = Some(budget);
+        q
+    }
+
     pub fn unloaded_with(window_max: usize) -> QueueState {
         assert!(window_max >= 2, "a window holds at least two messages");
-        QueueState {
-            store_has_more: true,
-            window_max,
-            loaded_pages_max: LOADED_PAGES_KEPT,
-            ..QueueState::default()
-        }
+        let mut q = QueueState::default();
+        q.store_has_more = true;
+        q.window_max = window_max;
+        q.loaded_pages_max = LOADED_PAGES_KEPT;
+        q
     }
 
     /// Taken before the store commit that inserts a message, handed to
@@ -225,7 +279,7 @@ impl QueueState {
         if !beyond {
             // The evicted messages are in the store and not held: the refill reads them again.
             let evicted = self.window.split_off(&k);
-            self.window_bytes -= evicted.values().map(Entry::bytes).sum::<usize>();
+            self.window_bytes_sub(evicted.values().map(Entry::bytes).sum::<usize>());
             self.loaded_up_to = self.window.last_key_value().map(|(k, _)| *k);
             self.store_has_more = true;
         }
@@ -261,7 +315,7 @@ impl QueueState {
         // A read in flight may have missed those rows and would move the cursor past them.
         self.refill_void = self.refilling.is_some();
         self.window.clear();
-        self.window_bytes = 0;
+        self.window_bytes_sub(self.window_bytes);
         self.loaded_up_to = None;
         self.store_has_more = true;
         self.skipped_offers += 1;
@@ -270,13 +324,13 @@ impl QueueState {
     fn evict_over_bound(&mut self) {
         // A single message larger than the byte bound stays: the window always holds one.
         while self.window.len() > self.window_max
-            || (self.window_bytes > WINDOW_BYTES_MAX && self.window.len() > 1)
+            || (self.window.len() > 1 && self.window_bytes > self.window_bytes_allowed())
         {
             let (k, e) = self
                 .window
                 .pop_last()
                 .expect("window over bound is non-empty");
-            self.window_bytes -= e.bytes();
+            self.window_bytes_sub(e.bytes());
             self.store_has_more = true;
             self.loaded_up_to = self.window.last_key_value().map(|(k, _)| *k);
             debug_assert!(self.loaded_up_to.is_none_or(|u| u < k));
@@ -459,7 +513,7 @@ impl QueueState {
     pub fn needs_refill(&self) -> bool {
         self.store_has_more
             && self.window.len() < self.window_max / 2
-            && self.window_bytes < WINDOW_BYTES_MAX / 2
+            && self.window_bytes < self.window_bytes_allowed() / 2
     }
 
     /// The next available message in delivery order, across persistent and volatile ones; locks it.
@@ -470,7 +524,7 @@ impl QueueState {
             (Some(pk), Some(vk)) if vk.0 > pk.0 => self.volatile.pop_first()?.1,
             (Some(_), _) => {
                 let e = self.window.pop_first()?.1;
-                self.window_bytes -= e.bytes();
+                self.window_bytes_sub(e.bytes());
                 e
             }
             (None, Some(_)) => self.volatile.pop_first()?.1,
@@ -483,8 +537,30 @@ impl QueueState {
     /// Puts an entry in the window (its key not there yet), counting its bytes.
     fn window_insert(&mut self, k: Key, e: Entry) {
         self.window_bytes += e.bytes();
+        if let Some(b) = &self.budget {
+            b.add(e.bytes());
+        }
         let old = self.window.insert(k, e);
         assert!(old.is_none(), "window entry {k:?} inserted twice");
+    }
+
+    fn window_bytes_sub(&mut self, n: usize) {
+        self.window_bytes = self
+            .window_bytes
+            .checked_sub(n)
+            .expect("window bytes went below zero");
+        if let Some(b) = &self.budget {
+            b.sub(n);
+        }
+    }
+
+    /// How many bytes this window may hold now: its maximum, or only its floor while the
+    /// engine's windows are over their budget.
+    fn window_bytes_allowed(&self) -> usize {
+        match &self.budget {
+            Some(b) if b.over() => WINDOW_BYTES_FLOOR,
+            _ => WINDOW_BYTES_MAX,
+        }
     }
 
     /// Persistent messages the window holds.
@@ -495,6 +571,15 @@ impl QueueState {
     /// Available messages in memory (persistent window + volatile); the store may hold more.
     pub fn available_in_memory(&self) -> usize {
         self.window.len() + self.volatile.len()
+    }
+}
+
+impl Drop for QueueState {
+    /// A queue point removed (a durable subscription deleted) gives its bytes back.
+    fn drop(&mut self) {
+        if let Some(b) = &self.budget {
+            b.sub(self.window_bytes);
+        }
     }
 }
 
@@ -515,6 +600,40 @@ mod tests {
             body: vec![],
             persistent: true,
         }
+    }
+
+    #[test]
+    fn windows_share_the_engine_budget() {
+        const BODY: usize = 64 * 1024;
+        let big = |seq| Entry {
+            body: vec![0; BODY],
+            ..entry(4, seq)
+        };
+        let budget = WindowBudget::new(2 * 1024 * 1024);
+        let mut a = QueueState::unloaded_in(budget.clone());
+        let mut b = QueueState::unloaded_in(budget.clone());
+        a.store_has_more = false;
+        b.store_has_more = false;
+        for seq in 1..=24 {
+            a.restore_persistent(big(seq));
+        }
+        assert_eq!(a.window_len(), 24, "under the budget: nothing evicted");
+        for seq in 1..=24 {
+            b.restore_persistent(big(seq));
+        }
+        // Over the budget: b keeps no more than its floor, and knows the store holds the rest.
+        assert!(b.window_bytes <= WINDOW_BYTES_FLOOR, "{}", b.window_bytes);
+        assert!(b.window_len() < 24 && b.store_has_more);
+        assert_eq!(
+            a.window_len(),
+            24,
+            "a window is only shrunk by its own changes"
+        );
+        assert_eq!(budget.bytes(), a.window_bytes + b.window_bytes);
+        while b.take_next().is_some() {}
+        assert_eq!(budget.bytes(), a.window_bytes);
+        drop(a);
+        assert_eq!(budget.bytes(), 0, "a dropped queue gives its bytes back");
     }
 
     /// What a store read after `cursor` returns.

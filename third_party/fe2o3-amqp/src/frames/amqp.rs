@@ -87,7 +87,9 @@ impl FrameEncoder {
         use serde_amqp::ser::Serializer;
 
         // First test the size
-        let mut buf = BytesMut::new();
+        // KEEL PATCH: room for a transfer performative up front (it is tens of bytes), and
+        // the frame reserved in `dst` at once below, instead of growing each buffer as written.
+        let mut buf = BytesMut::with_capacity(128);
         let writer = (&mut buf).writer();
         let mut buf_serializer = Serializer::from(writer);
         transfer.serialize(&mut buf_serializer)?;
@@ -153,6 +155,7 @@ impl FrameEncoder {
             dst.put(buf);
             dst.put(payload);
         } else {
+            dst.reserve(8 + buf.len() + payload.len());
             write_header(dst, channel);
             dst.put(buf);
             dst.put(payload);

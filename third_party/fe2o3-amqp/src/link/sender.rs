@@ -737,7 +737,11 @@ where
         } = sendable;
 
         // serialize message
-        let mut payload = BytesMut::new();
+        // KEEL PATCH: the buffer is sized first (one pass that copies nothing), so a message
+        // is written without the buffer growing and copying itself several times over. The
+        // size is a hint: serde_amqp's count is a few bytes off for some types (a Declare).
+        let size = serde_amqp::serialized_size(&Serializable(&message))?;
+        let mut payload = BytesMut::with_capacity(size);
         let mut serializer = Serializer::from((&mut payload).writer());
         Serializable(message).serialize(&mut serializer)?;
         let payload = payload.freeze();
@@ -767,7 +771,11 @@ where
         } = sendable;
 
         // serialize message
-        let mut payload = BytesMut::new();
+        // KEEL PATCH: the buffer is sized first (one pass that copies nothing), so a message
+        // is written without the buffer growing and copying itself several times over. The
+        // size is a hint: serde_amqp's count is a few bytes off for some types (a Declare).
+        let size = serde_amqp::serialized_size(&Serializable(message))?;
+        let mut payload = BytesMut::with_capacity(size);
         let mut serializer = Serializer::from((&mut payload).writer());
         Serializable(message).serialize(&mut serializer)?;
         let payload = payload.freeze();
