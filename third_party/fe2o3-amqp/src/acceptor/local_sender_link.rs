@@ -196,6 +196,7 @@ where
         }
 
         let inner = SenderInner {
+            last_payload_len: 0,
             link,
             buffer_size: shared.buffer_size,
             session: session.control.clone(),

@@ -585,6 +585,7 @@ where
 
         // Attach completed, return Sender
         let inner = SenderInner {
+            last_payload_len: 0,
             link,
             buffer_size,
             session: session.control.clone(),

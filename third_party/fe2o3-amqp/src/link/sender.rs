@@ -510,6 +510,10 @@ where
     // Outgoing mpsc channel to send the Link frames
     pub(crate) outgoing: mpsc::Sender<LinkFrame>,
     pub(crate) incoming: mpsc::Receiver<LinkFrame>,
+
+    // KEEL PATCH: the size of the last message this link serialized, the capacity the next
+    // one's buffer starts with (a link's messages are usually alike).
+    pub(crate) last_payload_len: usize,
 }
 
 impl<L> Drop for SenderInner<L>
@@ -737,13 +741,12 @@ where
         } = sendable;
 
         // serialize message
-        // KEEL PATCH: the buffer is sized first (one pass that copies nothing), so a message
-        // is written without the buffer growing and copying itself several times over. The
-        // size is a hint: serde_amqp's count is a few bytes off for some types (a Declare).
-        let size = serde_amqp::serialized_size(&Serializable(&message))?;
-        let mut payload = BytesMut::with_capacity(size);
+        // KEEL PATCH: the buffer starts at the last message's size (plus room), so a message
+        // is written without the buffer growing and copying itself several times over.
+        let mut payload = BytesMut::with_capacity(self.last_payload_len + 64);
         let mut serializer = Serializer::from((&mut payload).writer());
         Serializable(message).serialize(&mut serializer)?;
+        self.last_payload_len = payload.len();
         let payload = payload.freeze();
 
         self.send_payload(payload, message_format, settled, state, batchable)
@@ -771,13 +774,12 @@ where
         } = sendable;
 
         // serialize message
-        // KEEL PATCH: the buffer is sized first (one pass that copies nothing), so a message
-        // is written without the buffer growing and copying itself several times over. The
-        // size is a hint: serde_amqp's count is a few bytes off for some types (a Declare).
-        let size = serde_amqp::serialized_size(&Serializable(message))?;
-        let mut payload = BytesMut::with_capacity(size);
+        // KEEL PATCH: the buffer starts at the last message's size (plus room), so a message
+        // is written without the buffer growing and copying itself several times over.
+        let mut payload = BytesMut::with_capacity(self.last_payload_len + 64);
         let mut serializer = Serializer::from((&mut payload).writer());
         Serializable(message).serialize(&mut serializer)?;
+        self.last_payload_len = payload.len();
         let payload = payload.freeze();
 
         self.send_payload(payload, *message_format, *settled, state, batchable)
@@ -1342,6 +1344,7 @@ mod tests {
             verify_incoming_target: true,
         };
         let inner = SenderInner {
+            last_payload_len: 0,
             link,
             buffer_size: 16,
             session: session_tx,
