@@ -854,7 +854,7 @@ impl Messaging {
                 Some(e) => {
                     let mut plan = self.settle_plan(&q, &e, *outcome);
                     ops.append(&mut plan.ops);
-                    claimed.push((i, q.clone(), e, plan));
+                    claimed.push((i, e, plan));
                 }
                 None => {
                     results[i] = Some(Err(MessagingError::UnknownDelivery {
@@ -867,13 +867,14 @@ impl Messaging {
         if !ops.is_empty() {
             if let Err(err) = self.store.commit(ops).await {
                 // Nothing changed durably: the deliveries stay locked, to be settled again.
-                for (_, q, e, _) in claimed {
-                    q.state.lock().expect("queue lock").unclaim(e);
+                let mut st = q.state.lock().expect("queue lock");
+                for (_, e, _) in claimed {
+                    st.unclaim(e);
                 }
                 return Err(err.into());
             }
         }
-        for (i, q, e, plan) in claimed {
+        for (i, e, plan) in claimed {
             results[i] = Some(self.settle_apply(&q, e, &plan));
         }
         Ok(results

@@ -5,7 +5,8 @@
 //! a *window*: available messages in delivery order (priority DESC, seq ASC), refilled from the
 //! store by cursor paging, so a queue of millions of messages costs bounded memory. A window
 //! holds at most `WINDOW_MAX` messages and `WINDOW_BYTES_MAX` bytes; beyond `WINDOW_BYTES_FLOOR`
-//! it grows only while the engine's windows together hold less than their [`WindowBudget`]. Non-persistent messages (best effort, express) live only in memory, bounded by
+//! it grows only while the engine's windows together hold less than their [`WindowBudget`].
+//! Non-persistent messages (best effort, express) live only in memory, bounded by
 //! `NONPERSISTENT_MAX` per queue.
 //!
 //! Window invariant: every available persistent message with key ≤ `loaded_up_to` is in the
@@ -40,6 +41,14 @@ pub const WINDOW_BYTES_MAX: usize = 32 * 1024 * 1024;
 pub const WINDOW_BYTES_FLOOR: usize = 1024 * 1024;
 /// Bytes all windows of one engine hold at most beyond their floors (see [`WindowBudget`]).
 pub const ENGINE_WINDOW_BYTES_MAX: usize = 128 * 1024 * 1024;
+
+/// How many messages one refill reads from the store.
+pub const REFILL_BATCH: usize = 256;
+/// Refill pages remembered for offers that overlapped them; an offer later than that takes
+/// the slower path (a re-read), never a wrong one.
+pub const LOADED_PAGES_KEPT: usize = 16;
+/// Non-persistent messages held per queue before sends are refused.
+pub const NONPERSISTENT_MAX: usize = 100_000;
 
 /// The bytes all windows of one engine hold, shared by its queue points: a window beyond its
 /// floor stops growing (and evicts) while the total is over the budget, so many queues with a
@@ -79,13 +88,6 @@ impl WindowBudget {
         assert!(before >= n, "window budget went below zero");
     }
 }
-/// How many messages one refill reads from the store.
-pub const REFILL_BATCH: usize = 256;
-/// Refill pages remembered for offers that overlapped them; an offer later than that takes
-/// the slower path (a re-read), never a wrong one.
-pub const LOADED_PAGES_KEPT: usize = 16;
-/// Non-persistent messages held per queue before sends are refused.
-pub const NONPERSISTENT_MAX: usize = 100_000;
 
 /// Delivery-order key: higher priority first, then arrival.
 pub type Key = (Reverse<u8>, u64);
@@ -163,15 +165,15 @@ pub struct QueueState {
     gone: HashSet<u64>,
     /// Counts refill starts and ends, so an offer can tell whether one overlapped its commit.
     refill_epoch: u64,
-    /// Keys of new messages offered while a refill was in flight and not found in memory: the
-    /// refill's read may have missed them, so it must not move the cursor past them. Bounded
-    /// by the sends committed during one read.
+    /// Keys of messages offered while a refill was in flight that no one can tell were loaded
+    /// or not (`offer_unknown`): the refill's read may have missed them, so it must not move
+    /// the cursor past them. Bounded by the sends committed during one read.
     offered_meanwhile: Vec<Key>,
-    /// New messages offered while a refill was in flight that no refill had loaded (their keys
-    /// are in `offered_meanwhile` too). If the read turns out short, these are exactly what
-    /// committed after it, so they join the window from memory instead of being read back:
-    /// without this, under steady sends every refill overlapped an offer, never completed,
-    /// and every message was read back from the store. Bounded like `offered_meanwhile`.
+    /// New messages offered while a refill was in flight that no refill had loaded: like
+    /// `offered_meanwhile`, the cursor must not pass them; and if the read turns out short,
+    /// they are exactly what committed after it, so they join the window from memory instead
+    /// of being read back (without this, under steady sends every refill overlapped an offer,
+    /// never completed, and every message was read back from the store). Bounded likewise.
     offered_entries: Vec<Entry>,
     /// Seqs each recent refill loaded, with its epoch once applied: an offer that overlapped
     /// a refill looks its message up here. Bounded by LOADED_PAGES_KEPT pages.
@@ -240,7 +242,6 @@ impl QueueState {
         if self.refilling.is_some() && self.loaded_up_to.is_none_or(|u| k > u) {
             // The read in flight may have missed it: it must not move the cursor past it.
             self.skipped_offers += 1;
-            self.offered_meanwhile.push(k);
             self.offered_entries.push(e);
             return;
         }
@@ -439,11 +440,6 @@ impl QueueState {
         // A short read, and every offer left aside meanwhile is a new message held here: the
         // store holds nothing beyond the page but those, so they join from memory.
         let from_memory = complete && skipped_meanwhile == offered_entries.len() as u64;
-        let page_keys: HashSet<Key> = if from_memory {
-            page.iter().map(Entry::key).collect()
-        } else {
-            HashSet::new()
-        };
         // Otherwise a message offered during the read and missing from the page committed
         // after it: the page stops short of it, so the next refill reads it.
         let missed = if from_memory {
@@ -451,6 +447,7 @@ impl QueueState {
         } else {
             offered
                 .into_iter()
+                .chain(offered_entries.iter().map(Entry::key))
                 .filter(|k| !page.iter().any(|e| e.key() == *k))
                 .min()
         };
@@ -483,8 +480,8 @@ impl QueueState {
         if from_memory {
             for e in offered_entries {
                 let k = e.key();
-                if page_keys.contains(&k) {
-                    continue; // the read saw it: in the window from the page (or held)
+                if self.window.contains_key(&k) {
+                    continue; // the read saw it: in the window from the page
                 }
                 // Offered after no refill loaded it, kept aside since: nobody can hold it.
                 assert!(
@@ -788,7 +785,7 @@ mod tests {
                 prop_assert!(q.window.len() <= window_max);
                 // What tracks a refill exists only while one runs (bounded by it).
                 if q.refilling.is_none() {
-                    prop_assert!(q.gone.is_empty() && q.offered_meanwhile.is_empty() && q.restored_meanwhile.is_empty());
+                    prop_assert!(q.gone.is_empty() && q.offered_meanwhile.is_empty() && q.offered_entries.is_empty() && q.restored_meanwhile.is_empty());
                 }
             }
             // Quiesce: every task finishes, consumers accept everything, refills run in turn.

@@ -20,8 +20,8 @@ use tokio_postgres::{Client, NoTls, Row, Statement};
 
 use crate::error::{Result, StoreError};
 use crate::sqlite::{
-    check_limit, validate_ops, PendingGuard, LINGER_US, TXN_BATCHES_MAX, TXN_BYTES_MAX,
-    TXN_OPS_MAX, WRITE_QUEUE_MAX,
+    answer_committed, answer_failed, check_limit, validate_ops, Batch, PendingGuard, LINGER_US,
+    TXN_BATCHES_MAX, TXN_BYTES_MAX, TXN_OPS_MAX, WRITE_QUEUE_MAX,
 };
 use crate::{
     fsx, CommitOutcome, Op, RestoreState, Store, StoreFuture, StoreInfo, StoredMessage,
@@ -467,11 +467,6 @@ struct Writer {
     incarnation: u64,
 }
 
-struct Batch {
-    ops: Vec<Op>,
-    reply: oneshot::Sender<Result<CommitOutcome>>,
-}
-
 const INSERT_MESSAGE: &str = "INSERT INTO messages (seq, dest, id, priority, reliability, \
      expiry_ms, delivery_count, properties, body, stream_id, tick) \
      VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $8, $9, $10)";
@@ -655,27 +650,12 @@ impl Writer {
         }
         .await;
         match txn {
-            Ok(()) => {
-                self.shared
-                    .transactions_committed
-                    .fetch_add(1, Ordering::Relaxed);
-                assert_eq!(outcomes.len(), group.len());
-                for (batch, outcome) in group.into_iter().zip(outcomes) {
-                    let _ = batch.reply.send(outcome);
-                }
-            }
+            Ok(()) => answer_committed(&self.shared.transactions_committed, group, outcomes),
             Err(e) => {
                 // Leave no transaction open on the connection; it may be gone already.
                 let _ = self.client.batch_execute("ROLLBACK").await;
                 tracing::error!(me = %ctx.me, error = %e, batches = group.len(), "group commit failed");
-                let mut own = outcomes.into_iter();
-                for batch in group {
-                    let r = match own.next() {
-                        Some(Err(mine)) => Err(mine),
-                        _ => Err(e.clone()),
-                    };
-                    let _ = batch.reply.send(r);
-                }
+                answer_failed(group, outcomes, e);
             }
         }
     }

@@ -783,9 +783,40 @@ struct Writer {
 }
 
 /// One caller's batch inside a group, with its outcome so far.
-struct Batch {
-    ops: Vec<Op>,
-    reply: oneshot::Sender<Result<CommitOutcome>>,
+/// One caller's ops in a group commit, and where its outcome goes (both backends).
+pub(crate) struct Batch {
+    pub(crate) ops: Vec<Op>,
+    pub(crate) reply: oneshot::Sender<Result<CommitOutcome>>,
+}
+
+/// Answers every caller of a committed group with its own outcome, and counts the commit.
+pub(crate) fn answer_committed(
+    committed: &AtomicU64,
+    group: Vec<Batch>,
+    outcomes: Vec<Result<CommitOutcome>>,
+) {
+    committed.fetch_add(1, Ordering::Relaxed);
+    assert_eq!(outcomes.len(), group.len());
+    for (batch, outcome) in group.into_iter().zip(outcomes) {
+        let _ = batch.reply.send(outcome);
+    }
+}
+
+/// Answers every caller of a group that did not commit: the transaction's error, except a
+/// batch that failed alone before it, which keeps its own, more precise one.
+pub(crate) fn answer_failed(
+    group: Vec<Batch>,
+    outcomes: Vec<Result<CommitOutcome>>,
+    e: StoreError,
+) {
+    let mut own = outcomes.into_iter();
+    for batch in group {
+        let r = match own.next() {
+            Some(Err(mine)) => Err(mine),
+            _ => Err(e.clone()),
+        };
+        let _ = batch.reply.send(r);
+    }
 }
 
 impl Writer {
@@ -913,7 +944,9 @@ impl Writer {
         assert!(!group.is_empty() && group.len() <= TXN_BATCHES_MAX);
         let next_seq_before = self.next_seq;
         match self.commit_group_plain(&group) {
-            Ok(outcomes) => return self.answer_committed(group, outcomes),
+            Ok(outcomes) => {
+                return answer_committed(&self.shared.transactions_committed, group, outcomes)
+            }
             Err(e) => {
                 // Nothing of the group committed; the seqs it took are handed out again (no
                 // caller has seen them).
@@ -948,17 +981,6 @@ impl Writer {
         }
         tx.commit().map_err(ctx.err("commit transaction"))?;
         Ok(outcomes)
-    }
-
-    /// Answers every caller of a committed group with its own outcome.
-    fn answer_committed(&self, group: Vec<Batch>, outcomes: Vec<Result<CommitOutcome>>) {
-        self.shared
-            .transactions_committed
-            .fetch_add(1, Ordering::Relaxed);
-        assert_eq!(outcomes.len(), group.len());
-        for (batch, outcome) in group.into_iter().zip(outcomes) {
-            let _ = batch.reply.send(outcome);
-        }
     }
 
     /// The slow path after a failed group: each batch inside its own SAVEPOINT.
@@ -1003,19 +1025,11 @@ impl Writer {
             Ok(())
         })();
         match txn {
-            Ok(()) => self.answer_committed(group, outcomes),
+            Ok(()) => answer_committed(&self.shared.transactions_committed, group, outcomes),
             Err(e) => {
-                // Nothing of the group committed: every caller gets the transaction's error
-                // (a batch that failed alone keeps its own, more precise one).
+                // Nothing of the group committed.
                 tracing::error!(me = %ctx.me, error = %e, batches = group.len(), "group commit failed");
-                let mut own = outcomes.into_iter();
-                for batch in group {
-                    let r = match own.next() {
-                        Some(Err(mine)) => Err(mine),
-                        _ => Err(e.clone()),
-                    };
-                    let _ = batch.reply.send(r);
-                }
+                answer_failed(group, outcomes, e);
             }
         }
     }
