@@ -934,6 +934,9 @@ fn uuid_like() -> String {
 }
 
 #[cfg(test)]
+mod fast_codec_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -86,6 +86,20 @@ impl FrameEncoder {
     ) -> Result<(), serde_amqp::Error> {
         use serde_amqp::ser::Serializer;
 
+        // KEEL PATCH: the common case, a frame that fits, is written in place by the direct
+        // codec (no intermediate buffer); what it declines or what must be split takes the
+        // original path below.
+        if let Some(len) = super::fast::transfer_len(&transfer) {
+            if len + payload.len() <= self.max_frame_body_size {
+                dst.reserve(4 + len + payload.len());
+                write_header(dst, channel);
+                let written = super::fast::encode_transfer(&transfer, dst);
+                debug_assert!(written, "transfer_len and encode_transfer agree");
+                dst.put(payload);
+                return Ok(());
+            }
+        }
+
         // First test the size
         // KEEL PATCH: room for a transfer performative up front (it is tens of bytes), and
         // the frame reserved in `dst` at once below, instead of growing each buffer as written.
@@ -189,6 +203,10 @@ impl Encoder<Frame> for FrameEncoder {
             }
             FrameBody::Flow(performative) => {
                 write_header(dst, item.channel);
+                // KEEL PATCH: direct codec first (see `fast`).
+                if super::fast::encode_flow(&performative, dst) {
+                    return Ok(());
+                }
                 let mut serializer = Serializer::from(dst.writer());
                 performative.serialize(&mut serializer)
             }
@@ -198,6 +216,10 @@ impl Encoder<Frame> for FrameEncoder {
             } => self.encode_transfer(dst, item.channel, performative, payload),
             FrameBody::Disposition(performative) => {
                 write_header(dst, item.channel);
+                // KEEL PATCH: direct codec first (see `fast`).
+                if super::fast::encode_disposition(&performative, dst) {
+                    return Ok(());
+                }
                 let mut serializer = Serializer::from(dst.writer());
                 performative.serialize(&mut serializer)
             }
@@ -248,7 +270,26 @@ impl Decoder for FrameDecoder {
             _ => return Err(Error::NotImplemented),
         }
 
-        let body = if src.is_empty() {
+        // KEEL PATCH: transfers, dispositions and flows through the direct codec (see
+        // `fast`); anything it declines is read by serde_amqp from the same position.
+        let fast = if src.is_empty() {
+            None
+        } else {
+            super::fast::decode(&src[..])
+        };
+        let body = if let Some((decoded, used)) = fast {
+            src.advance(used);
+            match decoded {
+                super::fast::Decoded::Transfer(performative) => FrameBody::Transfer {
+                    performative,
+                    payload: src.split().into(),
+                },
+                super::fast::Decoded::Disposition(performative) => {
+                    FrameBody::Disposition(performative)
+                }
+                super::fast::Decoded::Flow(performative) => FrameBody::Flow(performative),
+            }
+        } else if src.is_empty() {
             FrameBody::Empty
         } else {
             let reader = IoReader::new(src.reader());

@@ -1,6 +1,9 @@
 //! Implements frame encoder and decoder
 
 pub mod amqp;
+// KEEL PATCH: direct codec for transfer, disposition and flow (see the module).
+#[doc(hidden)]
+pub mod fast;
 pub mod sasl;
 
 /// Type byte of AMQP frame

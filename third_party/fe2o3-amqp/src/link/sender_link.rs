@@ -104,8 +104,12 @@ where
         transfer.more = true;
         let orig_delivery_id = transfer.delivery_id; // None on all send paths
         transfer.delivery_id = Some(u32::MAX);
-        let performative_size =
-            serialized_size(&transfer).map_err(|_| LinkStateError::IllegalState)?; // This should not happen
+        // KEEL PATCH: the direct codec's exact size when it encodes this transfer (no
+        // serializer pass per message); serde_amqp's otherwise.
+        let performative_size = match crate::frames::fast::transfer_len(&transfer) {
+            Some(len) => len,
+            None => serialized_size(&transfer).map_err(|_| LinkStateError::IllegalState)?, // This should not happen
+        };
         transfer.delivery_id = orig_delivery_id;
         let max_payload = self.max_frame_size - 4 - performative_size;
 

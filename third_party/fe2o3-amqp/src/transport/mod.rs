@@ -16,7 +16,7 @@ use fe2o3_amqp_types::{
 
 use std::{io, marker::PhantomData, task::Poll, time::Duration};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::{Future, Sink, SinkExt, Stream, StreamExt};
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
@@ -449,10 +449,31 @@ where
     ) -> Result<(), Self::Error> {
         use std::pin::Pin;
 
-        let mut bytesmut = BytesMut::new();
         let max_frame_size = self.framed_write.encoder().max_frame_length();
         let mut encoder = amqp::FrameEncoder::new(max_frame_size);
-        encoder.encode(item, &mut bytesmut)?;
+
+        // KEEL PATCH: encode straight into the write buffer behind a 4-byte size (what
+        // `LengthDelimitedCodec` would write: the size counts itself) instead of into a fresh
+        // buffer that the codec then copies. A frame over the limit is taken back out and goes
+        // the original way below.
+        let mut bytesmut = {
+            let buf = self.framed_write.write_buffer_mut();
+            let start = buf.len();
+            buf.put_u32(0);
+            if let Err(e) = encoder.encode(item, buf) {
+                buf.truncate(start);
+                return Err(e.into());
+            }
+            let frame_len = buf.len() - start - 4;
+            if frame_len <= max_frame_size {
+                let size = u32::try_from(frame_len + 4).expect("frame under the max frame size");
+                buf[start..start + 4].copy_from_slice(&size.to_be_bytes());
+                return Ok(());
+            }
+            let frame = buf.split_off(start + 4);
+            buf.truncate(start);
+            frame
+        };
 
         while bytesmut.len() > max_frame_size {
             let partial = bytesmut.split_to(max_frame_size);
