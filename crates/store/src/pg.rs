@@ -382,6 +382,20 @@ impl PgStore {
                 location: ctx.location.clone(),
             });
         }
+        // Read back the seq invariant: every stored seq is below the reservation.
+        let seq_max: Option<i64> = wclient
+            .query_one("SELECT MAX(seq) FROM messages", &[])
+            .await
+            .map_err(ctx.err("read the highest seq"))?
+            .get(0);
+        if let Some(max) = seq_max {
+            if max < 1 || max as u64 >= meta.next_seq {
+                return Err(ctx.corrupt(format!(
+                    "message seq {max} is not below meta next_seq {}",
+                    meta.next_seq
+                )));
+            }
+        }
         let rclient = connect(url, &ctx).await?;
         let shared = Arc::new(Shared {
             ctx: ctx.clone(),
@@ -395,6 +409,7 @@ impl PgStore {
             client: wclient,
             statements: HashMap::new(),
             next_seq: meta.next_seq,
+            seq_reserved: meta.next_seq,
             incarnation: meta.incarnation,
         };
         tokio::spawn(writer.run(writer_rx));
@@ -463,7 +478,10 @@ struct Writer {
     client: Client,
     /// Prepared once per connection: a group of N ops costs N executions, not 2N round trips.
     statements: HashMap<&'static str, Statement>,
+    /// The next seq to assign.
     next_seq: u64,
+    /// `meta.next_seq` as committed: every seq handed out is below it.
+    seq_reserved: u64,
     incarnation: u64,
 }
 
@@ -616,7 +634,6 @@ impl Writer {
     async fn commit_group(&mut self, group: Vec<Batch>) {
         assert!(!group.is_empty() && group.len() <= TXN_BATCHES_MAX);
         let ctx = self.shared.ctx.clone();
-        let next_seq_before = self.next_seq;
         let mut outcomes: Vec<Result<CommitOutcome>> = Vec::with_capacity(group.len());
         let txn: Result<()> = async {
             self.batch("BEGIN", "begin transaction").await?;
@@ -641,11 +658,12 @@ impl Writer {
                     }
                 }
             }
-            if self.next_seq != next_seq_before {
-                let v = self.next_seq.to_string();
-                meta_set(&self.client, &ctx, "next_seq", &v).await?;
+            let reservation = crate::seq_reservation(self.next_seq, self.seq_reserved);
+            if let Some(r) = reservation {
+                meta_set(&self.client, &ctx, "next_seq", &r.to_string()).await?;
             }
             self.batch("COMMIT", "commit transaction").await?;
+            self.seq_reserved = reservation.unwrap_or(self.seq_reserved);
             Ok(())
         }
         .await;

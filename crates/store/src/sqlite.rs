@@ -17,9 +17,10 @@
 //! Beside the database: `<store>.lock`, flock-held while a store is open (one writer per
 //! store; no restore under a running ME), and SQLite's own `-wal`/`-shm` files.
 //!
-//! `seq` is unique per store (a Move keeps it), so it is the rowid: `next_seq` in `meta` is
-//! advanced in the same transaction as the Puts, so a seq is never reused, even after the
-//! message holding the highest one is deleted.
+//! `seq` is unique per store (a Move keeps it), so it is the rowid: `next_seq` in `meta` is a
+//! reservation ([`crate::SEQ_RESERVE`] ahead), moved on in the same transaction as the Puts
+//! that pass it, so a seq is never reused, even after the message holding the highest one is
+//! deleted; a reopened store starts at the reservation.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
@@ -190,11 +191,11 @@ fn meta_u64(conn: &Connection, ctx: &Ctx, key: &str) -> Result<u64> {
 }
 
 fn meta_set(conn: &Connection, ctx: &Ctx, key: &str, value: &str) -> Result<()> {
-    conn.execute(
+    conn.prepare_cached(
         "INSERT INTO meta (key, value) VALUES (?1, ?2)
          ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        params![key, value],
     )
+    .and_then(|mut s| s.execute(params![key, value]))
     .map_err(ctx.err("write meta"))?;
     Ok(())
 }
@@ -463,6 +464,23 @@ impl SqliteStore {
         }
         let lock = take_lock(path, me_name)?;
         let (wconn, meta) = open_conn(&ctx, false)?;
+        // Read back the seq invariant: every stored seq is below the reservation (a rowid
+        // lookup, O(log n)).
+        let seq_max: Option<i64> = wconn
+            .query_row("SELECT MAX(seq) FROM messages", [], |r| r.get(0))
+            .map_err(ctx.err("read the highest seq"))?;
+        if let Some(max) = seq_max {
+            if max < 1 || max as u64 >= meta.next_seq {
+                return Err(StoreError::Corrupt {
+                    me: ctx.me.clone(),
+                    file: ctx.file.clone(),
+                    detail: format!(
+                        "message seq {max} is not below meta next_seq {}",
+                        meta.next_seq
+                    ),
+                });
+            }
+        }
         let (rconn, _) = open_conn(&ctx, false)?;
         let shared = Arc::new(Shared {
             ctx: ctx.clone(),
@@ -777,8 +795,10 @@ struct Writer {
     conn: Connection,
     /// The writer lock; released after `conn` is closed.
     lock: File,
-    /// The next seq to assign; persisted in `meta.next_seq` in every transaction with Puts.
+    /// The next seq to assign.
     next_seq: u64,
+    /// `meta.next_seq` as committed: every seq handed out is below it.
+    seq_reserved: u64,
     incarnation: u64,
 }
 
@@ -826,6 +846,7 @@ impl Writer {
             conn,
             lock,
             next_seq: meta.next_seq,
+            seq_reserved: meta.next_seq,
             incarnation: meta.incarnation,
         }
     }
@@ -965,7 +986,6 @@ impl Writer {
     /// The fast path: every batch applied in one transaction, none may fail.
     fn commit_group_plain(&mut self, group: &[Batch]) -> Result<Vec<Result<CommitOutcome>>> {
         let ctx = self.ctx();
-        let next_seq_before = self.next_seq;
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -976,17 +996,18 @@ impl Writer {
             let outcome = apply_batch(&tx, &ctx, &batch.ops, &mut self.next_seq, self.incarnation)?;
             outcomes.push(Ok(outcome));
         }
-        if self.next_seq != next_seq_before {
-            meta_set(&tx, &ctx, "next_seq", &self.next_seq.to_string())?;
+        let reservation = crate::seq_reservation(self.next_seq, self.seq_reserved);
+        if let Some(r) = reservation {
+            meta_set(&tx, &ctx, "next_seq", &r.to_string())?;
         }
         tx.commit().map_err(ctx.err("commit transaction"))?;
+        self.seq_reserved = reservation.unwrap_or(self.seq_reserved);
         Ok(outcomes)
     }
 
     /// The slow path after a failed group: each batch inside its own SAVEPOINT.
     fn commit_group_savepoints(&mut self, group: Vec<Batch>) {
         let ctx = self.ctx();
-        let next_seq_before = self.next_seq;
         let mut outcomes: Vec<Result<CommitOutcome>> = Vec::with_capacity(group.len());
         let txn = (|| -> Result<()> {
             let tx = self
@@ -1018,10 +1039,12 @@ impl Writer {
                     }
                 }
             }
-            if self.next_seq != next_seq_before {
-                meta_set(&tx, &ctx, "next_seq", &self.next_seq.to_string())?;
+            let reservation = crate::seq_reservation(self.next_seq, self.seq_reserved);
+            if let Some(r) = reservation {
+                meta_set(&tx, &ctx, "next_seq", &r.to_string())?;
             }
             tx.commit().map_err(ctx.err("commit transaction"))?;
+            self.seq_reserved = reservation.unwrap_or(self.seq_reserved);
             Ok(())
         })();
         match txn {
