@@ -451,6 +451,29 @@ impl Sender {
             })
     }
 
+    /// KEEL PATCH: like [`send_batchable()`](#method.send_batchable) for a message its caller
+    /// has already encoded (the bare message's sections, message format 0), so a caller with a
+    /// faster encoder for its common message shape need not build a `Message` for serde.
+    /// `payload` must be a valid AMQP 1.0 message encoding; it is sent as it is.
+    pub async fn send_encoded_batchable(
+        &mut self,
+        payload: bytes::Bytes,
+        settled: Option<bool>,
+    ) -> Result<DeliveryFut<Result<Outcome, SendError>>, SendError> {
+        self.inner
+            .send_payload(
+                payload,
+                fe2o3_amqp_types::messaging::MESSAGE_FORMAT,
+                settled,
+                None,
+                true,
+            )
+            .await
+            .map(|settlement| {
+                DeliveryFut::new(settlement, self.inner.link.session_stop_reason.clone())
+            })
+    }
+
     /// Like [`send_batchable()`](#method.send_batchable) but this only takes a reference.
     ///
     /// This is useful when the message is large and you want to avoid cloning it because the
