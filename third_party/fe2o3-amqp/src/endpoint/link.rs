@@ -242,7 +242,7 @@ pub(crate) trait ReceiverLink: Link + LinkExt {
         section_offset: u64,
     ) -> Result<Delivery<T>, Self::TransferError>
     where
-        for<'de> T: FromBody<'de> + Send,
+        for<'de> T: FromBody<'de> + Send + 'static,
         P: IntoReader<'a> + AsByteIterator + Send + 'a;
 
     async fn dispose(

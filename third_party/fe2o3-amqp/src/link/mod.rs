@@ -43,6 +43,8 @@ mod frame;
 pub(crate) use frame::*;
 pub mod builder;
 pub mod delivery;
+#[doc(hidden)]
+pub mod fast_message;
 mod error;
 mod incomplete_transfer;
 pub mod receiver;

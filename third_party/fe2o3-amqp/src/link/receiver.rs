@@ -341,7 +341,7 @@ impl Receiver {
     /// for more details.
     pub async fn recv<T>(&mut self) -> Result<Delivery<T>, RecvError>
     where
-        for<'de> T: FromBody<'de> + Send,
+        for<'de> T: FromBody<'de> + Send + 'static,
     {
         self.inner.recv().await
     }
@@ -1030,7 +1030,7 @@ where
 {
     pub(crate) async fn recv<T>(&mut self) -> Result<Delivery<T>, RecvError>
     where
-        for<'de> T: FromBody<'de> + Send,
+        for<'de> T: FromBody<'de> + Send + 'static,
     {
         loop {
             match self.recv_inner().await? {
@@ -1047,7 +1047,7 @@ where
     #[inline]
     pub(crate) async fn recv_inner<T>(&mut self) -> Result<Option<Delivery<T>>, RecvError>
     where
-        for<'de> T: FromBody<'de> + Send,
+        for<'de> T: FromBody<'de> + Send + 'static,
     {
         // When the session or the connection stops, the channel closes and this
         // returns `RecvError::LinkStateError(SessionStopped(reason))` with the
@@ -1223,7 +1223,7 @@ where
         payload: Payload,
     ) -> Result<Option<Delivery<T>>, RecvError>
     where
-        for<'de> T: FromBody<'de> + Send,
+        for<'de> T: FromBody<'de> + Send + 'static,
     {
         // A different, previously unsettled delivery is being reassociated
         if let Err(error) = ensure_delivery_identity(&transfer) {
@@ -1315,7 +1315,7 @@ where
         payload: Payload,
     ) -> Result<Option<Delivery<T>>, RecvError>
     where
-        for<'de> T: FromBody<'de> + Send,
+        for<'de> T: FromBody<'de> + Send + 'static,
     {
         let delivery = if let Some(mut incomplete) = self.incomplete_transfer.take() {
             // A final transfer that does not belong to the buffered delivery
@@ -1356,7 +1356,7 @@ where
         payload: Payload,
     ) -> Result<Option<Delivery<T>>, RecvError>
     where
-        for<'de> T: FromBody<'de> + Send,
+        for<'de> T: FromBody<'de> + Send + 'static,
     {
         let matches_buffer = self
             .incomplete_transfer

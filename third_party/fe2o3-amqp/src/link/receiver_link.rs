@@ -13,6 +13,33 @@ use crate::{
 
 use super::{delivery::DeliveryInfo, *};
 
+/// KEEL PATCH: a single-frame `Body<Value>` message of the common shape is read by the direct
+/// decoder (`fast_message.rs`); everything else, and everything it declines, by serde.
+fn decode_message<'a, T, P>(
+    payload: P,
+) -> Result<fe2o3_amqp_types::messaging::Message<T>, serde_amqp::Error>
+where
+    for<'de> T: FromBody<'de> + Send + 'static,
+    P: IntoReader<'a>,
+{
+    use fe2o3_amqp_types::messaging::Body;
+    use fe2o3_amqp_types::primitives::Value;
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<Body<Value>>() {
+        if let Some(m) = payload
+            .contiguous()
+            .and_then(super::fast_message::decode_common)
+        {
+            // T is Body<Value>: the slot's type is Option<Message<T>>, no copy, no box.
+            let mut slot = Some(m);
+            let any: &mut dyn std::any::Any = &mut slot;
+            if let Some(m) = any.downcast_mut::<Option<fe2o3_amqp_types::messaging::Message<T>>>().and_then(Option::take) {
+                return Ok(m);
+            }
+        }
+    }
+    T::decode_message_from_reader(payload.into_reader())
+}
+
 pub(crate) const DESCRIBED_TYPE: u8 = EncodingCodes::DescribedType as u8;
 pub(crate) const SMALL_ULONG_TYPE: u8 = EncodingCodes::SmallUlong as u8;
 pub(crate) const ULONG_TYPE: u8 = EncodingCodes::Ulong as u8;
@@ -137,7 +164,7 @@ where
         section_offset: u64,
     ) -> Result<Delivery<T>, Self::TransferError>
     where
-        for<'de> T: FromBody<'de> + Send,
+        for<'de> T: FromBody<'de> + Send + 'static,
         P: IntoReader<'a> + AsByteIterator + Send + 'a,
     {
         match self.local_state {
@@ -163,7 +190,7 @@ where
         let (result, mode) = if settled_by_sender {
             // If the message is pre-settled, there is no need to
             // add to the unsettled map and no need to reply to the Sender
-            let result = T::decode_message_from_reader(payload.into_reader());
+            let result = decode_message::<T, P>(payload);
             (result, None)
         } else {
             // If the message is being sent settled by the sender, the value of this
@@ -182,7 +209,7 @@ where
                 None => None,
             };
 
-            let result = T::decode_message_from_reader(payload.into_reader());
+            let result = decode_message::<T, P>(payload);
 
             let state = DeliveryState::Received(Received {
                 section_number, // What is section number?

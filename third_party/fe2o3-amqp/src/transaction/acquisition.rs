@@ -78,7 +78,7 @@ where
     /// Transactionally acquire a message
     pub async fn recv<T>(&mut self) -> Result<delivery::Delivery<T>, RecvError>
     where
-        for<'de> T: FromBody<'de> + Send,
+        for<'de> T: FromBody<'de> + Send + 'static,
     {
         self.recver.recv().await
     }

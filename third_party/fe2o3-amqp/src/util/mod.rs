@@ -169,6 +169,12 @@ pub(crate) trait IntoReader<'a> {
     type Reader: serde_amqp::read::Read<'a>;
 
     fn into_reader(self) -> Self::Reader;
+
+    /// KEEL PATCH: the payload as one slice, when it is one (a single-frame delivery), for the
+    /// direct message decoder (`link/fast_message.rs`).
+    fn contiguous(&self) -> Option<&[u8]> {
+        None
+    }
 }
 
 impl<'a> IntoReader<'a> for &'a Payload {
@@ -176,6 +182,10 @@ impl<'a> IntoReader<'a> for &'a Payload {
 
     fn into_reader(self) -> Self::Reader {
         SliceReader::new(self)
+    }
+
+    fn contiguous(&self) -> Option<&[u8]> {
+        Some(self)
     }
 }
 
