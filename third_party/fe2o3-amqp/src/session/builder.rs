@@ -125,9 +125,9 @@ cfg_transaction! {
 
                     link_name_by_output_handle: Slab::new(),
                     link_by_name: HashMap::new(),
-                    link_by_input_handle: HashMap::new(),
+                    link_by_input_handle: HashMap::default(),
                     close_pending: HashSet::new(),
-                    delivery_tag_by_id: HashMap::new(),
+                    delivery_tag_by_id: HashMap::default(),
                 };
 
                 TxnSession {
@@ -176,9 +176,9 @@ impl Builder {
 
             link_name_by_output_handle: Slab::new(),
             link_by_name: HashMap::new(),
-            link_by_input_handle: HashMap::new(),
+            link_by_input_handle: HashMap::default(),
             close_pending: HashSet::new(),
-            delivery_tag_by_id: HashMap::new(),
+            delivery_tag_by_id: HashMap::default(),
         }
     }
 

@@ -375,12 +375,19 @@ pub struct Session {
     // local links by output handle
     pub(crate) link_name_by_output_handle: Slab<String>,
     pub(crate) link_by_name: HashMap<String, Option<LinkRelay<OutputHandle>>>,
-    pub(crate) link_by_input_handle: HashMap<InputHandle, LinkRelay<OutputHandle>>,
+    // KEEL PATCH: foldhash (randomly seeded), not SipHash: looked up once per delivery of
+    // every disposition range; keys are bounded by the session's links and window.
+    pub(crate) link_by_input_handle:
+        HashMap<InputHandle, LinkRelay<OutputHandle>, foldhash::fast::RandomState>,
     // Output handles of links whose own detach/close has been sent and is
     // still awaiting the peer's answer
     pub(crate) close_pending: HashSet<OutputHandle>,
     // Maps from DeliveryId to link.DeliveryCount
-    pub(crate) delivery_tag_by_id: HashMap<(Role, DeliveryNumber), (InputHandle, DeliveryTag)>, // Role must be the remote peer's role
+    pub(crate) delivery_tag_by_id: HashMap<
+        (Role, DeliveryNumber),
+        (InputHandle, DeliveryTag),
+        foldhash::fast::RandomState,
+    >, // Role must be the remote peer's role
 }
 
 impl Session {
