@@ -31,12 +31,14 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// Available persistent messages kept in memory per queue. A backlog that fits is handed out
-/// from memory; beyond it, every message is written, evicted, and read back once (the peers
-/// benchmark's backlog stays between 5 000 and 20 000 messages while producers outrun
-/// consumers).
-pub const WINDOW_MAX: usize = 32_768;
+/// from memory; beyond it, every message is written, evicted, and read back once. Small on
+/// purpose: reading a backlog back from the WAL (still in the page cache) costs less than
+/// holding it. In the peers benchmark, whose backlog grows all run, 4 096 / 4 MiB was about
+/// 10 % faster than 32 768 / 32 MiB, 1 024 / 1 MiB no better, and an unbounded window 22 %
+/// slower (BENCHMARKS.md, 2026-12-03). Consumers hold at most a few thousand at once.
+pub const WINDOW_MAX: usize = 4_096;
 /// Bytes of bodies, properties and ids one window holds at most.
-pub const WINDOW_BYTES_MAX: usize = 32 * 1024 * 1024;
+pub const WINDOW_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Bytes every window may hold whatever the engine's budget says.
 pub const WINDOW_BYTES_FLOOR: usize = 1024 * 1024;
 /// Bytes all windows of one engine hold at most beyond their floors (see [`WindowBudget`]).
