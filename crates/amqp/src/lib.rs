@@ -31,7 +31,6 @@
 //! (resume of unsettled state across connections), TLS.
 
 pub mod convert;
-pub mod encode;
 pub mod sasl;
 mod txn;
 
@@ -775,22 +774,12 @@ async fn outgoing_link(mut tx: Sender, route: Route, presettled: bool, tags: Arc
         tokio::pin!(credit_wait);
         for (d, permit) in taken.by_ref() {
             let seq = d.seq;
-            let message = convert::outgoing(d);
-            // The common shape is encoded directly; anything else through serde.
-            let send = async {
-                match encode::encode_common(&message) {
-                    Some(bytes) => tx.send_encoded_batchable(bytes, Some(presettled)).await,
-                    None => {
-                        let sendable = Sendable::builder()
-                            .message(message)
-                            .settled(presettled)
-                            .build();
-                        tx.send_batchable(sendable).await
-                    }
-                }
-            };
+            let sendable = Sendable::builder()
+                .message(convert::outgoing(d))
+                .settled(presettled)
+                .build();
             let sent = tokio::select! {
-                r = send => Ok(r),
+                r = tx.send_batchable(sendable) => Ok(r),
                 _ = &mut credit_wait => Err(()),
             };
             match sent {

@@ -229,6 +229,20 @@ pub(crate) fn seq_reservation(next_seq: u64, reserved: u64) -> Option<u64> {
     })
 }
 
+/// The read-back of the seq invariant when a store opens: every stored seq (`seq_max`, the
+/// highest) is below the reservation. `Err` holds the corruption detail.
+pub(crate) fn check_seq_max(
+    seq_max: Option<i64>,
+    next_seq: u64,
+) -> std::result::Result<(), String> {
+    match seq_max {
+        Some(max) if max < 1 || max as u64 >= next_seq => Err(format!(
+            "message seq {max} is not below meta next_seq {next_seq}"
+        )),
+        _ => Ok(()),
+    }
+}
+
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
 
 /// A messaging engine's data store. Every method is cancel-safe in the sense that dropping the
@@ -287,6 +301,16 @@ mod incarnation_tests {
 #[cfg(test)]
 mod seq_reservation_tests {
     use super::{seq_reservation, SEQ_RESERVE};
+
+    #[test]
+    fn open_refuses_a_seq_at_or_past_the_reservation() {
+        assert_eq!(super::check_seq_max(None, 1), Ok(()));
+        assert_eq!(super::check_seq_max(Some(9), 10), Ok(()));
+        assert!(super::check_seq_max(Some(10), 10)
+            .unwrap_err()
+            .contains("seq 10"));
+        assert!(super::check_seq_max(Some(0), 10).is_err());
+    }
 
     #[test]
     fn a_reservation_is_written_only_when_seqs_pass_it() {

@@ -388,14 +388,7 @@ impl PgStore {
             .await
             .map_err(ctx.err("read the highest seq"))?
             .get(0);
-        if let Some(max) = seq_max {
-            if max < 1 || max as u64 >= meta.next_seq {
-                return Err(ctx.corrupt(format!(
-                    "message seq {max} is not below meta next_seq {}",
-                    meta.next_seq
-                )));
-            }
-        }
+        crate::check_seq_max(seq_max, meta.next_seq).map_err(|d| ctx.corrupt(d))?;
         let rclient = connect(url, &ctx).await?;
         let shared = Arc::new(Shared {
             ctx: ctx.clone(),

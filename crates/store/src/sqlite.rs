@@ -469,18 +469,11 @@ impl SqliteStore {
         let seq_max: Option<i64> = wconn
             .query_row("SELECT MAX(seq) FROM messages", [], |r| r.get(0))
             .map_err(ctx.err("read the highest seq"))?;
-        if let Some(max) = seq_max {
-            if max < 1 || max as u64 >= meta.next_seq {
-                return Err(StoreError::Corrupt {
-                    me: ctx.me.clone(),
-                    file: ctx.file.clone(),
-                    detail: format!(
-                        "message seq {max} is not below meta next_seq {}",
-                        meta.next_seq
-                    ),
-                });
-            }
-        }
+        crate::check_seq_max(seq_max, meta.next_seq).map_err(|detail| StoreError::Corrupt {
+            me: ctx.me.clone(),
+            file: ctx.file.clone(),
+            detail,
+        })?;
         let (rconn, _) = open_conn(&ctx, false)?;
         let shared = Arc::new(Shared {
             ctx: ctx.clone(),

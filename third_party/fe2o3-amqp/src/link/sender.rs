@@ -383,7 +383,7 @@ impl Sender {
     ///
     /// This function is cancel-safe. See [#22](https://github.com/minghuaw/fe2o3-amqp/issues/22)
     /// for more details.
-    pub async fn send<T: SerializableBody>(
+    pub async fn send<T: SerializableBody + 'static>(
         &mut self,
         sendable: impl Into<Sendable<T>>,
     ) -> Result<Outcome, SendError> {
@@ -401,7 +401,7 @@ impl Sender {
     ///
     /// This is useful when the message is large and you want to avoid cloning it because the
     /// message may be used again after the send operation.
-    pub async fn send_ref<T: SerializableBody>(
+    pub async fn send_ref<T: SerializableBody + 'static>(
         &mut self,
         sendable: &Sendable<T>,
     ) -> Result<Outcome, SendError> {
@@ -419,7 +419,7 @@ impl Sender {
         /// Send a message and wait for acknowledgement (disposition) with a timeout.
         ///
         /// This simply wraps [`send`](#method.send) inside a [`tokio::time::timeout`]
-        pub async fn send_with_timeout<T: SerializableBody>(
+        pub async fn send_with_timeout<T: SerializableBody + 'static>(
             &mut self,
             sendable: impl Into<Sendable<T>>,
             duration: Duration,
@@ -439,7 +439,7 @@ impl Sender {
     /// let fut = sender.send_batchable("HELLO AMQP").await.unwrap();
     /// let result = fut.await;
     /// ```
-    pub async fn send_batchable<T: SerializableBody>(
+    pub async fn send_batchable<T: SerializableBody + 'static>(
         &mut self,
         sendable: impl Into<Sendable<T>>,
     ) -> Result<DeliveryFut<Result<Outcome, SendError>>, SendError> {
@@ -451,34 +451,11 @@ impl Sender {
             })
     }
 
-    /// KEEL PATCH: like [`send_batchable()`](#method.send_batchable) for a message its caller
-    /// has already encoded (the bare message's sections, message format 0), so a caller with a
-    /// faster encoder for its common message shape need not build a `Message` for serde.
-    /// `payload` must be a valid AMQP 1.0 message encoding; it is sent as it is.
-    pub async fn send_encoded_batchable(
-        &mut self,
-        payload: bytes::Bytes,
-        settled: Option<bool>,
-    ) -> Result<DeliveryFut<Result<Outcome, SendError>>, SendError> {
-        self.inner
-            .send_payload(
-                payload,
-                fe2o3_amqp_types::messaging::MESSAGE_FORMAT,
-                settled,
-                None,
-                true,
-            )
-            .await
-            .map(|settlement| {
-                DeliveryFut::new(settlement, self.inner.link.session_stop_reason.clone())
-            })
-    }
-
     /// Like [`send_batchable()`](#method.send_batchable) but this only takes a reference.
     ///
     /// This is useful when the message is large and you want to avoid cloning it because the
     /// message may be used again after the send operation.
-    pub async fn send_batchable_ref<T: SerializableBody>(
+    pub async fn send_batchable_ref<T: SerializableBody + 'static>(
         &mut self,
         sendable: &Sendable<T>,
     ) -> Result<DeliveryFut<Result<Outcome, SendError>>, SendError> {
@@ -750,30 +727,51 @@ where
         batchable: bool,
     ) -> Result<Settlement, E>
     where
-        T: SerializableBody,
+        T: SerializableBody + 'static,
         E: From<L::TransferError> + From<serde_amqp::Error> + From<MessageSizeExceeded>,
     {
-        use bytes::BufMut;
-        use serde::Serialize;
-        use serde_amqp::ser::Serializer;
-
         let Sendable {
             message,
             message_format,
             settled,
         } = sendable;
+        let payload = self.encode_message(&message)?;
 
-        // serialize message
-        // KEEL PATCH: the buffer starts at the last message's size (plus room), so a message
-        // is written without the buffer growing and copying itself several times over.
+        self.send_payload(payload, message_format, settled, state, batchable)
+            .await
+    }
+
+    /// KEEL PATCH: a `Body<Value>` message of the common shape is written by the direct
+    /// encoder (`fast_message.rs`); anything else by serde, into a buffer that starts at the
+    /// last message's size (plus room), so it is written without the buffer growing and
+    /// copying itself several times over.
+    fn encode_message<T>(
+        &mut self,
+        message: &fe2o3_amqp_types::messaging::Message<T>,
+    ) -> Result<Payload, serde_amqp::Error>
+    where
+        T: SerializableBody + 'static,
+    {
+        use bytes::BufMut;
+        use serde::Serialize;
+        use serde_amqp::ser::Serializer;
+
+        let any: &dyn std::any::Any = message;
+        if let Some(bytes) = any
+            .downcast_ref::<
+                fe2o3_amqp_types::messaging::Message<
+                    fe2o3_amqp_types::messaging::Body<fe2o3_amqp_types::primitives::Value>,
+                >,
+            >()
+            .and_then(super::fast_message::encode_common)
+        {
+            return Ok(bytes);
+        }
         let mut payload = BytesMut::with_capacity(self.last_payload_len + 64);
         let mut serializer = Serializer::from((&mut payload).writer());
         Serializable(message).serialize(&mut serializer)?;
         self.last_payload_len = payload.len();
-        let payload = payload.freeze();
-
-        self.send_payload(payload, message_format, settled, state, batchable)
-            .await
+        Ok(payload.freeze())
     }
 
     pub(crate) async fn send_ref_with_state<T, E>(
@@ -783,27 +781,15 @@ where
         batchable: bool,
     ) -> Result<Settlement, E>
     where
-        T: SerializableBody,
+        T: SerializableBody + 'static,
         E: From<L::TransferError> + From<serde_amqp::Error> + From<MessageSizeExceeded>,
     {
-        use bytes::BufMut;
-        use serde::Serialize;
-        use serde_amqp::ser::Serializer;
-
         let Sendable {
             message,
             message_format,
             settled,
         } = sendable;
-
-        // serialize message
-        // KEEL PATCH: the buffer starts at the last message's size (plus room), so a message
-        // is written without the buffer growing and copying itself several times over.
-        let mut payload = BytesMut::with_capacity(self.last_payload_len + 64);
-        let mut serializer = Serializer::from((&mut payload).writer());
-        Serializable(message).serialize(&mut serializer)?;
-        self.last_payload_len = payload.len();
-        let payload = payload.freeze();
+        let payload = self.encode_message(message)?;
 
         self.send_payload(payload, *message_format, *settled, state, batchable)
             .await

@@ -50,7 +50,7 @@ async fn send_on_control_link<T>(
     sendable: Sendable<T>,
 ) -> Result<oneshot::Receiver<Result<Option<DeliveryState>, LinkStateError>>, link::SendError>
 where
-    T: SerializableBody,
+    T: SerializableBody + 'static,
 {
     match sender
         .send_with_state::<T, link::SendError>(sendable, None, false)

@@ -254,7 +254,7 @@ pub trait TransactionExt:
 /// resource will route the message upon the successful discharge (commit) of the transaction.
 pub trait TransactionPosting: TransactionBase {
     /// Post a ref of transactional work and wait for the acknowledgement.
-    fn post_batchable_ref<T: SerializableBody + Sync>(
+    fn post_batchable_ref<T: SerializableBody + 'static + Sync>(
         &self,
         sender: &mut Sender,
         sendable: &Sendable<T>,
@@ -266,7 +266,7 @@ pub trait TransactionPosting: TransactionBase {
     }
 
     /// Post a ref of transactional work
-    fn post_ref<T: SerializableBody + Sync>(
+    fn post_ref<T: SerializableBody + 'static + Sync>(
         &self,
         sender: &mut Sender,
         sendable: &Sendable<T>,
@@ -280,7 +280,7 @@ pub trait TransactionPosting: TransactionBase {
     /// Post a transactional work without waiting for the acknowledgement.
     ///
     /// This will set the `batchable` field of the `Transfer` performative to true.
-    fn post_batchable<T: SerializableBody + Send>(
+    fn post_batchable<T: SerializableBody + 'static + Send>(
         &self,
         sender: &mut Sender,
         sendable: impl Into<Sendable<T>>,
@@ -293,7 +293,7 @@ pub trait TransactionPosting: TransactionBase {
     }
 
     /// Post a transactional work
-    fn post<T: SerializableBody + Send>(
+    fn post<T: SerializableBody + 'static + Send>(
         &self,
         sender: &mut Sender,
         sendable: impl Into<Sendable<T>>,
@@ -331,7 +331,7 @@ async fn post_inner<T>(
     batchable: bool,
 ) -> Result<DeliveryFut<Result<Outcome, PostError>>, PostError>
 where
-    T: SerializableBody + Send,
+    T: SerializableBody + 'static + Send,
 {
     let state = TransactionalState {
         txn_id: txn_id.clone(),
@@ -360,7 +360,7 @@ async fn post_ref_inner<T>(
     batchable: bool,
 ) -> Result<DeliveryFut<Result<Outcome, PostError>>, PostError>
 where
-    T: SerializableBody + Sync,
+    T: SerializableBody + 'static + Sync,
 {
     let state = TransactionalState {
         txn_id: txn_id.clone(),
