@@ -780,7 +780,12 @@ impl Script {
                 let out = match (r, ctx.unreachable) {
                     (_, Some(u)) => Err(Failure::Unreachable(u)),
                     (Ok(_), None) => Ok(()),
-                    (Err(e), None) => Err(Failure::Message(format!("script error: {e}"))),
+                    // Stopped by the timeout check in `on_progress`: its token is the reason
+                    // (rhai's own text for it is only "Script terminated.").
+                    (Err(e), None) => Err(Failure::Message(match *e {
+                        rhai::EvalAltResult::ErrorTerminated(token, _) => token.to_string(),
+                        e => format!("script error: {e}"),
+                    })),
                 };
                 (ctx.t, out)
             }
