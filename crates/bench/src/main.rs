@@ -28,6 +28,9 @@ mod engine_bench;
 mod logs_bench;
 #[cfg(feature = "peers")]
 mod peers;
+// Only `peers` uses it; outside the feature its tests still run.
+#[cfg_attr(not(feature = "peers"), allow(dead_code))]
+mod rounds;
 mod tx_bench;
 mod xa_bench;
 
@@ -160,6 +163,10 @@ enum What {
         /// Unconfirmed publishes each producer may have outstanding.
         #[arg(long, default_value_t = 256)]
         inflight_per_producer: usize,
+        /// Run every system this many times (odd rounds in reverse order) and print each
+        /// system's median and the first system's throughput over each other's, per round.
+        #[arg(long, default_value_t = 1)]
+        rounds: u32,
         #[arg(long)]
         json: bool,
     },
@@ -246,6 +253,7 @@ fn main() -> Result<()> {
             messages,
             body_bytes,
             inflight_per_producer,
+            rounds,
             json,
         } => peers::run(peers::Opts {
             rabbitmq_url: rabbitmq,
@@ -260,6 +268,7 @@ fn main() -> Result<()> {
                 body_bytes,
                 inflight_per_producer,
             },
+            rounds,
             json,
         }),
         #[cfg(feature = "peers")]

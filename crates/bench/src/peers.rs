@@ -62,6 +62,9 @@ pub struct Opts {
     /// Which systems to run, in order.
     pub systems: Vec<String>,
     pub workload: Workload,
+    /// Times every system runs; odd rounds run the systems in reverse order, so none always
+    /// goes first (this VM's speed drifts by ±10 % between runs).
+    pub rounds: u32,
     pub json: bool,
 }
 
@@ -132,6 +135,9 @@ pub fn message_id(body: &[u8]) -> Result<u64> {
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     pub system: String,
+    /// 1-based; absent when the benchmark ran one round.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub round: Option<u32>,
     pub msgs_per_s: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
@@ -352,6 +358,7 @@ where
     let (p50_ms, p99_ms) = latencies.p50_p99_ms();
     Ok(Report {
         system: system.to_string(),
+        round: None,
         msgs_per_s: w.messages as f64 / seconds,
         p50_ms,
         p99_ms,
@@ -416,48 +423,33 @@ pub fn unique_suffix() -> Result<u128> {
 /// error.
 pub fn run(o: Opts) -> Result<()> {
     o.workload.validate()?;
+    anyhow::ensure!(
+        (1..=ROUNDS_MAX).contains(&o.rounds),
+        "--rounds must be 1 to {ROUNDS_MAX}"
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    let w = &o.workload;
     let (reports, failed) = rt.block_on(async {
         let mut reports = Vec::new();
         let mut failed = Vec::new();
-        let mut results = Vec::new();
-        for system in &o.systems {
-            let result = match system.as_str() {
-                "keel" => match o.keel.clone().map_or_else(keel::default_keel_binary, Ok) {
-                    Ok(bin) => run_keel(&bin, o.keel_base_port, w)
-                        .await
-                        .with_context(|| format!("Keel ({})", bin.display())),
-                    Err(e) => Err(e),
-                },
-                "keel-bus" => match o.keel.clone().map_or_else(keel::default_keel_binary, Ok) {
-                    Ok(bin) => run_keel_bus(&bin, o.keel_base_port, w)
-                        .await
-                        .with_context(|| format!("Keel, two engines ({})", bin.display())),
-                    Err(e) => Err(e),
-                },
-                "rabbitmq" => run_rabbitmq(&o.rabbitmq_url, w)
-                    .await
-                    .with_context(|| format!("RabbitMQ at {}", o.rabbitmq_url)),
-                "nats" => run_nats(&o.nats_url, w)
-                    .await
-                    .with_context(|| format!("NATS at {}", o.nats_url)),
-                other => Err(anyhow!(
-                    "unknown system {other} (keel, keel-bus, rabbitmq, nats)"
-                )),
-            };
-            results.push((system.as_str(), result));
-        }
-        for (system, result) in results {
-            match result {
-                Ok(report) => reports.push(report),
-                Err(e) => {
-                    eprintln!("{system}: error: {e:#}");
-                    failed.push(system);
+        for round in 0..o.rounds {
+            let mut order: Vec<&str> = o.systems.iter().map(String::as_str).collect();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for system in order {
+                match run_system(&o, system).await {
+                    Ok(mut report) => {
+                        report.round = (o.rounds > 1).then_some(round + 1);
+                        reports.push(report);
+                    }
+                    Err(e) => {
+                        eprintln!("{system}: error: {e:#}");
+                        failed.push(system.to_string());
+                    }
                 }
             }
         }
@@ -479,9 +471,52 @@ pub fn run(o: Opts) -> Result<()> {
                 r.system, r.msgs_per_s, r.p50_ms, r.p99_ms, r.messages, r.seconds
             );
         }
+        if o.rounds > 1 {
+            let runs: Vec<crate::rounds::Run> = reports
+                .iter()
+                .filter_map(|r| {
+                    r.round.map(|round| crate::rounds::Run {
+                        system: &r.system,
+                        round,
+                        msgs_per_s: r.msgs_per_s,
+                    })
+                })
+                .collect();
+            print!("{}", crate::rounds::summary(&o.systems, &runs));
+        }
     }
     if !failed.is_empty() {
         return Err(anyhow!("failed: {}", failed.join(", ")));
     }
     Ok(())
+}
+
+/// Most rounds one benchmark run takes (each round runs every system once).
+pub const ROUNDS_MAX: u32 = 100;
+
+async fn run_system(o: &Opts, system: &str) -> Result<Report> {
+    let w = &o.workload;
+    match system {
+        "keel" => {
+            let bin = o.keel.clone().map_or_else(keel::default_keel_binary, Ok)?;
+            run_keel(&bin, o.keel_base_port, w)
+                .await
+                .with_context(|| format!("Keel ({})", bin.display()))
+        }
+        "keel-bus" => {
+            let bin = o.keel.clone().map_or_else(keel::default_keel_binary, Ok)?;
+            run_keel_bus(&bin, o.keel_base_port, w)
+                .await
+                .with_context(|| format!("Keel, two engines ({})", bin.display()))
+        }
+        "rabbitmq" => run_rabbitmq(&o.rabbitmq_url, w)
+            .await
+            .with_context(|| format!("RabbitMQ at {}", o.rabbitmq_url)),
+        "nats" => run_nats(&o.nats_url, w)
+            .await
+            .with_context(|| format!("NATS at {}", o.nats_url)),
+        other => Err(anyhow!(
+            "unknown system {other} (keel, keel-bus, rabbitmq, nats)"
+        )),
+    }
 }
