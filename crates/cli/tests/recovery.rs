@@ -470,7 +470,8 @@ fn applications_forward_run_statements_and_roll_back_failures() {
 /// ended by a crash at a rotating fault point or by SIGKILL at a random moment, then recovered
 /// by a `--recovery` start or by a normal start; after each run, an atomicity check: the same
 /// messages in both databases, counters equal to the rows, nothing prepared after a
-/// recovery-mode run; at the end every acknowledged message processed exactly once or (after
+/// recovery-mode run (a run left for the next normal start is checked only when nothing is in
+/// doubt: until recovery, a cut transaction may be committed in one database only); at the end every acknowledged message processed exactly once or (after
 /// repeated rollbacks) on the exception destination, never both. `KEEL_APP_TORTURE_RUNS`
 /// (default 6) sets the number of runs.
 #[test]
@@ -519,6 +520,8 @@ fn crash_torture_of_applications_leaves_every_message_atomic_and_once() {
         seed ^= seed << 17;
         seed
     };
+    let nothing_in_doubt = || dbs.pg_state().2 == "0" && dbs.maria_state().2 == "0";
+    let mut in_doubt_left = 0;
     let check_atomic = |after: &str| {
         let (pg_rows, pg_n, _) = dbs.pg_state();
         let (maria_rows, maria_n, _) = dbs.maria_state();
@@ -564,8 +567,15 @@ fn crash_torture_of_applications_leaves_every_message_atomic_and_once() {
                 ("0", "0"),
                 "nothing prepared after recovery ({what})"
             );
+            check_atomic(&what);
+        } else if nothing_in_doubt() {
+            check_atomic(&what);
+        } else {
+            // No recovery ran: a transaction cut between its commits is still prepared in one
+            // database and committed in the other, as two-phase commit allows until recovery
+            // (the next start's) finishes it. The next runs and the end check it.
+            in_doubt_left += 1;
         }
-        check_atomic(&what);
     }
     // A clean finish: everything left is processed.
     env.ok(&["server", "start", "server1"]);
@@ -574,6 +584,10 @@ fn crash_torture_of_applications_leaves_every_message_atomic_and_once() {
     env.wait_for(Duration::from_secs(120), "the queue to drain", || {
         let depth = env.ok(&["admin", "invoke", &queue, "depth"]);
         (depth.trim() == "0").then_some(())
+    });
+    // The start's recovery may still be committing the other branches of the last message.
+    env.wait_for(Duration::from_secs(60), "nothing in doubt", || {
+        nothing_in_doubt().then_some(())
     });
     check_atomic("the end");
     let exc = keel_config::system_exception_destination(ME);
@@ -603,7 +617,8 @@ fn crash_torture_of_applications_leaves_every_message_atomic_and_once() {
         "the engine's store holds nothing more"
     );
     eprintln!(
-        "{runs} runs: {} acknowledged, {} processed, {} on the exception destination",
+        "{runs} runs: {} acknowledged, {} processed, {} on the exception destination; \
+         {in_doubt_left} run(s) left a transaction in doubt for the next start",
         acked.len(),
         processed.len(),
         failed.len()
