@@ -425,7 +425,8 @@ pub fn run(o: Opts) -> Result<()> {
     o.workload.validate()?;
     anyhow::ensure!(
         (1..=ROUNDS_MAX).contains(&o.rounds),
-        "--rounds must be 1 to {ROUNDS_MAX}"
+        "--rounds must be 1 to {ROUNDS_MAX} (got {}): each round runs every system once",
+        o.rounds
     );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -471,8 +471,9 @@ fn applications_forward_run_statements_and_roll_back_failures() {
 /// by a `--recovery` start or by a normal start; after each run, an atomicity check: the same
 /// messages in both databases, counters equal to the rows, nothing prepared after a
 /// recovery-mode run (a run left for the next normal start is checked only when nothing is in
-/// doubt: until recovery, a cut transaction may be committed in one database only); at the end every acknowledged message processed exactly once or (after
-/// repeated rollbacks) on the exception destination, never both. `KEEL_APP_TORTURE_RUNS`
+/// doubt: until recovery, a cut transaction may be committed in one database only); at the end
+/// every acknowledged message processed exactly once or (after repeated rollbacks) on the
+/// exception destination, never both. `KEEL_APP_TORTURE_RUNS`
 /// (default 6) sets the number of runs.
 #[test]
 fn crash_torture_of_applications_leaves_every_message_atomic_and_once() {
