@@ -690,6 +690,14 @@ struct ModelMsg {
     dest: String,
     priority: u8,
     count: u32,
+    body: Vec<u8>,
+}
+
+/// A body that names its batch and op, in three sizes: empty, small and one large enough for
+/// a backend to keep it apart from the row (SQLite's body log).
+fn model_body(batch: usize, op: usize) -> Vec<u8> {
+    let len = [0, 100, 700][(batch * 7 + op) % 3];
+    (0..len).map(|i| (batch * 31 + op * 7 + i) as u8).collect()
 }
 
 /// Applies `batches` (each a list of steps committed as one batch) to a fresh store and to an
@@ -718,13 +726,15 @@ pub async fn model_check(b: &dyn Backend, name: &str, batches: &[Vec<ModelStep>]
             match step {
                 ModelStep::Put { dest, priority } => {
                     let p = priority % 10;
-                    ops.push(put(&dest_name(*dest), p, &[]));
+                    let body = model_body(bi, ops.len());
+                    ops.push(put(&dest_name(*dest), p, &body));
                     sim.push((
                         None,
                         ModelMsg {
                             dest: dest_name(*dest),
                             priority: p,
                             count: 0,
+                            body,
                         },
                     ));
                 }
@@ -804,10 +814,10 @@ async fn compare(s: &dyn Store, model: &BTreeMap<u64, ModelMsg>, name: &str, bi:
     assert_eq!(got_dests, want_dests, "{name} batch {bi}: destinations");
     for d in 0..MODEL_DESTS {
         let dest = dest_name(d);
-        let mut want: Vec<(u8, u64, u32)> = model
+        let mut want: Vec<(u8, u64, u32, Vec<u8>)> = model
             .iter()
             .filter(|(_, m)| m.dest == dest)
-            .map(|(s, m)| (m.priority, *s, m.count))
+            .map(|(s, m)| (m.priority, *s, m.count, m.body.clone()))
             .collect();
         want.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
         assert_eq!(
@@ -815,10 +825,10 @@ async fn compare(s: &dyn Store, model: &BTreeMap<u64, ModelMsg>, name: &str, bi:
             want.len() as u64,
             "{name} batch {bi}: depth of {dest}"
         );
-        let got: Vec<(u8, u64, u32)> = page_all(s, &dest, 3)
+        let got: Vec<(u8, u64, u32, Vec<u8>)> = page_all(s, &dest, 3)
             .await
-            .iter()
-            .map(|m| (m.priority, m.seq, m.delivery_count))
+            .into_iter()
+            .map(|m| (m.priority, m.seq, m.delivery_count, m.body))
             .collect();
         assert_eq!(got, want, "{name} batch {bi}: page walk of {dest}");
     }

@@ -15,6 +15,7 @@
 //!   prefixes, subscriptions, prepared-xid markers) change in the same transaction;
 //! - reads are paged with a bound, so an ME holding millions of messages uses bounded RAM.
 
+mod bodylog;
 pub mod conformance;
 mod error;
 mod fsx;
@@ -37,7 +38,7 @@ pub use sqlite::{
 
 /// The current schema version of the data store. A store with a newer one is refused; older
 /// ones are migrated on open (there are none yet).
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// The most messages one [`Store::page`] or [`Store::by_stream`] call may return. Bounds the
 /// memory of one read; an ME pages through a destination instead of loading it.

@@ -365,6 +365,19 @@ impl PgStore {
                 want_uuid: ctx.uuid.clone(),
             });
         }
+        let mut meta = meta;
+        if meta.schema_version < SCHEMA_VERSION {
+            // Version 2 moved SQLite bodies into a body log; PostgreSQL's tables did not change.
+            assert_eq!(meta.schema_version, 1, "the only older schema");
+            wclient
+                .execute(
+                    "UPDATE meta SET value = $1 WHERE key = 'schema_version'",
+                    &[&SCHEMA_VERSION.to_string()],
+                )
+                .await
+                .map_err(ctx.err("migrate the schema version"))?;
+            meta.schema_version = SCHEMA_VERSION;
+        }
         assert_eq!(meta.schema_version, SCHEMA_VERSION);
         // One writer per store, across processes: a session lock, released when the writer's
         // connection ends (also on a crash).
