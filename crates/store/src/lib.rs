@@ -37,7 +37,8 @@ pub use sqlite::{
 };
 
 /// The current schema version of the data store. A store with a newer one is refused; older
-/// ones are migrated on open (there are none yet).
+/// ones are migrated on open. Version 2 put SQLite's large bodies in a body log (PostgreSQL's
+/// tables did not change; its stores only record the new number).
 pub const SCHEMA_VERSION: u32 = 2;
 
 /// The most messages one [`Store::page`] or [`Store::by_stream`] call may return. Bounds the

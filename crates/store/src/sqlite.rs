@@ -2,20 +2,23 @@
 //! mode with `synchronous=FULL`, one writer thread that group-commits, one reader thread, an
 //! online backup and an offline restore.
 //!
-//! Schema (version 1):
+//! Schema (version 2; version 1 lacked the body_* columns and `segments`):
 //! ```text
 //! meta(key PRIMARY KEY, value)      me_name, me_uuid, schema_version, incarnation,
 //!                                   restore_state, next_seq, created_at
 //! messages(seq INTEGER PRIMARY KEY, dest, id, priority, reliability, expiry_ms,
-//!          delivery_count, properties, body, stream_id, tick)
+//!          delivery_count, properties, body, stream_id, tick,
+//!          body_seg, body_at, body_len, body_crc)   body in the body log when body_seg is set
 //!   index (dest, priority DESC, seq)             delivery-order paging
 //!   index (stream_id, tick) WHERE stream_id …    transmission-queue resend
 //! dests(dest PRIMARY KEY, depth)    maintained in the same transaction, so depth() and
 //!                                   destinations() never count a whole destination
 //! kv(space, key, value, PRIMARY KEY (space, key))
+//! segments(seg PRIMARY KEY, bytes, live_bytes, seq_min, seq_max)   the body log's accounting
 //! ```
 //! Beside the database: `<store>.lock`, flock-held while a store is open (one writer per
-//! store; no restore under a running ME), and SQLite's own `-wal`/`-shm` files.
+//! store; no restore under a running ME), SQLite's own `-wal`/`-shm` files, and the body log
+//! `<store>-bodies/` (see `bodylog`).
 //!
 //! `seq` is unique per store (a Move keeps it), so it is the rowid: `next_seq` in `meta` is a
 //! reservation ([`crate::SEQ_RESERVE`] ahead), moved on in the same transaction as the Puts
