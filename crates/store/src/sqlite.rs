@@ -1269,8 +1269,7 @@ impl Writer {
             if let Err(e) = self.roll_segment() {
                 // No body can be made durable: the group fails, nothing of it committed.
                 tracing::error!(me = %self.shared.ctx.me, error = %e, "cannot start a body log segment");
-                let outcomes = Vec::new();
-                return answer_failed(group, outcomes, e);
+                return answer_failed(group, Vec::new(), e);
             }
         }
         let next_seq_before = self.next_seq;
@@ -1290,6 +1289,13 @@ impl Writer {
                 self.appender.discard();
                 self.next_seq = next_seq_before;
                 tracing::debug!(me = %self.shared.ctx.me, error = %e, "group commit retried batch by batch");
+            }
+        }
+        // A failed write or sync of the bodies leaves the segment's tail in doubt.
+        if self.appender.needs_roll() {
+            if let Err(e) = self.roll_segment() {
+                tracing::error!(me = %self.shared.ctx.me, error = %e, "cannot start a body log segment");
+                return answer_failed(group, Vec::new(), e);
             }
         }
         self.commit_group_savepoints(group);
