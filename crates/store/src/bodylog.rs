@@ -284,6 +284,13 @@ impl Appender {
         self.seg
     }
 
+    /// Test hook: from now on the segment's writes fail as a failing disk's would (its file is
+    /// reopened read-only, so `pwrite` returns EBADF).
+    pub(crate) fn break_writes(&mut self) -> io::Result<()> {
+        self.file = File::open(segment_path(&self.dir, self.seg))?;
+        Ok(())
+    }
+
     /// Bytes written to the segment (durable once the last flush returned).
     pub(crate) fn len_bytes(&self) -> u64 {
         self.len

@@ -417,6 +417,10 @@ enum WriteReq {
         bytes: u64,
         reply: oneshot::Sender<()>,
     },
+    /// Test hook: the current segment's writes fail from now on.
+    BreakSegment {
+        reply: oneshot::Sender<Result<()>>,
+    },
 }
 
 type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
@@ -655,6 +659,18 @@ impl SqliteStore {
             .await
             .map_err(|_| self.closed_err())?;
         rx.await.map_err(|_| self.closed_err())
+    }
+
+    /// Test hook: the current body log segment's writes fail from now on, as a failing disk's
+    /// would; the writer must move to a new segment and lose nothing.
+    #[doc(hidden)]
+    pub async fn break_body_log_segment(&self) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.writer_tx
+            .send(WriteReq::BreakSegment { reply: tx })
+            .await
+            .map_err(|_| self.closed_err())?;
+        rx.await.map_err(|_| self.closed_err())?
     }
 
     /// The body log segments on disk (test and diagnostics).
@@ -1160,6 +1176,13 @@ impl Writer {
                 WriteReq::SegmentBytesMax { bytes, reply } => {
                     self.appender.segment_bytes_max = bytes;
                     let _ = reply.send(());
+                }
+                WriteReq::BreakSegment { reply } => {
+                    let ctx = self.ctx();
+                    let r = self.appender.break_writes().map_err(|e| {
+                        ctx.log_err("reopen a body log segment in", self.appender.dir(), e)
+                    });
+                    let _ = reply.send(r);
                 }
                 WriteReq::Close { reply } => {
                     // Connection first (it checkpoints and removes the WAL), then the lock,

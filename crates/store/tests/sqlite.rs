@@ -1050,3 +1050,43 @@ async fn a_version_1_store_is_migrated_on_open() {
     assert_eq!(got[2].body, named_body(9, 2_000));
     s.close().await.unwrap();
 }
+
+/// A write error on the body log (here: the segment's file turned read-only) leaves its tail
+/// in doubt: the writer retries the group in a new segment, and the commit still succeeds
+/// with every body intact, before and after a reopen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_segment_write_moves_to_a_new_segment() {
+    let b = SqliteBackend::new();
+    let path = b.path("eio");
+    let s = SqliteStore::create(&path, ME, UUID).unwrap();
+    let first = s
+        .commit(vec![put("Q", 4, &named_body(1, 1_000))])
+        .await
+        .unwrap()
+        .assigned_seqs[0];
+    let before = s.body_log_segments();
+    s.break_body_log_segment().await.unwrap();
+    let second = s
+        .commit(vec![put("Q", 4, &named_body(2, 1_500))])
+        .await
+        .unwrap()
+        .assigned_seqs[0];
+    let after = s.body_log_segments();
+    assert!(
+        after.last() > before.last(),
+        "a new segment took the group: {before:?} -> {after:?}"
+    );
+    let want = vec![
+        (first, named_body(1, 1_000)),
+        (second, named_body(2, 1_500)),
+    ];
+    let got = |m: Vec<StoredMessage>| -> Vec<(u64, Vec<u8>)> {
+        m.into_iter().map(|m| (m.seq, m.body)).collect()
+    };
+    assert_eq!(got(page_all(&s, "Q").await), want);
+    s.close().await.unwrap();
+    let s = SqliteStore::open(&path, ME, UUID).unwrap();
+    assert_eq!(got(page_all(&s, "Q").await), want);
+    s.close().await.unwrap();
+    keel_store::verify_file(&path, ME, UUID).unwrap();
+}
