@@ -151,9 +151,7 @@ pub fn run(o: Opts) -> Result<()> {
         let recv_s = t2.elapsed().as_secs_f64();
         assert_eq!(received, total, "every message received once");
         let (hwm, rss) = rss_kib();
-        let store_bytes = std::fs::metadata(dir.join("bench.sqlite"))
-            .map(|m| m.len())
-            .unwrap_or(0);
+        let store_bytes = keel_store::disk_bytes(&dir.join("bench.sqlite")).unwrap_or(0);
         let out = json!({
             "system": "keel-engine-inprocess",
             "messages": total,
@@ -168,7 +166,7 @@ pub fn run(o: Opts) -> Result<()> {
             "peak_rss_mib_after_send": hwm_after_send as f64 / 1024.0,
             "peak_rss_mib": hwm as f64 / 1024.0,
             "rss_mib_end": rss as f64 / 1024.0,
-            "store_file_mib": store_bytes as f64 / (1024.0 * 1024.0),
+            "store_mib": store_bytes as f64 / (1024.0 * 1024.0),
         });
         if o.json {
             println!("{}", serde_json::to_string_pretty(&out)?);

@@ -33,7 +33,8 @@ use std::pin::Pin;
 pub use error::{Result, StoreError};
 pub use pg::PgStore;
 pub use sqlite::{
-    manifest_path, read_info, restore_from, verify_file, BackupManifest, RestoreReport, SqliteStore,
+    disk_bytes, manifest_path, read_info, restore_from, verify_file, BackupManifest, RestoreReport,
+    SqliteStore,
 };
 
 /// The current schema version of the data store. A store with a newer one is refused; older

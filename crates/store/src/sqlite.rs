@@ -934,8 +934,7 @@ fn inline_bodies(
     let total = logged as u64;
     let tx = dst.transaction().map_err(ctx.err("begin copying bodies"))?;
     let mut done = 0u64;
-    // Reads go through a second statement on the same connection: the walk reads rows the
-    // updates already changed only behind its cursor (seq order), never ahead.
+    // Each step's rows are read before they are updated, and the next step starts after them.
     walk_logged_bodies(&tx, ctx, bodies, |rows, read| {
         for ((seq, _), body) in rows.iter().zip(&read) {
             body_into_row(&tx, ctx, *seq, body, "copy a body into the backup")?;
@@ -1288,12 +1287,8 @@ impl Writer {
     /// batch in its own SAVEPOINT, so the failing batch rolls back alone and the others commit.
     fn commit_group(&mut self, group: Vec<Batch>) {
         assert!(!group.is_empty() && group.len() <= TXN_BATCHES_MAX);
-        if self.appender.needs_roll() {
-            if let Err(e) = self.roll_segment() {
-                // No body can be made durable: the group fails, nothing of it committed.
-                tracing::error!(me = %self.shared.ctx.me, error = %e, "cannot start a body log segment");
-                return answer_failed(group, Vec::new(), e);
-            }
+        if let Err(e) = self.roll_segment_if_needed() {
+            return answer_failed(group, Vec::new(), e);
         }
         let next_seq_before = self.next_seq;
         match self.commit_group_plain(&group) {
@@ -1315,11 +1310,8 @@ impl Writer {
             }
         }
         // A failed write or sync of the bodies leaves the segment's tail in doubt.
-        if self.appender.needs_roll() {
-            if let Err(e) = self.roll_segment() {
-                tracing::error!(me = %self.shared.ctx.me, error = %e, "cannot start a body log segment");
-                return answer_failed(group, Vec::new(), e);
-            }
+        if let Err(e) = self.roll_segment_if_needed() {
+            return answer_failed(group, Vec::new(), e);
         }
         self.commit_group_savepoints(group);
         self.after_commit();
@@ -1333,32 +1325,18 @@ impl Writer {
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(ctx.err("begin transaction"))?;
         let mut outcomes = Vec::with_capacity(group.len());
-        let mut delta = SegDelta::default();
-        let mut stmts = HotStmts::default();
+        let mut g = Group::new(
+            &tx,
+            &ctx,
+            &mut self.next_seq,
+            self.incarnation,
+            &mut self.appender,
+        );
         for batch in group {
             // An error drops `tx`, which rolls the whole transaction back.
-            let outcome = apply_batch(
-                &tx,
-                &ctx,
-                &batch.ops,
-                &mut self.next_seq,
-                self.incarnation,
-                &mut self.appender,
-                &mut delta,
-                &mut stmts,
-            )?;
-            outcomes.push(Ok(outcome));
+            outcomes.push(Ok(g.apply(&batch.ops)?));
         }
-        drop(stmts);
-        let dead = apply_seg_delta(&tx, &ctx, &delta, self.appender.seg())?;
-        let reservation = crate::seq_reservation(self.next_seq, self.seq_reserved);
-        if let Some(r) = reservation {
-            meta_set(&tx, &ctx, "next_seq", &r.to_string())?;
-        }
-        // Bodies durable before the rows that point at them.
-        self.appender
-            .flush()
-            .map_err(|e| ctx.log_err("write message bodies to", self.appender.dir(), e))?;
+        let (dead, reservation) = g.finish(self.seq_reserved)?;
         tx.commit().map_err(ctx.err("commit transaction"))?;
         self.seq_reserved = reservation.unwrap_or(self.seq_reserved);
         self.dead_segments.extend(dead);
@@ -1375,23 +1353,19 @@ impl Writer {
                 .conn
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                 .map_err(ctx.err("begin transaction"))?;
-            let mut delta = SegDelta::default();
-            let mut stmts = HotStmts::default();
+            let mut g = Group::new(
+                &tx,
+                &ctx,
+                &mut self.next_seq,
+                self.incarnation,
+                &mut self.appender,
+            );
             for batch in &group {
                 tx.execute_batch("SAVEPOINT batch")
                     .map_err(ctx.err("savepoint"))?;
-                let seq_before = self.next_seq;
-                let (delta_before, staged_before) = (delta.clone(), self.appender.staged());
-                match apply_batch(
-                    &tx,
-                    &ctx,
-                    &batch.ops,
-                    &mut self.next_seq,
-                    self.incarnation,
-                    &mut self.appender,
-                    &mut delta,
-                    &mut stmts,
-                ) {
+                let seq_before = *g.next_seq;
+                let (delta_before, staged_before) = (g.delta.clone(), g.appender.staged());
+                match g.apply(&batch.ops) {
                     Ok(outcome) => {
                         tx.execute_batch("RELEASE batch")
                             .map_err(ctx.err("release savepoint"))?;
@@ -1407,22 +1381,15 @@ impl Writer {
                             .map_err(ctx.err("roll back savepoint"))?;
                         // The seqs it took are skipped, not handed out again: strictly
                         // increasing is the rule, gaps are allowed. Its bodies are unstaged.
-                        assert!(self.next_seq >= seq_before);
-                        delta = delta_before;
-                        self.appender.unstage_to(staged_before);
+                        assert!(*g.next_seq >= seq_before);
+                        g.delta = delta_before;
+                        g.appender.unstage_to(staged_before);
                         outcomes.push(Err(e));
                     }
                 }
             }
-            drop(stmts);
-            dead = apply_seg_delta(&tx, &ctx, &delta, self.appender.seg())?;
-            let reservation = crate::seq_reservation(self.next_seq, self.seq_reserved);
-            if let Some(r) = reservation {
-                meta_set(&tx, &ctx, "next_seq", &r.to_string())?;
-            }
-            self.appender
-                .flush()
-                .map_err(|e| ctx.log_err("write message bodies to", self.appender.dir(), e))?;
+            let reservation;
+            (dead, reservation) = g.finish(self.seq_reserved)?;
             tx.commit().map_err(ctx.err("commit transaction"))?;
             self.seq_reserved = reservation.unwrap_or(self.seq_reserved);
             Ok(())
@@ -1460,6 +1427,17 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Moves to a new segment when the current one is full or its tail is in doubt. An error
+    /// means no body can be made durable now: the group fails, nothing of it committed.
+    fn roll_segment_if_needed(&mut self) -> Result<()> {
+        if !self.appender.needs_roll() {
+            return Ok(());
+        }
+        self.roll_segment().inspect_err(|e| {
+            tracing::error!(me = %self.shared.ctx.me, error = %e, "cannot start a body log segment");
+        })
     }
 
     /// Moves to a new segment; the old one is forgotten right away if nothing points into it.
@@ -1562,23 +1540,7 @@ impl Writer {
                 .collect::<rusqlite::Result<Vec<_>>>()
             })
             .map_err(ctx.err("read a segment's rows"))?;
-        let refs: Vec<BodyRef> = rows.iter().map(|(_, r)| *r).collect();
-        let bodies = ctx.bodies.read(&refs).map_err(|e| ctx.body_err(e))?;
-        let moved: i64 = refs.iter().map(|r| i64::from(r.len)).sum();
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(ctx.err("begin compaction"))?;
-        for ((seq, _), body) in rows.iter().zip(&bodies) {
-            body_into_row(&tx, &ctx, *seq, body, "move a body into its row")?;
-        }
-        let delta = SegDelta {
-            deleted: vec![(seg as u64, moved as u64)],
-            ..SegDelta::default()
-        };
-        let dead_now = if moved > 0 {
-            apply_seg_delta(&tx, &ctx, &delta, self.appender.seg())?
-        } else {
+        if rows.is_empty() {
             // The counts say bytes are live but no row points into the segment.
             return Err(StoreError::Corrupt {
                 me: ctx.me.clone(),
@@ -1587,7 +1549,22 @@ impl Writer {
                     "body log segment {seg} is counted live but no message points into it"
                 ),
             });
+        }
+        let refs: Vec<BodyRef> = rows.iter().map(|(_, r)| *r).collect();
+        let bodies = ctx.bodies.read(&refs).map_err(|e| ctx.body_err(e))?;
+        let moved: u64 = refs.iter().map(|r| u64::from(r.len)).sum();
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(ctx.err("begin compaction"))?;
+        for ((seq, _), body) in rows.iter().zip(&bodies) {
+            body_into_row(&tx, &ctx, *seq, body, "move a body into its row")?;
+        }
+        let delta = SegDelta {
+            deleted: vec![(seg as u64, moved)],
+            ..SegDelta::default()
         };
+        let dead_now = apply_seg_delta(&tx, &ctx, &delta, self.appender.seg())?;
         tx.commit().map_err(ctx.err("commit compaction"))?;
         self.dead_segments.extend(dead_now);
         tracing::debug!(me = %ctx.me, segment = seg, bodies = rows.len(), bytes = moved, "compacted the body log");
@@ -1621,8 +1598,6 @@ impl Writer {
     }
 }
 
-/// Applies one caller's ops inside the open transaction. Any error leaves the caller to roll
-/// back the savepoint.
 /// A group's hot statements, taken from rusqlite's statement cache once per group instead of
 /// once per op (each lookup hashes the SQL text: about 3 % of the instructions of the engine
 /// benchmark under callgrind). Dropped before the transaction commits.
@@ -1643,6 +1618,81 @@ const FIND_MESSAGE_SQL: &str =
     "SELECT body_seg, body_len FROM messages WHERE seq = ?1 AND dest = ?2";
 const DELETE_MESSAGE_SQL: &str = "DELETE FROM messages WHERE seq = ?1";
 
+/// One group commit in the making: its transaction, the writer state it moves on (seqs, the
+/// body log) and what it does to the segment counts. Both the fast path and the slow path
+/// (a savepoint per batch) apply batches through it and finish with it.
+struct Group<'c, 'w> {
+    tx: &'c Transaction<'c>,
+    ctx: &'w Ctx,
+    next_seq: &'w mut u64,
+    incarnation: u64,
+    appender: &'w mut Appender,
+    delta: SegDelta,
+    stmts: HotStmts<'c>,
+}
+
+impl<'c, 'w> Group<'c, 'w> {
+    fn new(
+        tx: &'c Transaction<'c>,
+        ctx: &'w Ctx,
+        next_seq: &'w mut u64,
+        incarnation: u64,
+        appender: &'w mut Appender,
+    ) -> Group<'c, 'w> {
+        Group {
+            tx,
+            ctx,
+            next_seq,
+            incarnation,
+            appender,
+            delta: SegDelta::default(),
+            stmts: HotStmts::default(),
+        }
+    }
+
+    /// Applies one caller's ops inside the open transaction. Any error leaves the caller to
+    /// roll back (the whole transaction, or the batch's savepoint).
+    fn apply(&mut self, ops: &[Op]) -> Result<CommitOutcome> {
+        apply_batch(
+            self.tx,
+            self.ctx,
+            ops,
+            self.next_seq,
+            self.incarnation,
+            self.appender,
+            &mut self.delta,
+            &mut self.stmts,
+        )
+    }
+
+    /// Writes the segment counts and the seq reservation, then makes the staged bodies
+    /// durable: the caller commits right after. Returns the segments that die with the commit
+    /// and the reservation written, if any.
+    fn finish(self, seq_reserved: u64) -> Result<(Vec<u64>, Option<u64>)> {
+        let Group {
+            tx,
+            ctx,
+            next_seq,
+            appender,
+            delta,
+            stmts,
+            ..
+        } = self;
+        drop(stmts);
+        let dead = apply_seg_delta(tx, ctx, &delta, appender.seg())?;
+        let reservation = crate::seq_reservation(*next_seq, seq_reserved);
+        if let Some(r) = reservation {
+            meta_set(tx, ctx, "next_seq", &r.to_string())?;
+        }
+        // Bodies durable before the rows that point at them.
+        appender
+            .flush()
+            .map_err(|e| ctx.log_err("write message bodies to", appender.dir(), e))?;
+        Ok((dead, reservation))
+    }
+}
+
+/// `Group::apply`'s work, kept a function of its parts so the borrows stay plain.
 #[allow(clippy::too_many_arguments)]
 fn apply_batch<'c>(
     tx: &'c Transaction<'_>,
@@ -2238,6 +2288,17 @@ pub fn verify_file(path: &Path, me_name: &str, me_uuid: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Bytes a store takes on disk: its file, SQLite's WAL beside it, and its body log.
+pub fn disk_bytes(path: &Path) -> std::io::Result<u64> {
+    let mut total = std::fs::metadata(path)?.len();
+    total += std::fs::metadata(fsx::with_suffix(path, "-wal")).map_or(0, |m| m.len());
+    let dir = bodylog::dir_of(path);
+    for seg in bodylog::list_segments(&dir)? {
+        total += std::fs::metadata(bodylog::segment_path(&dir, seg)).map_or(0, |m| m.len());
+    }
+    Ok(total)
 }
 
 pub fn read_info(path: &Path) -> Result<StoreInfo> {

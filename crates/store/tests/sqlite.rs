@@ -832,6 +832,15 @@ fn bodies_dir(store: &Path) -> PathBuf {
     PathBuf::from(format!("{}-bodies", store.display()))
 }
 
+/// Every message of `dest` as (seq, body), in delivery order.
+async fn seqs_and_bodies(s: &dyn Store, dest: &str) -> Vec<(u64, Vec<u8>)> {
+    page_all(s, dest)
+        .await
+        .into_iter()
+        .map(|m| (m.seq, m.body))
+        .collect()
+}
+
 /// A 1 KiB-ish body that names its message, so a body read from the wrong place shows.
 fn named_body(i: u64, len: usize) -> Vec<u8> {
     let mut b: Vec<u8> = (0..len).map(|k| (i as usize * 13 + k) as u8).collect();
@@ -871,12 +880,7 @@ async fn body_log_reads_back_rolls_and_frees_dead_segments() {
             want.push((seq, named_body(i, body_len(i))));
         }
     }
-    let got: Vec<(u64, Vec<u8>)> = page_all(&s, "Q")
-        .await
-        .into_iter()
-        .map(|m| (m.seq, m.body))
-        .collect();
-    assert_eq!(got, want);
+    assert_eq!(seqs_and_bodies(&s, "Q").await, want);
     let segments = s.body_log_segments();
     assert!(segments.len() >= 5, "segments rolled: {segments:?}");
     // Consume the first two thirds: their segments die and go.
@@ -902,12 +906,7 @@ async fn body_log_reads_back_rolls_and_frees_dead_segments() {
     std::fs::write(&orphan, [7u8; 100]).unwrap();
     let s = SqliteStore::open(&path, ME, UUID).unwrap();
     assert!(!orphan.exists(), "the orphan segment was removed");
-    let got: Vec<(u64, Vec<u8>)> = page_all(&s, "Q")
-        .await
-        .into_iter()
-        .map(|m| (m.seq, m.body))
-        .collect();
-    assert_eq!(got, want[gone..].to_vec());
+    assert_eq!(seqs_and_bodies(&s, "Q").await, want[gone..].to_vec());
     s.close().await.unwrap();
 }
 
@@ -956,12 +955,7 @@ async fn compaction_frees_segments_held_by_a_few_messages() {
         before.len(),
         after.len()
     );
-    let got: Vec<(u64, Vec<u8>)> = page_all(&s, "KEEP")
-        .await
-        .into_iter()
-        .map(|m| (m.seq, m.body))
-        .collect();
-    assert_eq!(got, keep);
+    assert_eq!(seqs_and_bodies(&s, "KEEP").await, keep);
     s.close().await.unwrap();
     let s = SqliteStore::open(&path, ME, UUID).unwrap();
     assert_eq!(page_all(&s, "KEEP").await.len(), keep.len());
@@ -1080,13 +1074,10 @@ async fn a_failing_segment_write_moves_to_a_new_segment() {
         (first, named_body(1, 1_000)),
         (second, named_body(2, 1_500)),
     ];
-    let got = |m: Vec<StoredMessage>| -> Vec<(u64, Vec<u8>)> {
-        m.into_iter().map(|m| (m.seq, m.body)).collect()
-    };
-    assert_eq!(got(page_all(&s, "Q").await), want);
+    assert_eq!(seqs_and_bodies(&s, "Q").await, want);
     s.close().await.unwrap();
     let s = SqliteStore::open(&path, ME, UUID).unwrap();
-    assert_eq!(got(page_all(&s, "Q").await), want);
+    assert_eq!(seqs_and_bodies(&s, "Q").await, want);
     s.close().await.unwrap();
     keel_store::verify_file(&path, ME, UUID).unwrap();
 }

@@ -369,16 +369,8 @@ pub async fn run_scale(keel: &Path, base_port: u16, w: &Workload) -> Result<Scal
         .profile
         .path()
         .join("p/databases/node01.server1-bus1.sqlite");
-    // The store is its file and its body log (`<store>-bodies/`).
-    let mut store_bytes = std::fs::metadata(&store)
-        .with_context(|| format!("{}", store.display()))?
-        .len();
-    let bodies = PathBuf::from(format!("{}-bodies", store.display()));
-    if let Ok(entries) = std::fs::read_dir(&bodies) {
-        for e in entries.flatten() {
-            store_bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
-        }
-    }
+    let store_bytes =
+        keel_store::disk_bytes(&store).with_context(|| format!("{}", store.display()))?;
     Ok(ScaleReport {
         messages: w.messages,
         body_bytes: w.body_bytes,
