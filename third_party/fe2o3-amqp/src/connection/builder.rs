@@ -922,6 +922,9 @@ cfg_not_wasm32! {
 
             let addr = url.socket_addrs(|| default_port(url.scheme()))?;
             let stream = TcpStream::connect(&*addr).await?; // std::io::Error
+            // KEEL PATCH: no Nagle delay for small frames (flow, disposition) queued behind data
+            // in flight; qpid-proton, async-nats and the Keel server set it too.
+            stream.set_nodelay(true)?;
 
             self.open_with_stream(stream).await
         }
@@ -1158,6 +1161,9 @@ cfg_not_wasm32! {
 
                 let addr = url.socket_addrs(|| default_port(url.scheme()))?;
                 let stream = TcpStream::connect(&*addr).await?; // std::io::Error
+                // KEEL PATCH: no Nagle delay for small frames (flow, disposition) queued behind data
+                // in flight; qpid-proton, async-nats and the Keel server set it too.
+                stream.set_nodelay(true)?;
 
                 self.open_with_stream(stream).await
             }
@@ -1296,6 +1302,9 @@ cfg_not_wasm32! {
 
                 let addr = url.socket_addrs(|| default_port(url.scheme()))?;
                 let stream = TcpStream::connect(&*addr).await?; // std::io::Error
+                // KEEL PATCH: no Nagle delay for small frames (flow, disposition) queued behind data
+                // in flight; qpid-proton, async-nats and the Keel server set it too.
+                stream.set_nodelay(true)?;
 
                 self.open_with_stream(stream).await
             }
