@@ -50,6 +50,7 @@ pub enum LinkFrame {
         me: String,
         me_uuid: String,
         incarnation: u64,
+        #[serde(with = "serde_bytes")]
         credential_proof: Vec<u8>,
         streams: Vec<StreamState>,
     },
@@ -73,7 +74,9 @@ pub enum LinkFrame {
         reliability: u8,
         expiry_ms: Option<u64>,
         destination: String,
+        #[serde(with = "serde_bytes")]
         properties: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         body: Vec<u8>,
     },
     Ack {
@@ -128,7 +131,9 @@ pub struct RemoteMessage {
     pub priority: u8,
     pub reliability: u8,
     pub delivery_count: u32,
+    #[serde(with = "serde_bytes")]
     pub properties: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
 }
 
@@ -371,6 +376,197 @@ mod tests {
         assert!(check_header(PROTOCOL_HEADER).is_ok());
     }
 
+    /// The frames as builds before `serde_bytes` encoded them: byte fields as sequences of
+    /// u8. Postcard writes both as a length and the raw bytes, so engines of either build keep
+    /// talking; this mirror proves it.
+    #[derive(Serialize)]
+    enum Plain {
+        Open {
+            bus: String,
+            me: String,
+            me_uuid: String,
+            incarnation: u64,
+            credential_proof: Vec<u8>,
+            streams: Vec<StreamState>,
+        },
+        Verdict {
+            stream_id: String,
+            kind: VerdictKind,
+            a: u64,
+            b: u64,
+            last_identity: Option<String>,
+            flush_epoch: Option<String>,
+        },
+        Data {
+            stream_id: String,
+            tick: u64,
+            message_id: String,
+            priority: u8,
+            reliability: u8,
+            expiry_ms: Option<u64>,
+            destination: String,
+            properties: Vec<u8>,
+            body: Vec<u8>,
+        },
+        Ack {
+            stream_id: String,
+            upto: u64,
+        },
+        Resend {
+            stream_id: String,
+            from: u64,
+        },
+        Flush {
+            stream: StreamState,
+        },
+        Get {
+            req: u64,
+            queue: String,
+            max: u32,
+        },
+        Got {
+            req: u64,
+            msgs: Vec<PlainRemote>,
+            error: Option<String>,
+        },
+        Settle {
+            req: u64,
+            queue: String,
+            settles: Vec<(u64, u8)>,
+        },
+        Settled {
+            req: u64,
+            results: Vec<Option<String>>,
+            error: Option<String>,
+        },
+        Close {
+            reason: String,
+        },
+    }
+
+    #[derive(Serialize)]
+    struct PlainRemote {
+        seq: u64,
+        id: String,
+        priority: u8,
+        reliability: u8,
+        delivery_count: u32,
+        properties: Vec<u8>,
+        body: Vec<u8>,
+    }
+
+    fn plain(f: LinkFrame) -> Plain {
+        match f {
+            LinkFrame::Open {
+                bus,
+                me,
+                me_uuid,
+                incarnation,
+                credential_proof,
+                streams,
+            } => Plain::Open {
+                bus,
+                me,
+                me_uuid,
+                incarnation,
+                credential_proof,
+                streams,
+            },
+            LinkFrame::Verdict {
+                stream_id,
+                kind,
+                a,
+                b,
+                last_identity,
+                flush_epoch,
+            } => Plain::Verdict {
+                stream_id,
+                kind,
+                a,
+                b,
+                last_identity,
+                flush_epoch,
+            },
+            LinkFrame::Data {
+                stream_id,
+                tick,
+                message_id,
+                priority,
+                reliability,
+                expiry_ms,
+                destination,
+                properties,
+                body,
+            } => Plain::Data {
+                stream_id,
+                tick,
+                message_id,
+                priority,
+                reliability,
+                expiry_ms,
+                destination,
+                properties,
+                body,
+            },
+            LinkFrame::Ack { stream_id, upto } => Plain::Ack { stream_id, upto },
+            LinkFrame::Resend { stream_id, from } => Plain::Resend { stream_id, from },
+            LinkFrame::Flush { stream } => Plain::Flush { stream },
+            LinkFrame::Get { req, queue, max } => Plain::Get { req, queue, max },
+            LinkFrame::Got { req, msgs, error } => Plain::Got {
+                req,
+                msgs: msgs
+                    .into_iter()
+                    .map(|m| PlainRemote {
+                        seq: m.seq,
+                        id: m.id,
+                        priority: m.priority,
+                        reliability: m.reliability,
+                        delivery_count: m.delivery_count,
+                        properties: m.properties,
+                        body: m.body,
+                    })
+                    .collect(),
+                error,
+            },
+            LinkFrame::Settle {
+                req,
+                queue,
+                settles,
+            } => Plain::Settle {
+                req,
+                queue,
+                settles,
+            },
+            LinkFrame::Settled {
+                req,
+                results,
+                error,
+            } => Plain::Settled {
+                req,
+                results,
+                error,
+            },
+            LinkFrame::Close { reason } => Plain::Close { reason },
+        }
+    }
+
+    fn same_bytes_as_before(f: LinkFrame) {
+        let now = postcard::to_stdvec(&f).unwrap();
+        let before = postcard::to_stdvec(&plain(f.clone())).unwrap();
+        assert_eq!(
+            now, before,
+            "{f:?} encodes as it did with byte fields as sequences"
+        );
+        assert_eq!(postcard::from_bytes::<LinkFrame>(&before).unwrap(), f);
+    }
+
+    #[test]
+    fn frames_encode_as_before_byte_fields_were_slices() {
+        for f in frames() {
+            same_bytes_as_before(f);
+        }
+    }
+
     proptest! {
         /// Arbitrary bytes never panic the decoder, and it never asks for more than the bound.
         #[test]
@@ -383,6 +579,23 @@ mod tests {
                 }
             }
             prop_assert!(b.capacity() <= 2 * 4096 + HEAD_BYTES, "the decoder never allocates for announced lengths");
+        }
+
+        /// Bodies and properties of any length and content (the length prefix grows past one
+        /// byte at 128) encode as they did with byte fields as sequences.
+        #[test]
+        fn data_frames_encode_as_before(body in proptest::collection::vec(any::<u8>(), 0..2048), properties in proptest::collection::vec(any::<u8>(), 0..300)) {
+            same_bytes_as_before(LinkFrame::Data {
+                stream_id: "s".into(),
+                tick: 1,
+                message_id: "m".into(),
+                priority: 4,
+                reliability: 4,
+                expiry_ms: None,
+                destination: "q".into(),
+                properties,
+                body,
+            });
         }
 
         /// A valid frame with random payload corruption (checksum recomputed, so only the
