@@ -264,6 +264,8 @@ pub struct OutStream {
     work: tokio::sync::mpsc::Sender<StreamWork>,
     /// Woken when new messages are on the stream.
     pub notify: Notify,
+    /// What the committer stored lately and no link has sent yet (see [`Unsent`]).
+    unsent: std::sync::Mutex<Unsent>,
 }
 
 impl OutStream {
@@ -371,7 +373,7 @@ async fn committer(
                 {
                     commit_sends(
                         &*store,
-                        &stream.target,
+                        &stream,
                         &mut st,
                         std::mem::take(&mut chunk),
                         &mut recent,
@@ -383,7 +385,7 @@ async fn committer(
                 bytes += b;
                 chunk.push(p);
             }
-            commit_sends(&*store, &stream.target, &mut st, chunk, &mut recent).await;
+            commit_sends(&*store, &stream, &mut st, chunk, &mut recent).await;
             stream.next_tick.store(st.next_tick, Ordering::Release);
             stream.notify.notify_one();
         }
@@ -447,17 +449,20 @@ async fn flush_one(
         st.row_stream().to_string(),
         st.row_base,
     );
+    // The new stream's first link resends from the store.
+    stream.unsent.lock().expect("unsent lock").clear();
     Ok(st.clone())
 }
 
 /// One store commit for `batches`, ticks from `st.next_tick` on; answers each batch.
 async fn commit_sends(
     store: &dyn keel_store::Store,
-    target: &str,
+    stream: &OutStream,
     st: &mut OutState,
     batches: Vec<PendingSend>,
     recent: &mut Recent,
 ) {
+    let target = stream.target.as_str();
     let mut next = st.next_tick;
     let mut ops = Vec::with_capacity(batches.iter().map(|b| b.items.len()).sum::<usize>() + 1);
     for b in &batches {
@@ -490,16 +495,33 @@ async fn commit_sends(
             let mut row = st.next_tick + st.row_base;
             *st = new_state;
             let mut seqs = out.assigned_seqs.into_iter();
+            let mut unsent = stream.unsent.lock().expect("unsent lock");
+            unsent.follow(st.row_stream());
             for b in batches {
                 let mine: Vec<u64> = seqs.by_ref().take(b.items.len()).collect();
                 assert_eq!(mine.len(), b.items.len(), "one seq per message");
                 let dest: Arc<str> = xmit_dest(target, &b.dest).into();
-                for seq in &mine {
+                for (seq, (p, body)) in mine.iter().zip(b.items) {
                     recent.push(row, &dest, *seq);
+                    // As `out_page` would read the row back (tick relative to the row base).
+                    unsent.push(
+                        row,
+                        StreamMessage {
+                            tick: 0,
+                            id: recent.id(*seq),
+                            dest: b.dest.clone(),
+                            priority: p.priority,
+                            reliability: p.code,
+                            expiry_ms: p.expiry_ms,
+                            properties: p.properties,
+                            body,
+                        },
+                    );
                     row += 1;
                 }
                 let _ = b.reply.send(Ok(mine));
             }
+            drop(unsent);
             assert_eq!(row, st.next_tick + st.row_base, "one row per tick");
         }
         Err(e) => {
@@ -649,13 +671,106 @@ impl Recent {
             .collect();
         let last = &self.rows[n - 1];
         debug_assert_eq!(last.0, first_row + n as u64 - 1);
-        Some((ops, format!("{}{}", self.id_prefix, last.2)))
+        Some((ops, self.id(last.2)))
+    }
+
+    /// The ID the store gave the row of `seq` (`<uuid>:<incarnation>:<seq>`).
+    fn id(&self, seq: u64) -> String {
+        format!("{}{}", self.id_prefix, seq)
     }
 
     fn forget_below(&mut self, row_tick: u64) {
         while self.rows.front().is_some_and(|r| r.0 < row_tick) {
             self.rows.pop_front();
         }
+    }
+}
+
+/// Messages the committer stored lately that no link has taken to send yet, by row tick
+/// (consecutive), so that the link sends them without reading rows and bodies back from the
+/// store (that read was most of the source engine's store work across a bus). Bounded by
+/// count and bytes: while no link is up the oldest go, and the next link reads those from the
+/// store until it reaches what is still here. Taking moves the messages out: a resend reads
+/// the store.
+#[derive(Default)]
+struct Unsent {
+    /// The row stream the ticks belong to (a flush clears the whole cache).
+    row_stream: String,
+    /// (row tick, message with `tick` unset).
+    msgs: std::collections::VecDeque<(u64, StreamMessage)>,
+    bytes: usize,
+}
+
+/// Messages and bytes [`Unsent`] holds at most per stream.
+const UNSENT_MAX: usize = 4_096;
+const UNSENT_BYTES_MAX: usize = 8 * 1024 * 1024;
+
+impl Unsent {
+    fn weight(m: &StreamMessage) -> usize {
+        m.body.len() + m.properties.len() + m.id.len() + m.dest.len() + 64
+    }
+
+    /// Starts over when the rows now belong to another row stream.
+    fn follow(&mut self, row_stream: &str) {
+        if self.row_stream != row_stream {
+            self.clear();
+            self.row_stream = row_stream.to_string();
+        }
+    }
+
+    fn clear(&mut self) {
+        self.msgs.clear();
+        self.bytes = 0;
+    }
+
+    fn push(&mut self, row_tick: u64, m: StreamMessage) {
+        if self
+            .msgs
+            .back()
+            .is_some_and(|(last, _)| last + 1 != row_tick)
+        {
+            // Not consecutive (cannot happen while one committer assigns the ticks): start
+            // over rather than hand out a run with a hole.
+            self.clear();
+        }
+        self.bytes += Unsent::weight(&m);
+        self.msgs.push_back((row_tick, m));
+        while self.msgs.len() > UNSENT_MAX || (self.msgs.len() > 1 && self.bytes > UNSENT_BYTES_MAX)
+        {
+            let (_, old) = self.msgs.pop_front().expect("not empty");
+            self.bytes -= Unsent::weight(&old);
+        }
+    }
+
+    /// Up to `limit` messages from `first_row` on of `row_stream`, ticks relative to `base`;
+    /// empty unless the cache holds `first_row` itself. What lies before `first_row` was
+    /// sent already and is dropped.
+    fn take(
+        &mut self,
+        row_stream: &str,
+        first_row: u64,
+        limit: usize,
+        base: u64,
+    ) -> Vec<StreamMessage> {
+        if self.row_stream != row_stream {
+            return Vec::new();
+        }
+        while self.msgs.front().is_some_and(|(r, _)| *r < first_row) {
+            let (_, old) = self.msgs.pop_front().expect("not empty");
+            self.bytes -= Unsent::weight(&old);
+        }
+        if self.msgs.front().is_none_or(|(r, _)| *r != first_row) {
+            return Vec::new();
+        }
+        let n = limit.min(self.msgs.len());
+        let mut out = Vec::with_capacity(n);
+        for (row, mut m) in self.msgs.drain(..n) {
+            self.bytes -= Unsent::weight(&m);
+            assert!(row >= base, "row tick {row} below the row base {base}");
+            m.tick = row - base;
+            out.push(m);
+        }
+        out
     }
 }
 
@@ -786,6 +901,7 @@ impl Messaging {
                     state: Mutex::new(state),
                     work,
                     notify: Notify::new(),
+                    unsent: std::sync::Mutex::new(Unsent::default()),
                 });
                 tokio::spawn(committer(
                     self.store.clone(),
@@ -869,6 +985,19 @@ impl Messaging {
                 target,
                 format!("stream {stream_id} was replaced by stream {wire} (a flush)"),
             ));
+        }
+        let cached =
+            stream
+                .unsent
+                .lock()
+                .expect("unsent lock")
+                .take(&row_stream, from + base, limit, base);
+        if !cached.is_empty() {
+            assert!(
+                cached.iter().zip(from..).all(|(m, t)| m.tick == t),
+                "a consecutive run from tick {from}"
+            );
+            return Ok(cached);
         }
         let rows = self
             .store

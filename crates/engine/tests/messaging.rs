@@ -223,6 +223,47 @@ async fn expiry_and_bad_input_are_refused_clearly() {
     ));
 }
 
+/// A link sends what the stream's committer just stored from memory (no read back); the
+/// messages must be exactly what the store holds for those ticks, IDs included (the target's
+/// duplicate window goes by them).
+#[tokio::test]
+async fn unsent_stream_messages_from_memory_equal_the_stored_rows() {
+    const TARGET: &str = "node01.server2-bus1";
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(dir.path());
+    e.start(StartMode::Normal).await.unwrap();
+    let m = e.messaging().unwrap();
+    let n = 300;
+    for i in 0..n {
+        let mut properties = keel_engine::messaging::Properties::new();
+        if i % 3 == 0 {
+            properties.insert("i".into(), serde_json::json!(i));
+        }
+        let sent = OutgoingMessage {
+            // Inline bodies and body-log bodies both.
+            body: vec![b'a' + (i % 26) as u8; [10, 300, 2_000][i % 3]],
+            properties,
+            priority: Some((i % 10) as u8),
+            reliability: None,
+            ttl_ms: (i % 4 == 0).then_some(3_600_000),
+        };
+        m.send("elsewhere", sent).await.unwrap();
+    }
+    let stream_id = m.out_stream(TARGET).await.unwrap().state().await.stream_id;
+    // The first page comes from memory and takes it; asking again from tick 1 reads the store.
+    let from_memory = m.out_page(TARGET, &stream_id, 1, 256).await.unwrap();
+    let from_store = m.out_page(TARGET, &stream_id, 1, 256).await.unwrap();
+    assert_eq!(from_memory.len(), 256);
+    assert_eq!(from_memory, from_store);
+    // The rest: from memory after what was taken, then from the store.
+    let rest = m.out_page(TARGET, &stream_id, 257, 256).await.unwrap();
+    let rest_stored = m.out_page(TARGET, &stream_id, 257, 256).await.unwrap();
+    assert_eq!(rest.len(), n - 256);
+    assert_eq!(rest, rest_stored);
+    assert!(rest.iter().zip(257..).all(|(m, t)| m.tick == t));
+    e.stop(false).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_producers_and_consumers_see_each_message_once() {
     let dir = tempfile::tempdir().unwrap();
