@@ -1679,6 +1679,64 @@ mod tests {
         assert_eq!(parse_system_id("a:b:c"), None);
     }
 
+    fn unsent_message(body_bytes: usize) -> StreamMessage {
+        StreamMessage {
+            tick: 0,
+            id: "u:1:1".into(),
+            dest: "q".into(),
+            priority: 4,
+            reliability: 4,
+            expiry_ms: None,
+            properties: Vec::new(),
+            body: vec![7; body_bytes],
+        }
+    }
+
+    #[test]
+    fn unsent_is_bounded_and_hands_out_only_runs_that_start_where_asked() {
+        let mut u = Unsent::default();
+        u.follow("s");
+        // The count bound: the oldest go.
+        for row in 1..=(UNSENT_MAX as u64 + 10) {
+            u.push(row, unsent_message(10));
+        }
+        assert_eq!(u.msgs.len(), UNSENT_MAX);
+        assert_eq!(u.msgs.front().unwrap().0, 11);
+        // Asked for a row it no longer holds: nothing (the caller reads the store).
+        assert!(u.take("s", 5, 100, 0).is_empty());
+        // Another row stream: nothing.
+        assert!(u.take("other", 11, 100, 0).is_empty());
+        // From its first row: a run, ticks relative to the base; taken once.
+        let run = u.take("s", 11, 100, 10);
+        assert_eq!(run.len(), 100);
+        assert!(run.iter().zip(1..).all(|(m, t)| m.tick == t));
+        assert!(
+            u.take("s", 11, 100, 10).is_empty(),
+            "taken messages are gone"
+        );
+        // Asking past rows drops them (sent already).
+        let run = u.take("s", 200, 1, 0);
+        assert_eq!((run.len(), run[0].tick), (1, 200));
+        assert_eq!(u.msgs.front().unwrap().0, 201);
+        // The byte bound: the oldest go, one message always stays.
+        u.clear();
+        for row in 1..=20 {
+            u.push(row, unsent_message(1024 * 1024));
+        }
+        assert!(u.bytes <= UNSENT_BYTES_MAX && u.msgs.len() < 20);
+        assert_eq!(
+            u.bytes,
+            u.msgs.iter().map(|(_, m)| Unsent::weight(m)).sum::<usize>()
+        );
+        u.clear();
+        u.push(1, unsent_message(UNSENT_BYTES_MAX + 1));
+        assert_eq!(u.msgs.len(), 1);
+        // A hole starts over.
+        u.push(5, unsent_message(1));
+        assert_eq!(u.msgs.len(), 1);
+        assert_eq!(u.msgs.front().unwrap().0, 5);
+    }
+
     #[test]
     fn recent_rows_answer_only_consecutive_runs_from_the_first_unacknowledged() {
         let mut r = Recent::new("u:1:".into());
