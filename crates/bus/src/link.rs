@@ -181,19 +181,80 @@ impl Encoder<LinkFrame> for LinkCodec {
     type Error = LinkError;
 
     fn encode(&mut self, frame: LinkFrame, dst: &mut BytesMut) -> Result<(), LinkError> {
-        let payload =
-            postcard::to_stdvec(&frame).map_err(|e| LinkError::Malformed(e.to_string()))?;
-        if payload.len() > FRAME_BYTES_MAX {
-            return Err(LinkError::TooLarge {
-                bytes: payload.len(),
-                max: FRAME_BYTES_MAX,
-            });
-        }
-        dst.reserve(HEAD_BYTES + payload.len());
-        dst.put_u32(payload.len() as u32);
-        dst.put_u32(crc32c::crc32c(&payload));
-        dst.put_slice(&payload);
+        // Straight into the output buffer behind a header filled in afterwards: no payload
+        // buffer of its own and no copy of it (a body's bytes are copied once, here).
+        let start = dst.len();
+        dst.put_bytes(0, HEAD_BYTES);
+        let written = postcard::serialize_with_flavor(
+            &frame,
+            Append {
+                dst: &mut *dst,
+                bytes: 0,
+                bytes_max: FRAME_BYTES_MAX,
+            },
+        );
+        let bytes = match written {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                dst.truncate(start);
+                return Err(match e {
+                    postcard::Error::SerializeBufferFull => LinkError::TooLarge {
+                        bytes: FRAME_BYTES_MAX + 1,
+                        max: FRAME_BYTES_MAX,
+                    },
+                    other => LinkError::Malformed(other.to_string()),
+                });
+            }
+        };
+        let payload = start + HEAD_BYTES;
+        assert_eq!(
+            dst.len() - payload,
+            bytes,
+            "the payload is what the encoder wrote"
+        );
+        assert!(bytes <= FRAME_BYTES_MAX);
+        let crc = crc32c::crc32c(&dst[payload..]);
+        dst[start..start + 4].copy_from_slice(&(bytes as u32).to_be_bytes());
+        dst[start + 4..payload].copy_from_slice(&crc.to_be_bytes());
         Ok(())
+    }
+}
+
+/// A postcard output that appends to a codec's buffer and refuses to grow a payload past
+/// `bytes_max` (it stops there instead of writing the rest first).
+struct Append<'a> {
+    dst: &'a mut BytesMut,
+    bytes: usize,
+    bytes_max: usize,
+}
+
+impl Append<'_> {
+    fn take(&mut self, n: usize) -> postcard::Result<()> {
+        if self.bytes + n > self.bytes_max {
+            return Err(postcard::Error::SerializeBufferFull);
+        }
+        self.bytes += n;
+        Ok(())
+    }
+}
+
+impl postcard::ser_flavors::Flavor for Append<'_> {
+    type Output = usize;
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.take(data.len())?;
+        self.dst.put_slice(data);
+        Ok(())
+    }
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.take(1)?;
+        self.dst.put_u8(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<usize> {
+        Ok(self.bytes)
     }
 }
 
@@ -354,6 +415,36 @@ mod tests {
         }
         assert_eq!(out, frames());
         assert!(dec.is_empty());
+    }
+
+    #[test]
+    fn frames_are_written_as_a_header_and_the_postcard_payload() {
+        for f in frames() {
+            let payload = postcard::to_stdvec(&f).unwrap();
+            let mut expected = BytesMut::from(&b"junk"[..]);
+            expected.put_u32(payload.len() as u32);
+            expected.put_u32(crc32c::crc32c(&payload));
+            expected.put_slice(&payload);
+            let mut buf = BytesMut::from(&b"junk"[..]);
+            LinkCodec.encode(f, &mut buf).unwrap();
+            assert_eq!(buf, expected);
+        }
+    }
+
+    #[test]
+    fn a_payload_over_the_bound_stops_the_encoder_there() {
+        let mut buf = BytesMut::new();
+        let out = Append {
+            dst: &mut buf,
+            bytes: 0,
+            bytes_max: 100,
+        };
+        let big = frames()[4].clone(); // a data frame with a 1 000-byte body
+        assert!(matches!(
+            postcard::serialize_with_flavor(&big, out),
+            Err(postcard::Error::SerializeBufferFull)
+        ));
+        assert!(buf.len() <= 100, "nothing written past the bound");
     }
 
     #[test]

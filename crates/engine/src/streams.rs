@@ -43,7 +43,7 @@ use tokio::sync::{Mutex, Notify};
 use keel_core::{catalog, emit};
 
 use super::{Messaging, MessagingError, OutgoingMessage};
-use crate::queue::Entry;
+use crate::queue::{Entry, RefillMark};
 
 pub const OUT_KV: &str = "streams.out";
 pub const IN_KV: &str = "streams.in";
@@ -1387,15 +1387,27 @@ impl Messaging {
         }
         let mut placed = Vec::with_capacity(msgs.len());
         let mut ops = Vec::with_capacity(msgs.len() + 2);
+        // Messages of a batch mostly share their queue: one lookup and one refill mark for
+        // each run of them (taken before the commit, like a local batch's).
+        let mut last: Option<(Arc<super::QueuePoint>, RefillMark)> = None;
         for m in msgs {
-            let q = match self.queue(&m.dest) {
-                Ok(q) => q,
-                Err(e) => {
-                    tracing::warn!(dest = %m.dest, id = %m.id, error = %e, "a message from another engine is for a destination this engine does not hold; it goes to the exception destination");
-                    self.queue(&self.exception)?
+            let (q, mark) = match last.as_ref() {
+                Some((q, mark)) if q.cfg.name == m.dest => (q.clone(), *mark),
+                _ => {
+                    let q = match self.queue(&m.dest) {
+                        Ok(q) => q,
+                        Err(e) => {
+                            tracing::warn!(dest = %m.dest, id = %m.id, error = %e, "a message from another engine is for a destination this engine does not hold; it goes to the exception destination");
+                            self.queue(&self.exception)?
+                        }
+                    };
+                    let mark = q.state.lock().expect("queue lock").refill_mark();
+                    if q.cfg.name == m.dest {
+                        last = Some((q.clone(), mark));
+                    }
+                    (q, mark)
                 }
             };
-            let mark = q.state.lock().expect("queue lock").refill_mark();
             ops.push(Op::Put {
                 dest: q.cfg.name.clone(),
                 id: m.id.clone(),
