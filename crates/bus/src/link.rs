@@ -198,8 +198,14 @@ impl Encoder<LinkFrame> for LinkCodec {
             Err(e) => {
                 dst.truncate(start);
                 return Err(match e {
+                    // The encoder stopped at the bound: count the whole size (no buffer) so
+                    // the error names the frame's real size.
                     postcard::Error::SerializeBufferFull => LinkError::TooLarge {
-                        bytes: FRAME_BYTES_MAX + 1,
+                        bytes: postcard::serialize_with_flavor(
+                            &frame,
+                            postcard::ser_flavors::Size::default(),
+                        )
+                        .unwrap_or(FRAME_BYTES_MAX + 1),
                         max: FRAME_BYTES_MAX,
                     },
                     other => LinkError::Malformed(other.to_string()),
