@@ -197,6 +197,15 @@ catalog! {
     CWSIP0111I, Info, "Messaging engine {me} continues its restart-after-restore (FLUSH) that began before it stopped; waiting for {waiting}.",
         "The engine was FLUSH-started before and stopped before every peer confirmed; its data store says `flush-pending`, and a normal start carries on with the same flush.",
         "Start the peer engines named if they are stopped. CWSIP0783E follows when every peer has confirmed.";
+    CWSIP0112W, Warning, "Data store of messaging engine {me}: the disk is full ({path}); changes are refused until space is freed, then resume by themselves.",
+        "A write of the data store failed for lack of space (ENOSPC, SQLite's SQLITE_FULL). The change that failed was not stored and its sender was told so (AMQP `amqp:resource-limit-exceeded`); nothing acknowledged is lost. The engine stays started; its `store_health` attribute and `keel me state ME` say `disk-full`. Logged once when it starts, not once per refused change.",
+        "Free space on the file system holding the path (remove files, or grow it). No restart is needed: CWSIP0113I follows when the first change fits again.";
+    CWSIP0113I, Info, "Data store of messaging engine {me} is storing again: the disk had room after {refused} refused commit(s) since {since}.",
+        "Space returned on the data store's file system and a commit succeeded; the engine takes work as before.",
+        "None.";
+    CWSIP0114E, Error, "Data store of messaging engine {me} has failed and takes no more work: {reason}.",
+        "The store cannot tell what its files hold (an fsync of a commit failed, so that commit may or may not be on disk), found corruption while writing, or its writer stopped. Every change is refused with a sentence naming the remedy; the engine's state reads `failed`, its `store_health` attribute says why, and the server's `health` attribute reads `failed` until the engine is restarted.",
+        "Check the disk (`dmesg`, free space, the device). Then restart the engine: `keel me stop ME` and `keel me start ME` (or restart its server). Opening the store recovers it from its files: a commit whose fsync failed is there whole or not at all. If the start reports corruption, restore the store from a backup (`keel store restore`).";
     // --- AMQP 1.0 endpoint on the bus port -------------------------------------------------------
     CWSIT0001I, Info, "AMQP 1.0 endpoint of server {server} listening on {address} (SASL {mechanisms}; messaging engines {mes}).",
         "The bus port accepts AMQP 1.0 connections for the messaging engines this server hosts.",

@@ -267,7 +267,12 @@ impl Appender {
             .write(true)
             .create_new(true)
             .open(&path)?;
-        File::open(dir)?.sync_all()?;
+        if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+            // Leave no file behind: the next attempt creates the same number again (on a full
+            // disk it would otherwise fail on the leftover for good).
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
         Ok(Appender {
             dir: dir.to_path_buf(),
             seg,
@@ -342,8 +347,12 @@ impl Appender {
         self.buf.clear();
     }
 
-    /// Writes the staged bodies and syncs them. After an error the staged bytes are dropped
-    /// and the segment takes no more (its tail is in doubt after a failed fsync).
+    /// Writes the staged bodies and syncs them. After an error the staged bytes are dropped.
+    /// A write that failed for lack of space is cut off again (`set_len` to the known end:
+    /// nothing points past it, and nothing before it was touched), so the space returns and
+    /// the segment goes on taking bodies when the disk has room: a long full disk does not make
+    /// a new segment per refused group. After any other failure, or when the cut fails, the
+    /// segment takes no more: its tail is in doubt (a failed fsync may have dropped pages).
     pub(crate) fn flush(&mut self) -> io::Result<()> {
         if self.buf.is_empty() {
             return Ok(());
@@ -357,22 +366,27 @@ impl Appender {
                 "simulated full disk (test hook)",
             ));
         }
-        let r = self
-            .file
-            .write_all_at(&self.buf, self.len)
-            .and_then(|()| self.file.sync_data());
+        let written = self.file.write_all_at(&self.buf, self.len);
         self.buf.clear();
-        match r {
-            Ok(()) => {
-                self.len = end;
-                Ok(())
-            }
-            Err(e) => {
+        if let Err(e) = written {
+            if !(is_disk_full(&e) && self.file.set_len(self.len).is_ok()) {
                 self.broken = true;
-                Err(e)
             }
+            return Err(e);
         }
+        if let Err(e) = self.file.sync_data() {
+            self.broken = true;
+            return Err(e);
+        }
+        self.len = end;
+        Ok(())
     }
+}
+
+/// ENOSPC or EDQUOT: the file system (or the user's quota) has no room.
+pub(crate) fn is_disk_full(e: &io::Error) -> bool {
+    // 122 is EDQUOT on Linux; std has no stable kind for it.
+    e.kind() == io::ErrorKind::StorageFull || e.raw_os_error() == Some(122)
 }
 
 #[cfg(test)]

@@ -14,8 +14,19 @@ pub enum StoreError {
     },
 
     /// SQLITE_FULL or ENOSPC: the transaction did not commit, so nothing acknowledged is lost.
-    #[error("data store {} of messaging engine {me} is out of disk space; the transaction was not committed (nothing acknowledged is lost); free space on that file system, then retry", file.display())]
+    /// The store keeps running and commits again as soon as a write fits (DESIGN §10).
+    #[error("data store of messaging engine {me}: the disk is full ({}); this change was not stored (nothing acknowledged is lost); free space on that file system: sends resume by themselves", file.display())]
     DiskFull { me: String, file: PathBuf },
+
+    /// The store takes no more work: its state on disk is in doubt (a failed fsync of a commit,
+    /// corruption found while writing) or its writer stopped. Reopening it recovers from what
+    /// the disk holds.
+    #[error("data store {} of messaging engine {me} has failed and takes no more work ({reason}); check the disk (`dmesg`), then restart the messaging engine (`keel me stop {me}` then `keel me start {me}`, or restart its server): the store recovers from its files when it opens", file.display())]
+    Failed {
+        me: String,
+        file: PathBuf,
+        reason: String,
+    },
 
     #[error("data store {} belongs to messaging engine {found_me} (uuid {found_uuid}), not {want_me} (uuid {want_uuid}); point {want_me} at its own store", file.display())]
     WrongOwner {

@@ -109,6 +109,85 @@ pub struct StoreInfo {
     pub incarnation: u64,
 }
 
+/// A store's own account of whether it takes work (DESIGN §10: a resource that fails degrades
+/// visibly, never broken while reported healthy). The engine's admin object, `keel me state`
+/// and the server's health show it; the store logs each change once (`CWSIP0112W` disk full,
+/// `CWSIP0113I` writing again, `CWSIP0114E` failed), never once per refused commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreHealth {
+    Ok,
+    /// Commits fail for lack of space on `path`'s file system since `since_ms` (Unix ms);
+    /// nothing is lost, and the first commit that fits again clears it by itself.
+    DiskFull {
+        since_ms: u64,
+        path: PathBuf,
+        /// Commits refused since then.
+        refused: u64,
+    },
+    /// The store takes no more work until the engine reopens it (see [`StoreError::Failed`]).
+    Failed {
+        since_ms: u64,
+        reason: String,
+    },
+}
+
+impl StoreHealth {
+    /// `ok`, `disk-full` or `failed`: the word scripts match on.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            StoreHealth::Ok => "ok",
+            StoreHealth::DiskFull { .. } => "disk-full",
+            StoreHealth::Failed { .. } => "failed",
+        }
+    }
+
+    /// The JSON of the admin attribute: `state`, `since` (RFC 3339), and what else applies.
+    pub fn to_json(&self) -> serde_json::Value {
+        let since = |ms: u64| {
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+            )
+            .to_string()
+        };
+        match self {
+            StoreHealth::Ok => serde_json::json!({ "state": "ok" }),
+            StoreHealth::DiskFull {
+                since_ms,
+                path,
+                refused,
+            } => serde_json::json!({
+                "state": "disk-full",
+                "since": since(*since_ms),
+                "path": path.display().to_string(),
+                "refused": refused,
+            }),
+            StoreHealth::Failed { since_ms, reason } => serde_json::json!({
+                "state": "failed",
+                "since": since(*since_ms),
+                "reason": reason,
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for StoreHealth {
+    /// One line for an operator: `ok`, `disk-full since T (path; N commit(s) refused)`,
+    /// `failed since T: why`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let j = self.to_json();
+        let since = j["since"].as_str().unwrap_or("");
+        match self {
+            StoreHealth::Ok => f.write_str("ok"),
+            StoreHealth::DiskFull { path, refused, .. } => write!(
+                f,
+                "disk-full since {since} ({}; {refused} commit(s) refused; free space: sends resume by themselves)",
+                path.display()
+            ),
+            StoreHealth::Failed { reason, .. } => write!(f, "failed since {since}: {reason}"),
+        }
+    }
+}
+
 /// One message as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredMessage {
@@ -285,6 +364,11 @@ pub trait Store: Send + Sync + 'static {
     /// Finishes queued work and releases the store; later calls fail with
     /// [`StoreError::Closed`].
     fn close(&self) -> StoreFuture<'_, ()>;
+    /// Whether the store takes work (cheap: no I/O). A backend whose errors are all the
+    /// caller's to see (PostgreSQL: the server reports its own condition) says `Ok`.
+    fn health(&self) -> StoreHealth {
+        StoreHealth::Ok
+    }
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@
 use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction};
@@ -38,9 +38,10 @@ use crate::bodylog::{self, Appender, BodyError, BodyRef, Segments};
 use crate::error::{io_err, Result, StoreError};
 use crate::fsx;
 use crate::{
-    CommitOutcome, Op, RestoreState, Store, StoreFuture, StoreInfo, StoredMessage, BATCH_BYTES_MAX,
-    BATCH_OPS_MAX, PAGE_LIMIT_MAX, SCHEMA_VERSION,
+    CommitOutcome, Op, RestoreState, Store, StoreFuture, StoreHealth, StoreInfo, StoredMessage,
+    BATCH_BYTES_MAX, BATCH_OPS_MAX, PAGE_LIMIT_MAX, SCHEMA_VERSION,
 };
+use keel_core::{catalog, emit};
 
 /// Bounds of one group commit (one SQLite transaction, one fsync). A group stops growing at
 /// the first bound reached; a single batch larger than a bound still commits, alone.
@@ -123,7 +124,7 @@ impl Ctx {
     }
     /// An error of the body log's writer: a full disk is `DiskFull` like SQLite's own.
     fn log_err(&self, action: &str, path: &Path, e: std::io::Error) -> StoreError {
-        if e.kind() == std::io::ErrorKind::StorageFull {
+        if bodylog::is_disk_full(&e) {
             return StoreError::DiskFull {
                 me: self.me.clone(),
                 file: path.to_path_buf(),
@@ -421,6 +422,12 @@ enum WriteReq {
     BreakSegment {
         reply: oneshot::Sender<Result<()>>,
     },
+    /// Test hook: the next group's commit fails as a failed fsync would (`SQLITE_IOERR_FSYNC`).
+    FailNextFsync {
+        reply: oneshot::Sender<()>,
+    },
+    /// Test hook: the writer thread panics, as a broken invariant would make it.
+    Panic,
 }
 
 type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
@@ -438,6 +445,78 @@ struct Shared {
     pending_batches: AtomicUsize,
     transactions_committed: AtomicU64,
     closed: AtomicBool,
+    /// What the store says about itself (DESIGN §10); the writer moves it, anyone reads it.
+    health: Mutex<StoreHealth>,
+    /// Set when the writer thread has ended (closed, or failed with its reason recorded).
+    writer_ended: tokio::sync::watch::Sender<bool>,
+}
+
+impl Shared {
+    fn health(&self) -> StoreHealth {
+        // A poisoned lock still holds a whole value (it is only ever replaced).
+        self.health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The error every change gets once the store has failed, if it has.
+    fn failed_err(&self) -> Option<StoreError> {
+        match self.health() {
+            StoreHealth::Failed { reason, .. } => Some(StoreError::Failed {
+                me: self.ctx.me.clone(),
+                file: self.ctx.file.clone(),
+                reason,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Marks the store failed (once: the first reason stays) and logs it, once.
+    fn fail(&self, reason: String) -> StoreError {
+        let first = {
+            let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+            let first = !matches!(*h, StoreHealth::Failed { .. });
+            if first {
+                *h = StoreHealth::Failed {
+                    since_ms: keel_core::unix_ms(),
+                    reason: reason.clone(),
+                };
+            }
+            first
+        };
+        if first {
+            emit!(catalog::CWSIP0114E, me = self.ctx.me, reason = reason);
+        }
+        self.failed_err().expect("the store was just marked failed")
+    }
+}
+
+/// The text of a panic's payload.
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
+}
+
+/// Whether an error of the store means its files are in doubt, so it must take no more work:
+/// a failed fsync of a commit (the kernel may have dropped the dirty pages and a later fsync
+/// would not say so: the commit may or may not be on disk, and only reopening the store, which
+/// reads the WAL back, tells), or corruption found while writing. A failed *write* is not one:
+/// SQLite writes the commit frame of a WAL transaction last, so a transaction whose write failed
+/// is rolled back and never recovered, and the body log cuts or abandons its tail.
+fn fatal_reason(e: &StoreError) -> Option<String> {
+    match e {
+        StoreError::Sqlite { source, .. } => {
+            let ext = source.sqlite_error().map(|f| f.extended_code)?;
+            (ext == rusqlite::ffi::SQLITE_IOERR_FSYNC
+                || ext == rusqlite::ffi::SQLITE_IOERR_DIR_FSYNC)
+                .then(|| format!("an fsync of a commit failed, so whether that commit is on disk is unknown ({e})"))
+        }
+        StoreError::Corrupt { .. } => Some(e.to_string()),
+        _ => None,
+    }
 }
 
 /// Checks the body log against the `segments` table at open, removes files nothing points
@@ -604,18 +683,36 @@ impl SqliteStore {
             pending_batches: AtomicUsize::new(0),
             transactions_committed: AtomicU64::new(0),
             closed: AtomicBool::new(false),
+            health: Mutex::new(StoreHealth::Ok),
+            writer_ended: tokio::sync::watch::Sender::new(false),
         });
         let (writer_tx, writer_rx) = mpsc::channel(WRITE_QUEUE_MAX);
         let (reader_tx, reader_rx) = mpsc::channel(READ_QUEUE_MAX);
         let w_shared = shared.clone();
         let w_meta = meta.clone();
+        // A thread that panics (a broken invariant) must not leave a store that looks open and
+        // answers "closed": the store is marked failed, which the engine and server report.
+        let w_watch = shared.clone();
         std::thread::Builder::new()
             .name(format!("store-w-{me_name}"))
-            .spawn(move || Writer::new(w_shared, wconn, lock, w_meta, appender).run(writer_rx))
+            .spawn(move || {
+                let writer = Writer::new(w_shared, wconn, lock, w_meta, appender);
+                let run = std::panic::AssertUnwindSafe(|| writer.run(writer_rx));
+                if let Err(p) = std::panic::catch_unwind(run) {
+                    w_watch.fail(format!("its writer thread stopped: {}", panic_text(&*p)));
+                }
+                w_watch.writer_ended.send_replace(true);
+            })
             .map_err(io_err("start the writer thread of", path))?;
+        let r_watch = shared.clone();
         std::thread::Builder::new()
             .name(format!("store-r-{me_name}"))
-            .spawn(move || reader_loop(rconn, reader_rx))
+            .spawn(move || {
+                let run = std::panic::AssertUnwindSafe(|| reader_loop(rconn, reader_rx));
+                if let Err(p) = std::panic::catch_unwind(run) {
+                    r_watch.fail(format!("its reader thread stopped: {}", panic_text(&*p)));
+                }
+            })
             .map_err(io_err("start the reader thread of", path))?;
         tracing::info!(me = me_name, file = %path.display(), incarnation = meta.incarnation,
             restore_state = meta.restore_state.as_str(), "opened data store");
@@ -640,12 +737,8 @@ impl SqliteStore {
     /// page size (SQLite then fails writes with SQLITE_FULL). Raise it again to recover.
     #[doc(hidden)]
     pub async fn simulate_disk_full_at_pages(&self, pages: u64) -> Result<()> {
-        let (tx, rx) = oneshot::channel();
-        self.writer_tx
-            .send(WriteReq::LimitPages { pages, reply: tx })
-            .await
-            .map_err(|_| self.closed_err())?;
-        rx.await.map_err(|_| self.closed_err())?
+        self.ask_writer(|reply| WriteReq::LimitPages { pages, reply })
+            .await?
     }
 
     /// Test hook: body log segments roll at `bytes` instead of `bodylog::SEGMENT_BYTES_MAX`
@@ -653,24 +746,30 @@ impl SqliteStore {
     #[doc(hidden)]
     pub async fn set_segment_bytes_max(&self, bytes: u64) -> Result<()> {
         assert!(bytes > 0);
-        let (tx, rx) = oneshot::channel();
-        self.writer_tx
-            .send(WriteReq::SegmentBytesMax { bytes, reply: tx })
+        self.ask_writer(|reply| WriteReq::SegmentBytesMax { bytes, reply })
             .await
-            .map_err(|_| self.closed_err())?;
-        rx.await.map_err(|_| self.closed_err())
     }
 
     /// Test hook: the current body log segment's writes fail from now on, as a failing disk's
     /// would; the writer must move to a new segment and lose nothing.
     #[doc(hidden)]
     pub async fn break_body_log_segment(&self) -> Result<()> {
-        let (tx, rx) = oneshot::channel();
-        self.writer_tx
-            .send(WriteReq::BreakSegment { reply: tx })
+        self.ask_writer(|reply| WriteReq::BreakSegment { reply })
+            .await?
+    }
+
+    /// Test hook: the next group commit fails as if its fsync had failed; the store must
+    /// then be failed, visibly, until it is reopened.
+    #[doc(hidden)]
+    pub async fn fail_next_fsync(&self) -> Result<()> {
+        self.ask_writer(|reply| WriteReq::FailNextFsync { reply })
             .await
-            .map_err(|_| self.closed_err())?;
-        rx.await.map_err(|_| self.closed_err())?
+    }
+
+    /// Test hook: the writer thread panics. The store must say it failed, not just "closed".
+    #[doc(hidden)]
+    pub async fn panic_writer(&self) {
+        let _ = self.writer_tx.send(WriteReq::Panic).await;
     }
 
     /// The body log segments on disk (test and diagnostics).
@@ -679,10 +778,38 @@ impl SqliteStore {
         bodylog::list_segments(self.shared.ctx.bodies.dir()).unwrap_or_default()
     }
 
-    fn closed_err(&self) -> StoreError {
-        StoreError::Closed {
-            me: self.shared.ctx.me.clone(),
+    /// Hands the writer one request and waits for its answer.
+    async fn ask_writer<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> WriteReq) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        let answered = match self.writer_tx.send(make(tx)).await {
+            Ok(()) => rx.await.ok(),
+            Err(_) => None,
+        };
+        match answered {
+            Some(v) => Ok(v),
+            None => Err(self.writer_gone().await),
         }
+    }
+
+    /// The error for a request the writer dropped unanswered. Only a writer thread that is
+    /// ending drops one (after a close, or unwinding from a panic, which drops the requests it
+    /// held before its thread can record why): wait until the thread has ended, so the answer
+    /// says "failed: why" rather than "closed".
+    async fn writer_gone(&self) -> StoreError {
+        let mut ended = self.shared.writer_ended.subscribe();
+        // Bounded: the thread sets it as the last thing it does, and it is ending.
+        let _ = ended.wait_for(|e| *e).await;
+        self.closed_err()
+    }
+
+    /// A writer or reader that is gone: the store failed (its threads' end says why) or was
+    /// closed.
+    fn closed_err(&self) -> StoreError {
+        self.shared
+            .failed_err()
+            .unwrap_or_else(|| StoreError::Closed {
+                me: self.shared.ctx.me.clone(),
+            })
     }
 
     /// Runs `f` on the reader thread's connection and returns its result.
@@ -1089,6 +1216,11 @@ struct Writer {
     dead_segments: Vec<u64>,
     /// Group commits since the last look at whether to compact.
     groups_since_compact_check: u64,
+    /// Groups failed by errors other than a full disk since the last commit, and when the
+    /// first did: only the first is logged, the count when writing works again.
+    failing: Option<(u64, u64)>,
+    /// Test hook: the next group's commit fails as a failed fsync would.
+    fail_next_fsync: bool,
 }
 
 /// What one group does to the body log's `segments` rows, written once per transaction.
@@ -1157,6 +1289,8 @@ impl Writer {
             appender,
             dead_segments: Vec::new(),
             groups_since_compact_check: 0,
+            failing: None,
+            fail_next_fsync: false,
         }
     }
 
@@ -1197,8 +1331,17 @@ impl Writer {
                     clear_restored,
                     reply,
                 } => {
-                    let _ = reply.send(self.new_incarnation(clear_restored));
+                    let r = match self.shared.failed_err() {
+                        Some(e) => Err(e),
+                        None => self.new_incarnation(clear_restored),
+                    };
+                    let _ = reply.send(r);
                 }
+                WriteReq::FailNextFsync { reply } => {
+                    self.fail_next_fsync = true;
+                    let _ = reply.send(());
+                }
+                WriteReq::Panic => panic!("test hook: the writer panics"),
                 WriteReq::LimitPages { pages, reply } => {
                     let ctx = self.ctx();
                     let r = self
@@ -1285,14 +1428,22 @@ impl Writer {
     /// sixth of the writer's time in the peers benchmark), and a batch almost never fails. If
     /// one does, the whole transaction is rolled back and the group is applied again with each
     /// batch in its own SAVEPOINT, so the failing batch rolls back alone and the others commit.
+    /// A full disk fails the group as a whole (no batch of it was at fault) and is not retried;
+    /// an error that leaves the files in doubt fails the store (see `fatal_reason`).
     fn commit_group(&mut self, group: Vec<Batch>) {
         assert!(!group.is_empty() && group.len() <= TXN_BATCHES_MAX);
+        if let Some(e) = self.shared.failed_err() {
+            return answer_failed(group, Vec::new(), e);
+        }
         if let Err(e) = self.roll_segment_if_needed() {
+            let e = self.note_failed(e, group.len());
             return answer_failed(group, Vec::new(), e);
         }
         let next_seq_before = self.next_seq;
         match self.commit_group_plain(&group) {
             Ok(outcomes) => {
+                // Health first: a caller that reads it after its answer sees it current.
+                self.note_committed();
                 answer_committed(&self.shared.transactions_committed, group, outcomes);
                 return self.after_commit();
             }
@@ -1306,15 +1457,101 @@ impl Writer {
                 }
                 self.appender.discard();
                 self.next_seq = next_seq_before;
+                if matches!(e, StoreError::DiskFull { .. }) || fatal_reason(&e).is_some() {
+                    let e = self.note_failed(e, group.len());
+                    return answer_failed(group, Vec::new(), e);
+                }
                 tracing::debug!(me = %self.shared.ctx.me, error = %e, "group commit retried batch by batch");
             }
         }
         // A failed write or sync of the bodies leaves the segment's tail in doubt.
         if let Err(e) = self.roll_segment_if_needed() {
+            let e = self.note_failed(e, group.len());
             return answer_failed(group, Vec::new(), e);
         }
         self.commit_group_savepoints(group);
         self.after_commit();
+    }
+
+    /// A group committed: a full disk or a run of failures is over, and says so once.
+    fn note_committed(&mut self) {
+        if let Some((since_ms, failed)) = self.failing.take() {
+            if failed > 1 {
+                tracing::warn!(me = %self.shared.ctx.me, failed, since_ms,
+                    "data store writes work again after failed group commits");
+            }
+        }
+        let cleared = {
+            let mut h = self.shared.health.lock().unwrap_or_else(|p| p.into_inner());
+            match &*h {
+                StoreHealth::DiskFull {
+                    since_ms, refused, ..
+                } => {
+                    let was = (*since_ms, *refused);
+                    *h = StoreHealth::Ok;
+                    Some(was)
+                }
+                _ => None,
+            }
+        };
+        if let Some((since_ms, refused)) = cleared {
+            let since = humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + Duration::from_millis(since_ms),
+            );
+            emit!(
+                catalog::CWSIP0113I,
+                me = self.shared.ctx.me,
+                refused = refused,
+                since = since
+            );
+        }
+    }
+
+    /// A group of `batches` failed with `e` as a whole: moves the store's health and logs a
+    /// change once (never once per group). Returns the error its callers get: `e`, or the
+    /// store's failure when `e` leaves the files in doubt.
+    fn note_failed(&mut self, e: StoreError, batches: usize) -> StoreError {
+        if let Some(reason) = fatal_reason(&e) {
+            return self.shared.fail(reason);
+        }
+        if let StoreError::DiskFull { file, .. } = &e {
+            let started = {
+                let mut h = self.shared.health.lock().unwrap_or_else(|p| p.into_inner());
+                match &mut *h {
+                    StoreHealth::DiskFull { refused, .. } => {
+                        *refused += batches as u64;
+                        false
+                    }
+                    StoreHealth::Ok => {
+                        *h = StoreHealth::DiskFull {
+                            since_ms: keel_core::unix_ms(),
+                            path: file.clone(),
+                            refused: batches as u64,
+                        };
+                        true
+                    }
+                    StoreHealth::Failed { .. } => false,
+                }
+            };
+            if started {
+                emit!(
+                    catalog::CWSIP0112W,
+                    me = self.shared.ctx.me,
+                    path = file.display()
+                );
+            }
+            return e;
+        }
+        // Other errors (a failed write, a busy file): the group fails, the store goes on. The
+        // first of a run is logged; the rest are counted and reported when writing works.
+        match &mut self.failing {
+            Some((_, n)) => *n += 1,
+            None => {
+                self.failing = Some((keel_core::unix_ms(), 1));
+                tracing::error!(me = %self.shared.ctx.me, error = %e, batches, "group commit failed");
+            }
+        }
+        e
     }
 
     /// The fast path: every batch applied in one transaction, none may fail.
@@ -1337,6 +1574,12 @@ impl Writer {
             outcomes.push(Ok(g.apply(&batch.ops)?));
         }
         let (dead, reservation) = g.finish(self.seq_reserved)?;
+        if std::mem::take(&mut self.fail_next_fsync) {
+            // Test hook: what a failed fsync of the WAL returns (`tx` rolls back on drop).
+            let f = rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR_FSYNC);
+            let e = rusqlite::Error::SqliteFailure(f, Some("simulated fsync failure".into()));
+            return Err(ctx.err("commit transaction")(e));
+        }
         tx.commit().map_err(ctx.err("commit transaction"))?;
         self.seq_reserved = reservation.unwrap_or(self.seq_reserved);
         self.dead_segments.extend(dead);
@@ -1397,12 +1640,13 @@ impl Writer {
         match txn {
             Ok(()) => {
                 self.dead_segments.extend(dead);
-                answer_committed(&self.shared.transactions_committed, group, outcomes)
+                self.note_committed();
+                answer_committed(&self.shared.transactions_committed, group, outcomes);
             }
             Err(e) => {
                 // Nothing of the group committed.
                 self.appender.discard();
-                tracing::error!(me = %ctx.me, error = %e, batches = group.len(), "group commit failed");
+                let e = self.note_failed(e, group.len());
                 answer_failed(group, outcomes, e);
             }
         }
@@ -1435,9 +1679,8 @@ impl Writer {
         if !self.appender.needs_roll() {
             return Ok(());
         }
-        self.roll_segment().inspect_err(|e| {
-            tracing::error!(me = %self.shared.ctx.me, error = %e, "cannot start a body log segment");
-        })
+        // The caller reports the error (once per episode, see `note_failed`).
+        self.roll_segment()
     }
 
     /// Moves to a new segment; the old one is forgotten right away if nothing points into it.
@@ -2045,6 +2288,9 @@ impl Store for SqliteStore {
             if self.shared.closed.load(Ordering::Acquire) {
                 return Err(self.closed_err());
             }
+            if let Some(e) = self.shared.failed_err() {
+                return Err(e);
+            }
             let ops_bytes = validate_ops(&self.shared.ctx.me, &ops)?;
             let puts = ops.iter().filter(|o| matches!(o, Op::Put { .. })).count();
             let (tx, rx) = oneshot::channel();
@@ -2064,9 +2310,12 @@ impl Store for SqliteStore {
             match sent {
                 // The writer decrements when it takes the batch.
                 Ok(()) => guard.armed = false,
-                Err(_) => return Err(self.closed_err()),
+                Err(_) => return Err(self.writer_gone().await),
             }
-            let outcome = rx.await.map_err(|_| self.closed_err())??;
+            let outcome = match rx.await {
+                Ok(r) => r?,
+                Err(_) => return Err(self.writer_gone().await),
+            };
             assert_eq!(outcome.assigned_seqs.len(), puts);
             assert!(outcome.assigned_seqs.windows(2).all(|w| w[0] < w[1]));
             Ok(outcome)
@@ -2184,15 +2433,11 @@ impl Store for SqliteStore {
             if self.shared.closed.load(Ordering::Acquire) {
                 return Err(self.closed_err());
             }
-            let (tx, rx) = oneshot::channel();
-            self.writer_tx
-                .send(WriteReq::NewIncarnation {
-                    clear_restored,
-                    reply: tx,
-                })
-                .await
-                .map_err(|_| self.closed_err())?;
-            rx.await.map_err(|_| self.closed_err())?
+            self.ask_writer(|reply| WriteReq::NewIncarnation {
+                clear_restored,
+                reply,
+            })
+            .await?
         })
     }
 
@@ -2214,6 +2459,10 @@ impl Store for SqliteStore {
             tracing::info!(me = %self.shared.ctx.me, "closed data store");
             Ok(())
         })
+    }
+
+    fn health(&self) -> StoreHealth {
+        self.shared.health()
     }
 }
 

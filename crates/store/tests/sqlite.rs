@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use keel_store::conformance::{self, Backend, ModelStep};
 use keel_store::{
     read_info, restore_from, Op, RestoreState, SqliteStore, Store, StoreError, StoreFuture,
-    StoredMessage,
+    StoreHealth, StoredMessage,
 };
 use proptest::prelude::*;
 
@@ -703,6 +703,22 @@ async fn disk_full_fails_the_commit_and_loses_nothing_acknowledged() {
     }
     let e = full.expect("the simulated disk filled up");
     assert!(matches!(e, StoreError::DiskFull { .. }), "{e}");
+    // The store says so itself, and still answers: a refused commit does not end the writer.
+    match store.health() {
+        StoreHealth::DiskFull {
+            path: p, refused, ..
+        } => {
+            // The database or its body log beside it, whichever write found the disk full.
+            assert!(p.starts_with(path.parent().unwrap()), "{}", p.display());
+            assert!(refused >= 1);
+        }
+        other => panic!("health says {other}"),
+    }
+    let again = store
+        .commit(vec![put("Q", 1, &[9; 2_000])])
+        .await
+        .unwrap_err();
+    assert!(matches!(again, StoreError::DiskFull { .. }), "{again}");
     let text = e.to_string();
     assert!(
         text.contains(&path.display().to_string()) && text.contains(ME),
@@ -716,9 +732,78 @@ async fn disk_full_fails_the_commit_and_loses_nothing_acknowledged() {
         store.depth("R").await.unwrap() + 100,
         store.depth("Q").await.unwrap()
     );
-    // Space comes back: commits work again.
+    // Space comes back: commits work again, and the health clears by itself.
     store.simulate_disk_full_at_pages(1 << 30).await.unwrap();
     store.commit(vec![put("Q", 1, b"again")]).await.unwrap();
+    assert_eq!(store.health(), StoreHealth::Ok, "{}", store.health());
+    store.close().await.unwrap();
+}
+
+/// A commit whose fsync failed may or may not be on disk: the store takes no more work, says
+/// so (health, and an error naming the remedy), keeps answering reads, and a reopen (what
+/// the remedy asks) brings it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fsync_fails_the_store_visibly_until_it_is_reopened() {
+    let b = SqliteBackend::new();
+    let path = b.path("fsync");
+    let store = SqliteStore::create(&path, ME, UUID).unwrap();
+    let kept = store.commit(vec![put("Q", 4, b"kept")]).await.unwrap();
+    store.fail_next_fsync().await.unwrap();
+    let e = store
+        .commit(vec![put("Q", 4, b"in doubt")])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Failed { .. }), "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains("fsync") && text.contains(&format!("keel me stop {ME}")),
+        "{text}"
+    );
+    match store.health() {
+        StoreHealth::Failed { reason, .. } => assert!(reason.contains("fsync"), "{reason}"),
+        other => panic!("health says {other}"),
+    }
+    // Every later change is refused the same way, also one that would fit.
+    for _ in 0..3 {
+        let e = store.commit(vec![put("Q", 4, b"later")]).await.unwrap_err();
+        assert!(matches!(e, StoreError::Failed { .. }), "{e}");
+    }
+    let e = store.begin_incarnation(false).await.unwrap_err();
+    assert!(matches!(e, StoreError::Failed { .. }), "{e}");
+    // Reads still answer.
+    assert_eq!(store.depth("Q").await.unwrap(), 1);
+    store.close().await.unwrap();
+    drop(store);
+    let store = SqliteStore::open(&path, ME, UUID).unwrap();
+    assert_eq!(store.health(), StoreHealth::Ok);
+    let seqs: Vec<u64> = page_all(&store, "Q").await.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, kept.assigned_seqs);
+    store.commit(vec![put("Q", 4, b"after")]).await.unwrap();
+    store.close().await.unwrap();
+}
+
+/// A writer thread that dies (a broken invariant) leaves a store that says it failed and why,
+/// not one that looks open and answers "closed".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_that_panics_fails_the_store_visibly() {
+    let b = SqliteBackend::new();
+    let path = b.path("panic");
+    let store = SqliteStore::create(&path, ME, UUID).unwrap();
+    store.commit(vec![put("Q", 4, b"kept")]).await.unwrap();
+    store.panic_writer().await;
+    // The panic is asynchronous to this task: the first commit after it may still be queued
+    // behind it (then its reply is dropped) or come after (then it is refused up front).
+    for _ in 0..2 {
+        let e = store.commit(vec![put("Q", 4, b"lost")]).await.unwrap_err();
+        assert!(matches!(e, StoreError::Failed { .. }), "{e}");
+        assert!(e.to_string().contains("writer thread stopped"), "{e}");
+    }
+    assert_eq!(store.health().as_str(), "failed");
+    store.close().await.unwrap();
+    drop(store);
+    // The writer's end released the lock: the store opens again.
+    let store = SqliteStore::open(&path, ME, UUID).unwrap();
+    assert_eq!(store.depth("Q").await.unwrap(), 1);
     store.close().await.unwrap();
 }
 
