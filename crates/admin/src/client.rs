@@ -290,6 +290,7 @@ impl AdminClient {
         if status == StatusCode::UNAUTHORIZED {
             return Err(AdminError::Unauthorized {
                 addr: self.addr.to_string(),
+                answered_by: answered_by(&bytes),
             });
         }
         #[derive(serde::Deserialize)]
@@ -389,6 +390,25 @@ impl AdminClient {
                 }
             }
         }
+    }
+}
+
+/// `process P of node N, cell C` from a refusal's `answered_by`, or empty.
+fn answered_by(body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Refusal {
+        answered_by: Option<crate::Identity>,
+    }
+    match serde_json::from_slice::<Refusal>(body) {
+        Ok(Refusal {
+            answered_by: Some(who),
+        }) if !who.process.is_empty() => {
+            format!(
+                "process {} of node {}, cell {}",
+                who.process, who.node, who.cell
+            )
+        }
+        _ => String::new(),
     }
 }
 

@@ -47,14 +47,29 @@ pub enum AdminError {
     },
     #[error(transparent)]
     BadName(#[from] NameError),
-    #[error("the admin endpoint at {addr} refused the credential: use the profile's secrets/admin-password")]
-    Unauthorized { addr: String },
+    #[error("{}", unauthorized(addr, answered_by))]
+    Unauthorized {
+        addr: String,
+        /// Who answered (`process P of node N, cell C`), when the endpoint said so.
+        answered_by: String,
+    },
     #[error("no Keel process answers at {addr} ({why}); check that the node agent or server is running and the port is right")]
     Unreachable { addr: String, why: String },
     #[error("the Keel process at {addr} did not answer within {timeout_ms} ms; it may be overloaded or hung (see its SystemOut.log), or the operation needs a longer timeout")]
     Timeout { addr: String, timeout_ms: u64 },
     #[error("the admin endpoint at {addr} answered outside the Keel admin protocol: {why}")]
     Protocol { addr: String, why: String },
+}
+
+/// A refused credential is most often a port that belongs to another profile: say who
+/// answered, so the operator can tell.
+fn unauthorized(addr: &str, answered_by: &str) -> String {
+    let port = addr.rsplit(':').next().unwrap_or(addr);
+    if answered_by.is_empty() {
+        format!("the admin endpoint at {addr} refused the credential: use the profile's secrets/admin-password, or, if port {port} belongs to another Keel profile or process, give this profile its own ports")
+    } else {
+        format!("the admin endpoint at {addr} ({answered_by}) refused this profile's credential: if that is not this profile's process, port {port} belongs to another Keel profile or process (stop it, or give this profile its own ports); else use the profile's secrets/admin-password")
+    }
 }
 
 fn list(known: &[String]) -> String {
@@ -126,7 +141,10 @@ impl AdminError {
                 w.why = Some(why.clone());
             }
             AdminError::BadName(NameError::Malformed { text, .. }) => w.text = Some(text.clone()),
-            AdminError::Unauthorized { addr } => w.addr = Some(addr.clone()),
+            AdminError::Unauthorized { addr, answered_by } => {
+                w.addr = Some(addr.clone());
+                w.why = Some(answered_by.clone());
+            }
             AdminError::Unreachable { addr, why } | AdminError::Protocol { addr, why } => {
                 w.addr = Some(addr.clone());
                 w.why = Some(why.clone());
@@ -187,7 +205,10 @@ impl AdminError {
                 };
                 reparsed.map(AdminError::BadName)
             }),
-            "unauthorized" => w.addr.clone().map(|addr| AdminError::Unauthorized { addr }),
+            "unauthorized" => w.addr.clone().map(|addr| AdminError::Unauthorized {
+                addr,
+                answered_by: w.why.clone().unwrap_or_default(),
+            }),
             "unreachable" | "protocol" => match (&w.addr, &w.why) {
                 (Some(addr), Some(why)) => Some(if w.kind == "unreachable" {
                     AdminError::Unreachable {
@@ -277,6 +298,7 @@ mod tests {
             AdminError::BadName(ObjectName::parse("Keel:type").unwrap_err()),
             AdminError::Unauthorized {
                 addr: "127.0.0.1:1".into(),
+                answered_by: "process server1 of node node01, cell keelCell".into(),
             },
             AdminError::Unreachable {
                 addr: "127.0.0.1:1".into(),

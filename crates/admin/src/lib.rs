@@ -10,7 +10,7 @@
 //!
 //! | request | answer |
 //! |---|---|
-//! | `GET /v1/ping` | `{"ok": true, "pid": N}` |
+//! | `GET /v1/ping` | `{"ok": true, "pid": N, "cell", "node", "process"}` |
 //! | `POST /v1/query {"pattern"}` | `{"names": [...]}` |
 //! | `POST /v1/invoke {"name","op","args"}` | `{"result": ...}` |
 //! | `POST /v1/attribute {"name","attribute"}` | `{"value": ...}` |
@@ -22,15 +22,18 @@
 mod client;
 pub mod console;
 mod error;
+pub mod health;
+mod listener;
 mod registry;
 mod server;
 
 pub use client::{AdminClient, Credential, DEFAULT_TIMEOUT_MS};
 pub use console::{Console, ConsoleError};
 pub use error::AdminError;
+pub use listener::Limits;
 pub use registry::{Delegate, Registry, MAX_OBJECTS, PEER_QUERY_TIMEOUT_MS};
 pub use serde_json::Value;
-pub use server::serve;
+pub use server::{serve, serve_with, Identity, Settings};
 
 /// The future an [`AdminObject`] operation returns. Boxed so the trait stays object-safe.
 pub type OpFuture<'a> =

@@ -1,11 +1,18 @@
 //! The admin endpoint (axum). Every request is authenticated before anything else runs.
+//!
+//! Before authentication a peer gets little (DESIGN §10): the connection limits and deadlines
+//! of `listener.rs`, a body that is never read, a refusal logged within a budget with the
+//! peer's path clipped, and, after a few wrong passwords, answers that wait longer each time
+//! (`keel_core::throttle`). After authentication: the request's body must arrive within a
+//! deadline, and at most `MAX_CONCURRENT_REQUESTS` run at once, the ping excepted (it is
+//! cheap, and `keel` commands use it to find out what answers on a port).
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -14,11 +21,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
+use keel_core::admission::Source;
+use keel_core::budget::{clip, left_out_note, LogBudget};
+use keel_core::throttle::LoginThrottle;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::WireError;
+use crate::listener::{ConnHandle, Limits};
 use crate::{AdminError, Credential, Registry, FORWARDED_HEADER, MAX_REQUEST_BYTES};
 
 /// Requests served at once; more are answered 503 at once instead of queueing without bound.
@@ -26,26 +37,73 @@ const MAX_CONCURRENT_REQUESTS: usize = 256;
 /// After `shutdown` completes, requests in flight get this long to finish before `serve`
 /// returns anyway (a hung operation must not keep a stopping process alive).
 const SHUTDOWN_GRACE_MS: u64 = 5_000;
+/// What a refused request's log record keeps of the path the peer chose.
+const LOGGED_PATH_BYTES_MAX: usize = 128;
+
+/// Who answers on an endpoint: told to every caller, authenticated or not, so that a `keel`
+/// command that reached another profile's process (ports overlap) can say so instead of
+/// blaming the password. Names only, never anything secret.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Identity {
+    pub cell: String,
+    pub node: String,
+    pub process: String,
+}
+
+/// How an endpoint is served.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    pub identity: Identity,
+    pub limits: Limits,
+}
 
 #[derive(Clone)]
 struct ServerState {
     registry: Arc<Registry>,
     credential: Arc<Credential>,
     inflight: Arc<tokio::sync::Semaphore>,
+    identity: Arc<Identity>,
+    body_read_ms: u64,
+    throttle: Arc<LoginThrottle>,
+    /// Budget of the log records that unauthenticated requests cause.
+    refusals: Arc<LogBudget>,
 }
 
-/// Serves the admin API on `listener` until `shutdown` completes. Binds nothing itself: the
-/// caller binds, so it reports "port in use" in its own words (with the config key to change).
+/// Serves the admin API on `listener` until `shutdown` completes, with default limits and no
+/// identity (tests, tools). Binds nothing itself: the caller binds, so it reports "port in
+/// use" in its own words (with the config key to change).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     registry: Arc<Registry>,
     credential: Credential,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_with(
+        listener,
+        registry,
+        credential,
+        Settings::default(),
+        shutdown,
+    )
+    .await
+}
+
+/// [`serve`] with an identity and limits.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    registry: Arc<Registry>,
+    credential: Credential,
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let state = ServerState {
         registry,
         credential: Arc::new(credential),
         inflight: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_REQUESTS)),
+        identity: Arc::new(settings.identity),
+        body_read_ms: settings.limits.body_read_ms,
+        throttle: Arc::new(LoginThrottle::new(keel_core::throttle::Limits::default())),
+        refusals: Arc::new(LogBudget::new(10, 2)),
     };
     let app = Router::new()
         .route("/v1/ping", get(ping))
@@ -58,26 +116,24 @@ pub async fn serve(
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .with_state(state);
 
-    let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
+    let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
+    let mut grace_rx = stopping_rx.clone();
+    let server = crate::listener::run(listener, app, settings.limits, stopping_rx);
     let signal = async move {
         shutdown.await;
         let _ = stopping_tx.send(true);
+        // Keep the sender: dropping it would read as "stopping" never coming.
+        std::future::pending::<()>().await;
     };
-    let server = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(signal)
-    .into_future();
     let grace = async move {
-        if stopping_rx.wait_for(|stopping| *stopping).await.is_err() {
-            // The signal future was dropped: only the server branch can end the select.
+        if grace_rx.wait_for(|stopping| *stopping).await.is_err() {
             std::future::pending::<()>().await;
         }
         tokio::time::sleep(Duration::from_millis(SHUTDOWN_GRACE_MS)).await;
     };
     tokio::select! {
-        result = server => result,
+        () = server => Ok(()),
+        () = signal => Ok(()),
         () = grace => {
             tracing::warn!("admin endpoint stopped with requests still running after {SHUTDOWN_GRACE_MS} ms");
             Ok(())
@@ -87,32 +143,115 @@ pub async fn serve(
 
 /// Authentication and admission, in front of every route (the fallback included).
 async fn guard(State(state): State<ServerState>, request: Request, next: Next) -> Response {
-    let peer = request
+    let peer_addr = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(addr)| addr.to_string())
-        .unwrap_or_else(|| "an unknown peer".to_string());
-    if let Err(why) = check_credential(request.headers(), &state.credential) {
-        keel_core::emit!(
-            keel_core::catalog::ADMN0003W,
-            method = request.method(),
-            path = request.uri().path(),
-            peer = peer,
-            why = why
-        );
+        .map(|ConnectInfo(addr)| *addr);
+    let peer = peer_addr.map_or_else(|| "an unknown peer".to_string(), |a| a.to_string());
+    let source = peer_addr.map(|a| Source::of(a.ip()));
+    let user = claimed_user(request.headers());
+    // A source and user with failures behind it waits before any answer, right or wrong.
+    if let Some(source) = source {
+        let delay = state.throttle.delay(source, &user, Instant::now());
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+    }
+    if let Err(reason) = check_credential(request.headers(), &state.credential) {
+        let mut why = reason.to_string();
+        if let Some(source) = source {
+            let failed = state.throttle.failed(source, &user, Instant::now());
+            if failed.burst_started {
+                keel_core::emit!(
+                    keel_core::catalog::ADMN0031W,
+                    peer = source,
+                    user = clip(&user, 64),
+                    failures = failed.failures,
+                    delay_ms = failed.delay.as_millis(),
+                    delay_max_ms = keel_core::throttle::Limits::default().delay_max_ms
+                );
+            }
+        }
+        if let Some(left_out) = state.refusals.take(Instant::now()) {
+            why.push_str(&left_out_note(left_out));
+            keel_core::emit!(
+                keel_core::catalog::ADMN0003W,
+                method = clip(request.method().as_str(), 16),
+                path = clip(request.uri().path(), LOGGED_PATH_BYTES_MAX),
+                peer = peer,
+                why = why
+            );
+        }
         let mut response = error_body(
             StatusCode::UNAUTHORIZED,
             WireError {
                 kind: "unauthorized".into(),
-                message: format!("the admin request was refused: {why}; send the profile's admin credential (HTTP Basic, user `admin`, password in secrets/admin-password)"),
+                message: format!("the admin request was refused: {reason}; send the profile's admin credential (HTTP Basic, user `admin`, password in secrets/admin-password)"),
                 ..WireError::default()
             },
+            Some(&state.identity),
         );
-        response.headers_mut().insert(
+        let headers = response.headers_mut();
+        headers.insert(
             header::WWW_AUTHENTICATE,
             HeaderValue::from_static("Basic realm=\"keel\""),
         );
+        // The body was never read: the connection cannot carry another request.
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         return response;
+    }
+    if let Some(source) = source {
+        state.throttle.succeeded(source, &user);
+    }
+    // Authenticated work is never evicted to make room for new connections.
+    let _busy = request
+        .extensions()
+        .get::<ConnHandle>()
+        .map(ConnHandle::busy);
+    // The body arrives whole, within its deadline, before a request slot is taken: a client
+    // that stalls mid-body holds its connection for `body_read_ms` at most and no slot.
+    let (parts, body) = request.into_parts();
+    let read = tokio::time::timeout(
+        Duration::from_millis(state.body_read_ms),
+        axum::body::to_bytes(body, MAX_REQUEST_BYTES),
+    )
+    .await;
+    let body = match read {
+        Ok(Ok(bytes)) => Body::from(bytes),
+        Ok(Err(e)) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            let (status, message) = if too_large {
+                (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "the request to {} is larger than {MAX_REQUEST_BYTES} bytes",
+                        clip(parts.uri.path(), LOGGED_PATH_BYTES_MAX)
+                    ),
+                )
+            } else {
+                (
+                    StatusCode::BAD_REQUEST,
+                    format!("the request body could not be read: {e}"),
+                )
+            };
+            return closing(error_body(status, protocol_error(message), None));
+        }
+        Err(_) => {
+            let message = format!(
+                "the request body did not arrive within {} ms",
+                state.body_read_ms
+            );
+            return closing(error_body(
+                StatusCode::REQUEST_TIMEOUT,
+                protocol_error(message),
+                None,
+            ));
+        }
+    };
+    let request = Request::from_parts(parts, body);
+    if request.uri().path() == "/v1/ping" {
+        return next.run(request).await;
     }
     let Ok(_permit) = state.inflight.clone().try_acquire_owned() else {
         return error_body(
@@ -122,9 +261,43 @@ async fn guard(State(state): State<ServerState>, request: Request, next: Next) -
                 message: format!("the admin endpoint is already serving {MAX_CONCURRENT_REQUESTS} requests; retry shortly"),
                 ..WireError::default()
             },
+            None,
         );
     };
     next.run(request).await
+}
+
+fn protocol_error(message: String) -> WireError {
+    WireError {
+        kind: "protocol".into(),
+        message,
+        ..WireError::default()
+    }
+}
+
+fn closing(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// The user a request claims to be (for throttling), whether or not the password is right.
+fn claimed_user(headers: &HeaderMap) -> String {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().split_once(' '))
+        .and_then(|(_, token)| {
+            base64::engine::general_purpose::STANDARD
+                .decode(token.trim())
+                .ok()
+        })
+        .map(|decoded| {
+            let user = decoded.split(|b| *b == b':').next().unwrap_or_default();
+            String::from_utf8_lossy(user).into_owned()
+        })
+        .unwrap_or_default()
 }
 
 /// `Ok` when the request carries exactly the configured credential; else why not, for ADMN0003W.
@@ -164,13 +337,20 @@ fn constant_time_eq(given: &[u8], expected: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
-fn error_body(status: StatusCode, error: WireError) -> Response {
-    (status, Json(json!({ "error": error }))).into_response()
+fn error_body(status: StatusCode, error: WireError, identity: Option<&Identity>) -> Response {
+    match identity {
+        Some(identity) => (
+            status,
+            Json(json!({ "error": error, "answered_by": identity })),
+        )
+            .into_response(),
+        None => (status, Json(json!({ "error": error }))).into_response(),
+    }
 }
 
 fn admin_error(e: &AdminError) -> Response {
     let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    error_body(status, e.to_wire())
+    error_body(status, e.to_wire(), None)
 }
 
 /// Parses a JSON body by hand so that every refusal is a JSON error an operator can read.
@@ -193,6 +373,7 @@ fn parse_body<T: DeserializeOwned>(
                 message,
                 ..WireError::default()
             },
+            None,
         )
     })?;
     serde_json::from_slice(&bytes).map_err(|e| {
@@ -203,6 +384,7 @@ fn parse_body<T: DeserializeOwned>(
                 message: format!("the request to {path} must be JSON of the form {shape}: {e}"),
                 ..WireError::default()
             },
+            None,
         ))
     })
 }
@@ -212,8 +394,19 @@ fn may_forward(headers: &HeaderMap) -> bool {
     !headers.contains_key(FORWARDED_HEADER)
 }
 
-async fn ping() -> Json<Value> {
-    Json(json!({ "ok": true, "pid": std::process::id() }))
+async fn ping(State(state): State<ServerState>) -> Json<Value> {
+    let Identity {
+        cell,
+        node,
+        process,
+    } = &*state.identity;
+    Json(json!({
+        "ok": true,
+        "pid": std::process::id(),
+        "cell": cell,
+        "node": node,
+        "process": process,
+    }))
 }
 
 #[derive(Deserialize)]
@@ -333,10 +526,11 @@ async fn no_such_endpoint(request: Request) -> Response {
             message: format!(
                 "there is no admin API at {} {}; this endpoint serves GET /v1/ping and POST /v1/query, /v1/invoke, /v1/attribute, /v1/attributes",
                 request.method(),
-                request.uri().path()
+                clip(request.uri().path(), LOGGED_PATH_BYTES_MAX)
             ),
             ..WireError::default()
         },
+        None,
     )
 }
 

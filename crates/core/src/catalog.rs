@@ -68,8 +68,8 @@ catalog! {
     WSVR0104E, Error, "Server {server} cannot start in recovery mode: it has no recovery logs under {path}.",
         "A recovery-mode start finishes in-doubt transactions recorded in the recovery logs; without logs there is nothing to recover (the last stop was clean, or the logs were moved).",
         "Start the server normally (`keel server start NAME`). If you moved the logs, put them back under the named directory first.";
-    WSVR0105I, Info, "Server {server} finished recovery: {resolved} in-doubt transaction(s) resolved; the server stops now.",
-        "Every transaction in the recovery logs reached an outcome at every resource and their locks are released.",
+    WSVR0105I, Info, "Server {server} finished recovery: {transactions} in-doubt transaction(s) resolved ({committed} branch(es) committed, {rolled_back} rolled back); the server stops now.",
+        "Every transaction in the recovery logs reached an outcome at every resource and their locks are released. A transaction has a branch at each resource it used (the messaging engine, each data source), so there are more branches than transactions.",
         "None. Start the server normally when you are ready.";
     WSVR0106W, Warning, "Fault point names in KEEL_FAULTS are not known and will never fire: {points}.",
         "KEEL_FAULTS names fault points for crash tests; these names match no point in this build.",
@@ -83,7 +83,7 @@ catalog! {
         "None while the numbers fall to zero. If decisions keep waiting, read the WTRN0003W lines: a resource is unreachable.";
     WTRN0003W, Warning, "Resource {resource} could not take part in transaction recovery: {reason}; trying again in {retry_s} s.",
         "A data source or messaging engine did not answer recovery. Its in-doubt branches keep their locks until it answers.",
-        "Make the resource reachable (database running, URL and password right: `keel datasource list`). Recovery retries by itself.";
+        "Do what the reason says: for a data source, make it reachable (database running, URL and password right: `keel datasource list`); for a messaging engine, start it as the reason names (`keel me start ME`, with `--flush` when its data store was restored). Recovery retries by itself.";
     WTRN0004I, Info, "Transaction recovery of server {server} complete: {committed} branch(es) committed, {rolled_back} rolled back in {passes} pass(es); the locks in-doubt transactions held are released.",
         "Every transaction in doubt after an earlier run of this server reached its outcome at every resource.",
         "None.";
@@ -108,12 +108,18 @@ catalog! {
     WTRN0011I, Info, "Transaction service of server {server} stopped with empty recovery logs (the next start is a cold start).",
         "Every transaction finished before the server stopped, so the recovery logs hold nothing.",
         "None.";
-    WTRN0012W, Warning, "Transaction service of server {server} stopped with work in doubt ({what}); its recovery logs are kept and the next start (normal or `--recovery`) finishes it.",
-        "Some transaction was not finished at every resource when the server stopped: a committed one has a branch not told yet, or recovery of an earlier run had not completed (a resource did not answer, or is not configured).",
+    WTRN0012W, Warning, "Transaction service of server {server} stopped with its recovery logs kept: {what}; the next start (normal or `--recovery`) finishes whatever is in doubt.",
+        "The server stopped before it knew that nothing was in doubt: a committed transaction has a branch not told yet (work in doubt), a resource no longer configured may hold branches, or recovery of an earlier run had not finished (a resource did not answer, or the stop came before recovery's passes completed), so whether anything is in doubt is not known. The logs are kept so that a later start can find out.",
         "Start the server again when the resource is reachable; `keel server start NAME --recovery` finishes them without taking new work.";
+    WTRN0013E, Error, "Data source {datasource} cannot take part in two-phase commit: {reason}; no transaction begins on it until this is fixed.",
+        "Every message an application handles with a data source is a two-phase transaction (the receive is a branch of the messaging engine), and PostgreSQL prepares a branch (PREPARE TRANSACTION) only when its setting max_prepared_transactions is above 0, which is not its default. The server checks this when it starts and on every new connection; rather than let each message fail at prepare and land on the exception destination, it begins no branch on the data source: messages that need it are released unchanged and their application backs off, as for an unreachable database.",
+        "Set max_prepared_transactions in postgresql.conf (or `ALTER SYSTEM SET max_prepared_transactions = 100;`) to at least the number of transactions in flight at once (max_connections is safe), and restart PostgreSQL. The server picks it up on its next connection: no Keel restart needed. See docs/OPERATIONS.md.";
     WSVR0107W, Warning, "{dropped} log record(s) were not written to the log repository: its queue was full.",
         "The binary log repository is written off the hot path through a bounded queue; when events come faster than it writes, new records are dropped (SystemOut.log still has them) and counted.",
         "None usually. If it repeats, lower the log level (KEEL_LOG) or look at what logs so much; the LogRepository admin object shows the dropped count.";
+    WSVR0108W, Warning, "{lost} log line(s) could not be written to {path} since {since} ({error}){kept}.",
+        "Writing the process's SystemOut.log failed (most often a full disk). The writer kept going: it holds the first lines that failed in memory (a bounded number) and writes them, late and with their own times, as soon as a write succeeds; the rest are lost from this file (the log repository may still have them).",
+        "Free space on the file system holding the logs. Nothing else: the log resumes by itself.";
     // --- admin API and node agent -----------------------------------------------------------
     ADMN0001I, Info, "Node agent of node {node} started (pid {pid}, admin port {admin_port}).",
         "The node agent is up and supervises the servers of its node.",
@@ -124,11 +130,17 @@ catalog! {
     ADMN0003W, Warning, "Admin request {method} {path} from {peer} refused: {why}.",
         "Every admin request must carry the profile's admin credential (HTTP basic auth, user `admin`, password in secrets/admin-password).",
         "Use `keel admin` from the profile, or send the credential. Repeated refusals from an unknown peer may be an attack.";
+    ADMN0030W, Warning, "Admin endpoint connection from {peer}: {why}.",
+        "The admin port caps its open connections in total and per source address, and closes connections that send no request in time. When a cap is reached, the connection idle longest is closed to make room; only when every open connection is in an authenticated request is a new one refused. These records are rate-limited: one says how many like it were not logged.",
+        "None if the peer is known. Many from one address are a client opening connections without using them, or an attack; find the process (`ss -tnp`) and stop it. The limits are listed in docs/OPERATIONS.md (Limits and protections).";
+    ADMN0031W, Warning, "Failed logins from {peer} as user {user}: {failures} in a row; every answer to it now waits {delay_ms} ms, doubling with each failure (at most {delay_max_ms} ms).",
+        "After a few failed logins from one source address as one user (or many failures from one source as any user), Keel delays each further answer to that source, on the admin API and on the bus port alike, so guessing passwords costs time. Logged once when a burst starts, not for each attempt. The delay ends after a successful login or 15 minutes without failures.",
+        "If the peer is yours, fix its credential (secrets/admin-password, or the user's password). Otherwise find and stop it; the delays already slow it down.";
     ADMN0010I, Info, "Launching server {server} in {mode} mode (attempt {attempt} of {max_attempts}).",
         "The node agent is starting a server process.",
         "None.";
-    ADMN0011I, Info, "Server {server} is open for work (pid {pid}), {elapsed_ms} ms after launch.",
-        "The server answered its admin ping after launch.",
+    ADMN0011I, Info, "Server {server} is {how} (pid {pid}), {elapsed_ms} ms after launch.",
+        "The server finished its start after launch: open for work in normal mode; in recovery mode it runs recovery only and takes no work.",
         "None.";
     ADMN0012W, Warning, "Server {server} (pid {pid}) ended unexpectedly: {status}.",
         "A server the node agent supervises exited without being asked to stop.",
@@ -185,8 +197,8 @@ catalog! {
     CWSIP0107I, Info, "Data store of messaging engine {me} backed up to {path} ({bytes} bytes, {messages} message(s)).",
         "An online, consistent copy of the data store was written with its manifest.",
         "Keep the backup with the configuration backup taken at the same time.";
-    CWSIP0108I, Info, "Messaging engine {me} in recovery-mode server: not started{flush}.",
-        "A server started in recovery mode only resolves in-doubt transactions; restart-after-restore (FLUSH) is ignored in recovery mode.",
+    CWSIP0108I, Info, "Messaging engine {me} in recovery-mode server: not started; its data store ({messages} stored message(s)) is open for transaction recovery only{flush}.",
+        "A server started in recovery mode only resolves in-doubt transactions: it opens each engine's data store so that the engine's prepared branches can be finished, but the engine takes no work (no bus port, no links, no applications, no operator start). Restart-after-restore (FLUSH) is not done in recovery mode.",
         "After recovery completes and the server stops, start it normally and then start the engine with `--flush` if its store was restored.";
     CWSIP0109I, Info, "Messaging engine {me} began its restart-after-restore (FLUSH): {streams} outgoing delivery stream(s) moved to new streams with {messages} unacknowledged message(s) to resend; waiting for {waiting}.",
         "A FLUSH start gives every outgoing delivery stream a new identity and resends what is still on the transmission queues; each peer engine must also move its stream towards this engine onto a new one. The engine takes work meanwhile: new messages travel on the new streams.",

@@ -2,11 +2,14 @@
 //! on-disk layout of a profile. Every other crate depends on this one and it depends on none of
 //! them, so nothing here may know about processes, configuration files or the network.
 
+pub mod admission;
+pub mod budget;
 pub mod catalog;
 pub mod faults;
 pub mod hex;
 pub mod layout;
 pub mod names;
+pub mod throttle;
 
 /// Re-exported so the `emit!` macro works in crates that name `tracing` differently.
 pub use tracing;

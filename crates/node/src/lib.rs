@@ -267,7 +267,17 @@ async fn serve(profile: Profile) -> Result<(), (u8, String)> {
             let _ = rx.wait_for(|v| v.is_some()).await;
         }
     };
-    let admin_task = tokio::spawn(keel_admin::serve(listener, registry, credential, shutdown));
+    let settings = keel_admin::Settings {
+        identity: keel_admin::Identity {
+            cell: cfg.cell.name.clone(),
+            node: node.clone(),
+            process: NODE_AGENT.to_string(),
+        },
+        limits: keel_admin::Limits::default(),
+    };
+    let admin_task = tokio::spawn(keel_admin::serve_with(
+        listener, registry, credential, settings, shutdown,
+    ));
     spawn_signal_watch(stop_tx.clone());
     emit!(
         catalog::ADMN0001I,
@@ -350,6 +360,24 @@ impl Agent {
             .map_err(|e| e.to_string())
     }
 
+    /// Whether `server` answers its health ping: on its own Unix socket when it has one (no
+    /// load on its admin port can starve that), else over the admin port.
+    async fn answers_ping(&self, server: &str, admin_port: u16) -> bool {
+        let socket = keel_admin::health::socket_path(&self.profile.layout().run_dir(), server)
+            .filter(|p| p.exists());
+        match socket {
+            Some(path) => keel_admin::health::ping(&path, PING_TIMEOUT_MS)
+                .await
+                .is_ok(),
+            None => self
+                .client(admin_port)
+                .with_timeout_ms(PING_TIMEOUT_MS)
+                .ping()
+                .await
+                .is_ok(),
+        }
+    }
+
     fn client(&self, admin_port: u16) -> AdminClient {
         AdminClient::new(
             std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, admin_port)),
@@ -368,12 +396,7 @@ impl Agent {
                 continue;
             };
             if !launch::is_profile_process(pid, self.profile.root())
-                || self
-                    .client(s.admin_port)
-                    .with_timeout_ms(PING_TIMEOUT_MS)
-                    .ping()
-                    .await
-                    .is_err()
+                || !self.answers_ping(&s.name, s.admin_port).await
             {
                 continue;
             }
@@ -535,9 +558,15 @@ impl Agent {
                 }
             }
         }
+        // A recovery-mode server answers like an open one, but takes no work.
+        let how = match mode {
+            Mode::Recovery => "running in recovery mode: it takes no new work and stops by itself when recovery is complete",
+            Mode::Normal => "open for work",
+        };
         emit!(
             catalog::ADMN0011I,
             server = server,
+            how = how,
             pid = pid,
             elapsed_ms = elapsed_ms
         );
@@ -624,13 +653,7 @@ impl Agent {
             if !live {
                 continue; // a stop is in progress; its exit ends this loop
             }
-            if self
-                .client(admin_port)
-                .with_timeout_ms(PING_TIMEOUT_MS)
-                .ping()
-                .await
-                .is_ok()
-            {
+            if self.answers_ping(&server, admin_port).await {
                 last_ok = Instant::now();
             } else {
                 let silent_ms = last_ok.elapsed().as_millis() as u64;

@@ -245,6 +245,7 @@ async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
         stop: stop_tx.clone(),
     });
     registry.register(server_obj.clone());
+    let health_task = serve_health(&profile, &opts.server, server_obj.clone());
     if let Some(o) = logrepo::LogRepositoryObject::new(&node, &opts.server) {
         registry.register(Arc::new(o));
     }
@@ -313,10 +314,18 @@ async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
         user: "admin".into(),
         password,
     };
-    let admin_task = tokio::spawn(keel_admin::serve(
+    let admin_task = tokio::spawn(keel_admin::serve_with(
         admin_listener,
         registry.clone(),
         credential,
+        keel_admin::Settings {
+            identity: keel_admin::Identity {
+                cell: cfg.cell.name.clone(),
+                node: node.clone(),
+                process: opts.server.clone(),
+            },
+            limits: keel_admin::Limits::default(),
+        },
         admin_shutdown,
     ));
     // The bus port is bound (reserved) already; it is served once the engines have started,
@@ -353,7 +362,9 @@ async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
                 emit!(
                     catalog::WSVR0105I,
                     server = server,
-                    resolved = s.committed + s.rolled_back
+                    transactions = s.transactions,
+                    committed = s.committed,
+                    rolled_back = s.rolled_back
                 );
                 let _ = stop.send(Some("recovery complete".into()));
             }
@@ -375,6 +386,17 @@ async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
                         passes = s.passes
                     );
                     svc.watch_pending(halt).await;
+                }
+            });
+        }
+        {
+            // Data sources that cannot prepare branches are named at start (WTRN0013E).
+            let svc = tx_svc.clone();
+            let mut halt = tx_stop.subscribe();
+            tx_tasks.spawn(async move {
+                tokio::select! {
+                    _ = svc.check_datasources() => {}
+                    _ = halt.wait_for(|v| *v) => {}
                 }
             });
         }
@@ -442,6 +464,10 @@ async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
         }
         Err(e) => tracing::warn!(target: "keel_server", error = %e, "admin endpoint task failed"),
     }
+    if let Some(task) = health_task {
+        task.abort(); // its socket file goes with it
+        let _ = task.await;
+    }
     if let Err(e) = std::fs::remove_file(&pid_file) {
         tracing::warn!(target: "keel_server", error = %e, path = %pid_file.display(), "cannot remove pid file");
     }
@@ -479,13 +505,6 @@ fn engines_of(
                     .collect(),
                 duplicate_window_ms: u64::from(bus.duplicate_window_hours) * 3_600_000,
             };
-            if recovery {
-                emit!(
-                    catalog::CWSIP0108I,
-                    me = m.me,
-                    flush = "; restart after restore (FLUSH) is ignored in recovery mode"
-                );
-            }
             keel_engine::Engine::new(ecfg, recovery)
         })
         .collect()
@@ -549,6 +568,38 @@ fn spawn_signal_watch(stop: watch::Sender<Option<String>>) {
         };
         let _ = stop.send(Some(format!("{why} received")));
     });
+}
+
+/// Answers the node agent's health ping on the process's own Unix socket (`run/<server>.health`,
+/// `keel_admin::health`) with the `Server` object's attributes, so no load on the admin port
+/// can make a healthy server look hung. `None` (and a warning) when the socket cannot be made:
+/// the node agent then pings over the admin port.
+fn serve_health(
+    profile: &Profile,
+    server: &str,
+    object: Arc<ServerObject>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let run_dir = profile.layout().run_dir();
+    let Some(path) = keel_admin::health::socket_path(&run_dir, server) else {
+        tracing::warn!(target: "keel_server", dir = %run_dir.display(), "no health socket: the profile's path is too long for a Unix socket; the node agent pings over the admin port");
+        return None;
+    };
+    match keel_admin::health::bind(&path) {
+        Ok(listener) => {
+            let answer: keel_admin::health::Answer = Arc::new(move || {
+                let mut m = object.attributes();
+                m.insert("ok".into(), Value::Bool(true));
+                Value::Object(m)
+            });
+            Some(tokio::spawn(keel_admin::health::serve(
+                listener, path, answer,
+            )))
+        }
+        Err(e) => {
+            tracing::warn!(target: "keel_server", path = %path.display(), error = %e, "no health socket; the node agent pings over the admin port");
+            None
+        }
+    }
 }
 
 /// Writes `<pid>\n` atomically (temp + rename) so a reader never sees a partial pid.
