@@ -9,6 +9,8 @@ pub mod faults;
 pub mod hex;
 pub mod layout;
 pub mod names;
+#[doc(hidden)]
+pub mod testfs;
 pub mod throttle;
 
 /// Re-exported so the `emit!` macro works in crates that name `tracing` differently.

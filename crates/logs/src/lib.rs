@@ -12,6 +12,14 @@
 //! Invariant: a line is written with one `write_all` under the writer's lock, so concurrent
 //! threads never interleave inside a line. No fsync: the log is diagnostics, not state.
 //!
+//! A failed write never stops the log and never takes its caller down: the part of a line that
+//! landed is cut off again, the first lines that fail are held in memory (bounded) and written,
+//! late, with a `WSVR0108W` line saying how many failed, at the first write that works again
+//! (a full disk freed); stderr hears of it once per failure, through a write that cannot panic
+//! (stderr is a file on the same full disk for a server). `eprintln!` panics when stderr cannot
+//! be written: inside the logging layer that killed the thread that logged (the data store's
+//! writer, on a full disk) and poisoned this lock, which stopped SystemOut.log for good.
+//!
 //! The same events also go, as structured records, to the process's binary log repository
 //! (`repo`: `logs/<process>/repository/`), through a bounded queue to a writer thread.
 
@@ -35,6 +43,18 @@ pub const LEVEL_ENV: &str = "KEEL_LOG";
 
 /// Bounds one rendered line, so a runaway field cannot fill the disk one event at a time.
 const LINE_BYTES_MAX: usize = 16 * 1024;
+/// Lines that failed to be written and are held for when writing works again: the start of
+/// an outage is what an operator needs (what went wrong first), so the first ones are kept.
+const HELD_LINES_MAX: usize = 256;
+const HELD_BYTES_MAX: usize = 256 * 1024;
+
+/// Writes a note to stderr without ever panicking (`eprintln!` panics when stderr fails, and a
+/// server's stderr is a file that fills up with the disk).
+pub fn stderr_note(text: &str) {
+    let mut err = io::stderr().lock();
+    let _ = err.write_all(text.as_bytes());
+    let _ = err.write_all(b"\n");
+}
 
 #[derive(Clone)]
 struct Sink {
@@ -54,6 +74,19 @@ struct LogFile {
     path: PathBuf,
     bytes: u64,
     bytes_max: u64,
+    /// Set while writes fail.
+    failing: Option<Failing>,
+}
+
+/// An outage of the log file: since when, why, and the lines it holds or lost.
+struct Failing {
+    since: std::time::SystemTime,
+    error: String,
+    /// The first lines that failed, whole, in order.
+    held: Vec<u8>,
+    held_lines: u64,
+    /// Lines that failed in all (held ones included).
+    failed_lines: u64,
 }
 
 impl LogFile {
@@ -65,21 +98,96 @@ impl LogFile {
             path: path.to_path_buf(),
             bytes,
             bytes_max,
+            failing: None,
         })
     }
 
+    /// Writes one line; while writes fail, holds it (or counts it lost) and returns the error.
+    /// The first write that works again first writes the held lines and a `WSVR0108W` line.
     fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
+        let r = match self.failing.take() {
+            None => self.append(line),
+            Some(f) => self.catch_up(f, line),
+        };
+        if let Err(e) = &r {
+            let f = self.failing.get_or_insert_with(|| {
+                stderr_note(&format!(
+                    "keel: cannot write {} ({e}); the first lines are held and written when it works again",
+                    self.path.display()
+                ));
+                Failing {
+                    since: std::time::SystemTime::now(),
+                    error: e.to_string(),
+                    held: Vec::new(),
+                    held_lines: 0,
+                    failed_lines: 0,
+                }
+            });
+            f.failed_lines += 1;
+            if f.held_lines < HELD_LINES_MAX as u64 && f.held.len() + line.len() <= HELD_BYTES_MAX {
+                f.held.extend_from_slice(line);
+                f.held_lines += 1;
+            }
+        }
+        r
+    }
+
+    /// After an outage: the held lines, the note of what failed, then `line`. An error puts
+    /// the outage back as it was (the caller adds `line` to it).
+    fn catch_up(&mut self, f: Failing, line: &[u8]) -> io::Result<()> {
+        let kept = if f.held_lines == 0 {
+            String::new()
+        } else {
+            format!("; the first {} are written just above, late", f.held_lines)
+        };
+        let mut note = render_line(
+            std::time::SystemTime::now(),
+            0,
+            "keel_logs",
+            &Level::WARN,
+            &[
+                ("lost", f.failed_lines.to_string()),
+                ("path", self.path.display().to_string()),
+                (
+                    "since",
+                    humantime::format_rfc3339_seconds(f.since).to_string(),
+                ),
+                ("error", f.error.clone()),
+                ("kept", kept),
+            ],
+            Some(catalog::WSVR0108W.id),
+            None,
+        );
+        note.push('\n');
+        let mut all = Vec::with_capacity(f.held.len() + note.len() + line.len());
+        all.extend_from_slice(&f.held);
+        all.extend_from_slice(note.as_bytes());
+        all.extend_from_slice(line);
+        let r = self.append(&all);
+        if r.is_err() {
+            self.failing = Some(f);
+        }
+        r
+    }
+
+    /// Appends `bytes` (whole lines); a write that fails part-way is cut back off, so the file
+    /// never holds half a line that the next line would run into.
+    fn append(&mut self, line: &[u8]) -> io::Result<()> {
         if self.bytes > 0 && self.bytes + line.len() as u64 > self.bytes_max {
             // A failed rotation keeps writing to the current file (never lose the line).
             if let Err(e) = self.rotate() {
-                eprintln!(
+                stderr_note(&format!(
                     "keel: cannot rotate {} ({e}); it keeps growing",
                     self.path.display()
-                );
+                ));
                 self.bytes_max = u64::MAX;
             }
         }
-        self.file.write_all(line)?;
+        if let Err(e) = self.file.write_all(line) {
+            // Only this process writes the file, so `bytes` is where the line began.
+            let _ = self.file.set_len(self.bytes);
+            return Err(e);
+        }
         self.bytes += line.len() as u64;
         Ok(())
     }
@@ -300,12 +408,12 @@ impl<S: Subscriber> Layer<S> for SystemOutLayer {
             fields.message.as_deref(),
         );
         line.push('\n');
-        if let Ok(mut f) = self.sink.file.lock() {
-            // A failed log write must not take the server down; stderr is the last resort.
-            if let Err(e) = f.write_line(line.as_bytes()) {
-                eprintln!("keel: cannot write SystemOut.log ({e}): {line}");
-            }
-        }
+        // A poisoned lock still guards a whole `LogFile` (a line is appended or cut back off):
+        // logging goes on rather than stopping for good. A failed write is held and reported
+        // by `write_line` itself, once per outage.
+        let mut f = self.sink.file.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = f.write_line(line.as_bytes());
+        drop(f);
         if self.sink.echo_stdout {
             let _ = io::stdout().write_all(line.as_bytes());
         }
@@ -417,10 +525,10 @@ pub fn init_process(
             let _ = REPOSITORY.set(writer.clone());
             layer = layer.with_repository(writer, process);
         }
-        Err(e) => eprintln!(
+        Err(e) => stderr_note(&format!(
             "keel: the log repository of {process} under {} cannot be written ({e}); running without it (SystemOut.log has every record)",
             repository_dir(layout, process).display()
-        ),
+        )),
     }
     let subscriber = tracing_subscriber::registry().with(layer);
     tracing::subscriber::set_global_default(subscriber)

@@ -232,6 +232,8 @@ struct SegmentWriter {
     last_retain: Instant,
     /// After a failed write: blocks are dropped (and counted) until then.
     paused_until: Option<Instant>,
+    /// The last write failed (an outage is reported once, when it starts).
+    failing: bool,
 }
 
 fn segment_name(first_ms: u64, number: u64) -> String {
@@ -287,6 +289,7 @@ impl SegmentWriter {
             dropped_reported: 0,
             last_retain: Instant::now(),
             paused_until: None,
+            failing: false,
         })
     }
 
@@ -408,14 +411,19 @@ impl SegmentWriter {
                     .written
                     .fetch_add(count as u64, Ordering::Relaxed);
                 self.stats.blocks.fetch_add(1, Ordering::Relaxed);
+                // The next outage is reported again.
+                self.failing = false;
             }
             Err(e) => {
-                // A failing disk must not take the process down; SystemOut.log still has it.
-                if self.stats.write_errors.fetch_add(1, Ordering::Relaxed) == 0 {
-                    eprintln!(
+                // A failing disk must not take the process down (nor this thread: stderr is a
+                // file on the same disk, and `eprintln!` panics when it cannot write), and is
+                // said once per outage; SystemOut.log still has the records.
+                self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                if !std::mem::replace(&mut self.failing, true) {
+                    crate::stderr_note(&format!(
                         "keel: cannot write the log repository {} ({e}); records are lost until it works again",
                         self.cfg.dir.display()
-                    );
+                    ));
                 }
                 // Its records count as dropped (reported once writing works again), and
                 // writing pauses a moment instead of failing on every block.

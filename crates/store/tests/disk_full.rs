@@ -3,65 +3,14 @@
 //! do not fit with `DiskFull`, lose nothing it acknowledged, say so in its health, and commit
 //! again by itself once the filler is gone.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::sync::Arc;
 
+use keel_core::testfs::{fill, Tmpfs};
 use keel_store::{Op, SqliteStore, Store, StoreError, StoreHealth};
 
 const ME: &str = "node1.server1-bus1";
 const UUID: &str = "6f1c2a7e-0000-4000-8000-000000000001";
-
-/// A tmpfs mounted at a fresh directory, unmounted when dropped (also when the test fails).
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size_bytes: u64) -> Tmpfs {
-        let dir = tempfile::tempdir().unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o"])
-            .arg(format!("size={size_bytes}"))
-            .arg("tmpfs")
-            .arg(dir.path())
-            .output()
-            .expect("run mount");
-        assert!(
-            out.status.success(),
-            "this test needs to mount a small tmpfs to fill its disk for real (it runs as root \
-             in CI); `mount -t tmpfs` failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        Tmpfs { dir }
-    }
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.dir.path()).status();
-    }
-}
-
-/// Fills the file system at `dir` to the last byte with `filler`, written in 64 KiB steps
-/// then byte-sized ones (bounded by the file system's size).
-fn fill(filler: &Path) {
-    use std::io::Write;
-    let mut f = std::fs::File::create(filler).unwrap();
-    for chunk in [65_536usize, 4_096, 1] {
-        let buf = vec![0x5au8; chunk];
-        // Bounded: the tmpfs is a few MiB.
-        for _ in 0..1_000_000 {
-            if f.write_all(&buf).is_err() {
-                break;
-            }
-        }
-    }
-    let _ = f.sync_all();
-}
 
 fn put(body: &[u8]) -> Op {
     Op::Put {
@@ -98,7 +47,7 @@ async fn a_real_full_disk_refuses_commits_then_they_resume_by_themselves() {
         next += 1;
     }
     let filler = fs.path().join("filler");
-    fill(&filler);
+    assert!(fill(&filler) > 0);
     // Concurrent producers until the disk refuses them (bounded).
     let mut refused = 0;
     for _round in 0..2_000 {
