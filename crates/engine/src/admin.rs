@@ -20,6 +20,20 @@ impl EngineObject {
     }
 }
 
+impl EngineObject {
+    /// The store's condition as JSON, with `text` for an operator; null while stopped.
+    fn store_health(&self) -> Value {
+        match self.engine.store_health() {
+            None => Value::Null,
+            Some(h) => {
+                let mut v = h.to_json();
+                v["text"] = Value::from(h.to_string());
+                v
+            }
+        }
+    }
+}
+
 impl AdminObject for EngineObject {
     fn name(&self) -> ObjectName {
         self.name.clone()
@@ -33,7 +47,8 @@ impl AdminObject for EngineObject {
             "bus": c.bus,
             "node": c.node,
             "server": c.server,
-            "state": self.engine.state().as_str(),
+            "state": self.engine.reported_state(),
+            "store_health": self.store_health(),
             "store_backend": self.engine.store_location().0,
             "store_path": self.engine.store_location().1,
         }))
@@ -43,7 +58,11 @@ impl AdminObject for EngineObject {
         vec![
             (
                 "state",
-                "the engine's state: stopped, starting, started or stopping",
+                "the engine's state: stopped, starting, started, stopping, or failed (its data store failed: restart the engine)",
+            ),
+            (
+                "storeHealth",
+                "the data store's condition: state ok, disk-full or failed, since, and text (one line for an operator); null when stopped",
             ),
             (
                 "start",
@@ -75,7 +94,8 @@ impl AdminObject for EngineObject {
                 _ => return Err(bad("expected at most one string argument".into())),
             };
             match op {
-                "state" => Ok(Value::from(self.engine.state().as_str())),
+                "state" => Ok(Value::from(self.engine.reported_state())),
+                "storeHealth" => Ok(self.store_health()),
                 "start" => {
                     let mode =
                         StartMode::parse(first.as_deref().unwrap_or("")).ok_or_else(|| {

@@ -132,6 +132,9 @@ impl EngineConfig {
     }
 }
 
+/// What a data store says about its condition (`Engine::store_health`).
+pub use keel_store::StoreHealth;
+
 /// The store file of an engine inside a profile: `databases/<me>.sqlite`.
 pub use keel_store::sqlite_path as store_path;
 
@@ -213,6 +216,22 @@ impl Engine {
             .expect("running lock")
             .as_ref()
             .map(|r| r.store.clone())
+    }
+
+    /// The data store's own account of its condition (DESIGN §10); `None` while stopped.
+    pub fn store_health(&self) -> Option<StoreHealth> {
+        self.open_store().map(|s| s.health())
+    }
+
+    /// The state operators see: `failed` for a started engine whose data store failed (it takes
+    /// no work until restarted: `keel me stop`, then `keel me start`), else the lifecycle state.
+    /// The lifecycle state stays `started` underneath, so a stop still closes the store.
+    pub fn reported_state(&self) -> &'static str {
+        let state = self.state();
+        match self.store_health() {
+            Some(StoreHealth::Failed { .. }) if state == MeState::Started => "failed",
+            _ => state.as_str(),
+        }
     }
 
     /// "sqlite" or "postgresql", and where.

@@ -664,3 +664,51 @@ async fn a_stream_message_is_stored_once_even_when_two_links_race() {
     assert_eq!(m.in_state("node01.server3-bus1", "s1").await.unwrap(), None);
     e.stop(false).await.unwrap();
 }
+
+/// A data store that fails (here: a commit whose fsync failed, so whether it is on disk is
+/// unknown) makes its engine visibly failed: sends are refused with the store's sentence,
+/// the state reads `failed`, the admin object says why; a stop and start bring it back.
+#[tokio::test]
+async fn a_failed_store_makes_the_engine_failed_until_it_is_restarted() {
+    use keel_admin::AdminObject;
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(dir.path());
+    e.start(StartMode::Normal).await.unwrap();
+    let object = keel_engine::EngineObject::new(e.clone());
+    assert_eq!(object.attributes()["store_health"]["state"], "ok");
+    let m = e.messaging().unwrap();
+    m.send("q1", msg("kept", 4)).await.unwrap();
+    e.sqlite_store().unwrap().fail_next_fsync().await.unwrap();
+    let err = m.send("q1", msg("in doubt", 4)).await.unwrap_err();
+    assert!(
+        matches!(&err, MessagingError::Store(s) if matches!(**s, keel_store::StoreError::Failed { .. })),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains(&format!("keel me stop {ME}")),
+        "{err}"
+    );
+    assert_eq!(e.reported_state(), "failed");
+    let attrs = object.attributes();
+    assert_eq!(attrs["state"], "failed");
+    assert_eq!(attrs["store_health"]["state"], "failed");
+    assert!(
+        attrs["store_health"]["text"]
+            .as_str()
+            .unwrap()
+            .contains("fsync"),
+        "{attrs:?}"
+    );
+    // The remedy the sentence names: stop, start.
+    e.stop(false).await.unwrap();
+    e.start(StartMode::Normal).await.unwrap();
+    assert_eq!(e.reported_state(), "started");
+    let m = e.messaging().unwrap();
+    m.send("q1", msg("after", 4)).await.unwrap();
+    let mut got = Vec::new();
+    while let Some(d) = m.receive("q1", Duration::ZERO).await.unwrap() {
+        got.push(String::from_utf8(d.body.clone()).unwrap());
+        m.settle("q1", d.seq, Outcome::Accepted).await.unwrap();
+    }
+    assert_eq!(got, ["kept", "after"]);
+}

@@ -226,6 +226,7 @@ async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
     let (stop_tx, mut stop_rx) = watch::channel(None::<String>);
     let state = Arc::new(AtomicU8::new(State::Starting as u8));
     let registry = Registry::new();
+    let engines = engines_of(&profile, &cfg, &node, &opts.server, opts.recovery);
     let server_obj = Arc::new(ServerObject {
         name: ObjectName::new(&[
             ("type", "Server"),
@@ -243,13 +244,13 @@ async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
         started_at,
         state: state.clone(),
         stop: stop_tx.clone(),
+        engines: engines.clone(),
     });
     registry.register(server_obj.clone());
     let health_task = serve_health(&profile, &opts.server, server_obj.clone());
     if let Some(o) = logrepo::LogRepositoryObject::new(&node, &opts.server) {
         registry.register(Arc::new(o));
     }
-    let engines = engines_of(&profile, &cfg, &node, &opts.server, opts.recovery);
     for e in &engines {
         registry.register(Arc::new(keel_engine::EngineObject::new(e.clone())));
         for qp in keel_engine::QueuePointObject::all(e) {
@@ -625,11 +626,38 @@ struct ServerObject {
     started_at: SystemTime,
     state: Arc<AtomicU8>,
     stop: watch::Sender<Option<String>>,
+    /// For the health its resources report (DESIGN §10).
+    engines: Vec<Arc<keel_engine::Engine>>,
 }
 
 impl ServerObject {
     fn state(&self) -> State {
         State::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    /// `ok`, `degraded` (a resource refuses work for a while and takes it again by itself: a
+    /// data store on a full disk) or `failed` (a resource takes no work until an operator acts:
+    /// a failed data store), with one sentence naming each resource that is not ok. It is in
+    /// the health ping's answer too, so a node agent or a monitor reads it without the admin
+    /// port.
+    fn health(&self) -> (&'static str, String) {
+        let mut word = "ok";
+        let mut detail = Vec::new();
+        for e in &self.engines {
+            let h = match e.store_health() {
+                None | Some(keel_engine::StoreHealth::Ok) => continue,
+                Some(h) => h,
+            };
+            word = match (&h, word) {
+                (keel_engine::StoreHealth::Failed { .. }, _) | (_, "failed") => "failed",
+                _ => "degraded",
+            };
+            detail.push(format!(
+                "data store of messaging engine {}: {h}",
+                e.config().me
+            ));
+        }
+        (word, detail.join("; "))
     }
 }
 
@@ -640,7 +668,10 @@ impl AdminObject for ServerObject {
 
     fn attributes(&self) -> serde_json::Map<String, Value> {
         let uptime_s = self.started_at.elapsed().map(|d| d.as_secs()).unwrap_or(0);
+        let (health, health_detail) = self.health();
         keel_admin::attribute_map(json!({
+            "health": health,
+            "health_detail": health_detail,
             "name": self.server,
             "node": self.node,
             "cell": self.cell,
