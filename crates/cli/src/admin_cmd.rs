@@ -28,16 +28,24 @@ pub struct AdminArgs {
 #[derive(Subcommand, Debug)]
 enum AdminVerb {
     /// List admin objects whose names match PATTERN (e.g. 'type=Server,*').
-    Query { pattern: String },
+    Query {
+        /// An object name pattern: `key=value` pairs, `*` for any further keys.
+        pattern: String,
+    },
     /// Invoke operation OP on object NAME; each ARG is JSON if it parses, else a string.
     Invoke {
+        /// The object's full name (as `query` prints it).
         name: String,
+        /// The operation.
         op: String,
+        /// Its arguments: JSON if it parses, else a string.
         args: Vec<String>,
     },
     /// Print the attributes of object NAME (or one attribute).
     Get {
+        /// The object's full name (as `query` prints it).
         name: String,
+        /// One attribute (default: all of them).
         attribute: Option<String>,
     },
 }

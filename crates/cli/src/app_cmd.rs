@@ -25,9 +25,11 @@ pub enum DataSourceCmd {
     /// Define an XA-capable data source. A password in the URL
     /// (scheme://user:PASSWORD@host/db) is taken out and kept in the profile's secrets.
     Create {
+        /// The data source's name (applications name it with --datasource).
         name: String,
-        #[arg(long, value_parser = ["postgres", "mariadb"])]
-        kind: String,
+        /// The database product.
+        #[arg(long, value_enum)]
+        kind: crate::choices::DataSourceKind,
         /// postgresql://user@host:port/database (postgres) or mysql://user@host:port/database
         /// (mariadb, also MySQL).
         #[arg(long)]
@@ -43,11 +45,13 @@ pub enum DataSourceCmd {
     },
     /// Every data source of the cell (never a password).
     List {
+        /// One JSON array instead of lines of text.
         #[arg(long)]
         json: bool,
     },
     /// Delete a data source and its password; refused while an sql application uses it.
     Delete {
+        /// The data source to delete.
         name: String,
         #[command(flatten)]
         sync: SyncFlag,
@@ -59,14 +63,17 @@ pub enum AppCmd {
     /// Define a message-driven application: it receives from queue --on of its server's
     /// messaging engine and handles each message in one global transaction.
     Create {
+        /// The application's name.
         name: String,
+        /// The server it runs in.
         #[arg(long)]
         server: String,
         /// The queue it receives from (held by the server's messaging engine on the bus).
         #[arg(long)]
         on: String,
-        #[arg(long, value_parser = ["forward", "sql", "script"])]
-        kind: String,
+        /// What it does with each message.
+        #[arg(long, value_enum)]
+        kind: crate::choices::AppKind,
         /// forward: the destination each message goes on to (same engine).
         #[arg(long)]
         to: Option<String>,
@@ -94,13 +101,16 @@ pub enum AppCmd {
     },
     /// The applications of the cell, or of one server.
     List {
+        /// Only the applications of this server.
         #[arg(long)]
         server: Option<String>,
+        /// One JSON array instead of lines of text.
         #[arg(long)]
         json: bool,
     },
     /// Delete an application.
     Delete {
+        /// The application to delete.
         name: String,
         #[command(flatten)]
         sync: SyncFlag,
@@ -121,9 +131,7 @@ pub fn run_datasource(ctx: &Ctx, cmd: DataSourceCmd) -> Result<ExitCode> {
             pool_max,
             sync,
         } => {
-            let kind = DataSourceKind::parse(&kind).ok_or_else(|| {
-                anyhow!("--kind {kind} is not a data source kind; use postgres or mariadb")
-            })?;
+            let kind = DataSourceKind::from(kind);
             let (url, from_url) = keel_config::take_url_password(&url);
             let (password, source) = match (from_url, password_env) {
                 (Some(_), Some(var)) => bail!(
@@ -251,9 +259,7 @@ pub fn run_app(ctx: &Ctx, cmd: AppCmd) -> Result<ExitCode> {
             timeout_s,
             sync,
         } => {
-            let kind = AppKind::parse(&kind).ok_or_else(|| {
-                anyhow!("--kind {kind} is not an application kind; use forward, sql or script")
-            })?;
+            let kind = AppKind::from(kind);
             check_kind_options(kind, &to, &datasource, &statement, &script)?;
             if !(1..=keel_config::MAX_APP_CONCURRENCY).contains(&concurrency) {
                 bail!(

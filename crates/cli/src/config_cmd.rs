@@ -21,11 +21,13 @@ pub struct SyncFlag {
 pub enum ConfigCmd {
     /// Archive the master configuration (manifest with versions, time and checksums).
     Backup {
+        /// The archive to write (default backups/config-<cell>-v<version>-<time>.keelcfg).
         #[arg(long)]
         to: Option<PathBuf>,
     },
     /// Replace the master configuration from an archive; the replaced files are kept aside.
     Restore {
+        /// The archive (made by `keel config backup`).
         file: PathBuf,
         #[command(flatten)]
         sync: SyncFlag,
@@ -40,7 +42,9 @@ pub enum ConfigCmd {
 pub enum BusCmd {
     /// Make a server a member of a bus; it gets the messaging engine <node>.<server>-<bus>.
     AddMember {
+        /// The bus (created if it does not exist yet).
         bus: String,
+        /// The server that joins it.
         #[arg(long)]
         server: String,
         #[command(flatten)]
@@ -84,7 +88,7 @@ pub fn run(ctx: &Ctx, cmd: ConfigCmd) -> Result<ExitCode> {
                 cfg.buses.len()
             );
         }
-        ConfigCmd::Sync => sync_now(ctx, &profile)?,
+        ConfigCmd::Sync => println!("{}", sync_now(ctx, &profile)?),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -111,16 +115,21 @@ pub fn run_bus(ctx: &Ctx, cmd: BusCmd) -> Result<ExitCode> {
 
 /// After a change to the master: synchronize now with `--sync`, else say when it applies.
 pub fn after_save(ctx: &Ctx, profile: &Profile, sync: bool) -> Result<()> {
+    println!("{}", after_save_text(ctx, profile, sync)?);
+    Ok(())
+}
+
+/// [`after_save`]'s work, returning its sentence instead of printing it (for `--json`).
+pub fn after_save_text(ctx: &Ctx, profile: &Profile, sync: bool) -> Result<String> {
     if sync {
         sync_now(ctx, profile)
     } else {
-        println!("Saved to the master configuration; the node picks it up at its next synchronization (a server start, or `keel config sync`).");
-        Ok(())
+        Ok("Saved to the master configuration; the node picks it up at its next synchronization (a server start, or `keel config sync`).".into())
     }
 }
 
 /// Through the node agent when it runs (it logs ADMN0020I), else directly on the files.
-fn sync_now(ctx: &Ctx, profile: &Profile) -> Result<()> {
+fn sync_now(ctx: &Ctx, profile: &Profile) -> Result<String> {
     let node = profile.local_node()?;
     let rt = runtime()?;
     let (from, to) = match NodeAgent::connect(ctx, &rt, profile) {
@@ -133,10 +142,9 @@ fn sync_now(ctx: &Ctx, profile: &Profile) -> Result<()> {
             (o.from, o.to)
         }
     };
-    match from {
-        Some(f) if f == to => println!("Node {node} already has configuration version {to}."),
-        Some(f) => println!("Synchronized node {node} from configuration version {f} to {to}."),
-        None => println!("Synchronized node {node} to configuration version {to}."),
-    }
-    Ok(())
+    Ok(match from {
+        Some(f) if f == to => format!("Node {node} already has configuration version {to}."),
+        Some(f) => format!("Synchronized node {node} from configuration version {f} to {to}."),
+        None => format!("Synchronized node {node} to configuration version {to}."),
+    })
 }

@@ -12,6 +12,7 @@ use anyhow::{anyhow, bail, Result};
 use clap::{Args, Subcommand};
 use keel_logs::repo::{self, Position, Query, ReadReport, Record};
 
+use crate::choices::{Level, LogFormat};
 use crate::ctx::Ctx;
 
 #[derive(Subcommand, Debug)]
@@ -28,12 +29,12 @@ pub struct ViewArgs {
     /// Read the node agent's log of this node instead.
     #[arg(long)]
     node: Option<String>,
-    /// Least severe level shown: error, warn, info, debug, trace (warn = warnings and errors).
-    #[arg(long)]
-    min_level: Option<String>,
+    /// Least severe level shown (warn = warnings and errors).
+    #[arg(long, value_enum, ignore_case = true)]
+    min_level: Option<Level>,
     /// Most severe level shown (info = no warnings or errors).
-    #[arg(long)]
-    max_level: Option<String>,
+    #[arg(long, value_enum, ignore_case = true)]
+    max_level: Option<Level>,
     /// From this time: RFC 3339 (`2026-11-25T10:00:00Z`) or an age (`10m`, `2h`, `1day`).
     #[arg(long)]
     since: Option<String>,
@@ -58,9 +59,12 @@ pub struct ViewArgs {
     /// Keep reading as records arrive, across restarts of the process (Ctrl-C ends).
     #[arg(long)]
     follow: bool,
-    /// text (like SystemOut.log), json (one object per line) or advanced (with process and fields).
-    #[arg(long, default_value = "text")]
-    format: String,
+    /// How each record is written.
+    #[arg(long, value_enum, default_value = "text")]
+    format: LogFormat,
+    /// The same as --format json: one JSON object per line.
+    #[arg(long, conflicts_with = "format")]
+    json: bool,
 }
 
 /// Records `--tail` may hold at once.
@@ -85,19 +89,13 @@ fn parse_time(what: &str, s: &str) -> Result<u64> {
     bail!("--{what} {s}: give a time as RFC 3339 (2026-11-25T10:00:00Z) or an age (10m, 2h, 1day)")
 }
 
-fn parse_level(what: &str, s: &str) -> Result<u8> {
-    repo::level_of(s).ok_or_else(|| {
-        anyhow!("--{what} {s} is not a level; use error, warn, info, debug or trace")
-    })
-}
-
 fn time_text(ms: u64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
-fn render(r: &Record, format: &str) -> String {
+fn render(r: &Record, format: LogFormat) -> String {
     match format {
-        "json" => serde_json::json!({
+        LogFormat::Json => serde_json::json!({
             "time": time_text(r.time_ms),
             "time_ms": r.time_ms,
             "level": r.level_name(),
@@ -113,7 +111,7 @@ fn render(r: &Record, format: &str) -> String {
                 .collect::<serde_json::Map<String, serde_json::Value>>(),
         })
         .to_string(),
-        "advanced" => {
+        LogFormat::Advanced => {
             let mut line = format!(
                 "[{}] {:08x} {:<5} {}/{} {} {}",
                 time_text(r.time_ms),
@@ -129,7 +127,7 @@ fn render(r: &Record, format: &str) -> String {
             }
             line.replace('\n', "\\n")
         }
-        _ => {
+        LogFormat::Text => {
             let letter = r.level_name().chars().next().unwrap_or('I');
             let id =
                 r.id.as_deref()
@@ -158,12 +156,7 @@ fn broken_pipe_is_success(e: std::io::Error) -> Result<ExitCode> {
 
 pub fn run(ctx: &Ctx, cmd: LogsCmd) -> Result<ExitCode> {
     let LogsCmd::View(a) = cmd;
-    if !["text", "json", "advanced"].contains(&a.format.as_str()) {
-        bail!(
-            "--format {} is not a format; use text, json or advanced",
-            a.format
-        );
-    }
+    let format = if a.json { LogFormat::Json } else { a.format };
     let profile = ctx.profile()?;
     let (node, cfg) = ctx.config(&profile)?;
     let process = match (&a.server, &a.node) {
@@ -227,16 +220,8 @@ pub fn run(ctx: &Ctx, cmd: LogsCmd) -> Result<ExitCode> {
             .as_deref()
             .map(|s| parse_time("until", s))
             .transpose()?,
-        min_level: a
-            .min_level
-            .as_deref()
-            .map(|s| parse_level("min-level", s))
-            .transpose()?,
-        max_level: a
-            .max_level
-            .as_deref()
-            .map(|s| parse_level("max-level", s))
-            .transpose()?,
+        min_level: a.min_level.map(Level::number),
+        max_level: a.max_level.map(Level::number),
         ids: a
             .message
             .iter()
@@ -276,7 +261,7 @@ pub fn run(ctx: &Ctx, cmd: LogsCmd) -> Result<ExitCode> {
             true
         })?;
         for r in &last {
-            if let Err(e) = writeln!(out, "{}", render(r, &a.format)) {
+            if let Err(e) = writeln!(out, "{}", render(r, format)) {
                 return broken_pipe_is_success(e);
             }
         }
@@ -285,7 +270,7 @@ pub fn run(ctx: &Ctx, cmd: LogsCmd) -> Result<ExitCode> {
         repo::read(&dir, &q, &mut pos, &mut report, &mut |r| match writeln!(
             out,
             "{}",
-            render(&r, &a.format)
+            render(&r, format)
         ) {
             Ok(()) => true,
             Err(e) => {
@@ -307,7 +292,7 @@ pub fn run(ctx: &Ctx, cmd: LogsCmd) -> Result<ExitCode> {
         std::thread::sleep(Duration::from_millis(FOLLOW_POLL_MS));
         let mut broken = false;
         repo::read(&dir, &q, &mut pos, &mut report, &mut |r| {
-            if writeln!(out, "{}", render(&r, &a.format)).is_err() {
+            if writeln!(out, "{}", render(&r, format)).is_err() {
                 broken = true;
                 return false;
             }
@@ -351,13 +336,13 @@ mod tests {
             fields: vec![("server".into(), "server1".into())],
         };
         assert_eq!(
-            render(&r, "text"),
+            render(&r, LogFormat::Text),
             "[2023-11-14T22:13:20.123Z] 0000001a server I WSVR0024I: Server server1 stopped."
         );
-        let j: serde_json::Value = serde_json::from_str(&render(&r, "json")).unwrap();
+        let j: serde_json::Value = serde_json::from_str(&render(&r, LogFormat::Json)).unwrap();
         assert_eq!(j["id"], "WSVR0024I");
         assert_eq!(j["level"], "INFO");
         assert_eq!(j["fields"]["server"], "server1");
-        assert!(render(&r, "advanced").contains("server1/server WSVR0024I"));
+        assert!(render(&r, LogFormat::Advanced).contains("server1/server WSVR0024I"));
     }
 }

@@ -12,12 +12,15 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
 
 mod admin_cmd;
 mod app_cmd;
+mod choices;
 mod config_cmd;
 mod ctx;
+mod dest_cmd;
 mod logs_cmd;
 mod me_cmd;
 mod msg_cmd;
@@ -66,9 +69,9 @@ enum Command {
     /// Data stores of messaging engines: info, online backup, restore.
     #[command(subcommand)]
     Store(me_cmd::StoreCmd),
-    /// Queues and topic spaces.
+    /// Queues and topic spaces: create, list (with depths), delete.
     #[command(subcommand)]
-    Destination(me_cmd::DestinationCmd),
+    Destination(dest_cmd::DestinationCmd),
     /// XA-capable data sources (PostgreSQL, MariaDB/MySQL) that applications use.
     #[command(subcommand)]
     Datasource(app_cmd::DataSourceCmd),
@@ -91,6 +94,9 @@ enum Command {
     Explain {
         /// A message ID such as WSVR0001I.
         id: String,
+        /// One JSON object: {id, severity, text, explanation, action}.
+        #[arg(long)]
+        json: bool,
     },
     /// Create ./keel-profile if absent, start the node agent and server1, stay in the foreground.
     Quickstart,
@@ -104,22 +110,30 @@ enum ProfileCmd {
 
 #[derive(Args, Debug)]
 struct ProfileCreate {
+    /// The directory to create (it must not hold a profile already).
     dir: PathBuf,
     /// First port; the node agent takes it, each server the next two (admin, bus).
     #[arg(long, default_value_t = 7270)]
     base_port: u16,
+    /// The cell's name.
     #[arg(long, default_value = "keelCell")]
     cell: String,
+    /// The node's name (one node per profile).
     #[arg(long, default_value = "node01")]
     node: String,
+    /// The first server's name.
     #[arg(long, default_value = "server1")]
     server: String,
+    /// The first bus; the first server is its member.
     #[arg(long, default_value = "bus1")]
     bus: String,
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     let ctx = Ctx::new(cli.profile);
     let result = match cli.command {
         Command::Profile(ProfileCmd::Create(c)) => profile_create(c),
@@ -129,7 +143,7 @@ fn main() -> ExitCode {
         Command::Config(c) => config_cmd::run(&ctx, c),
         Command::Me(c) => me_cmd::run_me(&ctx, c),
         Command::Store(c) => me_cmd::run_store(&ctx, c),
-        Command::Destination(c) => me_cmd::run_destination(&ctx, c),
+        Command::Destination(c) => dest_cmd::run(&ctx, c),
         Command::Datasource(c) => app_cmd::run_datasource(&ctx, c),
         Command::App(c) => app_cmd::run_app(&ctx, c),
         Command::Tx(c) => tx_cmd::run(&ctx, c),
@@ -137,7 +151,7 @@ fn main() -> ExitCode {
         Command::Send(a) => msg_cmd::send(&ctx, a),
         Command::Receive(a) => msg_cmd::receive(&ctx, a),
         Command::Admin(a) => admin_cmd::run(&ctx, a),
-        Command::Explain { id } => explain(&id),
+        Command::Explain { id, json } => explain(&id, json),
         Command::Quickstart => quickstart::run(&ctx),
     };
     match result {
@@ -153,6 +167,83 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Help and version go to stdout as clap writes them (exit 0); a bare `keel` or command group
+/// prints its help (exit 2, as clap does). Every other parse error is a usage error: one
+/// `keel: ...` line on stderr like every other error, with the accepted values and the usage
+/// line, and exit 2.
+fn usage_error(e: clap::Error) -> ExitCode {
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+    }
+    let args: Vec<String> = std::env::args().collect();
+    eprintln!(
+        "keel: {}",
+        one_line(&e.render().to_string(), &command_path(&args))
+    );
+    ExitCode::from(2)
+}
+
+/// The command an argument list names (`keel destination create`): each word that names a
+/// subcommand of the command so far, in order.
+fn command_path(args: &[String]) -> String {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    let mut path = vec!["keel".to_string()];
+    for a in args.iter().skip(1) {
+        if let Some(sub) = cmd.find_subcommand(a).cloned() {
+            path.push(sub.get_name().to_string());
+            cmd = sub;
+        }
+    }
+    path.join(" ")
+}
+
+/// clap's rendered error on one line: the error, its details in parentheses, the usage line
+/// when clap gives one, and where to find more (`keel <command> --help`).
+fn one_line(rendered: &str, path: &str) -> String {
+    let mut first = String::new();
+    let mut details = Vec::new();
+    let mut usage = None;
+    for line in rendered.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if let Some(u) = line.strip_prefix("Usage:") {
+            usage = Some(u.trim().to_string());
+        } else if line.starts_with("For more information") {
+            // Replaced by the command's own --help below.
+        } else if first.is_empty() {
+            first = line
+                .strip_prefix("error:")
+                .unwrap_or(line)
+                .trim()
+                .to_string();
+        } else {
+            details.push(
+                line.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string(),
+            );
+        }
+    }
+    let mut out = first;
+    if !details.is_empty() {
+        // "... not provided:" is followed by what; other errors by what they add.
+        match out.ends_with(':') {
+            true => out.push_str(&format!(" {}", details.join(", "))),
+            false => out.push_str(&format!(" ({})", details.join("; "))),
+        }
+    }
+    if let Some(u) = usage {
+        out.push_str(&format!("; usage: {u}"));
+    }
+    out.push_str(&format!("; see `{path} --help`"));
+    out
 }
 
 fn profile_create(c: ProfileCreate) -> anyhow::Result<ExitCode> {
@@ -196,7 +287,7 @@ fn profile_create(c: ProfileCreate) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn explain(id: &str) -> anyhow::Result<ExitCode> {
+fn explain(id: &str, json: bool) -> anyhow::Result<ExitCode> {
     let m = keel_core::catalog::lookup(id).ok_or_else(|| {
         anyhow::anyhow!("message ID {id} is not in Keel's catalog; IDs look like WSVR0001I (`keel explain` knows {} IDs, see docs/MESSAGES.md)", keel_core::catalog::ALL.len())
     })?;
@@ -205,9 +296,91 @@ fn explain(id: &str) -> anyhow::Result<ExitCode> {
         keel_core::Severity::Warning => "warning",
         keel_core::Severity::Error => "error",
     };
+    if json {
+        ctx::print_json(&serde_json::json!({
+            "id": m.id, "severity": severity, "text": m.text,
+            "explanation": m.explanation, "action": m.action,
+        }));
+        return Ok(ExitCode::SUCCESS);
+    }
     println!("{} ({severity})", m.id);
     println!("  Message:     {}", m.text);
     println!("  Explanation: {}", m.explanation);
     println!("  User action: {}", m.action);
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    /// Every argument and option of every command, by its path, that has no help line.
+    fn without_help(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+        for a in cmd.get_arguments() {
+            if a.get_help().is_none() && a.get_long_help().is_none() {
+                out.push(format!("{path} {}", a.get_id()));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            without_help(sub, &format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    #[test]
+    fn every_argument_has_a_help_line() {
+        let mut cmd = super::Cli::command();
+        cmd.build();
+        let mut missing = Vec::new();
+        without_help(&cmd, "keel", &mut missing);
+        assert!(
+            missing.is_empty(),
+            "{} argument(s) without a help line:\n{}",
+            missing.len(),
+            missing.join("\n")
+        );
+    }
+
+    /// The line `keel` prints for the usage error of `args`.
+    fn usage_line(args: &[&str]) -> String {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let e = super::Cli::try_parse_from(&args).unwrap_err();
+        super::one_line(&e.render().to_string(), &super::command_path(&args))
+    }
+
+    #[test]
+    fn a_usage_error_is_one_line_naming_the_values_and_the_help() {
+        let line = usage_line(&["keel", "destination", "create", "b", "q", "--type", "pipe"]);
+        assert!(!line.contains('\n'), "{line}");
+        assert!(
+            line.contains("'pipe'") && line.contains("queue, topic"),
+            "{line}"
+        );
+        assert!(
+            line.ends_with("see `keel destination create --help`"),
+            "{line}"
+        );
+        // A missing argument: clap gives the usage line, kept on the same line.
+        let line = usage_line(&["keel", "--profile", "p", "me", "state"]);
+        assert!(!line.contains('\n'), "{line}");
+        assert!(line.contains("usage: keel me state"), "{line}");
+        assert!(line.ends_with("see `keel me state --help`"), "{line}");
+    }
+
+    /// The walk itself finds a missing help line, at any depth.
+    #[test]
+    fn the_walk_finds_an_argument_without_help() {
+        let cmd = clap::Command::new("x").subcommand(
+            clap::Command::new("y")
+                .arg(clap::Arg::new("z"))
+                .arg(clap::Arg::new("w").long("w").help("has one")),
+        );
+        let mut missing = Vec::new();
+        without_help(&cmd, "x", &mut missing);
+        assert_eq!(missing, ["x y z"]);
+    }
+
+    #[test]
+    fn the_command_tree_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
 }

@@ -1,5 +1,4 @@
-//! `keel me ...` (messaging engines), `keel store ...` (their data stores) and
-//! `keel destination create`.
+//! `keel me ...` (messaging engines) and `keel store ...` (their data stores).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,13 +17,23 @@ use crate::ctx::{local, print_json, runtime, Ctx};
 pub enum MeCmd {
     /// Every messaging engine of the cell with its bus, server and state.
     List {
+        /// One JSON array instead of lines of text.
         #[arg(long)]
         json: bool,
     },
-    /// One engine's state: stopped, starting, started or stopping.
-    State { me: String },
+    /// One engine's state: stopped, starting, started, stopping or failed (its data store
+    /// failed); a data store that is not ok (disk full, failed) is said on a line of its own.
+    State {
+        /// The messaging engine (`keel me list` shows them).
+        me: String,
+        /// One JSON object: {me, state, flush_waiting} (flush_waiting: the peers a FLUSH
+        /// start still waits for, or null).
+        #[arg(long)]
+        json: bool,
+    },
     /// Start an engine (its server must be running).
     Start {
+        /// The messaging engine to start.
         me: String,
         /// Restart after restore: resynchronise with peers after a data store restore.
         #[arg(long, conflicts_with = "force_normal")]
@@ -35,17 +44,21 @@ pub enum MeCmd {
     },
     /// Stop an engine.
     Stop {
+        /// The messaging engine to stop.
         me: String,
+        /// Stop at once: transactions in flight roll back, consumers are cut off.
         #[arg(long)]
         force: bool,
     },
     /// Put the engine's data store in PostgreSQL (shared, so the engine can move between
     /// servers) or back in the embedded SQLite file. Data does not move with it.
     SetStore {
+        /// The messaging engine whose store moves.
         me: String,
         /// postgresql://user@host:port/database (no password: use trust, peer, certificates or ~/.pgpass).
         #[arg(long, conflicts_with = "sqlite")]
         postgres: Option<String>,
+        /// The embedded SQLite file under databases/ (the default).
         #[arg(long)]
         sqlite: bool,
         #[command(flatten)]
@@ -53,9 +66,11 @@ pub enum MeCmd {
     },
     /// Whether the engine starts with its server.
     SetInitialState {
+        /// The messaging engine.
         me: String,
-        #[arg(value_parser = ["started", "stopped"])]
-        state: String,
+        /// started: it starts with its server; stopped: it waits for `keel me start`.
+        #[arg(value_enum)]
+        state: crate::choices::InitialState,
         #[command(flatten)]
         sync: SyncFlag,
     },
@@ -65,58 +80,59 @@ pub enum MeCmd {
 pub enum StoreCmd {
     /// The data store of an engine: uuid, backend, path, restore state, messages.
     Info {
+        /// The messaging engine whose store to describe.
         me: String,
+        /// One JSON object instead of lines of text.
         #[arg(long)]
         json: bool,
     },
     /// Online, consistent backup of an engine's data store (with a manifest beside it).
     Backup {
+        /// The messaging engine whose store to back up.
         me: String,
+        /// The backup file to write (FILE.manifest.json goes beside it).
         #[arg(long)]
         to: PathBuf,
+        /// One JSON object: {me, path, online, manifest}.
+        #[arg(long)]
+        json: bool,
     },
     /// Full integrity check of an engine's data store (reads every page; safe while it runs).
-    Verify { me: String },
+    Verify {
+        /// The messaging engine whose store to check.
+        me: String,
+        /// One JSON object: {me, path, ok, elapsed_ms}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Replace an engine's data store from a backup; the engine must be stopped. Marks the
     /// store `restored`: the next start must be a restart-after-restore (`keel me start ME --flush`).
     Restore {
+        /// The messaging engine whose store to replace.
         me: String,
+        /// The backup file (made by `keel store backup`).
         #[arg(long)]
         from: PathBuf,
-    },
-}
-
-#[derive(Subcommand, Debug)]
-pub enum DestinationCmd {
-    /// Define a queue or topic space on a bus.
-    Create {
-        bus: String,
-        name: String,
-        #[arg(long = "type", value_parser = ["queue", "topic"])]
-        kind: String,
-        /// The engine holding its messages (default: the bus's only engine).
+        /// One JSON object: {me, from, messages, restore_state}.
         #[arg(long)]
-        me: Option<String>,
-        /// Maximum reliability: best_effort, express, reliable_persistent, assured_persistent.
-        #[arg(long)]
-        reliability: Option<String>,
-        #[command(flatten)]
-        sync: SyncFlag,
+        json: bool,
     },
 }
 
 /// Where an engine lives and how to reach it.
-struct Target {
-    me: String,
-    uuid: String,
-    store_url: Option<String>,
-    server: String,
-    object: String,
-    store: PathBuf,
+pub(crate) struct Target {
+    pub(crate) me: String,
+    pub(crate) uuid: String,
+    pub(crate) store_url: Option<String>,
+    pub(crate) server: String,
+    /// The engine's admin object name.
+    pub(crate) object: String,
+    /// The SQLite file (whether or not the store is there).
+    pub(crate) store: PathBuf,
     client: AdminClient,
 }
 
-fn target(ctx: &Ctx, profile: &Profile, cfg: &Config, me: &str) -> Result<Target> {
+pub(crate) fn target(ctx: &Ctx, profile: &Profile, cfg: &Config, me: &str) -> Result<Target> {
     let (bus, m) = cfg.find_me(me).ok_or_else(|| {
         let known: Vec<&str> = cfg.buses.iter().flat_map(|b| b.members.iter().map(|m| m.me.as_str())).collect();
         anyhow!("there is no messaging engine {me} (known: {}); a server gets one with `keel bus add-member BUS --server NAME`", if known.is_empty() { "none".into() } else { known.join(", ") })
@@ -148,7 +164,7 @@ fn target(ctx: &Ctx, profile: &Profile, cfg: &Config, me: &str) -> Result<Target
 
 impl Target {
     /// Invokes an operation on the engine in its server; `Ok(None)` when the server is down.
-    fn invoke(
+    pub(crate) fn invoke(
         &self,
         rt: &tokio::runtime::Runtime,
         op: &str,
@@ -179,8 +195,28 @@ impl Target {
         Ok(())
     }
 
+    /// A client of the engine's server's admin endpoint.
+    pub(crate) fn client(&self) -> AdminClient {
+        self.client.clone()
+    }
+
     fn server_down(&self) -> anyhow::Error {
         anyhow!("server {} hosting messaging engine {} is not running; start it with `keel server start {}`", self.server, self.me, self.server)
+    }
+}
+
+/// The data store's condition of a running engine (`storeHealth`): `None` when its server is
+/// down or the engine is stopped.
+fn store_health(t: &Target, rt: &tokio::runtime::Runtime) -> Result<Option<Value>> {
+    let v = t.invoke(rt, "storeHealth", vec![], Duration::from_secs(5))?;
+    Ok(v.filter(|v| !v.is_null()))
+}
+
+/// A store that is not ok is said on a line of its own (`store: disk-full since ...`).
+fn print_store_health(store: Option<&Value>) {
+    let Some(h) = store else { return };
+    if h["state"] != "ok" {
+        println!("store: {}", h["text"].as_str().unwrap_or("unknown"));
     }
 }
 
@@ -216,18 +252,29 @@ pub fn run_me(ctx: &Ctx, cmd: MeCmd) -> Result<ExitCode> {
                 }
             }
         }
-        MeCmd::State { me } => {
+        MeCmd::State { me, json } => {
             let t = target(ctx, &profile, &cfg, &me)?;
             let state = t.invoke(&rt, "state", vec![], Duration::from_secs(5))?;
-            println!(
-                "{}",
-                state.as_ref().and_then(Value::as_str).unwrap_or("stopped")
-            );
-            // A FLUSH still waiting for peers is said on a second line (scripts read the first).
-            if let Some(flush) = t.invoke(&rt, "flushState", vec![], Duration::from_secs(5))? {
-                if let Some(waiting) = flush.get("waiting").and_then(Value::as_str) {
+            let state = state.as_ref().and_then(Value::as_str).unwrap_or("stopped");
+            let waiting = match t.invoke(&rt, "flushState", vec![], Duration::from_secs(5))? {
+                Some(flush) => flush
+                    .get("waiting")
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+                None => None,
+            };
+            let store = store_health(&t, &rt)?;
+            if json {
+                print_json(
+                    &json!({"me": me, "state": state, "flush_waiting": waiting, "store_health": store}),
+                );
+            } else {
+                println!("{state}");
+                // A FLUSH still waiting for peers is said on a second line (scripts read the first).
+                if let Some(waiting) = waiting {
                     println!("flush pending: waiting for {waiting}");
                 }
+                print_store_health(store.as_ref());
             }
         }
         MeCmd::Start {
@@ -286,16 +333,13 @@ pub fn run_me(ctx: &Ctx, cmd: MeCmd) -> Result<ExitCode> {
             after_save(ctx, &profile, sync.sync)?;
         }
         MeCmd::SetInitialState { me, state, sync } => {
-            let st = if state == "started" {
-                InitialState::Started
-            } else {
-                InitialState::Stopped
-            };
+            let st = InitialState::from(state);
             let saved = profile
                 .master()
                 .update(|c| c.set_initial_state(&me, st).map(|_| ()))?;
             println!(
-                "Initial state of messaging engine {me} is {state}; configuration version {}.",
+                "Initial state of messaging engine {me} is {}; configuration version {}.",
+                st.as_str(),
                 saved.version
             );
             after_save(ctx, &profile, sync.sync)?;
@@ -351,16 +395,17 @@ pub fn run_store(ctx: &Ctx, cmd: StoreCmd) -> Result<ExitCode> {
                 }
             }
         }
-        StoreCmd::Backup { me, to } => {
+        StoreCmd::Backup { me, to, json } => {
             let t = target(ctx, &profile, &cfg, &me)?;
             t.require_sqlite("back up")?;
             let to = absolute(&to)?;
-            let manifest = match t
+            let online = t
                 .invoke(&rt, "state", vec![], Duration::from_secs(5))?
                 .as_ref()
                 .and_then(Value::as_str)
-            {
-                Some("started") => {
+                == Some("started");
+            let manifest = match online {
+                true => {
                     // The server copies; the command can only show that it is still at it.
                     let spin =
                         spinner(&format!("backing up {me} (online, in server {})", t.server));
@@ -373,7 +418,7 @@ pub fn run_store(ctx: &Ctx, cmd: StoreCmd) -> Result<ExitCode> {
                     spin.finish_and_clear();
                     out?.ok_or_else(|| t.server_down())?
                 }
-                _ => {
+                false => {
                     // Offline: take the store lock so the engine cannot start meanwhile.
                     if !t.store.exists() {
                         bail!(
@@ -392,9 +437,20 @@ pub fn run_store(ctx: &Ctx, cmd: StoreCmd) -> Result<ExitCode> {
                     serde_json::to_value(&m)?
                 }
             };
-            println!("Backed up the data store of messaging engine {me} to {} ({} bytes, {} message(s)).", to.display(), manifest["bytes"], manifest["messages"]);
+            if json {
+                print_json(
+                    &json!({"me": me, "path": to.display().to_string(), "online": online, "manifest": manifest}),
+                );
+            } else {
+                println!(
+                    "Backed up the data store of messaging engine {me} to {} ({} bytes, {} message(s)).",
+                    to.display(),
+                    manifest["bytes"],
+                    manifest["messages"]
+                );
+            }
         }
-        StoreCmd::Verify { me } => {
+        StoreCmd::Verify { me, json } => {
             let t = target(ctx, &profile, &cfg, &me)?;
             t.require_sqlite("check")?;
             let t0 = std::time::Instant::now();
@@ -402,9 +458,19 @@ pub fn run_store(ctx: &Ctx, cmd: StoreCmd) -> Result<ExitCode> {
             let checked = keel_store::verify_file(&t.store, &me, &t.uuid);
             spin.finish_and_clear();
             checked?;
-            println!("The data store of messaging engine {me} ({}) passed the integrity check in {:.1} s.", t.store.display(), t0.elapsed().as_secs_f64());
+            if json {
+                print_json(
+                    &json!({"me": me, "path": t.store.display().to_string(), "ok": true, "elapsed_ms": t0.elapsed().as_millis() as u64}),
+                );
+            } else {
+                println!(
+                    "The data store of messaging engine {me} ({}) passed the integrity check in {:.1} s.",
+                    t.store.display(),
+                    t0.elapsed().as_secs_f64()
+                );
+            }
         }
-        StoreCmd::Restore { me, from } => {
+        StoreCmd::Restore { me, from, json } => {
             let t = target(ctx, &profile, &cfg, &me)?;
             t.require_sqlite("restore")?;
             // The store holds its lock while its engine runs, and the restore takes it: a
@@ -419,45 +485,17 @@ pub fn run_store(ctx: &Ctx, cmd: StoreCmd) -> Result<ExitCode> {
                 ),
                 Err(e) => return Err(anyhow::Error::new(e).context(format!("restore of the data store of {me} from {} refused", from.display()))),
             };
-            println!(
-                "Restored the data store of messaging engine {me} from {} ({} message(s)); it is marked restored: start it with `keel me start {me} --flush`.",
-                from.display(),
-                report.messages
-            );
-        }
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-pub fn run_destination(ctx: &Ctx, cmd: DestinationCmd) -> Result<ExitCode> {
-    let profile = ctx.profile()?;
-    match cmd {
-        DestinationCmd::Create {
-            bus,
-            name,
-            kind,
-            me,
-            reliability,
-            sync,
-        } => {
-            let kind: keel_config::DestinationKind = kind.parse()?;
-            let reliability: Option<keel_config::Reliability> =
-                reliability.map(|r| r.parse()).transpose()?;
-            let saved = profile.master().update(|c| {
-                c.add_destination(&bus, &name, kind, me.as_deref(), reliability)
-                    .map(|_| ())
-            })?;
-            let d = saved
-                .find_destination(&bus, &name)
-                .ok_or_else(|| anyhow!("destination {name} vanished after saving"))?;
-            println!(
-                "Created {} {name} on bus {bus} (messages held by {}, maximum reliability {}); configuration version {}.",
-                d.kind.as_str(),
-                d.me,
-                d.reliability.as_str(),
-                saved.version
-            );
-            after_save(ctx, &profile, sync.sync)?;
+            if json {
+                print_json(
+                    &json!({"me": me, "from": from.display().to_string(), "messages": report.messages, "restore_state": "restored"}),
+                );
+            } else {
+                println!(
+                    "Restored the data store of messaging engine {me} from {} ({} message(s)); it is marked restored: start it with `keel me start {me} --flush`.",
+                    from.display(),
+                    report.messages
+                );
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

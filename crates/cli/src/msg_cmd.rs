@@ -22,15 +22,19 @@ pub struct SendArgs {
     /// Send the same body this many times.
     #[arg(long, default_value_t = 1)]
     count: u32,
-    /// best_effort, express, reliable_persistent or assured_persistent (capped at the destination's maximum).
-    #[arg(long)]
-    reliability: Option<String>,
+    /// The messages' reliability (capped at the destination's maximum).
+    #[arg(long, value_enum)]
+    reliability: Option<crate::choices::Reliability>,
+    /// Priority 0 (lowest) to 9 (default: the destination's).
     #[arg(long)]
     priority: Option<u8>,
+    /// Time to live in milliseconds: an older message expires unread.
     #[arg(long)]
     ttl_ms: Option<u64>,
+    /// The body, as text.
     #[arg(long, conflicts_with = "file")]
     body: Option<String>,
+    /// Read the body from this file.
     #[arg(long)]
     file: Option<PathBuf>,
     /// An application property, KEY=VALUE (repeatable); the value is a string.
@@ -40,7 +44,9 @@ pub struct SendArgs {
 
 #[derive(Args, Debug)]
 pub struct ReceiveArgs {
+    /// Destination (queue) name; a durable subscription is `TOPIC::NAME`.
     dest: String,
+    /// The server whose engine holds the destination.
     #[arg(long)]
     server: String,
     /// Receive at most this many messages.
@@ -96,7 +102,7 @@ pub fn send(ctx: &Ctx, a: SendArgs) -> Result<ExitCode> {
     let (client, name) = queue_point(ctx, &a.server, &a.dest)?;
     let mut opts = json!({});
     if let Some(r) = a.reliability {
-        opts["reliability"] = Value::from(r);
+        opts["reliability"] = Value::from(keel_config::Reliability::from(r).as_str());
     }
     if let Some(p) = a.priority {
         opts["priority"] = Value::from(p);

@@ -15,16 +15,19 @@ use crate::ctx::{print_json, runtime, Ctx, NodeAgent};
 pub enum NodeCmd {
     /// Start the node agent in the background (or in the foreground with --foreground).
     Start {
+        /// Run in this terminal, logging to it too, until Ctrl-C.
         #[arg(long)]
         foreground: bool,
     },
     /// Stop the node agent; servers keep running unless --stop-servers.
     Stop {
+        /// Stop the node's servers first.
         #[arg(long)]
         stop_servers: bool,
     },
     /// Show the node agent and its servers.
     Status {
+        /// One JSON object (the node agent's attributes, its servers included).
         #[arg(long)]
         json: bool,
     },

@@ -16,12 +16,14 @@ use crate::ctx::{local, print_json, runtime, Ctx, NodeAgent};
 pub enum ServerCmd {
     /// Add a server to the node (next free admin and bus ports).
     Create {
+        /// The server's name (unique in the cell).
         name: String,
         #[command(flatten)]
         sync: SyncFlag,
     },
     /// Start a server through the node agent and wait until it is open for work.
     Start {
+        /// The server to start.
         name: String,
         /// Recovery mode: finish in-doubt transactions, accept no new work, then stop.
         #[arg(long)]
@@ -29,25 +31,34 @@ pub enum ServerCmd {
     },
     /// Stop a server (SIGTERM; --force kills it at once).
     Stop {
+        /// The server to stop.
         name: String,
+        /// Kill it at once (SIGKILL) instead of an orderly stop.
         #[arg(long)]
         force: bool,
     },
     /// State, pid and endpoints of one server or all.
     Status {
+        /// One server (default: every server of the node).
         name: Option<String>,
+        /// JSON: one object for a named server, else an array.
         #[arg(long)]
         json: bool,
     },
     /// Change a server's monitor policy.
     SetMonitorPolicy {
+        /// The server whose policy changes.
         name: String,
-        #[arg(long)]
+        /// Whether the node agent restarts the server after an abnormal exit.
+        #[arg(long, value_name = "true|false")]
         auto_restart: Option<bool>,
+        /// Seconds between the node agent's pings of the server.
         #[arg(long)]
         ping_interval_s: Option<u32>,
+        /// Seconds a ping may take before it counts as failed.
         #[arg(long)]
         ping_timeout_s: Option<u32>,
+        /// Restarts tried in a row before the node agent gives up.
         #[arg(long)]
         max_start_attempts: Option<u32>,
         #[command(flatten)]
@@ -56,7 +67,9 @@ pub enum ServerCmd {
     /// The server process itself (launched by the node agent).
     #[command(hide = true)]
     Run {
+        /// The server this process is.
         name: String,
+        /// Recovery mode (see `server start --recovery`).
         #[arg(long)]
         recovery: bool,
     },
@@ -227,44 +240,61 @@ fn stop(ctx: &Ctx, name: &str, force: bool) -> Result<ExitCode> {
             };
             println!("Server {name} stopped{how} (pid {}).", out["pid"]);
         }
-        Err(na_err) => {
-            // Without a node agent, stop the server directly: its own admin API, or SIGKILL.
-            let (_, cfg) = ctx.config(&profile)?;
-            let (_, s) = cfg.find_server(name).ok_or_else(|| {
-                anyhow!("server {name} is not defined; `keel server status` lists the servers")
-            })?;
-            let pid = std::fs::read_to_string(profile.layout().pid_file(name))
-                .ok()
-                .and_then(|t| t.trim().parse::<i32>().ok());
-            let Some(pid) = pid.filter(|p| {
-                u32::try_from(*p).is_ok_and(|p| keel_node::is_profile_process(p, profile.root()))
-            }) else {
-                bail!("server {name} is not running ({na_err})");
-            };
-            if force {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            } else {
-                let client = AdminClient::new(local(s.admin_port), ctx.credential(&profile)?);
-                let server_obj = format!(
-                    "Keel:type=Server,name={name},node={},process={name}",
-                    profile.local_node()?
-                );
-                rt.block_on(client.invoke(&server_obj, "stop", vec![]))?;
+        Err(na_err) => match stop_direct(ctx, &profile, &rt, name, force)? {
+            Some(pid) => {
+                println!("Server {name} stopped (pid {pid}); the node agent is not running.")
             }
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while crate::node_cmd::process_alive(pid) {
-                if Instant::now() >= deadline {
-                    bail!("server {name} (pid {pid}) did not exit within 30 s; use --force");
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            println!("Server {name} stopped (pid {pid}); the node agent is not running.");
-        }
+            None => bail!("server {name} is not running ({na_err})"),
+        },
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Stops a server without its node agent: through the server's own admin endpoint (an orderly
+/// stop, WSVR0024I), or SIGKILL with `force`, found by its pid file (only a process of this
+/// profile). Waits until the process is gone. `Ok(None)` when it is not running.
+pub fn stop_direct(
+    ctx: &Ctx,
+    profile: &keel_config::Profile,
+    rt: &tokio::runtime::Runtime,
+    name: &str,
+    force: bool,
+) -> Result<Option<i32>> {
+    let (_, cfg) = ctx.config(profile)?;
+    let (_, s) = cfg.find_server(name).ok_or_else(|| {
+        anyhow!("server {name} is not defined; `keel server status` lists the servers")
+    })?;
+    let pid = std::fs::read_to_string(profile.layout().pid_file(name))
+        .ok()
+        .and_then(|t| t.trim().parse::<i32>().ok());
+    let Some(pid) = pid.filter(|p| {
+        u32::try_from(*p).is_ok_and(|p| keel_node::is_profile_process(p, profile.root()))
+    }) else {
+        return Ok(None);
+    };
+    if force {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    } else {
+        let client = AdminClient::new(local(s.admin_port), ctx.credential(profile)?);
+        let server_obj = format!(
+            "Keel:type=Server,name={name},node={},process={name}",
+            profile.local_node()?
+        );
+        rt.block_on(client.invoke(&server_obj, "stop", vec![]))?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while crate::node_cmd::process_alive(pid) {
+        if Instant::now() >= deadline {
+            bail!(
+                "server {name} (pid {pid}) did not exit within 30 s; use `keel server stop {name} --force`"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(Some(pid))
 }
 
 /// Status from the node agent when it runs, else by probing each server's pid file and admin

@@ -19,20 +19,25 @@ pub enum TxCmd {
         #[arg(long)]
         server: Option<String>,
         #[arg(long)]
+        /// JSON instead of text.
         json: bool,
     },
     /// Commits every prepared branch of a transaction by hand (a heuristic outcome when no
     /// commit decision was logged).
     Commit {
         xid: String,
+        /// The transaction's XID, as `keel tx list` shows it.
         #[arg(long)]
+        /// The server it belongs to (default: read from the XID).
         server: Option<String>,
     },
     /// Rolls back every prepared branch of a transaction by hand (a heuristic outcome when a
     /// commit decision was logged).
     Rollback {
         xid: String,
+        /// The transaction's XID, as `keel tx list` shows it.
         #[arg(long)]
+        /// The server it belongs to (default: read from the XID).
         server: Option<String>,
     },
 }

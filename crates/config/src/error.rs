@@ -78,6 +78,13 @@ pub enum ConfigError {
     #[error("there is no data source `{name}` in the cell (known data sources: {}); create it with `keel datasource create {name} --kind postgres|mariadb --url URL`", if known.is_empty() { "none".to_string() } else { known.join(", ") })]
     UnknownDataSource { name: String, known: Vec<String> },
 
+    #[error("there is no destination `{name}` on bus `{bus}` (its destinations: {}); `keel destination list` shows them", if known.is_empty() { "none".to_string() } else { known.join(", ") })]
+    UnknownDestination {
+        bus: String,
+        name: String,
+        known: Vec<String>,
+    },
+
     #[error("there is no application `{name}` in the cell (known applications: {}); `keel app list` shows them", if known.is_empty() { "none".to_string() } else { known.join(", ") })]
     UnknownApp { name: String, known: Vec<String> },
 

@@ -1209,6 +1209,26 @@ impl Config {
         Ok(&b.destinations[at])
     }
 
+    /// Removes destination `name` from `bus`. Whether its messages allow it is the caller's
+    /// question (the model does not see data stores); an application or exception destination
+    /// that still names it fails validation at save.
+    pub fn remove_destination(&mut self, bus: &str, name: &str) -> Result<DestinationCfg> {
+        let Some(b) = self.buses.iter_mut().find(|b| b.name == bus) else {
+            return Err(ConfigError::UnknownBus {
+                bus: bus.into(),
+                known: self.buses.iter().map(|b| b.name.clone()).collect(),
+            });
+        };
+        match b.destinations.iter().position(|d| d.name == name) {
+            Some(at) => Ok(b.destinations.remove(at)),
+            None => Err(ConfigError::UnknownDestination {
+                bus: bus.into(),
+                name: name.into(),
+                known: b.destinations.iter().map(|d| d.name.clone()).collect(),
+            }),
+        }
+    }
+
     pub fn datasource(&self, name: &str) -> Option<&DataSourceCfg> {
         self.datasources.iter().find(|d| d.name == name)
     }
@@ -2024,6 +2044,28 @@ pub(crate) mod tests {
         c.buses[0].max_message_bytes = 4096;
         c.validate().expect("valid");
         c
+    }
+
+    #[test]
+    fn remove_destination_takes_it_out_and_validation_guards_its_users() {
+        let mut c = sample_with_destinations();
+        let d = c.remove_destination("bus1", "prices").expect("remove");
+        assert_eq!(d.kind, DestinationKind::Topic);
+        assert!(c.find_destination("bus1", "prices").is_none());
+        c.validate().expect("nothing names prices");
+        match c.remove_destination("bus1", "prices") {
+            Err(ConfigError::UnknownDestination { known, .. }) => {
+                assert_eq!(known, ["orders", "orders.dead"])
+            }
+            other => panic!("expected UnknownDestination, got {other:?}"),
+        }
+        assert!(matches!(
+            c.remove_destination("nobus", "orders"),
+            Err(ConfigError::UnknownBus { .. })
+        ));
+        // orders.dead is the exception destination of orders: the save would be refused.
+        c.remove_destination("bus1", "orders.dead").expect("remove");
+        assert!(c.validate().is_err());
     }
 
     #[test]
