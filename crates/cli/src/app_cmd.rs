@@ -150,6 +150,10 @@ pub fn run_datasource(ctx: &Ctx, cmd: DataSourceCmd) -> Result<ExitCode> {
                 url: url.clone(),
                 pool_max,
             };
+            // Acceptable to the model first (no connection for a name taken or a URL of the
+            // wrong kind), then asked whether it can prepare branches.
+            profile.master().load()?.add_datasource(d.clone())?;
+            let checked = check_datasource(&d, password.as_deref())?;
             // The secret is written inside the update, once the data source is known to be
             // acceptable (so an existing data source's password is never overwritten) and
             // before the configuration that names it.
@@ -170,7 +174,7 @@ pub fn run_datasource(ctx: &Ctx, cmd: DataSourceCmd) -> Result<ExitCode> {
                 None => "no password: none in the URL, no --password-env".into(),
             };
             println!(
-                "Data source {name} created ({}, {url}, {where_pw}); configuration version {}. {AT_START}: a running server can use it after its next start.",
+                "Data source {name} created ({}, {url}, {where_pw}); configuration version {}. {checked} {AT_START}: a running server can use it after its next start.",
                 kind.as_str(),
                 saved.version
             );
@@ -240,6 +244,25 @@ pub fn run_datasource(ctx: &Ctx, cmd: DataSourceCmd) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Asks the database whether it can take part in two-phase commit: refused when it cannot (a
+/// data source whose every message would fail at prepare); when it cannot be asked now, the
+/// sentence says the check waits for the server (WTRN0013E at its start or first connection).
+fn check_datasource(d: &DataSourceCfg, password: Option<&str>) -> Result<String> {
+    let rt = crate::ctx::runtime()?;
+    match rt.block_on(keel_server::txsvc::check_datasource(d, password)) {
+        Ok(keel_server::txsvc::TwoPhase::Ready) => {
+            Ok("Checked: the database answered and can take part in two-phase commit.".into())
+        }
+        Ok(keel_server::txsvc::TwoPhase::Unable(why)) => bail!(
+            "data source {} is not created: its database cannot take part in two-phase commit: {why}; then create it again",
+            d.name
+        ),
+        Err(why) => Ok(format!(
+            "Not checked: the database did not answer now ({why}); whether it can take part in two-phase commit is checked when a server starts or first connects to it (WTRN0013E if it cannot)."
+        )),
+    }
 }
 
 pub fn run_app(ctx: &Ctx, cmd: AppCmd) -> Result<ExitCode> {

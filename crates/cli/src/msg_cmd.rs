@@ -72,7 +72,29 @@ fn queue_point(ctx: &Ctx, server: &str, dest: &str) -> Result<(AdminClient, Stri
     let (bus, m) = cfg.mes_of_server(&node, server).into_iter().next().ok_or_else(|| anyhow!("server {server} is not a member of any bus; add it with `keel bus add-member BUS --server {server}`"))?;
     // The engine's exception destination is not configured but can be read (and replayed).
     if dest != keel_config::system_exception_destination(&m.me) {
-        let d = cfg.find_destination(&bus.name, dest).ok_or_else(|| anyhow!("destination {dest} is not defined on bus {}; create it with `keel destination create {} {dest} --type queue`", bus.name, bus.name))?;
+        // Created since the node's last synchronization: in the master only.
+        let in_master = || {
+            profile
+                .master()
+                .load()
+                .is_ok_and(|c| c.find_destination(&bus.name, dest).is_some())
+        };
+        let d = match cfg.find_destination(&bus.name, dest) {
+            Some(d) => d,
+            None if in_master() => {
+                return Err(not_served_yet(
+                    server_running(ctx, &profile, s.admin_port),
+                    server,
+                    dest,
+                    &bus.name,
+                ));
+            }
+            None => bail!(
+                "destination {dest} is not defined on bus {}; create it with `keel destination create {} {dest} --type queue`",
+                bus.name,
+                bus.name
+            ),
+        };
         if d.me != m.me {
             bail!("destination {dest} is held by messaging engine {}, not by {} on server {server}; use the server of {}", d.me, m.me, d.me);
         }
@@ -89,6 +111,53 @@ fn queue_point(ctx: &Ctx, server: &str, dest: &str) -> Result<(AdminClient, Stri
         AdminClient::new(local(s.admin_port), ctx.credential(&profile)?),
         name,
     ))
+}
+
+/// Whether the server whose admin port is `admin_port` answers.
+fn server_running(ctx: &Ctx, profile: &keel_config::Profile, admin_port: u16) -> bool {
+    let Ok(credential) = ctx.credential(profile) else {
+        return false;
+    };
+    let client = AdminClient::new(local(admin_port), credential).with_timeout_ms(2_000);
+    runtime().is_ok_and(|rt| rt.block_on(client.ping()).is_ok())
+}
+
+/// A destination that is configured but that `server` does not serve: servers take new
+/// destinations when they start (creating one in a running server comes later).
+fn not_served_yet(running: bool, server: &str, dest: &str, bus: &str) -> anyhow::Error {
+    if running {
+        anyhow!(
+            "destination {dest} on bus {bus} was created after server {server} started, and a server takes new destinations only when it starts: restart it (`keel server stop {server}`, then `keel server start {server}`) for {dest} to take effect"
+        )
+    } else {
+        anyhow!(
+            "destination {dest} on bus {bus} is created, but server {server} is not running; start it (`keel server start {server}`): it takes the destination when it starts"
+        )
+    }
+}
+
+/// An admin call on the queue point; a running server that has no such object started
+/// before the destination was created.
+fn on_queue_point(
+    rt: &tokio::runtime::Runtime,
+    client: &AdminClient,
+    name: &str,
+    op: &str,
+    args: Vec<Value>,
+    server: &str,
+    dest: &str,
+) -> Result<Value> {
+    match rt.block_on(client.invoke(name, op, args)) {
+        Ok(v) => Ok(v),
+        Err(keel_admin::AdminError::NotFound { .. }) => {
+            let bus = keel_core::ObjectName::parse(name)
+                .ok()
+                .and_then(|n| n.get("bus").map(str::to_string))
+                .unwrap_or_default();
+            Err(not_served_yet(true, server, dest, &bus))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 pub fn send(ctx: &Ctx, a: SendArgs) -> Result<ExitCode> {
@@ -122,11 +191,15 @@ pub fn send(ctx: &Ctx, a: SendArgs) -> Result<ExitCode> {
     }
     let rt = runtime()?;
     for _ in 0..a.count {
-        let id = rt.block_on(client.invoke(
+        let id = on_queue_point(
+            &rt,
+            &client,
             &name,
             "send",
             vec![Value::from(body.clone()), opts.clone()],
-        ))?;
+            &a.server,
+            &a.dest,
+        )?;
         println!("{}", id.as_str().unwrap_or_default());
     }
     Ok(ExitCode::SUCCESS)
@@ -142,11 +215,15 @@ pub fn receive(ctx: &Ctx, a: ReceiveArgs) -> Result<ExitCode> {
         let timeout_ms = deadline
             .saturating_duration_since(std::time::Instant::now())
             .as_millis() as u64;
-        let got = rt.block_on(client.invoke(
+        let got = on_queue_point(
+            &rt,
+            &client,
             &name,
             "receive",
             vec![json!({"count": left.min(BATCH_MAX), "timeout_ms": timeout_ms})],
-        ))?;
+            &a.server,
+            &a.dest,
+        )?;
         let msgs = got.as_array().cloned().unwrap_or_default();
         if msgs.is_empty() {
             break;

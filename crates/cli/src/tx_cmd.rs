@@ -13,7 +13,8 @@ use crate::ctx::{local, print_json, runtime, Ctx};
 
 #[derive(Subcommand, Debug)]
 pub enum TxCmd {
-    /// Transactions in doubt: decisions not finished, prepared branches of earlier runs.
+    /// Transactions in doubt: decisions not finished, prepared branches of earlier runs. Fails
+    /// (exit 1) when a resource does not answer: what it holds is not known.
     List {
         /// The server (default: every server of the node that is running).
         #[arg(long)]
@@ -102,12 +103,28 @@ pub fn run(ctx: &Ctx, cmd: TxCmd) -> Result<ExitCode> {
         TxCmd::List { server, json } => {
             let mut rows = Vec::new();
             let mut down = Vec::new();
+            // Resources a server could not ask: whether they hold transactions in doubt is not
+            // known, so "none" must not be said (and the command fails).
+            let mut unknown: Vec<(String, String, String)> = Vec::new();
             for s in servers(&cfg, &node, server.as_deref())? {
                 match invoke(ctx, &cfg, &node, s, "list", vec![])? {
-                    Some(Value::Array(list)) => {
-                        for mut t in list {
+                    Some(Value::Object(listing)) => {
+                        let (Some(Value::Array(list)), Some(Value::Array(missed))) =
+                            (listing.get("transactions"), listing.get("unknown"))
+                        else {
+                            bail!("server {s} answered an unexpected list: {listing:?}");
+                        };
+                        for t in list {
+                            let mut t = t.clone();
                             t["server"] = Value::from(s);
                             rows.push(t);
+                        }
+                        for u in missed {
+                            unknown.push((
+                                s.to_string(),
+                                u["resource"].as_str().unwrap_or("?").to_string(),
+                                u["reason"].as_str().unwrap_or("?").to_string(),
+                            ));
                         }
                     }
                     Some(other) => bail!("server {s} answered an unexpected list: {other}"),
@@ -121,10 +138,23 @@ pub fn run(ctx: &Ctx, cmd: TxCmd) -> Result<ExitCode> {
                     down[0]
                 );
             }
+            let mut unknown_names: Vec<&str> = unknown.iter().map(|(_, r, _)| r.as_str()).collect();
+            unknown_names.sort_unstable();
+            unknown_names.dedup();
             if json {
-                print_json(&Value::Array(rows));
-            } else if rows.is_empty() {
+                print_json(&serde_json::json!({
+                    "transactions": rows,
+                    "unknown": unknown_names,
+                    "unknown_reasons": unknown
+                        .iter()
+                        .map(|(s, r, why)| serde_json::json!({"server": s, "resource": r, "reason": why}))
+                        .collect::<Vec<_>>(),
+                    "not_running": down,
+                }));
+            } else if rows.is_empty() && unknown.is_empty() {
                 println!("No transaction in doubt.");
+            } else if rows.is_empty() {
+                println!("No transaction in doubt at the resources that answered.");
             } else {
                 for t in &rows {
                     println!(
@@ -140,6 +170,17 @@ pub fn run(ctx: &Ctx, cmd: TxCmd) -> Result<ExitCode> {
             }
             if !down.is_empty() && server.is_none() {
                 eprintln!("(not running, not asked: {})", down.join(", "));
+            }
+            if !unknown.is_empty() {
+                let each: Vec<String> = unknown
+                    .iter()
+                    .map(|(s, r, why)| format!("{r} did not answer server {s} ({why})"))
+                    .collect();
+                bail!(
+                    "the answer is unknown for {}, which may hold transactions in doubt: {}; make it reachable and list again (recovery finishes what it holds by itself once it answers)",
+                    unknown_names.join(", "),
+                    each.join("; ")
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

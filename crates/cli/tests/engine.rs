@@ -401,3 +401,36 @@ fn an_engine_can_keep_its_store_in_postgresql() {
     assert!(err.contains("pg_dump"), "{err}");
     env.ok(&["node", "stop", "--stop-servers"]);
 }
+
+/// A queue created while its server runs takes effect at the server's next start (live
+/// creation comes later): until then `keel send` and `keel receive` say that a restart of the
+/// server is needed, never to create the queue just created, whether or not the node's copy
+/// of the configuration was synchronized; after the restart the queue works.
+#[test]
+fn a_queue_created_while_its_server_runs_asks_for_a_restart() {
+    let env = Env::new();
+    env.ok(&["node", "start"]);
+    env.ok(&["server", "start", "server1"]);
+    env.ok(&["destination", "create", "bus1", "late", "--type", "queue"]);
+    let says_restart = |err: &str| {
+        assert!(
+            err.contains("created after server server1 started")
+                && err.contains("`keel server stop server1`, then `keel server start server1`")
+                && !err.contains("create it"),
+            "{err}"
+        );
+    };
+    says_restart(&env.fails(&["send", "late", "--server", "server1", "--body", "x"]));
+    // The node's copy has it now; the running server still does not.
+    env.ok(&["config", "sync"]);
+    says_restart(&env.fails(&["send", "late", "--server", "server1", "--body", "x"]));
+    says_restart(&env.fails(&["receive", "late", "--server", "server1"]));
+    env.ok(&["server", "stop", "server1"]);
+    env.ok(&["server", "start", "server1"]);
+    env.ok(&["send", "late", "--server", "server1", "--body", "x"]);
+    assert_eq!(
+        env.ok(&["receive", "late", "--server", "server1"]).trim(),
+        "x"
+    );
+    env.ok(&["node", "stop", "--stop-servers"]);
+}

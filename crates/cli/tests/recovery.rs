@@ -189,6 +189,17 @@ fn start_crashing_at(env: &Env, point: &str) {
     let _ = c.output().unwrap();
 }
 
+/// Message m1 waits on `in`; the mover (`concurrency` handlers) is created and the server
+/// crashes at `point` while it handles m1.
+fn crash_with_m1_in_flight(env: &Env, concurrency: u32, point: &str) {
+    env.ok(&["server", "start", "server1"]);
+    env.ok(&["send", "in", "--server", "server1", "--body", "m1"]);
+    env.ok(&["server", "stop", "server1"]);
+    create_mover(env, SCRIPT, concurrency);
+    start_crashing_at(env, point);
+    wait_stopped(env, "server1");
+}
+
 /// The procedure with the server crashing at `point`; `committed`: whether the decision was
 /// logged before the crash (so recovery commits the first message everywhere).
 fn recovery_mode_finishes_a_crash_at(point: &str, committed: bool) {
@@ -240,6 +251,38 @@ fn recovery_mode_finishes_a_crash_at(point: &str, committed: bool) {
     assert!(
         log.contains("WTRN0004I") && log.contains("WSVR0105I"),
         "{log}"
+    );
+    // The words of a recovery-mode run are true: the engine is not started (its store is
+    // open for recovery only, and no line says it started); the node agent does not call the
+    // server open for work; WSVR0105I counts the one transaction, not its three branches.
+    let line = |log: &str, id: &str| {
+        log.lines()
+            .find(|l| l.contains(id))
+            .unwrap_or_else(|| panic!("no {id} in {log}"))
+            .to_string()
+    };
+    let me_line = line(&log, "CWSIP0108I");
+    assert!(
+        me_line.contains("not started") && me_line.contains("open for transaction recovery only"),
+        "{me_line}"
+    );
+    assert!(
+        !log.contains("CWSIP0101I") && !log.contains("CWSIP0100I"),
+        "a recovery-mode engine is not said to start: {log}"
+    );
+    let done = line(&log, "WSVR0105I");
+    assert!(
+        done.contains("1 in-doubt transaction(s) resolved") && done.contains("branch(es)"),
+        "{done}"
+    );
+    let agent = env.log("nodeagent");
+    let launched = agent
+        .lines()
+        .rfind(|l| l.contains("ADMN0011I") && l.contains("server1"))
+        .unwrap_or_else(|| panic!("no ADMN0011I for server1: {agent}"));
+    assert!(
+        launched.contains("recovery mode") && !launched.contains("open for work"),
+        "{launched}"
     );
     assert!(
         !log.contains("WTRN0009I"),
@@ -627,6 +670,97 @@ fn crash_torture_of_applications_leaves_every_message_atomic_and_once() {
     env.ok(&["node", "stop", "--stop-servers"]);
 }
 
+/// `keel tx list` when only `resource` does not answer: not "No transaction in doubt.", a
+/// failure naming it, and `--json` listing it as unknown. Returns the sentence and the JSON.
+fn tx_list_unknown_for(env: &Env, resource: &str) -> (String, serde_json::Value) {
+    let r = env.keel(&["tx", "list"]);
+    assert_ne!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(
+        !r.stdout.contains("No transaction in doubt."),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stderr.contains(&format!("unknown for {resource}")),
+        "{}",
+        r.stderr
+    );
+    let j = env.keel(&["tx", "list", "--server", "server1", "--json"]);
+    assert_ne!(j.code, 0, "{}{}", j.stdout, j.stderr);
+    let listing: serde_json::Value = serde_json::from_str(&j.stdout).unwrap();
+    assert_eq!(
+        listing["unknown"],
+        serde_json::json!([resource]),
+        "{listing}"
+    );
+    (r.stderr, listing)
+}
+
+/// Creates PostgreSQL data source `down` on a port nothing listens on (bound and released at
+/// once); returns what the command printed.
+fn create_unreachable_datasource(env: &Env) -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgresql://keel@127.0.0.1:{port}/db");
+    let r = create_pg_datasource(env, "down", &url);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    r.stdout
+}
+
+/// `keel datasource create NAME --kind postgres --url URL`.
+fn create_pg_datasource(env: &Env, name: &str, url: &str) -> common::Run {
+    env.keel(&[
+        "datasource",
+        "create",
+        name,
+        "--kind",
+        "postgres",
+        "--url",
+        url,
+    ])
+}
+
+/// Creates sql application `name` of server1 on queue `on`, running `statement` on
+/// `datasource`.
+fn create_sql_app(env: &Env, name: &str, on: &str, datasource: &str, statement: &str) {
+    env.ok(&[
+        "app",
+        "create",
+        name,
+        "--server",
+        "server1",
+        "--on",
+        on,
+        "--kind",
+        "sql",
+        "--datasource",
+        datasource,
+        "--statement",
+        statement,
+    ]);
+}
+
+/// With application `app` deleted and server1 restarted, the one message on `queue` is `body`,
+/// released unchanged: no failed delivery was counted while it waited.
+fn waits_unchanged_for_the_next_start(env: &Env, app: &str, queue: &str, body: &str) {
+    env.ok(&["app", "delete", app]);
+    env.ok(&["server", "stop", "server1"]);
+    env.ok(&["server", "start", "server1"]);
+    let waiting = receive_json(env, queue, 1);
+    assert_eq!(waiting.len(), 1);
+    assert_eq!(
+        (
+            waiting[0]["body"].as_str(),
+            waiting[0]["delivery_count"].as_u64()
+        ),
+        (Some(body), Some(0)),
+        "released unchanged, never counted"
+    );
+}
+
 /// A handler that runs past its transaction timeout rolls back (a looping script is stopped),
 /// and a data source that cannot be reached releases the message unchanged instead of counting
 /// failures: a database restart does not drain a queue onto the exception destination.
@@ -636,22 +770,7 @@ fn applications_time_out_and_wait_for_unreachable_data_sources() {
     for q in ["spin", "db"] {
         env.ok(&["destination", "create", "bus1", q, "--type", "queue"]);
     }
-    // Nothing listens on this port (bound and released at once).
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let url = format!("postgresql://keel@127.0.0.1:{port}/db");
-    env.ok(&[
-        "datasource",
-        "create",
-        "down",
-        "--kind",
-        "postgres",
-        "--url",
-        &url,
-    ]);
+    create_unreachable_datasource(&env);
     let spin = env.dir().join("spin.rhai");
     std::fs::write(&spin, "fn on_message(msg) { let n = 0; loop { n += 1; } }").unwrap();
     env.ok(&[
@@ -669,21 +788,13 @@ fn applications_time_out_and_wait_for_unreachable_data_sources() {
         "--timeout-s",
         "1",
     ]);
-    env.ok(&[
-        "app",
-        "create",
+    create_sql_app(
+        &env,
         "writer",
-        "--server",
-        "server1",
-        "--on",
         "db",
-        "--kind",
-        "sql",
-        "--datasource",
         "down",
-        "--statement",
         "INSERT INTO t VALUES ({body})",
-    ]);
+    );
     env.ok(&["node", "start"]);
     env.ok(&["server", "start", "server1"]);
     env.ok(&["send", "spin", "--server", "server1", "--body", "forever"]);
@@ -709,19 +820,7 @@ fn applications_time_out_and_wait_for_unreachable_data_sources() {
             >= 2)
             .then_some(())
     });
-    env.ok(&["app", "delete", "writer"]);
-    env.ok(&["server", "stop", "server1"]);
-    env.ok(&["server", "start", "server1"]);
-    let waiting = receive_json(&env, "db", 1);
-    assert_eq!(waiting.len(), 1);
-    assert_eq!(
-        (
-            waiting[0]["body"].as_str(),
-            waiting[0]["delivery_count"].as_u64()
-        ),
-        (Some("patient"), Some(0)),
-        "released unchanged, never counted"
-    );
+    waits_unchanged_for_the_next_start(&env, "writer", "db", "patient");
     env.ok(&["node", "stop", "--stop-servers"]);
 }
 
@@ -732,12 +831,7 @@ fn applications_time_out_and_wait_for_unreachable_data_sources() {
 fn an_operator_resolves_what_recovery_cannot_reach() {
     let Some(dbs) = Dbs::start() else { return };
     let env = mover_profile(&dbs);
-    env.ok(&["server", "start", "server1"]);
-    env.ok(&["send", "in", "--server", "server1", "--body", "m1"]);
-    env.ok(&["server", "stop", "server1"]);
-    create_mover(&env, SCRIPT, 4);
-    start_crashing_at(&env, "tx.after_decision");
-    wait_stopped(&env, "server1");
+    crash_with_m1_in_flight(&env, 4, "tx.after_decision");
 
     // The operator removes MariaDB from the configuration (the wrong thing to do, but done).
     env.ok(&["app", "delete", "mover"]);
@@ -752,8 +846,10 @@ fn an_operator_resolves_what_recovery_cannot_reach() {
     env.wait_for(Duration::from_secs(30), "WTRN0005W", || {
         env.log("server1").contains("WTRN0005W").then_some(())
     });
-    let list: Vec<serde_json::Value> =
+    let listing: serde_json::Value =
         serde_json::from_str(&env.ok(&["tx", "list", "--server", "server1", "--json"])).unwrap();
+    assert_eq!(listing["unknown"], serde_json::json!([]), "{listing}");
+    let list = listing["transactions"].as_array().unwrap();
     assert_eq!(list.len(), 1, "{list:?}");
     assert_eq!(list[0]["state"], "committing");
     let xid = list[0]["xid"].as_str().unwrap().to_string();
@@ -825,4 +921,181 @@ fn a_corrupt_recovery_log_stops_the_start_with_a_clear_error() {
     }
     assert_eq!(std::fs::read(&log).unwrap(), bytes, "nothing discarded");
     env.ok(&["node", "stop"]);
+}
+
+/// A data source that does not answer may hold transactions in doubt: `keel tx list` says the
+/// answer is unknown for it and fails, instead of "No transaction in doubt."; `--json` names it
+/// beside the transactions. A clean stop before recovery could ask it keeps the logs without
+/// claiming work in doubt (WTRN0012W says it is not known).
+#[test]
+fn a_data_source_that_does_not_answer_is_unknown_not_nothing() {
+    let env = Env::new();
+    let out = create_unreachable_datasource(&env);
+    assert!(
+        out.contains("Not checked") && out.contains("two-phase commit"),
+        "the check is deferred, and says so: {out}"
+    );
+    env.ok(&["node", "start"]);
+    env.ok(&["server", "start", "server1"]);
+    env.wait_for(Duration::from_secs(30), "WTRN0003W for down", || {
+        env.log("server1")
+            .lines()
+            .any(|l| l.contains("WTRN0003W") && l.contains("Resource down"))
+            .then_some(())
+    });
+
+    let (stderr, listing) = tx_list_unknown_for(&env, "down");
+    assert!(stderr.contains("server server1"), "{stderr}");
+    assert_eq!(listing["transactions"], serde_json::json!([]), "{listing}");
+    assert_eq!(listing["unknown_reasons"][0]["server"], "server1");
+
+    let before = env.log("server1").len();
+    env.ok(&["server", "stop", "server1"]);
+    let stop = env.log("server1")[before..].to_string();
+    let kept = stop
+        .lines()
+        .find(|l| l.contains("WTRN0012W"))
+        .unwrap_or_else(|| panic!("the logs are kept: {stop}"));
+    assert!(
+        !kept.contains("with work in doubt")
+            && kept.contains("is not known")
+            && kept.contains("down"),
+        "{kept}"
+    );
+    env.ok(&["node", "stop"]);
+}
+
+/// The reported case: a crash leaves a branch prepared in PostgreSQL, which then stops taking
+/// connections; the next start rolls back the engine's and MariaDB's branches, so every
+/// resource that answers holds nothing, yet `keel tx list` must not say "No transaction in
+/// doubt.": the answer is unknown for pg1, which holds the branch.
+#[test]
+fn tx_list_says_unknown_for_an_unreachable_data_source_holding_a_branch() {
+    let Some(dbs) = Dbs::start() else { return };
+    let env = mover_profile(&dbs);
+    crash_with_m1_in_flight(&env, 1, "tx.after_prepare");
+    assert_eq!(dbs.pg_state().2, "1", "PostgreSQL holds a prepared branch");
+    // From another database: PostgreSQL keeps the branch, and refuses every connection to
+    // the data source's database from here on.
+    let off = dbs
+        .pg
+        .psql()
+        .arg("-d")
+        .arg(dbs.pg.url().replace("dbname=postgres", "dbname=template1"))
+        .arg("-c")
+        .arg("ALTER DATABASE postgres ALLOW_CONNECTIONS false")
+        .output()
+        .unwrap();
+    assert!(off.status.success(), "{off:?}");
+
+    let before = env.log("server1").len();
+    env.ok(&["server", "start", "server1"]);
+    env.wait_for(Duration::from_secs(60), "the others rolled back", || {
+        let log = env.log("server1")[before..].to_string();
+        (log.contains("WTRN0002I") && log.contains("Resource pg1")).then_some(())
+    });
+    assert_eq!(dbs.maria_state().2, "0", "MariaDB's branch is rolled back");
+    tx_list_unknown_for(&env, "pg1");
+    env.ok(&["node", "stop", "--stop-servers"]);
+}
+
+/// A restored data store whose engine is therefore stopped: recovery's WTRN0003W (and `keel tx
+/// list`) name the start that works, `keel me start ME --flush`, not the refused plain start.
+#[test]
+fn recovery_names_the_flush_start_for_a_restored_engine() {
+    let env = Env::new();
+    env.ok(&["node", "start"]);
+    env.ok(&["server", "start", "server1"]);
+    let backup = env.dir().join("me.backup");
+    env.ok(&["store", "backup", ME, "--to", backup.to_str().unwrap()]);
+    env.ok(&["server", "stop", "server1"]);
+    env.ok(&["store", "restore", ME, "--from", backup.to_str().unwrap()]);
+    let before = env.log("server1").len();
+    env.ok(&["server", "start", "server1"]);
+    let warned = env.wait_for(Duration::from_secs(30), "WTRN0003W for the engine", || {
+        env.log("server1")[before..]
+            .lines()
+            .find(|l| l.contains("WTRN0003W") && l.contains(ME))
+            .map(str::to_string)
+    });
+    assert!(
+        warned.contains(&format!("keel me start {ME} --flush")),
+        "{warned}"
+    );
+    let r = env.keel(&["tx", "list", "--server", "server1"]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("--flush"), "{}", r.stderr);
+    env.ok(&["node", "stop", "--stop-servers"]);
+}
+
+/// PostgreSQL with `max_prepared_transactions = 0` cannot prepare a branch. `keel datasource
+/// create` refuses such a database when it answers, and says the check is deferred when it
+/// does not; a server names the setting at start (WTRN0013E) and begins no branch on it, so
+/// messages wait on their queue instead of burning their retries onto the exception
+/// destination.
+#[test]
+fn a_database_that_cannot_prepare_is_named_and_its_messages_wait() {
+    let Some(bin) = keel_store::pgtest::pg_bin() else {
+        eprintln!("SKIPPED: no PostgreSQL binaries under /usr/lib/postgresql");
+        return;
+    };
+    let pg = Cluster::start_with(bin, 0);
+    let env = Env::new();
+    env.ok(&["destination", "create", "bus1", "rows", "--type", "queue"]);
+
+    // Reachable: refused, with the setting and how to set it.
+    let r = create_pg_datasource(&env, "pg0", &pg.tcp_url());
+    let err = r.stderr;
+    assert_eq!(r.code, 1, "{err}");
+    assert!(
+        err.contains("pg0 is not created")
+            && err.contains("max_prepared_transactions is 0")
+            && err.contains("ALTER SYSTEM SET max_prepared_transactions"),
+        "{err}"
+    );
+    assert!(!env.ok(&["datasource", "list"]).contains("pg0"));
+
+    // Its database does not exist yet: not asked, created, the check deferred.
+    let url = format!("{}/later", pg.tcp_url().strip_suffix("/postgres").unwrap());
+    let r = create_pg_datasource(&env, "pg0", &url);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("Not checked"), "{}", r.stdout);
+    let made = pg
+        .psql()
+        .arg("-c")
+        .arg("CREATE DATABASE later")
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    create_sql_app(&env, "rows", "rows", "pg0", "SELECT length({body})");
+    env.ok(&["node", "start"]);
+    env.ok(&["server", "start", "server1"]);
+    let named = env.wait_for(Duration::from_secs(30), "WTRN0013E", || {
+        env.log("server1")
+            .lines()
+            .find(|l| l.contains("WTRN0013E"))
+            .map(str::to_string)
+    });
+    assert!(
+        named.contains("pg0")
+            && named.contains("max_prepared_transactions is 0")
+            && named.contains("restart PostgreSQL"),
+        "{named}"
+    );
+
+    env.ok(&["send", "rows", "--server", "server1", "--body", "waits"]);
+    env.wait_for(Duration::from_secs(30), "two refused attempts", || {
+        (env.log("server1")
+            .lines()
+            .filter(|l| l.contains("WTRN0008W") && l.contains("max_prepared_transactions"))
+            .count()
+            >= 2)
+            .then_some(())
+    });
+    // Nothing reached the exception destination; the message waits with no failure counted.
+    let exc = keel_config::system_exception_destination(ME);
+    let out = env.ok(&["receive", &exc, "--server", "server1", "--timeout-s", "0"]);
+    assert_eq!(out.trim(), "", "nothing on the exception destination");
+    waits_unchanged_for_the_next_start(&env, "rows", "rows", "waits");
+    env.ok(&["node", "stop", "--stop-servers"]);
 }

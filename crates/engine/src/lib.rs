@@ -169,6 +169,9 @@ pub fn pg_schema(me: &str, uuid: &str) -> String {
     format!("keel_{body}_{tail}")
 }
 
+/// CWSIP0108I's `flush` field: a recovery-mode server never runs a restart-after-restore.
+const RECOVERY_NO_FLUSH: &str = "; a restart after restore (FLUSH) is not done in recovery mode";
+
 pub struct Engine {
     cfg: EngineConfig,
     /// Serialises lifecycle transitions.
@@ -290,13 +293,23 @@ impl Engine {
         match &result {
             Ok(info) => {
                 self.set_state(MeState::Started);
-                emit!(
-                    catalog::CWSIP0101I,
-                    me = me,
-                    uuid = info.uuid,
-                    incarnation = info.incarnation,
-                    messages = info.messages
-                );
+                if self.recovery_mode {
+                    // Open for the transaction service only: not "started" for work.
+                    emit!(
+                        catalog::CWSIP0108I,
+                        me = me,
+                        messages = info.messages,
+                        flush = RECOVERY_NO_FLUSH
+                    );
+                } else {
+                    emit!(
+                        catalog::CWSIP0101I,
+                        me = me,
+                        uuid = info.uuid,
+                        incarnation = info.incarnation,
+                        messages = info.messages
+                    );
+                }
             }
             Err(e) => {
                 self.set_state(MeState::Stopped);
@@ -313,13 +326,16 @@ impl Engine {
         let me = &self.cfg.me;
         let path = &self.cfg.store_path;
         let (backend, location) = self.store_location();
-        emit!(
-            catalog::CWSIP0100I,
-            me = me,
-            mode = mode.as_str(),
-            backend = backend,
-            location = location
-        );
+        // A recovery-mode open is no start: CWSIP0108I alone says what happened.
+        if !self.recovery_mode {
+            emit!(
+                catalog::CWSIP0100I,
+                me = me,
+                mode = mode.as_str(),
+                backend = backend,
+                location = location
+            );
+        }
         let store_err = |source| EngineError::Store {
             me: me.clone(),
             source,
@@ -449,6 +465,30 @@ impl Engine {
             .ok_or_else(|| messaging::MessagingError::NotStarted {
                 me: self.cfg.me.clone(),
             })
+    }
+
+    /// Why this engine takes no work now, with what starts it, for messages about a stopped
+    /// engine: a restored data store needs a restart-after-restore (FLUSH) start (a plain
+    /// `keel me start ME` is refused for it), and a recovery-mode server takes no operator
+    /// start at all.
+    pub async fn why_not_started(&self) -> String {
+        let me = &self.cfg.me;
+        // Unreadable store facts: the plain reason (the start itself says what is wrong).
+        let restored = self
+            .info()
+            .await
+            .is_ok_and(|i| i.restore_state == RestoreState::Restored);
+        match (self.recovery_mode, restored) {
+            (true, true) => format!(
+                "messaging engine {me} is not open: its data store was restored from a backup, which a recovery-mode server does not open; stop this server, start it normally (`keel server start {}`) and start the engine with `keel me start {me} --flush`, after which recovery finishes its branches",
+                self.cfg.server
+            ),
+            (true, false) => format!(
+                "messaging engine {me} could not open its data store for recovery (CWSIP0105E says why); fix that, stop this server and start it again"
+            ),
+            (false, true) => EngineError::Restored { me: me.clone() }.to_string(),
+            (false, false) => messaging::MessagingError::NotStarted { me: me.clone() }.to_string(),
+        }
     }
 
     /// Store facts for the admin API and `keel store info`, whether started or not.

@@ -79,7 +79,7 @@ pub enum Outcome {
 pub enum MessagingError {
     #[error("messaging engine {me} is not started; start it with `keel me start {me}`")]
     NotStarted { me: String },
-    #[error("destination {dest} is not defined on bus {bus} (defined: {}); create it with `keel destination create {bus} {dest} --type queue`", if known.is_empty() { "none".to_string() } else { known.join(", ") })]
+    #[error("destination {dest} is not defined on bus {bus} (defined: {}); create it with `keel destination create {bus} {dest} --type queue`; one created while this server runs takes effect when the server restarts", if known.is_empty() { "none".to_string() } else { known.join(", ") })]
     UnknownDestination {
         dest: String,
         bus: String,

@@ -31,6 +31,8 @@ use keel_tx::coordinator::{
 };
 use keel_tx::log::{Op as LogOp, RecoveryLog};
 use keel_tx::SqlResource;
+/// What a data source check finds (`check_datasource`, `keel datasource create`).
+pub use keel_tx::TwoPhase;
 use serde::{Deserialize, Serialize};
 
 /// Pause between recovery passes that found something (a late PREPARE may still land).
@@ -187,7 +189,12 @@ impl Resource for MeResource {
 
     fn recover(&self) -> ResourceFuture<'_, Vec<Xid>> {
         Box::pin(async move {
-            let m = self.messaging()?;
+            // Recovery and `keel tx list` start here: a stopped engine's reason says what
+            // starts it (with `--flush` for a restored store: WTRN0003W repeats it).
+            let m = match self.engine.messaging() {
+                Ok(m) => m,
+                Err(_) => return Err(self.err("engine", self.engine.why_not_started().await)),
+            };
             let ids = m.xa_recover().await.map_err(|e| self.err("recover", e))?;
             // Ids that are not XIDs are not a coordinator's: leave them alone.
             Ok(ids.iter().filter_map(|id| id.parse().ok()).collect())
@@ -259,6 +266,8 @@ pub struct RecoveryStatus {
     pub passes: u64,
     pub committed: u64,
     pub rolled_back: u64,
+    /// Transactions the committed and rolled-back branches belong to.
+    pub transactions: u64,
     /// Decisions waiting for a resource at the last pass.
     pub pending: u64,
     pub last_error: Option<String>,
@@ -277,6 +286,25 @@ pub struct InDoubt {
     pub branches: Vec<String>,
 }
 
+/// A resource that did not answer `keel tx list`: whether it holds transactions in doubt is
+/// not known.
+#[derive(Debug, Clone, Serialize)]
+pub struct Unknown {
+    pub resource: String,
+    pub reason: String,
+}
+
+/// What `keel tx list` shows: the transactions in doubt found, and the resources that could
+/// not be asked (an empty list of transactions means "none" only when this is empty too).
+#[derive(Debug, Clone, Serialize)]
+pub struct Listing {
+    pub transactions: Vec<InDoubt>,
+    pub unknown: Vec<Unknown>,
+}
+
+/// Most transactions recovery counts one by one (beyond it, the count stops growing).
+const RESOLVED_COUNTED_MAX: usize = 1 << 20;
+
 /// The transaction service of one server.
 pub struct TxService {
     server: String,
@@ -293,6 +321,9 @@ pub struct TxService {
     /// Partnerlog resources that are not configured any more.
     missing: Vec<String>,
     status: Mutex<RecoveryStatus>,
+    /// Global ids of the transactions recovery finished branches of (WSVR0105I counts
+    /// transactions, not branches); at most `RESOLVED_COUNTED_MAX`.
+    resolved: Mutex<std::collections::BTreeSet<Vec<u8>>>,
 }
 
 /// The recovery identity in XIDs: `node/server` (unique in the cell), hashed when longer than
@@ -334,6 +365,39 @@ pub fn url_with_password(url: &str, password: &str) -> String {
     format!("{}{user}:{enc}{}", &url[..scheme_end + 3], &rest[at..])
 }
 
+/// The resource of data source `d`, its password (from the profile's secrets) put into the
+/// URL in memory only.
+fn sql_resource(
+    d: &keel_config::DataSourceCfg,
+    password: Option<&str>,
+) -> Result<Arc<dyn SqlResource>, String> {
+    let url = match password {
+        Some(p) => url_with_password(&d.url, p),
+        None => d.url.clone(),
+    };
+    let pool = d.pool_max as usize;
+    Ok(match d.kind {
+        keel_config::DataSourceKind::Postgres => {
+            Arc::new(keel_tx::pg::PgResource::new(&d.name, &url, pool))
+        }
+        keel_config::DataSourceKind::MariaDb => Arc::new(
+            keel_tx::mariadb::MariaDbResource::new(&d.name, &url, pool)
+                .map_err(|e| e.to_string())?,
+        ),
+    })
+}
+
+/// Asks the database of data source `d` whether it can take part in two-phase commit, as
+/// `keel datasource create` does before saving it. `Err`: it could not be asked (unreachable,
+/// refused credentials, a URL that does not parse), with the reason.
+pub async fn check_datasource(
+    d: &keel_config::DataSourceCfg,
+    password: Option<&str>,
+) -> Result<TwoPhase, String> {
+    let r = sql_resource(d, password)?;
+    r.check().await.map_err(|e| e.detail)
+}
+
 impl TxService {
     /// Opens the recovery logs under `dir` and builds the resources: `engines` (the server's
     /// messaging engines) and every data source of `cfg` (passwords from the profile's
@@ -372,20 +436,7 @@ impl TxService {
         for d in &cfg.datasources {
             let password = keel_config::read_datasource_password(layout, &d.name)
                 .map_err(|e| format!("data source {}: {e}", d.name))?;
-            let url = match &password {
-                Some(p) => url_with_password(&d.url, p),
-                None => d.url.clone(),
-            };
-            let pool = d.pool_max as usize;
-            let r: Arc<dyn SqlResource> = match d.kind {
-                keel_config::DataSourceKind::Postgres => {
-                    Arc::new(keel_tx::pg::PgResource::new(&d.name, &url, pool))
-                }
-                keel_config::DataSourceKind::MariaDb => Arc::new(
-                    keel_tx::mariadb::MariaDbResource::new(&d.name, &url, pool)
-                        .map_err(|e| e.to_string())?,
-                ),
-            };
+            let r = sql_resource(d, password.as_deref())?;
             configured.push(Partner {
                 kind: d.kind.as_str().into(),
                 name: d.name.clone(),
@@ -448,6 +499,7 @@ impl TxService {
             resources,
             missing,
             status: Mutex::new(RecoveryStatus::default()),
+            resolved: Mutex::new(std::collections::BTreeSet::new()),
         }))
     }
 
@@ -469,6 +521,24 @@ impl TxService {
 
     pub fn datasource(&self, name: &str) -> Option<Arc<dyn SqlResource>> {
         self.sql.get(name).cloned()
+    }
+
+    /// Asks every data source whether it can take part in two-phase commit (run at a normal
+    /// start, beside new work): one that cannot is `WTRN0013E`, and its branches are refused
+    /// when they begin (see `keel_tx::pg`), so its messages wait instead of failing at prepare.
+    /// One that cannot be reached now is checked when a branch first connects to it.
+    pub async fn check_datasources(&self) {
+        for (name, ds) in &self.sql {
+            match ds.check().await {
+                Ok(TwoPhase::Ready) => {}
+                Ok(TwoPhase::Unable(why)) => {
+                    emit!(catalog::WTRN0013E, datasource = name, reason = why)
+                }
+                Err(e) => {
+                    tracing::info!(target: "keel_server", datasource = %name, error = %e, "data source not checked at start (unreachable); its first connection checks it")
+                }
+            }
+        }
     }
 
     pub fn status(&self) -> RecoveryStatus {
@@ -503,10 +573,21 @@ impl TxService {
             // progress: branches finished this pass; waiting: decisions that could not be.
             let (progress, waiting) = match &pass {
                 Ok(r) => {
+                    let transactions = {
+                        let mut seen = self.resolved.lock().expect("resolved lock");
+                        for g in &r.transactions {
+                            if seen.len() >= RESOLVED_COUNTED_MAX {
+                                break;
+                            }
+                            seen.insert(g.clone());
+                        }
+                        seen.len() as u64
+                    };
                     let mut st = self.status.lock().expect("status lock");
                     st.passes += 1;
                     st.committed += r.committed as u64;
                     st.rolled_back += r.rolled_back as u64;
+                    st.transactions = transactions;
                     let pending_changed = st.pending != r.pending as u64;
                     st.pending = r.pending as u64;
                     st.last_error = errors.first().map(|(r, e)| format!("{r}: {e}"));
@@ -613,9 +694,9 @@ impl TxService {
         r
     }
 
-    /// What `keel tx list` shows: logged decisions not finished, and prepared branches of this
-    /// server at every reachable resource.
-    pub async fn list(&self) -> Result<Vec<InDoubt>, String> {
+    /// What `keel tx list` shows: logged decisions not finished, prepared branches of this
+    /// server at every reachable resource, and the resources that did not answer.
+    pub async fn list(&self) -> Result<Listing, String> {
         let mut live = self.live.lock().await;
         self.coord.merge_pending(&mut live);
         let decisions = self.coord.decisions(&live).map_err(|e| e.to_string())?;
@@ -640,11 +721,16 @@ impl TxService {
                     .push(format!("{r}: {x} (decision logged)"));
             }
         }
+        let mut unknown = Vec::new();
         for r in &self.resources {
             let prepared = match r.recover().await {
                 Ok(p) => p,
                 Err(e) => {
-                    tracing::warn!(target: "keel_server", resource = r.name(), error = %e, "cannot list prepared branches");
+                    // Not "nothing": the resource may hold branches; the listing says so.
+                    unknown.push(Unknown {
+                        resource: r.name().to_string(),
+                        reason: e.detail,
+                    });
                     continue;
                 }
             };
@@ -667,7 +753,10 @@ impl TxService {
                     .push(format!("{}: {x} (prepared)", r.name()));
             }
         }
-        Ok(out.into_values().collect())
+        Ok(Listing {
+            transactions: out.into_values().collect(),
+            unknown,
+        })
     }
 
     /// Finishes transaction `xid` (global or branch form) by hand at every resource; against
@@ -809,12 +898,21 @@ impl TxService {
             }
             emit!(catalog::WTRN0011I, server = self.server);
         } else {
+            // Work in doubt only when it is known to be: an early stop, or a resource that
+            // never answered, leaves it unknown (WTRN0012W says which).
             let what = if left > 0 {
-                format!("{left} decision(s) logged")
+                format!("{left} logged decision(s) not yet told to every branch: work in doubt")
             } else if !self.missing.is_empty() {
-                format!("resources not configured: {}", self.missing.join(", "))
+                format!(
+                    "resources no longer configured may hold work in doubt: {}",
+                    self.missing.join(", ")
+                )
             } else {
-                "recovery not complete".to_string()
+                let unknown = "recovery of earlier runs had not finished, so whether any work is in doubt is not known";
+                match self.status().last_error {
+                    Some(e) => format!("{unknown} (last failure: {e})"),
+                    None => unknown.to_string(),
+                }
             };
             emit!(catalog::WTRN0012W, server = self.server, what = what);
         }
@@ -871,7 +969,7 @@ impl keel_admin::AdminObject for TxServiceObject {
         vec![
             (
                 "list",
-                "transactions in doubt: xid, state (committing, in-doubt, running), branches",
+                "transactions in doubt {transactions: [{xid, state (committing, in-doubt, running), branches}], unknown: [{resource, reason}]}: resources in unknown did not answer, so they may hold more",
             ),
             (
                 "commit",

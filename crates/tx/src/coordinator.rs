@@ -223,6 +223,9 @@ pub struct Recovered {
     pub rolled_back: usize,
     /// Decisions still waiting for an unreachable resource.
     pub pending: usize,
+    /// The global transaction ids (gtrids) the committed and rolled-back branches belong to:
+    /// operators count transactions, and one transaction has a branch per resource.
+    pub transactions: std::collections::BTreeSet<Vec<u8>>,
 }
 
 impl Coordinator {
@@ -573,7 +576,8 @@ impl Coordinator {
                     }
                 }))
                 .await;
-                for ((_, commit), r2) in chunk.iter().zip(results) {
+                for ((xid, commit), r2) in chunk.iter().zip(results) {
+                    out.transactions.insert(xid.gtrid.clone());
                     if *commit {
                         out.committed += 1;
                     } else {

@@ -14,4 +14,4 @@ pub mod pg;
 mod pool;
 pub mod sql;
 
-pub use sql::{Rows, SqlResource, SqlValue};
+pub use sql::{Rows, SqlResource, SqlValue, TwoPhase};

@@ -28,7 +28,7 @@ use mysql_async::{Column, Conn, Opts, Params, Row, Value};
 
 use crate::coordinator::{Resource, ResourceError, ResourceFuture, Vote, Xid};
 use crate::pool::{Branches, Lease, Pool, Running, State, Use, POOL_WAIT_MS};
-use crate::sql::{time_text, Rows, SqlResource, SqlValue, ROWS_MAX};
+use crate::sql::{time_text, Rows, SqlResource, SqlValue, TwoPhase, ROWS_MAX};
 
 /// MariaDB's error for an unknown XID (XAER_NOTA).
 const ER_XAER_NOTA: u16 = 1397;
@@ -578,7 +578,12 @@ impl SqlResource for MariaDbResource {
         Box::pin(MariaDbResource::query(self, xid, sql, params))
     }
 
-    fn check<'a>(&'a self) -> ResourceFuture<'a, ()> {
-        Box::pin(async move { self.short("check", "SELECT 1").await.map(drop) })
+    fn check<'a>(&'a self) -> ResourceFuture<'a, TwoPhase> {
+        // XA needs no setting in MariaDB/MySQL (InnoDB): reachable is ready.
+        Box::pin(async move {
+            self.short("check", "SELECT 1")
+                .await
+                .map(|_| TwoPhase::Ready)
+        })
     }
 }

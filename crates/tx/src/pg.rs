@@ -24,7 +24,9 @@ use tokio_postgres::{Client, NoTls, SimpleQueryMessage, Statement};
 
 use crate::coordinator::{Resource, ResourceError, ResourceFuture, Vote, Xid};
 use crate::pool::{Branches, Lease, Pool, Running, State, Use, POOL_WAIT_MS};
-use crate::sql::{bad_param, civil_from_days, time_text, Rows, SqlResource, SqlValue, ROWS_MAX};
+use crate::sql::{
+    bad_param, civil_from_days, time_text, Rows, SqlResource, SqlValue, TwoPhase, ROWS_MAX,
+};
 
 /// How long a connect may take.
 pub const CONNECT_TIMEOUT_MS: u64 = 5_000;
@@ -36,6 +38,21 @@ pub struct PgResource {
     config: Result<tokio_postgres::Config, String>,
     pool: Pool<Client>,
     branches: Branches<Client>,
+    /// The server's `max_prepared_transactions` as the newest connection read it (-1: not
+    /// read yet). It changes only with a PostgreSQL restart, which ends every connection, so
+    /// reading it once per connection is exact.
+    prepared_max: std::sync::atomic::AtomicI64,
+}
+
+/// Why a PostgreSQL server whose `max_prepared_transactions` is 0 cannot be a data source.
+pub const NO_PREPARED_TRANSACTIONS: &str = "PostgreSQL's max_prepared_transactions is 0, so it cannot prepare a transaction's branch (PREPARE TRANSACTION), which every message handled with a data source needs; set it above 0 (in postgresql.conf, or `ALTER SYSTEM SET max_prepared_transactions = 100;`; at least the transactions in flight at once, max_connections is safe) and restart PostgreSQL";
+
+/// `SHOW max_prepared_transactions`'s answer as a number.
+fn prepared_max_of(messages: &[SimpleQueryMessage]) -> Option<i64> {
+    messages.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(r) => r.get(0).and_then(|v| v.trim().parse().ok()),
+        _ => None,
+    })
 }
 
 /// The PostgreSQL global id of a branch.
@@ -110,7 +127,14 @@ impl PgResource {
             config,
             pool: Pool::new(name, pool_max, Duration::from_millis(POOL_WAIT_MS)),
             branches: Branches::new(name),
+            prepared_max: std::sync::atomic::AtomicI64::new(-1),
         }
+    }
+
+    /// Why no branch can begin here (None: it can, or not known yet).
+    fn two_phase_refusal(&self) -> Option<&'static str> {
+        (self.prepared_max.load(std::sync::atomic::Ordering::Relaxed) == 0)
+            .then_some(NO_PREPARED_TRANSACTIONS)
     }
 
     /// Most connections open at once.
@@ -142,6 +166,23 @@ impl PgResource {
                 tracing::debug!(resource = %name, error = %e, "connection ended");
             }
         });
+        // Every new connection reads the setting (see `prepared_max`).
+        let shown = client
+            .simple_query("SHOW max_prepared_transactions")
+            .await
+            .map_err(|e| self.err("read max_prepared_transactions", pg_error(&e)))?;
+        let n = prepared_max_of(&shown).ok_or_else(|| {
+            self.err(
+                "read max_prepared_transactions",
+                "the answer is not a number",
+            )
+        })?;
+        assert!(
+            n >= 0,
+            "PostgreSQL's max_prepared_transactions is never negative"
+        );
+        self.prepared_max
+            .store(n, std::sync::atomic::Ordering::Relaxed);
         Ok(client)
     }
 
@@ -213,6 +254,12 @@ impl PgResource {
                 c
             }
         };
+        if let Some(why) = self.two_phase_refusal() {
+            // Closing the connection ends its transaction; the next begin connects afresh and
+            // reads the setting again, so a fixed server is used without a Keel restart.
+            drop(client);
+            return Err(self.err("begin", why));
+        }
         self.branches
             .open(xid, slot.lease(client))
             .map_err(|_| self.err("begin", format!("branch {xid} is open already")))
@@ -847,8 +894,21 @@ impl SqlResource for PgResource {
         Box::pin(PgResource::query(self, xid, sql, params))
     }
 
-    fn check<'a>(&'a self) -> ResourceFuture<'a, ()> {
-        Box::pin(async move { self.short("check", "SELECT 1").await.map(drop) })
+    fn check<'a>(&'a self) -> ResourceFuture<'a, TwoPhase> {
+        Box::pin(async move {
+            let shown = self
+                .short("check", "SHOW max_prepared_transactions")
+                .await?;
+            let n = prepared_max_of(&shown)
+                .ok_or_else(|| self.err("check", "max_prepared_transactions is not a number"))?;
+            self.prepared_max
+                .store(n, std::sync::atomic::Ordering::Relaxed);
+            Ok(if n > 0 {
+                TwoPhase::Ready
+            } else {
+                TwoPhase::Unable(NO_PREPARED_TRANSACTIONS.to_string())
+            })
+        })
     }
 }
 

@@ -66,8 +66,18 @@ pub trait SqlResource: Resource {
         sql: &'a str,
         params: &'a [SqlValue],
     ) -> ResourceFuture<'a, Rows>;
-    /// Connects (or takes a pooled connection) and runs a trivial statement: a start-up check.
-    fn check<'a>(&'a self) -> ResourceFuture<'a, ()>;
+    /// Connects (or takes a pooled connection) and asks whether the database can take part in
+    /// two-phase commit: a check at start and when a data source is created. An error: the
+    /// database could not be asked (unreachable, refused).
+    fn check<'a>(&'a self) -> ResourceFuture<'a, TwoPhase>;
+}
+
+/// Whether a database can prepare branches, as [`SqlResource::check`] found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TwoPhase {
+    Ready,
+    /// It cannot (a setting of the database): why, and what to change.
+    Unable(String),
 }
 
 /// The text of an error for a parameter that does not convert.

@@ -673,7 +673,8 @@ async fn statements_take_parameters_and_queries_return_rows_on_both() {
     // Both kinds held alike, as the server does.
     let sources: [Arc<dyn keel_tx::SqlResource>; 2] = [r.pg.clone(), r.maria.clone()];
     for s in &sources {
-        s.check().await.unwrap();
+        // The test cluster allows prepared transactions; MariaDB needs no setting.
+        assert_eq!(s.check().await.unwrap(), keel_tx::TwoPhase::Ready);
     }
 
     let mut tx = c.begin();
@@ -921,4 +922,32 @@ async fn statements_take_parameters_and_queries_return_rows_on_both() {
         .unwrap();
     assert_eq!(all.rows.len(), 10_000);
     c.rollback(tx).await.unwrap();
+}
+
+/// PostgreSQL with `max_prepared_transactions = 0` cannot prepare a branch: the check says so
+/// (naming the setting and how to set it), and no branch begins on it, so a caller finds out
+/// before doing any work rather than at prepare.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgresql_that_cannot_prepare_is_refused_at_check_and_begin() {
+    let bin =
+        pg_bin().expect("PostgreSQL is installed (initdb and pg_ctl under /usr/lib/postgresql)");
+    let cluster = Cluster::start_with(bin, 0);
+    let r = PgResource::new("pg0", &cluster.url(), 2);
+    let keel_tx::TwoPhase::Unable(why) = keel_tx::SqlResource::check(&r).await.unwrap() else {
+        panic!("a cluster without prepared transactions is not ready");
+    };
+    assert!(
+        why.contains("max_prepared_transactions is 0") && why.contains("ALTER SYSTEM SET"),
+        "{why}"
+    );
+    let logs = tempfile::tempdir().unwrap();
+    let (log, _) = RecoveryLog::open(logs.path()).unwrap();
+    let c = Coordinator::new(ID, 1, log);
+    let mut tx = c.begin();
+    let r = Arc::new(r);
+    let x = tx.enlist(r.clone());
+    let e = r.begin(&x).await.unwrap_err();
+    assert!(e.detail.contains("max_prepared_transactions is 0"), "{e}");
+    // Recovery still reads it: nothing is prepared there.
+    assert!(r.recover().await.unwrap().is_empty());
 }

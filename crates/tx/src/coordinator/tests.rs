@@ -219,9 +219,15 @@ async fn recovery_commits_logged_decisions_and_rolls_back_the_rest() {
     let resources: Vec<Arc<dyn Resource>> = vec![a.clone(), b.clone()];
     let r = c.recover(&live, &resources).await.unwrap();
     assert_eq!((r.committed, r.rolled_back, r.pending), (1, 1, 1));
+    // Two branches, two transactions (the decided one's second branch waits).
+    let both: std::collections::BTreeSet<Vec<u8>> = [xa.gtrid.clone(), ya.gtrid.clone()].into();
+    assert_eq!(r.transactions, both);
     b.set(|s| s.unreachable = false);
     let r = c.recover(&live, &resources).await.unwrap();
     assert_eq!((r.committed, r.rolled_back, r.pending), (1, 0, 0));
+    // The decided transaction's other branch: the same transaction, not a new one.
+    assert_eq!(r.transactions, [xb.gtrid.clone()].into());
+    assert_eq!(xa.gtrid, xb.gtrid);
     assert_eq!(a.state.lock().unwrap().committed, vec![xa]);
     assert_eq!(a.state.lock().unwrap().rolled_back, vec![ya]);
     assert_eq!(b.state.lock().unwrap().committed, vec![xb]);
