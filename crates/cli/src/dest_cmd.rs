@@ -301,6 +301,7 @@ fn list(ctx: &Ctx, profile: &Profile, bus: Option<&str>, json_out: bool) -> Resu
 enum Count {
     Known {
         messages: u64,
+        /// How the count is known, as said to the operator ("counted by its running engine X").
         by: String,
     },
     /// Nobody could count them; the sentence says why and what to do.
@@ -338,7 +339,7 @@ fn count(
         Some("started") => {
             if d.kind == DestinationKind::Queue {
                 if let Some(n) = engine_depth(rt, t, &queue_point(cfg, t, &d.name))? {
-                    let by = format!("by its running engine {}", t.me);
+                    let by = format!("counted by its running engine {}", t.me);
                     return Ok((Count::Known { messages: n, by }, None));
                 }
             }
@@ -414,7 +415,7 @@ fn count_in_store(
     };
     match rt.block_on(store.destinations()) {
         Ok(counts) => {
-            let by = format!("in the data store of {}", t.me);
+            let by = format!("counted in the data store of {}", t.me);
             Ok((
                 Count::Known {
                     messages: messages_of(d, &counts),
@@ -463,7 +464,7 @@ fn delete(
     let refusal = match (&counted, force) {
         (_, true) | (Count::Known { messages: 0, .. }, _) => None,
         (Count::Known { messages, by }, false) => Some(format!(
-            "{kind} {name} of bus {bus} holds {messages} message(s) (counted {by}); receive them first (`keel receive {name} --server {} --count {messages}`), or give --force to delete it anyway ({keep})",
+            "{kind} {name} of bus {bus} holds {messages} message(s) ({by}); receive them first (`keel receive {name} --server {} --count {messages}`), or give --force to delete it anyway ({keep})",
             t.server
         )),
         (Count::Unknown(why), false) => Some(format!(
@@ -502,7 +503,7 @@ fn delete(
     }
     match &counted {
         Count::Known { messages, by } => println!(
-            "Deleted {kind} {name} from bus {bus} ({messages} message(s), counted {by}); configuration version {}.",
+            "Deleted {kind} {name} from bus {bus} ({messages} message(s): {by}); configuration version {}.",
             saved.version
         ),
         Count::Unknown(_) => println!(

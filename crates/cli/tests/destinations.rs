@@ -131,7 +131,7 @@ fn delete_counts_refuses_and_forces() {
     env.ok(&["me", "stop", ME]);
     let out = env.ok(&["destination", "delete", "bus1", "q2"]);
     assert!(
-        out.contains("0 message(s), counted in the data store of"),
+        out.contains("0 message(s): counted in the data store of"),
         "{out}"
     );
     assert!(

@@ -203,3 +203,27 @@ fn state_reporting_commands_take_json() {
     assert_eq!(v["state"], "stopped");
     assert!(v["flush_waiting"].is_null(), "{v}");
 }
+
+#[test]
+fn store_commands_report_json() {
+    let env = Env::new();
+    let me = "node01.server1-bus1";
+    env.ok(&["destination", "create", "bus1", "q1", "--type", "queue"]);
+    env.ok(&["node", "start"]);
+    env.ok(&["server", "start", "server1"]);
+    env.ok(&["send", "q1", "--server", "server1", "--body", "m"]);
+    let backup = env.dir().join("me.backup");
+    let backup = backup.to_str().unwrap();
+    let json =
+        |args: &[&str]| -> serde_json::Value { serde_json::from_str(&env.ok(args)).unwrap() };
+    let v = json(&["store", "backup", me, "--to", backup, "--json"]);
+    assert_eq!(v["me"], me);
+    assert_eq!(v["online"], true, "{v}");
+    assert_eq!(v["manifest"]["messages"], 1, "{v}");
+    let v = json(&["store", "verify", me, "--json"]);
+    assert_eq!(v["ok"], true, "{v}");
+    env.ok(&["node", "stop", "--stop-servers"]);
+    let v = json(&["store", "restore", me, "--from", backup, "--json"]);
+    assert_eq!(v["messages"], 1, "{v}");
+    assert_eq!(v["restore_state"], "restored", "{v}");
+}
