@@ -148,7 +148,11 @@ async fn guard(State(state): State<ServerState>, request: Request, next: Next) -
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(addr)| *addr);
     let peer = peer_addr.map_or_else(|| "an unknown peer".to_string(), |a| a.to_string());
-    let source = peer_addr.map(|a| Source::of(a.ip()));
+    // Only a presented credential is a login attempt: a request without one (a browser's
+    // first try, a port scan) guesses nothing and is not throttled.
+    let source = peer_addr
+        .map(|a| Source::of(a.ip()))
+        .filter(|_| request.headers().contains_key(header::AUTHORIZATION));
     let user = claimed_user(request.headers());
     // A source and user with failures behind it waits before any answer, right or wrong.
     if let Some(source) = source {

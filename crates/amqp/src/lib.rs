@@ -31,6 +31,7 @@
 //! (resume of unsettled state across connections), TLS.
 
 pub mod convert;
+pub mod gate;
 pub mod sasl;
 mod txn;
 
@@ -49,6 +50,9 @@ use fe2o3_amqp::types::messaging::{Body, Outcome as AmqpOutcome, TerminusDurabil
 use fe2o3_amqp::types::performatives::Attach;
 use fe2o3_amqp::types::primitives::Value;
 use fe2o3_amqp::Sendable;
+use keel_core::admission::{Admission, Ticket};
+use keel_core::budget::{left_out_note, LogBudget};
+use keel_core::throttle::LoginThrottle;
 use keel_core::{catalog, emit};
 use keel_engine::messaging::{Messaging, MessagingError, Outcome, SUBSCRIPTION_SEPARATOR};
 use keel_engine::Engine;
@@ -58,8 +62,18 @@ use tokio::task::JoinSet;
 
 use crate::sasl::{KeelSasl, Principal};
 
-/// Open connections per server; more are refused at once (CWSIT0002W).
+/// Authenticated client connections per server; more are refused at once (CWSIT0002W).
 pub const CONNECTIONS_MAX: usize = 1024;
+/// Authenticated engine links per server: a pool of their own, so clients cannot take every
+/// slot from the bus's engines, nor links from clients.
+pub const LINKS_MAX: usize = 256;
+/// Connections that have not authenticated yet, in total and from one source
+/// (`keel_core::admission`): a peer without a password holds at most PREAUTH_PER_SOURCE_MAX
+/// slots, for at most AUTH_DEADLINE_MS each.
+pub const PREAUTH_CONNECTIONS_MAX: usize = 256;
+pub const PREAUTH_PER_SOURCE_MAX: usize = 32;
+/// A connection must send its protocol header, authenticate and open within this time.
+pub const AUTH_DEADLINE_MS: u64 = 5_000;
 /// Deliveries a receiving link may hold unsettled; the engine keeps each locked meanwhile.
 pub const UNSETTLED_MAX: usize = 1024;
 /// Messages of one link stored in one batch (one store commit).
@@ -70,8 +84,6 @@ pub const TAKE_MAX: usize = 64;
 pub const FRAME_BYTES_MAX: u32 = 256 * 1024;
 /// How long a session that ended waits for its links to finish releasing what they held.
 pub const LINK_END_MS: u64 = 10_000;
-/// A connection must finish its protocol header, SASL and open within this time.
-pub const OPEN_TIMEOUT_MS: u64 = 10_000;
 /// How long a locked message waits for the client's credit before going back to the queue.
 pub const CREDIT_WAIT_MS: u64 = 2_000;
 
@@ -83,10 +95,59 @@ pub struct Hosted {
     pub max_message_bytes: u64,
 }
 
-/// Takes over a bus-port connection that opened with the ME-to-ME link header (`KEEL`).
+/// Takes over a bus-port connection that opened with the ME-to-ME link header (`KEEL`). It
+/// calls [`Admitted::authenticated`] once the peer's `Open` checks out.
 pub type LinkHandler = Arc<
-    dyn Fn(TcpStream, SocketAddr) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync,
+    dyn Fn(TcpStream, SocketAddr, Admitted) -> futures_util::future::BoxFuture<'static, ()>
+        + Send
+        + Sync,
 >;
+
+/// A bus-port connection's place: unauthenticated (counted per source) until the peer proves
+/// who it is, then one of the authenticated slots of its kind (clients or links).
+pub struct Admitted {
+    ticket: Option<Ticket>,
+    slots: Arc<Semaphore>,
+    slots_max: usize,
+    what: &'static str,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Admitted {
+    /// The peer authenticated: it leaves the unauthenticated count and takes an authenticated
+    /// slot, or is refused (the reason) when they are all taken.
+    pub fn authenticated(&mut self) -> Result<(), String> {
+        let permit = self.slots.clone().try_acquire_owned().map_err(|_| {
+            format!(
+                "the server already has {} authenticated {}",
+                self.slots_max, self.what
+            )
+        })?;
+        self.permit = Some(permit);
+        self.ticket = None;
+        Ok(())
+    }
+}
+
+/// What every connection of one bus port shares.
+struct Surface {
+    preauth: Arc<Admission>,
+    clients: Arc<Semaphore>,
+    links: Arc<Semaphore>,
+    throttle: Arc<LoginThrottle>,
+    /// Budget of the log records that unauthenticated peers cause.
+    refusals: LogBudget,
+}
+
+impl Surface {
+    /// CWSIT0002W within the log budget.
+    fn refused(&self, peer: impl std::fmt::Display, why: impl std::fmt::Display) {
+        if let Some(left_out) = self.refusals.take(std::time::Instant::now()) {
+            let why = format!("{why}{}", left_out_note(left_out));
+            emit!(catalog::CWSIT0002W, peer = peer, why = why);
+        }
+    }
+}
 
 /// What the endpoint serves.
 pub struct Settings {
@@ -98,9 +159,6 @@ pub struct Settings {
     pub links: Option<LinkHandler>,
 }
 
-/// How long a new connection may take to send its first four bytes (protocol header).
-pub const HEADER_WAIT_MS: u64 = 10_000;
-
 /// What a connection opened with.
 enum Opening {
     Link,
@@ -109,8 +167,8 @@ enum Opening {
 }
 
 /// Peeks (without consuming) at the first four bytes: `KEEL` is an ME-to-ME link, anything else
-/// goes to the AMQP stack, which checks its own header. Bounded by HEADER_WAIT_MS.
-async fn opening(sock: &TcpStream) -> Opening {
+/// goes to the AMQP stack, which checks its own header. Bounded by `deadline`.
+async fn opening(sock: &TcpStream, deadline: tokio::time::Instant) -> Opening {
     let look = async {
         let mut head = [0u8; 4];
         loop {
@@ -128,7 +186,7 @@ async fn opening(sock: &TcpStream) -> Opening {
             }
         }
     };
-    tokio::time::timeout(Duration::from_millis(HEADER_WAIT_MS), look)
+    tokio::time::timeout_at(deadline, look)
         .await
         .unwrap_or(Opening::Gone)
 }
@@ -166,7 +224,16 @@ pub async fn serve(listener: TcpListener, settings: Arc<Settings>) {
             mes.join(", ")
         }
     );
-    let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    let surface = Arc::new(Surface {
+        preauth: Admission::new(keel_core::admission::Limits {
+            total_max: PREAUTH_CONNECTIONS_MAX,
+            per_source_max: PREAUTH_PER_SOURCE_MAX,
+        }),
+        clients: Arc::new(Semaphore::new(CONNECTIONS_MAX)),
+        links: Arc::new(Semaphore::new(LINKS_MAX)),
+        throttle: Arc::new(LoginThrottle::new(keel_core::throttle::Limits::default())),
+        refusals: LogBudget::new(10, 2),
+    });
     loop {
         let (sock, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -177,79 +244,119 @@ pub async fn serve(listener: TcpListener, settings: Arc<Settings>) {
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            emit!(
-                catalog::CWSIT0002W,
-                peer = peer,
-                why = format!("the server already has {CONNECTIONS_MAX} connections")
-            );
-            drop(sock);
-            continue;
+        let ticket = match surface.preauth.admit(peer.ip()) {
+            Ok(t) => t,
+            Err(why) => {
+                surface.refused(peer, why);
+                drop(sock);
+                continue;
+            }
         };
         let _ = sock.set_nodelay(true);
         let settings = settings.clone();
+        let surface = surface.clone();
         tokio::spawn(async move {
-            match opening(&sock).await {
-                Opening::Amqp => connection(sock, peer, settings).await,
-                Opening::Link => match &settings.links {
-                    Some(handler) => handler(sock, peer).await,
-                    None => emit!(
-                        catalog::CWSIT0004W,
-                        peer = peer,
-                        me = "unknown",
-                        why = "this server hosts no messaging engine that takes links"
-                    ),
-                },
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(AUTH_DEADLINE_MS);
+            match opening(&sock, deadline).await {
+                Opening::Amqp => {
+                    let admitted = Admitted {
+                        ticket: Some(ticket),
+                        slots: surface.clients.clone(),
+                        slots_max: CONNECTIONS_MAX,
+                        what: "client connections",
+                        permit: None,
+                    };
+                    connection(sock, peer, settings, surface, admitted, deadline).await
+                }
+                Opening::Link => {
+                    let admitted = Admitted {
+                        ticket: Some(ticket),
+                        slots: surface.links.clone(),
+                        slots_max: LINKS_MAX,
+                        what: "engine links",
+                        permit: None,
+                    };
+                    match &settings.links {
+                        Some(handler) => handler(sock, peer, admitted).await,
+                        None => emit!(
+                            catalog::CWSIT0004W,
+                            peer = peer,
+                            me = "unknown",
+                            why = "this server hosts no messaging engine that takes links"
+                        ),
+                    }
+                }
                 Opening::Gone => {}
             }
-            drop(slot);
         });
     }
 }
 
-async fn connection(sock: TcpStream, peer: SocketAddr, settings: Arc<Settings>) {
+async fn connection(
+    sock: TcpStream,
+    peer: SocketAddr,
+    settings: Arc<Settings>,
+    surface: Arc<Surface>,
+    mut admitted: Admitted,
+    deadline: tokio::time::Instant,
+) {
+    let gate = Arc::new(gate::Gate::default());
     let (sasl, verdict) = KeelSasl::new(settings.users.clone(), settings.any_anonymous());
+    let sasl = sasl.guarded(sasl::LoginGuard {
+        source: keel_core::admission::Source::of(peer.ip()),
+        throttle: surface.throttle.clone(),
+        gate: gate.clone(),
+    });
     let acceptor = ConnectionAcceptor::builder()
         .container_id(format!("keel-{}", settings.server))
         .max_frame_size(FRAME_BYTES_MAX)
         .channel_max(64u16)
         .sasl_acceptor(sasl)
         .build();
-    let opened = tokio::time::timeout(
-        Duration::from_millis(OPEN_TIMEOUT_MS),
-        acceptor.accept(sock),
+    // A throttled login's outcome waits behind the gate; the deadline leaves room for it.
+    let delay_room = Duration::from_millis(keel_core::throttle::Limits::default().delay_max_ms);
+    let opened = tokio::time::timeout_at(
+        deadline + delay_room,
+        acceptor.accept(gate::Gated::new(sock, gate)),
     )
     .await;
     let sasl_outcome = verdict.lock().expect("sasl verdict lock").clone();
     let (mut conn, principal) = match (opened, sasl_outcome) {
         (Ok(Ok(c)), Some(Ok(p))) => (c, p),
         (_, Some(Err(why))) => {
-            emit!(catalog::CWSIT0002W, peer = peer, why = why);
+            surface.refused(peer, why);
             return;
         }
         (Ok(Ok(mut c)), None) => {
             // fe2o3 let the connection open without SASL: never accepted here.
-            emit!(
-                catalog::CWSIT0002W,
-                peer = peer,
-                why = "the client did not authenticate with SASL"
-            );
+            surface.refused(peer, "the client did not authenticate with SASL");
             let _ = c.close().await;
             return;
         }
         (Ok(Err(e)), _) => {
-            emit!(catalog::CWSIT0002W, peer = peer, why = e);
+            surface.refused(peer, e);
             return;
         }
         (Err(_), _) => {
-            emit!(
-                catalog::CWSIT0002W,
-                peer = peer,
-                why = format!("the connection did not open within {OPEN_TIMEOUT_MS} ms")
+            surface.refused(
+                peer,
+                format!(
+                    "the connection did not authenticate and open within {AUTH_DEADLINE_MS} ms"
+                ),
             );
             return;
         }
     };
+    if let Err(why) = admitted.authenticated() {
+        surface.refused(peer, &why);
+        let error = definitions::Error::new(
+            AmqpError::ResourceLimitExceeded,
+            Some(format!("{why}; try again later")),
+            None,
+        );
+        let _ = conn.close_with_error(error).await;
+        return;
+    }
     tracing::debug!(target: "keel_amqp", %peer, ?principal, "AMQP connection open");
     let mut sessions = JoinSet::new();
     loop {
@@ -272,6 +379,7 @@ async fn connection(sock: TcpStream, peer: SocketAddr, settings: Arc<Settings>) 
     // The client closed the connection (or it broke): sessions end with it.
     while sessions.join_next().await.is_some() {}
     let _ = conn.close().await;
+    drop(admitted);
     tracing::debug!(target: "keel_amqp", %peer, "AMQP connection closed");
 }
 

@@ -1,8 +1,16 @@
 //! SASL for the bus port: PLAIN against the profile's users, ANONYMOUS only when a bus hosted
 //! here allows it. One acceptor per connection, so the outcome (who the peer is) can be read
-//! back by the connection's task.
+//! back by the connection's task. Failed logins are throttled per source and user
+//! (`keel_core::throttle`, shared with the admin port's rules): a throttled attempt's outcome is
+//! held back by the connection's write gate (`gate.rs`), right or wrong.
 
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use keel_core::admission::Source;
+use keel_core::throttle::LoginThrottle;
+
+use crate::gate::Gate;
 
 use fe2o3_amqp::acceptor::sasl_acceptor::{SaslAcceptor, SaslServerFrame};
 use fe2o3_amqp::types::primitives::{Array, Symbol};
@@ -18,12 +26,21 @@ pub enum Principal {
 /// What a connection's SASL exchange ended with: the principal, or why it was refused.
 pub type Verdict = Arc<Mutex<Option<Result<Principal, String>>>>;
 
+/// Who a connection's login attempts are counted against, and how its answers are delayed.
+#[derive(Debug, Clone)]
+pub struct LoginGuard {
+    pub source: Source,
+    pub throttle: Arc<LoginThrottle>,
+    pub gate: Arc<Gate>,
+}
+
 #[derive(Debug, Clone)]
 pub struct KeelSasl {
     /// (user, password) pairs.
     users: Arc<Vec<(String, String)>>,
     allow_anonymous: bool,
     verdict: Verdict,
+    guard: Option<LoginGuard>,
 }
 
 impl KeelSasl {
@@ -34,9 +51,30 @@ impl KeelSasl {
                 users,
                 allow_anonymous,
                 verdict: verdict.clone(),
+                guard: None,
             },
             verdict,
         )
+    }
+
+    /// Counts this connection's failures and delays its answers (every real connection has
+    /// one; unit tests of `decide` do without).
+    pub fn guarded(mut self, guard: LoginGuard) -> KeelSasl {
+        self.guard = Some(guard);
+        self
+    }
+
+    /// The user a SASL init claims to be ("" for ANONYMOUS or an unreadable response).
+    fn claimed_user(init: &SaslInit) -> String {
+        match (init.mechanism.0.as_str(), init.initial_response.as_ref()) {
+            ("PLAIN", Some(r)) => r
+                .as_ref()
+                .split(|b| *b == 0)
+                .nth(1)
+                .map(|u| String::from_utf8_lossy(u).into_owned())
+                .unwrap_or_default(),
+            _ => String::new(),
+        }
     }
 
     fn decide(&self, init: &SaslInit) -> Result<Principal, String> {
@@ -90,6 +128,29 @@ impl SaslAcceptor for KeelSasl {
 
     fn on_init(&mut self, init: SaslInit) -> SaslServerFrame {
         let verdict = self.decide(&init);
+        if let Some(g) = &self.guard {
+            let now = Instant::now();
+            let user = Self::claimed_user(&init);
+            let owed = g.throttle.delay(g.source, &user, now);
+            if !owed.is_zero() {
+                g.gate.close_until(tokio::time::Instant::now() + owed);
+            }
+            if verdict.is_ok() {
+                g.throttle.succeeded(g.source, &user);
+            } else {
+                let failed = g.throttle.failed(g.source, &user, now);
+                if failed.burst_started {
+                    keel_core::emit!(
+                        keel_core::catalog::ADMN0031W,
+                        peer = g.source,
+                        user = keel_core::budget::clip(&user, 64),
+                        failures = failed.failures,
+                        delay_ms = failed.delay.as_millis(),
+                        delay_max_ms = keel_core::throttle::Limits::default().delay_max_ms
+                    );
+                }
+            }
+        }
         let code = if verdict.is_ok() {
             SaslCode::Ok
         } else {

@@ -173,9 +173,42 @@ pub fn check_header(head: [u8; 8]) -> Result<(), LinkError> {
     }
 }
 
-/// tokio-util codec for link frames (after the protocol header).
-#[derive(Debug, Default)]
-pub struct LinkCodec;
+/// Largest payload a link takes before its peer has proved who it is (the `Open` frame, and
+/// the answering `Open` on the connecting side): an `Open` states a handful of streams, a few
+/// hundred bytes. Without this bound a peer with no credential could make the server buffer
+/// a 256 MiB first frame (measured: RSS 92 -> 489 MB for one connection).
+pub const OPEN_FRAME_BYTES_MAX: usize = 16 * 1024;
+
+/// tokio-util codec for link frames (after the protocol header). A new codec takes frames of
+/// at most [`OPEN_FRAME_BYTES_MAX`] bytes; [`LinkCodec::authenticated`] lifts the bound to
+/// [`FRAME_BYTES_MAX`] once the peer's `Open` was checked.
+#[derive(Debug)]
+pub struct LinkCodec {
+    /// The largest payload `decode` accepts now.
+    frame_bytes_max: usize,
+}
+
+impl Default for LinkCodec {
+    fn default() -> LinkCodec {
+        LinkCodec {
+            frame_bytes_max: OPEN_FRAME_BYTES_MAX,
+        }
+    }
+}
+
+impl LinkCodec {
+    /// The peer proved who it is: take frames up to [`FRAME_BYTES_MAX`].
+    pub fn authenticated(&mut self) {
+        self.frame_bytes_max = FRAME_BYTES_MAX;
+    }
+
+    /// A codec for a link already authenticated (tests, tools that read a recorded stream).
+    pub fn trusted() -> LinkCodec {
+        LinkCodec {
+            frame_bytes_max: FRAME_BYTES_MAX,
+        }
+    }
+}
 
 impl Encoder<LinkFrame> for LinkCodec {
     type Error = LinkError;
@@ -273,10 +306,10 @@ impl Decoder for LinkCodec {
             return Ok(None);
         }
         let len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize;
-        if len > FRAME_BYTES_MAX {
+        if len > self.frame_bytes_max {
             return Err(LinkError::TooLarge {
                 bytes: len,
-                max: FRAME_BYTES_MAX,
+                max: self.frame_bytes_max,
             });
         }
         if src.len() < HEAD_BYTES + len {
@@ -408,14 +441,14 @@ mod tests {
     fn frames_round_trip_even_split_byte_by_byte() {
         let mut buf = BytesMut::new();
         for f in frames() {
-            LinkCodec.encode(f, &mut buf).unwrap();
+            LinkCodec::trusted().encode(f, &mut buf).unwrap();
         }
         let all = buf.freeze();
         let mut dec = BytesMut::new();
         let mut out = Vec::new();
         for b in all.iter() {
             dec.put_u8(*b);
-            while let Some(f) = LinkCodec.decode(&mut dec).unwrap() {
+            while let Some(f) = LinkCodec::trusted().decode(&mut dec).unwrap() {
                 out.push(f);
             }
         }
@@ -432,7 +465,7 @@ mod tests {
             expected.put_u32(crc32c::crc32c(&payload));
             expected.put_slice(&payload);
             let mut buf = BytesMut::from(&b"junk"[..]);
-            LinkCodec.encode(f, &mut buf).unwrap();
+            LinkCodec::trusted().encode(f, &mut buf).unwrap();
             assert_eq!(buf, expected);
         }
     }
@@ -456,21 +489,51 @@ mod tests {
     #[test]
     fn damage_is_refused() {
         let mut buf = BytesMut::new();
-        LinkCodec.encode(frames()[2].clone(), &mut buf).unwrap();
+        LinkCodec::trusted()
+            .encode(frames()[2].clone(), &mut buf)
+            .unwrap();
         let mut flipped = buf.clone();
         let last = flipped.len() - 1;
         flipped[last] ^= 1;
         assert!(matches!(
-            LinkCodec.decode(&mut flipped),
+            LinkCodec::trusted().decode(&mut flipped),
             Err(LinkError::Checksum { .. })
         ));
         let mut huge = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0][..]);
         assert!(matches!(
-            LinkCodec.decode(&mut huge),
+            LinkCodec::trusted().decode(&mut huge),
             Err(LinkError::TooLarge { .. })
         ));
         assert!(check_header(*b"AMQP\x00\x01\x00\x00").is_err());
         assert!(check_header(PROTOCOL_HEADER).is_ok());
+    }
+
+    #[test]
+    fn before_authentication_a_frame_over_the_open_bound_is_refused_from_its_header() {
+        // A header announcing 256 MiB: refused from the 8 header bytes, before any payload.
+        let mut huge = BytesMut::new();
+        huge.put_u32(256 * 1024 * 1024);
+        huge.put_u32(0);
+        let mut fresh = LinkCodec::default();
+        assert!(matches!(
+            fresh.decode(&mut huge.clone()),
+            Err(LinkError::TooLarge {
+                bytes: 268_435_456,
+                max: OPEN_FRAME_BYTES_MAX
+            })
+        ));
+        // The same header is only waited on once the link is authenticated.
+        fresh.authenticated();
+        assert!(matches!(fresh.decode(&mut huge), Ok(None)));
+        // Every frame an engine sends first fits the bound, with room to spare.
+        for f in frames() {
+            if matches!(f, LinkFrame::Open { .. }) {
+                let mut b = BytesMut::new();
+                LinkCodec::default().encode(f, &mut b).unwrap();
+                assert!(b.len() < OPEN_FRAME_BYTES_MAX / 8);
+                assert!(LinkCodec::default().decode(&mut b).unwrap().is_some());
+            }
+        }
     }
 
     /// The frames as builds before `serde_bytes` encoded them: byte fields as sequences of
@@ -670,7 +733,7 @@ mod tests {
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
             let mut b = BytesMut::from(&bytes[..]);
             for _ in 0..64 {
-                match LinkCodec.decode(&mut b) {
+                match LinkCodec::trusted().decode(&mut b) {
                     Ok(Some(_)) => continue,
                     Ok(None) | Err(_) => break,
                 }
@@ -708,7 +771,7 @@ mod tests {
             b.put_u32(payload.len() as u32);
             b.put_u32(crc32c::crc32c(&payload));
             b.put_slice(&payload);
-            let _ = LinkCodec.decode(&mut b);
+            let _ = LinkCodec::trusted().decode(&mut b);
         }
     }
 }

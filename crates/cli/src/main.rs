@@ -130,6 +130,10 @@ struct ProfileCreate {
 }
 
 fn main() -> ExitCode {
+    // Every file and directory a keel process makes (stores, body-log segments, logs, backups,
+    // secrets, recovery logs) is the owner's only, whatever umask the shell had; node agents
+    // and servers inherit it (DESIGN §10).
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),

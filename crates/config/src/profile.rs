@@ -104,16 +104,21 @@ impl Profile {
                 .into(),
         })?;
         let tmp = parent.join(format!(".{name}.creating-{}", fsx::random_hex(6)));
-        std::fs::create_dir(&tmp).map_err(|source| ConfigError::Io {
-            action: format!(
-                "create profile {} (writing the temporary directory {} in)",
-                dir.display(),
-                tmp.display()
-            ),
-            path: parent.clone(),
-            source,
-            fix: "choose a location you can write to".into(),
-        })?;
+        // Owner only from the first moment (the rename keeps the mode): the profile holds
+        // messages, logs, backups and secrets.
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&tmp)
+            .map_err(|source| ConfigError::Io {
+                action: format!(
+                    "create profile {} (writing the temporary directory {} in)",
+                    dir.display(),
+                    tmp.display()
+                ),
+                path: parent.clone(),
+                source,
+                fix: "choose a location you can write to".into(),
+            })?;
         let built = build(&tmp, opts).and_then(|()| {
             if existed {
                 // Only an empty directory: remove_dir refuses anything else, so a file that
@@ -141,6 +146,38 @@ impl Profile {
         }
         tracing::info!(profile = %abs.display(), cell = %opts.cell, node = %opts.node, server = %opts.server, "profile created");
         Profile::open(&abs)
+    }
+
+    /// Makes the profile directory and the directories Keel keeps data in readable by the owner
+    /// only (0700), whatever the umask was when they were made: a file made 0644 by an older
+    /// build, or by an operator's tool, is then out of reach of other users all the same.
+    /// Node agents and servers call it at start; returns the directories it had to tighten.
+    pub fn secure_directories(&self) -> Result<Vec<PathBuf>> {
+        let l = &self.layout;
+        let mut tightened = Vec::new();
+        for dir in [
+            self.root.clone(),
+            l.master_config(),
+            l.secrets(),
+            l.run_dir(),
+            l.root().join("logs"),
+            l.databases(),
+            l.root().join("tranlog"),
+            l.backups(),
+            l.root().join("node-config"),
+        ] {
+            let meta = match std::fs::metadata(&dir) {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err("read the mode of", &dir, FIX_PERM)(e)),
+            };
+            if meta.permissions().mode() & 0o077 != 0 {
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                    .map_err(io_err("make owner-only (0700)", &dir, FIX_PERM))?;
+                tightened.push(dir);
+            }
+        }
+        Ok(tightened)
     }
 
     /// Opens an existing profile (checks that it has a master configuration; loads nothing).

@@ -179,6 +179,7 @@ pub fn run(opts: NodeOptions) -> u8 {
 
 async fn serve(profile: Profile) -> Result<(), (u8, String)> {
     let refused = |e: String| (exit::REFUSED, e);
+    keel_server::secure_profile(&profile);
     let node = profile.local_node().map_err(|e| refused(e.to_string()))?;
     sync_config(&profile, &node);
     let cfg = profile

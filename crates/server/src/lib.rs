@@ -147,6 +147,7 @@ impl State {
 async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
     let started_at = SystemTime::now();
     let t0 = Instant::now();
+    secure_profile(&profile);
     let node = profile
         .local_node()
         .map_err(|e| Fatal::refused(e.to_string()))?;
@@ -569,6 +570,19 @@ fn spawn_signal_watch(stop: watch::Sender<Option<String>>) {
         };
         let _ = stop.send(Some(format!("{why} received")));
     });
+}
+
+/// Owner-only data directories (DESIGN §10), also in a profile made before they were: a
+/// failure is logged, not fatal (the process can still run; the operator is told what to fix).
+pub fn secure_profile(profile: &Profile) {
+    match profile.secure_directories() {
+        Ok(tightened) => {
+            for dir in tightened {
+                tracing::warn!(path = %dir.display(), "the directory was readable by other users; made it owner-only (0700)");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot make the profile's directories owner-only"),
+    }
 }
 
 /// Answers the node agent's health ping on the process's own Unix socket (`run/<server>.health`,

@@ -43,8 +43,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
-/// How long a peer may take for its header and `Open` frame.
-pub const OPEN_WAIT_MS: u64 = 10_000;
+/// How long a peer may take for its header and `Open` frame together.
+pub const OPEN_WAIT_MS: u64 = 5_000;
 
 /// The byte stream a link runs over: a TCP socket, or a simulated one in tests.
 pub trait LinkIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
@@ -110,38 +110,49 @@ impl LinkAcceptor {
 
     /// As keel-amqp's link handler.
     pub fn handler(self: Arc<Self>) -> keel_amqp::LinkHandler {
-        Arc::new(move |sock, peer| {
+        Arc::new(move |sock, peer, admitted| {
             let me = self.clone();
-            Box::pin(async move { me.accept(sock, peer).await })
+            Box::pin(async move { me.accept(sock, peer, admitted).await })
         })
     }
 
-    async fn accept(&self, sock: TcpStream, peer: SocketAddr) {
+    async fn accept(&self, sock: TcpStream, peer: SocketAddr, mut admitted: keel_amqp::Admitted) {
         if let Err(e) = harden(&sock) {
             let why = format!("cannot set keepalive on the connection ({e})");
             return emit!(catalog::CWSIT0004W, peer = peer, me = "unknown", why = why);
         }
-        self.serve(sock, &peer.to_string()).await
+        self.serve(sock, &peer.to_string(), &mut || admitted.authenticated())
+            .await
     }
 
     /// Serves one accepted connection (after its socket options are set): header, `Open`,
     /// checks, then the target side of the peer's streams until the link ends. Generic over
     /// the byte stream so simulations can drive it over a simulated network.
-    pub async fn serve<S: LinkIo>(&self, mut sock: S, peer: &str) {
+    /// `authenticated` is told when the peer's `Open` checked out (it moves the connection
+    /// from the bus port's unauthenticated count to its links' pool, or refuses it).
+    pub async fn serve<S: LinkIo>(
+        &self,
+        mut sock: S,
+        peer: &str,
+        authenticated: &mut (dyn FnMut() -> Result<(), String> + Send),
+    ) {
         let refuse = |me: &str, why: &str| {
             emit!(catalog::CWSIT0004W, peer = peer, me = me, why = why);
         };
         let mut head = [0u8; 8];
-        let wait = Duration::from_millis(OPEN_WAIT_MS);
-        match tokio::time::timeout(wait, sock.read_exact(&mut head)).await {
+        // One deadline for the header and the Open together: a peer that has not proved
+        // who it is holds a connection slot for OPEN_WAIT_MS at most.
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(OPEN_WAIT_MS);
+        match tokio::time::timeout_at(deadline, sock.read_exact(&mut head)).await {
             Ok(Ok(_)) => {}
             _ => return refuse("unknown", "no complete protocol header"),
         }
         if let Err(e) = check_header(head) {
             return refuse("unknown", &e.to_string());
         }
-        let mut framed = Framed::new(sock, LinkCodec);
-        let open = match tokio::time::timeout(wait, framed.next()).await {
+        // Until the Open is checked, frames are bounded by OPEN_FRAME_BYTES_MAX.
+        let mut framed = Framed::new(sock, LinkCodec::default());
+        let open = match tokio::time::timeout_at(deadline, framed.next()).await {
             Ok(Some(Ok(f))) => f,
             Ok(Some(Err(e))) => return refuse("unknown", &e.to_string()),
             Ok(None) => return refuse("unknown", "closed before its Open frame"),
@@ -167,6 +178,12 @@ impl LinkAcceptor {
                 return;
             }
         };
+        if let Err(why) = authenticated() {
+            refuse(&me, &why);
+            let _ = framed.send(LinkFrame::Close { reason: why }).await;
+            return;
+        }
+        framed.codec_mut().authenticated();
         emit!(catalog::CWSIT0005I, me = me, peer = peer, bus = bus);
         let incarnation = local.engine.info().await.map_or(0, |i| i.incarnation);
         let reply = open_frame(&local.key, local.engine.config(), incarnation, Vec::new());
@@ -360,7 +377,8 @@ pub async fn source_link<S: LinkIo>(
         .await
         .map_err(|e| e.to_string())?;
     let mut st = stream.state().await;
-    let mut framed = Framed::new(sock, LinkCodec);
+    // The answer is bounded like any frame before its sender is checked.
+    let mut framed = Framed::new(sock, LinkCodec::default());
     let open = open_frame(key, ours, incarnation, vec![stream_state(&st)]);
     framed
         .send(open)
@@ -388,6 +406,7 @@ pub async fn source_link<S: LinkIo>(
             }
             auth::verify_proof(key, &credential_proof, now_ms(), &bus, &me, &me_uuid)
                 .map_err(|e| format!("the peer's {e}"))?;
+            framed.codec_mut().authenticated();
         }
         LinkFrame::Close { reason } => return Err(format!("refused by the peer: {reason}")),
         _ => return Err("the peer's first frame was not Open".into()),

@@ -178,7 +178,7 @@ fn install(sim: &mut turmoil::Sim<'_>, cfg: &Config, side: &Side, peer: &Side) {
             loop {
                 let (s, from) = listener.accept().await?;
                 let a = acceptor.clone();
-                tokio::spawn(async move { a.serve(s, &from.to_string()).await });
+                tokio::spawn(async move { a.serve(s, &from.to_string(), &mut || Ok(())).await });
             }
         }
     });
