@@ -19,27 +19,33 @@ pub enum TxCmd {
         /// The server (default: every server of the node that is running).
         #[arg(long)]
         server: Option<String>,
-        #[arg(long)]
         /// JSON instead of text.
+        #[arg(long)]
         json: bool,
     },
     /// Commits every prepared branch of a transaction by hand (a heuristic outcome when no
     /// commit decision was logged).
     Commit {
-        xid: String,
         /// The transaction's XID, as `keel tx list` shows it.
-        #[arg(long)]
+        xid: String,
         /// The server it belongs to (default: read from the XID).
+        #[arg(long)]
         server: Option<String>,
+        /// JSON instead of text: {xid, server, outcome, branches, heuristic, message}.
+        #[arg(long)]
+        json: bool,
     },
     /// Rolls back every prepared branch of a transaction by hand (a heuristic outcome when a
     /// commit decision was logged).
     Rollback {
-        xid: String,
         /// The transaction's XID, as `keel tx list` shows it.
-        #[arg(long)]
+        xid: String,
         /// The server it belongs to (default: read from the XID).
+        #[arg(long)]
         server: Option<String>,
+        /// JSON instead of text: {xid, server, outcome, branches, heuristic, message}.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -184,8 +190,12 @@ pub fn run(ctx: &Ctx, cmd: TxCmd) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        TxCmd::Commit { xid, server } => resolve(ctx, &cfg, &node, &xid, server, "commit"),
-        TxCmd::Rollback { xid, server } => resolve(ctx, &cfg, &node, &xid, server, "rollback"),
+        TxCmd::Commit { xid, server, json } => {
+            resolve(ctx, &cfg, &node, &xid, server, "commit", json)
+        }
+        TxCmd::Rollback { xid, server, json } => {
+            resolve(ctx, &cfg, &node, &xid, server, "rollback", json)
+        }
     }
 }
 
@@ -205,6 +215,7 @@ fn resolve(
     xid: &str,
     server: Option<String>,
     op: &str,
+    json: bool,
 ) -> Result<ExitCode> {
     let server = match server.or_else(|| server_of(xid)) {
         Some(s) => s,
@@ -212,12 +223,26 @@ fn resolve(
     };
     servers(cfg, node, Some(&server))?;
     match invoke(ctx, cfg, node, &server, op, vec![Value::from(xid)])? {
-        Some(Value::String(s)) => {
-            println!("{s}");
-            Ok(ExitCode::SUCCESS)
-        }
-        Some(other) => {
-            println!("{other}");
+        Some(answer) => {
+            // {message, outcome, branches, heuristic}; a server of an older build answers the
+            // sentence alone.
+            let mut obj = match answer {
+                Value::Object(m) => m,
+                Value::String(message) => {
+                    let mut m = serde_json::Map::new();
+                    m.insert("message".into(), Value::from(message));
+                    m
+                }
+                other => bail!("server {server} answered {other} to {op}; expected the outcome"),
+            };
+            if json {
+                obj.insert("xid".into(), Value::from(xid));
+                obj.insert("server".into(), Value::from(server));
+                print_json(&Value::Object(obj));
+            } else {
+                let message = obj.get("message").and_then(Value::as_str).unwrap_or("");
+                println!("{message}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         None => bail!("server {server} is not running; start it (`keel server start {server} --recovery` resolves what the logs decide, then `keel tx list` shows what is left)"),

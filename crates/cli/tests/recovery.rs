@@ -859,8 +859,18 @@ fn an_operator_resolves_what_recovery_cannot_reach() {
     );
     assert_eq!(env.status("server1")["state"], "started", "still waiting");
 
-    let out = env.ok(&["tx", "commit", &xid]);
-    assert!(out.contains("maria1 (not configured)"), "{out}");
+    let out: serde_json::Value =
+        serde_json::from_str(&env.ok(&["tx", "commit", &xid, "--json"])).unwrap();
+    assert_eq!(out["xid"], xid.as_str(), "{out}");
+    assert_eq!(out["server"], "server1", "{out}");
+    assert_eq!(out["outcome"], "commit", "{out}");
+    // The logged decision was commit: committing by hand is no heuristic outcome.
+    assert_eq!(out["heuristic"], false, "{out}");
+    // Recovery finished PostgreSQL's and the engine's branches already; MariaDB's is not
+    // configured, so none was left for the operator to finish here.
+    assert_eq!(out["branches"], 0, "{out}");
+    let message = out["message"].as_str().unwrap();
+    assert!(message.contains("maria1 (not configured)"), "{out}");
     let done = starter.wait_with_output().unwrap();
     assert!(done.status.success(), "{done:?}");
     assert!(

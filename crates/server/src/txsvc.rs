@@ -398,6 +398,19 @@ pub async fn check_datasource(
     r.check().await.map_err(|e| e.detail)
 }
 
+/// What a resolution by hand did (`keel tx commit|rollback`, `--json` shows it whole).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Resolved {
+    /// One sentence for the operator.
+    pub message: String,
+    /// `commit` or `rollback`.
+    pub outcome: &'static str,
+    /// Prepared branches finished.
+    pub branches: usize,
+    /// The outcome differs from what recovery would have decided.
+    pub heuristic: bool,
+}
+
 impl TxService {
     /// Opens the recovery logs under `dir` and builds the resources: `engines` (the server's
     /// messaging engines) and every data source of `cfg` (passwords from the profile's
@@ -760,8 +773,8 @@ impl TxService {
     }
 
     /// Finishes transaction `xid` (global or branch form) by hand at every resource; against
-    /// a logged decision a rollback is heuristic (WTRN0006W either way). Returns a sentence.
-    pub async fn resolve(&self, xid: &str, commit: bool) -> Result<String, String> {
+    /// a logged decision a rollback is heuristic (WTRN0006W either way).
+    pub async fn resolve(&self, xid: &str, commit: bool) -> Result<Resolved, String> {
         let x: Xid = xid.parse()?;
         if x.keel_tx(self.coord.recovery_id()).is_none() {
             return Err(format!(
@@ -843,6 +856,8 @@ impl TxService {
             ));
         }
         let outcome = if commit { "commit" } else { "rollback" };
+        // A heuristic outcome: the operator's decision differs from what recovery would do.
+        let heuristic = decided.is_empty() == commit;
         let mut detail = match (decided.is_empty(), commit) {
             (false, true) => "the logged decision was commit: no heuristic outcome".to_string(),
             (false, false) => "heuristic: the logged decision was commit, so branches told before may have committed".to_string(),
@@ -867,9 +882,14 @@ impl TxService {
             outcome = outcome,
             detail = detail
         );
-        Ok(format!(
-            "transaction {xid}: {outcome} of {done} prepared branch(es); {detail}"
-        ))
+        Ok(Resolved {
+            message: format!(
+                "transaction {xid}: {outcome} of {done} prepared branch(es); {detail}"
+            ),
+            outcome,
+            branches: done,
+            heuristic,
+        })
     }
 
     /// Clean stop: closes the logs; with no decision logged, removes their files (a cold
@@ -1005,7 +1025,7 @@ impl keel_admin::AdminObject for TxServiceObject {
                     self.svc
                         .resolve(&xid, op == "commit")
                         .await
-                        .map(serde_json::Value::from)
+                        .map(|r| serde_json::to_value(r).expect("a Resolved serializes"))
                         .map_err(|e| errs.failed(e))
                 }
                 _ => Err(errs.bad("unknown operation")),
