@@ -5,7 +5,6 @@ mod common;
 #[path = "common/numbers.rs"]
 mod numbers;
 
-use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Duration;
 
@@ -172,17 +171,7 @@ fn sigkill_under_amqp_load_loses_no_accepted_message() {
         c.close().await.unwrap();
         got
     });
-    let mut counts: BTreeMap<u64, u32> = BTreeMap::new();
-    for n in &got {
-        *counts.entry(*n).or_default() += 1;
-    }
-    for n in &accepted {
-        assert_eq!(
-            counts.get(n),
-            Some(&1),
-            "accepted message {n} lost or duplicated"
-        );
-    }
+    let counts = numbers::assert_each_accepted_once(&accepted, &got);
     assert!(counts.values().all(|c| *c == 1), "a message arrived twice");
     // What was stored is a prefix of what was sent: the store keeps order across the crash.
     let mut sorted = got.clone();

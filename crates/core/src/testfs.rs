@@ -16,25 +16,35 @@ impl Tmpfs {
     /// Mounts a tmpfs of `size_bytes` on a new directory under the system's temp dir.
     /// Panics with the reason when it cannot (not root, no mount permission).
     pub fn mount(size_bytes: u64) -> Tmpfs {
-        assert!(size_bytes >= 64 * 1024, "a tmpfs of at least 64 KiB");
         let dir = std::env::temp_dir().join(format!(
             "keel-tmpfs-{}-{}",
             std::process::id(),
             crate::unix_ms()
         ));
-        std::fs::create_dir_all(&dir).expect("create the tmpfs mount point");
+        Tmpfs::mount_at(&dir, size_bytes)
+    }
+
+    /// Mounts a tmpfs of `size_bytes` on `dir` (created if absent; whatever it held is hidden
+    /// until the unmount). Panics with the reason when it cannot.
+    pub fn mount_at(dir: &Path, size_bytes: u64) -> Tmpfs {
+        assert!(size_bytes >= 64 * 1024, "a tmpfs of at least 64 KiB");
+        std::fs::create_dir_all(dir).expect("create the tmpfs mount point");
         let out = Command::new("mount")
             .args(["-t", "tmpfs", "-o"])
             .arg(format!("size={size_bytes},mode=0700"))
             .arg("keel-test")
-            .arg(&dir)
+            .arg(dir)
             .output();
         let why = match out {
-            Ok(o) if o.status.success() => return Tmpfs { dir },
+            Ok(o) if o.status.success() => {
+                return Tmpfs {
+                    dir: dir.to_path_buf(),
+                }
+            }
             Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
             Err(e) => format!("cannot run mount: {e}"),
         };
-        let _ = std::fs::remove_dir(&dir);
+        let _ = std::fs::remove_dir(dir);
         panic!(
             "this test fills a small tmpfs to meet a real full disk and must mount one (it runs \
              as root in CI); `mount -t tmpfs` failed: {why}"

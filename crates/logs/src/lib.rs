@@ -138,7 +138,7 @@ impl LogFile {
         let kept = if f.held_lines == 0 {
             String::new()
         } else {
-            format!("; the first {} are written just above, late", f.held_lines)
+            format!("; {} of them are written just above, late", f.held_lines)
         };
         let mut note = render_line(
             std::time::SystemTime::now(),

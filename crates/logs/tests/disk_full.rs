@@ -65,7 +65,7 @@ fn system_out_and_the_repository_resume_after_a_full_disk() {
         .position(|l| l.contains("WSVR0108W: 20 log line(s) could not be written"))
         .unwrap_or_else(|| panic!("the note:\n{text}"));
     assert!(
-        lines[note].contains("the first 20 are written just above"),
+        lines[note].contains("; 20 of them are written just above, late"),
         "{}",
         lines[note]
     );

@@ -131,8 +131,16 @@ impl Env {
 
     /// A fresh profile made with extra `profile create` options.
     pub fn new_with(extra: &[&str]) -> Env {
+        Env::new_prepared(extra, |_| {})
+    }
+
+    /// A fresh profile made with extra `profile create` options; `prepare` gets the profile's
+    /// path before it exists (a test mounts a small file system on its parent, the test's empty
+    /// temporary directory).
+    pub fn new_prepared(extra: &[&str], prepare: impl FnOnce(&Path)) -> Env {
         let dir = tempfile::tempdir().unwrap();
         let profile = dir.path().join("profile");
+        prepare(&profile);
         let (base_port, ports) = free_base_port(10);
         let env = Env {
             _dir: dir,

@@ -140,3 +140,23 @@ pub fn receive_every(
     got.sort_unstable();
     got
 }
+
+/// Checks that every number in `accepted` is in `got` exactly once; returns how often each
+/// number of `got` arrived.
+pub fn assert_each_accepted_once(
+    accepted: &[u64],
+    got: &[u64],
+) -> std::collections::BTreeMap<u64, u32> {
+    let mut counts = std::collections::BTreeMap::new();
+    for n in got {
+        *counts.entry(*n).or_default() += 1;
+    }
+    for n in accepted {
+        assert_eq!(
+            counts.get(n),
+            Some(&1),
+            "accepted message {n} lost or duplicated"
+        );
+    }
+    counts
+}
