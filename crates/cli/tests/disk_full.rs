@@ -51,6 +51,14 @@ fn me_state(env: &Env) -> String {
     env.ok(&["me", "state", ME])
 }
 
+/// The `Server` object's `health` attribute (also in its health ping's answer).
+fn server_health(env: &Env) -> String {
+    let server = "Keel:type=Server,name=server1,node=node01,process=server1";
+    env.ok(&["admin", "get", server, "health"])
+        .trim()
+        .to_string()
+}
+
 #[test]
 fn a_full_disk_refuses_sends_says_so_and_takes_work_again_when_space_returns() {
     // Declared first, dropped last: a failing test still shows the logs on it.
@@ -122,6 +130,7 @@ fn a_full_disk_refuses_sends_says_so_and_takes_work_again_when_space_returns() {
             state.starts_with("started\n") && state.contains("store: disk-full since"),
             "{state}"
         );
+        assert_eq!(server_health(&env), "degraded");
         // Space returns: the very next send is accepted, without a restart.
         std::fs::remove_file(&filler).unwrap();
         for _ in 0..100 {
@@ -138,6 +147,7 @@ fn a_full_disk_refuses_sends_says_so_and_takes_work_again_when_space_returns() {
         accepted
     });
     assert_eq!(me_state(&env).trim(), "started", "the store is ok again");
+    assert_eq!(server_health(&env), "ok");
 
     // Every accepted message arrives exactly once, and nothing that was refused.
     let got = receive_every(
