@@ -330,117 +330,120 @@ impl Decoder for LinkCodec {
     }
 }
 
+/// One frame of each kind (two verdicts more), valid and small: what the codec's tests and
+/// the fuzz targets (`tests/fuzz.rs`) start from.
+#[doc(hidden)]
+pub fn sample_frames() -> Vec<LinkFrame> {
+    vec![
+        LinkFrame::Open {
+            bus: "bus1".into(),
+            me: "n.s-b".into(),
+            me_uuid: "u".into(),
+            incarnation: 2,
+            credential_proof: vec![1, 2, 3],
+            streams: vec![StreamState {
+                stream_id: "s".into(),
+                next_tick: 9,
+                acked: 4,
+                flush_epoch: Some("e".into()),
+                resend_upto: 8,
+            }],
+        },
+        LinkFrame::Verdict {
+            stream_id: "s".into(),
+            kind: VerdictKind::SourceRestored,
+            a: 6,
+            b: 4,
+            last_identity: None,
+            flush_epoch: None,
+        },
+        LinkFrame::Verdict {
+            stream_id: "s".into(),
+            kind: VerdictKind::Resume,
+            a: 6,
+            b: 0,
+            last_identity: Some("u:1:5".into()),
+            flush_epoch: None,
+        },
+        LinkFrame::Verdict {
+            stream_id: "s".into(),
+            kind: VerdictKind::FlushRequested,
+            a: 0,
+            b: 0,
+            last_identity: None,
+            flush_epoch: Some("e".into()),
+        },
+        LinkFrame::Data {
+            stream_id: "s".into(),
+            tick: 5,
+            message_id: "u:1:5".into(),
+            priority: 4,
+            reliability: 4,
+            expiry_ms: Some(1),
+            destination: "q".into(),
+            properties: vec![],
+            body: vec![7; 1000],
+        },
+        LinkFrame::Ack {
+            stream_id: "s".into(),
+            upto: 5,
+        },
+        LinkFrame::Resend {
+            stream_id: "s".into(),
+            from: 3,
+        },
+        LinkFrame::Flush {
+            stream: StreamState {
+                stream_id: "b".into(),
+                next_tick: 3,
+                acked: 0,
+                flush_epoch: Some("e".into()),
+                resend_upto: 2,
+            },
+        },
+        LinkFrame::Get {
+            req: 1,
+            queue: "q".into(),
+            max: 16,
+        },
+        LinkFrame::Got {
+            req: 1,
+            msgs: vec![RemoteMessage {
+                seq: 9,
+                id: "u:1:9".into(),
+                priority: 4,
+                reliability: 4,
+                delivery_count: 1,
+                properties: b"{}".to_vec(),
+                body: vec![1, 2],
+            }],
+            error: None,
+        },
+        LinkFrame::Settle {
+            req: 2,
+            queue: "q".into(),
+            settles: vec![(9, 0)],
+        },
+        LinkFrame::Settled {
+            req: 2,
+            results: vec![None, Some("gone".into())],
+            error: None,
+        },
+        LinkFrame::Close {
+            reason: "bye".into(),
+        },
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn frames() -> Vec<LinkFrame> {
-        vec![
-            LinkFrame::Open {
-                bus: "bus1".into(),
-                me: "n.s-b".into(),
-                me_uuid: "u".into(),
-                incarnation: 2,
-                credential_proof: vec![1, 2, 3],
-                streams: vec![StreamState {
-                    stream_id: "s".into(),
-                    next_tick: 9,
-                    acked: 4,
-                    flush_epoch: Some("e".into()),
-                    resend_upto: 8,
-                }],
-            },
-            LinkFrame::Verdict {
-                stream_id: "s".into(),
-                kind: VerdictKind::SourceRestored,
-                a: 6,
-                b: 4,
-                last_identity: None,
-                flush_epoch: None,
-            },
-            LinkFrame::Verdict {
-                stream_id: "s".into(),
-                kind: VerdictKind::Resume,
-                a: 6,
-                b: 0,
-                last_identity: Some("u:1:5".into()),
-                flush_epoch: None,
-            },
-            LinkFrame::Verdict {
-                stream_id: "s".into(),
-                kind: VerdictKind::FlushRequested,
-                a: 0,
-                b: 0,
-                last_identity: None,
-                flush_epoch: Some("e".into()),
-            },
-            LinkFrame::Data {
-                stream_id: "s".into(),
-                tick: 5,
-                message_id: "u:1:5".into(),
-                priority: 4,
-                reliability: 4,
-                expiry_ms: Some(1),
-                destination: "q".into(),
-                properties: vec![],
-                body: vec![7; 1000],
-            },
-            LinkFrame::Ack {
-                stream_id: "s".into(),
-                upto: 5,
-            },
-            LinkFrame::Resend {
-                stream_id: "s".into(),
-                from: 3,
-            },
-            LinkFrame::Flush {
-                stream: StreamState {
-                    stream_id: "b".into(),
-                    next_tick: 3,
-                    acked: 0,
-                    flush_epoch: Some("e".into()),
-                    resend_upto: 2,
-                },
-            },
-            LinkFrame::Get {
-                req: 1,
-                queue: "q".into(),
-                max: 16,
-            },
-            LinkFrame::Got {
-                req: 1,
-                msgs: vec![RemoteMessage {
-                    seq: 9,
-                    id: "u:1:9".into(),
-                    priority: 4,
-                    reliability: 4,
-                    delivery_count: 1,
-                    properties: b"{}".to_vec(),
-                    body: vec![1, 2],
-                }],
-                error: None,
-            },
-            LinkFrame::Settle {
-                req: 2,
-                queue: "q".into(),
-                settles: vec![(9, 0)],
-            },
-            LinkFrame::Settled {
-                req: 2,
-                results: vec![None, Some("gone".into())],
-                error: None,
-            },
-            LinkFrame::Close {
-                reason: "bye".into(),
-            },
-        ]
-    }
-
     #[test]
     fn frames_round_trip_even_split_byte_by_byte() {
         let mut buf = BytesMut::new();
-        for f in frames() {
+        for f in sample_frames() {
             LinkCodec::trusted().encode(f, &mut buf).unwrap();
         }
         let all = buf.freeze();
@@ -452,13 +455,13 @@ mod tests {
                 out.push(f);
             }
         }
-        assert_eq!(out, frames());
+        assert_eq!(out, sample_frames());
         assert!(dec.is_empty());
     }
 
     #[test]
     fn frames_are_written_as_a_header_and_the_postcard_payload() {
-        for f in frames() {
+        for f in sample_frames() {
             let payload = postcard::to_stdvec(&f).unwrap();
             let mut expected = BytesMut::from(&b"junk"[..]);
             expected.put_u32(payload.len() as u32);
@@ -478,7 +481,7 @@ mod tests {
             bytes: 0,
             bytes_max: 100,
         };
-        let big = frames()[4].clone(); // a data frame with a 1 000-byte body
+        let big = sample_frames()[4].clone(); // a data frame with a 1 000-byte body
         assert!(matches!(
             postcard::serialize_with_flavor(&big, out),
             Err(postcard::Error::SerializeBufferFull)
@@ -490,7 +493,7 @@ mod tests {
     fn damage_is_refused() {
         let mut buf = BytesMut::new();
         LinkCodec::trusted()
-            .encode(frames()[2].clone(), &mut buf)
+            .encode(sample_frames()[2].clone(), &mut buf)
             .unwrap();
         let mut flipped = buf.clone();
         let last = flipped.len() - 1;
@@ -526,7 +529,7 @@ mod tests {
         fresh.authenticated();
         assert!(matches!(fresh.decode(&mut huge), Ok(None)));
         // Every frame an engine sends first fits the bound, with room to spare.
-        for f in frames() {
+        for f in sample_frames() {
             if matches!(f, LinkFrame::Open { .. }) {
                 let mut b = BytesMut::new();
                 LinkCodec::default().encode(f, &mut b).unwrap();
@@ -722,7 +725,7 @@ mod tests {
 
     #[test]
     fn frames_encode_as_before_byte_fields_were_slices() {
-        for f in frames() {
+        for f in sample_frames() {
             same_bytes_as_before(f);
         }
     }
@@ -762,7 +765,7 @@ mod tests {
         /// postcard decoder stands guard) decodes or errors, never panics.
         #[test]
         fn corrupted_payloads_with_valid_checksums_never_panic(i in 0usize..13, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8)) {
-            let mut payload = postcard::to_stdvec(&frames()[i]).unwrap();
+            let mut payload = postcard::to_stdvec(&sample_frames()[i]).unwrap();
             for (at, x) in flips {
                 let n = payload.len();
                 payload[at % n] ^= x;

@@ -6,6 +6,8 @@ pub mod admission;
 pub mod budget;
 pub mod catalog;
 pub mod faults;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod hex;
 pub mod layout;
 pub mod names;
