@@ -185,19 +185,38 @@ impl Segments {
         while i < refs.len() {
             // The run [i, j): same segment, each body right after the previous one.
             let first = refs[i];
+            let path = || segment_path(&self.dir, first.seg);
+            // A reference comes from a row, which damage can reach too: its end may overflow
+            // (a negative offset read back as u64) or lie past the segment. Checked before
+            // anything is allocated for it, so a row announcing 4 GiB allocates nothing.
+            let past_end = |end: Option<u64>| {
+                BodyError::Damaged(format!(
+                    "body log segment {} ends before byte {}",
+                    path().display(),
+                    end.map_or_else(|| "2^64".to_string(), |e| e.to_string())
+                ))
+            };
+            let mut end = first
+                .at
+                .checked_add(u64::from(first.len))
+                .ok_or_else(|| past_end(None))?;
             let mut j = i + 1;
-            let mut end = first.at + u64::from(first.len);
             while j < refs.len()
                 && refs[j].seg == first.seg
                 && refs[j].at == end
                 && end - first.at + u64::from(refs[j].len) <= READ_RUN_BYTES_MAX
+                && end.checked_add(u64::from(refs[j].len)).is_some()
             {
                 end += u64::from(refs[j].len);
                 j += 1;
             }
             let file = self.file(first.seg)?;
-            let mut run = vec![0u8; usize::try_from(end - first.at).expect("run fits memory")];
-            let path = || segment_path(&self.dir, first.seg);
+            let segment_bytes = file.metadata().map_err(|e| BodyError::Io(path(), e))?.len();
+            if end > segment_bytes {
+                return Err(past_end(Some(end)));
+            }
+            let run_bytes = usize::try_from(end - first.at).expect("a run is within its file");
+            let mut run = vec![0u8; run_bytes];
             match file.read_exact_at(&mut run, first.at) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
@@ -467,5 +486,108 @@ mod tests {
             segs.read(&[first, second]).unwrap(),
             vec![vec![1; 400], vec![3; 400]]
         );
+    }
+
+    /// Regression (fuzz): a row whose offset is negative (read back as u64) overflowed the
+    /// run's end (a panic in debug builds), and one announcing a 4 GiB body allocated 4 GiB
+    /// before the read found the segment short. Both are damage now, found before allocating.
+    #[test]
+    fn fuzz_regression_hostile_references_are_damage_without_allocating() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = tmp.path().join("s.sqlite");
+        let mut a = Appender::create(&dir_of(&store), 1).unwrap();
+        let r = a.stage(&[5; 300]);
+        a.flush().unwrap();
+        let segs = Segments::new(&store);
+        for hostile in [
+            BodyRef {
+                at: u64::MAX - 10,
+                ..r
+            },
+            BodyRef {
+                at: -300i64 as u64,
+                ..r
+            },
+            BodyRef { len: u32::MAX, ..r },
+        ] {
+            let (result, peak_bytes) = keel_core::fuzz::peak_bytes(|| segs.read(&[r, hostile]));
+            assert!(
+                matches!(result, Err(BodyError::Damaged(_))),
+                "{hostile:?}: {result:?}"
+            );
+            assert!(
+                peak_bytes < 64 * 1024,
+                "{hostile:?}: {peak_bytes} bytes allocated"
+            );
+        }
+    }
+
+    fn fuzz_config() -> proptest::prelude::ProptestConfig {
+        proptest::prelude::ProptestConfig {
+            cases: keel_core::fuzz::cases(keel_core::fuzz::CASES_DEFAULT),
+            failure_persistence: None,
+            ..Default::default()
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(fuzz_config())]
+
+        /// Fuzz target: body-log reads of a real segment that is then damaged (bit flips,
+        /// truncation, repeated or spliced sections, hostile words) through references that
+        /// may be damaged too (offsets, lengths, checksums, segment numbers). A read returns
+        /// bodies that match their checksums, or `Damaged`; never a panic, never an I/O error
+        /// for damage, and it allocates at most (references + 2) × the segment's bytes plus a
+        /// constant: what is present, never what a reference announces.
+        #[test]
+        fn fuzz_damaged_segments_read_as_damage(
+            sizes in proptest::collection::vec(257usize..2000, 1..12),
+            seg_ops in proptest::collection::vec(proptest::prelude::any::<(u8, u64)>(), 0..6),
+            ref_ops in proptest::collection::vec((proptest::prelude::any::<usize>(), 0u8..5, proptest::prelude::any::<u64>()), 0..4),
+            order in proptest::collection::vec(proptest::prelude::any::<usize>(), 1..12),
+        ) {
+            let tmp = tempfile::tempdir().unwrap();
+            let store = tmp.path().join("s.sqlite");
+            let dir = dir_of(&store);
+            let mut a = Appender::create(&dir, 1).unwrap();
+            let mut refs: Vec<BodyRef> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| a.stage(&vec![i as u8; *n]))
+                .collect();
+            a.flush().unwrap();
+            let path = segment_path(&dir, 1);
+            let damaged = keel_core::fuzz::mutate(&std::fs::read(&path).unwrap(), &seg_ops);
+            std::fs::write(&path, &damaged).unwrap();
+            for (i, field, v) in ref_ops {
+                let n = refs.len();
+                let r = &mut refs[i % n];
+                match field {
+                    0 => r.at = v,
+                    1 => r.len = v as u32,
+                    2 => r.crc = v as u32,
+                    3 => r.seg = v % 3,
+                    _ => r.at = r.at.wrapping_add(v % 64),
+                }
+            }
+            // In order (runs), and in any order (runs of one, repeats).
+            let shuffled: Vec<BodyRef> = order.iter().map(|k| refs[k % refs.len()]).collect();
+            let segs = Segments::new(&store);
+            for want in [&refs, &shuffled] {
+                let (result, peak_bytes) = keel_core::fuzz::peak_bytes(|| segs.read(want));
+                let bound_bytes = (want.len() + 2) * damaged.len() + 64 * 1024;
+                proptest::prop_assert!(peak_bytes <= bound_bytes, "{peak_bytes} bytes allocated, bound {bound_bytes}");
+                match result {
+                    Ok(bodies) => {
+                        proptest::prop_assert_eq!(bodies.len(), want.len());
+                        for (b, r) in bodies.iter().zip(want.iter()) {
+                            proptest::prop_assert_eq!(crc32c::crc32c(b), r.crc);
+                        }
+                    }
+                    Err(BodyError::Damaged(_)) => {}
+                    Err(BodyError::Io(p, e)) => proptest::prop_assert!(false, "damage read as an I/O error: {}: {e}", p.display()),
+                }
+            }
+        }
     }
 }

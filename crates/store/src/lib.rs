@@ -16,6 +16,11 @@
 //! - reads are paged with a bound, so an ME holding millions of messages uses bounded RAM.
 
 mod bodylog;
+
+/// Measures the fuzz targets' allocations (`bodylog`); the unit-test binary only.
+#[cfg(test)]
+#[global_allocator]
+static FUZZ_ALLOC: keel_core::fuzz::CountingAlloc = keel_core::fuzz::CountingAlloc;
 pub mod conformance;
 mod error;
 mod fsx;
