@@ -128,8 +128,8 @@ catalog! {
         "The node agent shut down on request. Servers it launched keep running unless they were stopped with it.",
         "None.";
     ADMN0003W, Warning, "Admin request {method} {path} from {peer} refused: {why}.",
-        "Every admin request must carry the profile's admin credential (HTTP basic auth, user `admin`, password in secrets/admin-password).",
-        "Use `keel admin` from the profile, or send the credential. Repeated refusals from an unknown peer may be an attack.";
+        "Every admin request must carry the profile's admin credential (HTTP basic auth, user `admin`, password in secrets/admin-password). Refusals are logged within a budget (a burst, then 2 a second; a record says how many like it were left out), with the path clipped to 128 bytes.",
+        "Use `keel admin` from the profile, or send the credential. Repeated refusals from an unknown peer may be an attack (ADMN0031W says when its answers are delayed).";
     ADMN0030W, Warning, "Admin endpoint connection from {peer}: {why}.",
         "The admin port caps its open connections in total and per source address, and closes connections that send no request in time. When a cap is reached, the connection idle longest is closed to make room; only when every open connection is in an authenticated request is a new one refused. These records are rate-limited: one says how many like it were not logged.",
         "None if the peer is known. Many from one address are a client opening connections without using them, or an attack; find the process (`ss -tnp`) and stop it. The limits are listed in docs/OPERATIONS.md (Limits and protections).";
@@ -223,8 +223,8 @@ catalog! {
         "The bus port accepts AMQP 1.0 connections for the messaging engines this server hosts.",
         "None. Clients connect with SASL PLAIN as a profile user, or ANONYMOUS where the bus allows it.";
     CWSIT0002W, Warning, "AMQP connection from {peer} refused: {why}.",
-        "A client could not open an AMQP connection: failed authentication, a protocol error before the connection opened, or too many connections.",
-        "Check the client's user and password (the profile's `secrets/admin-password` for user admin) and that it speaks AMQP 1.0 with SASL.";
+        "A client could not open an AMQP connection: failed authentication, a protocol error before the connection opened, no header, login and open within the 5 s deadline, or a cap reached (256 unauthenticated connections, 32 from one source address, 1 024 authenticated clients). Refusals are logged within a budget (a burst, then 2 a second); a record says how many like it were left out.",
+        "Check the client's user and password (the profile's `secrets/admin-password` for user admin) and that it speaks AMQP 1.0 with SASL. Many refusals from one address are a client that opens connections without using them, or an attack: find the process (`ss -tnp`) and stop it. docs/OPERATIONS.md (Limits and protections) lists the caps.";
     CWSIT0003W, Warning, "AMQP link {link} from {peer} refused: {why}.",
         "A client attached a link to an address this server cannot serve: an undefined destination, one held by another messaging engine, a stopped engine, or an anonymous client on a bus that requires authentication.",
         "Create the destination (`keel destination create`), connect to the server whose engine holds it, or start the engine (`keel me start`).";
