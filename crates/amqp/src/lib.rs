@@ -86,6 +86,24 @@ pub const FRAME_BYTES_MAX: u32 = 256 * 1024;
 pub const LINK_END_MS: u64 = 10_000;
 /// How long a locked message waits for the client's credit before going back to the queue.
 pub const CREDIT_WAIT_MS: u64 = 2_000;
+/// Posted plus settled messages one AMQP transaction may hold until its discharge. Its commit
+/// is one store commit, which carries at most `keel_store::BATCH_OPS_MAX` (4 096) operations
+/// and a settlement can take two (delete, and a put on the exception destination): a larger
+/// transaction could never commit, so it is refused while it grows instead of at the end.
+pub const TXN_MESSAGES_MAX: usize = keel_store::BATCH_OPS_MAX / 2;
+/// Bytes of posted messages one AMQP transaction may hold (the server keeps them in memory
+/// until the discharge): half of what one store commit may carry
+/// (`keel_store::BATCH_BYTES_MAX`, 64 MiB), leaving room for what a message gains when it is
+/// converted (properties as JSON).
+pub const TXN_BYTES_MAX: usize = keel_store::BATCH_BYTES_MAX / 2;
+/// How long an AMQP transaction may stay open before the server rolls it back (it holds the
+/// deliveries it settled locked meanwhile). Artemis' `transaction-timeout` has the same
+/// default. `KEEL_AMQP_TXN_AGE_MAX_S` in the server's environment overrides it.
+pub const TXN_AGE_MAX_S: u64 = 300;
+/// Open AMQP transactions per connection (across its sessions): one per session for a
+/// JMS-style client with a pool of 32 sessions. With `TXN_BYTES_MAX` it bounds what one
+/// connection's transactions hold to 1 GiB.
+pub const TXN_OPEN_MAX: usize = 32;
 
 /// A messaging engine this server hosts, as the endpoint sees it.
 #[derive(Clone)]
@@ -359,11 +377,16 @@ async fn connection(
     }
     tracing::debug!(target: "keel_amqp", %peer, ?principal, "AMQP connection open");
     let mut sessions = JoinSet::new();
+    // Open transactions of this connection, across its sessions (TXN_OPEN_MAX).
+    let txn_open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
         // Per session: its links, which are also its transactions' resource.
         let links = Arc::new(txn::SessionLinks::default());
         let acceptor = SessionAcceptor::builder()
-            .control_link_acceptor(ControlLinkAcceptor::with_resource(links.clone()))
+            .control_link_acceptor(
+                ControlLinkAcceptor::with_resource(links.clone())
+                    .with_limits(txn::limits(&txn_open)),
+            )
             .build();
         let Ok(session) = acceptor.accept(&mut conn).await else {
             break;

@@ -14,7 +14,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
-use fe2o3_amqp::transaction::resource::{TxnResource, TxnWork};
+use fe2o3_amqp::transaction::resource::{TxnLimits, TxnResource, TxnWork};
 use fe2o3_amqp::types::messaging::message::__private::Deserializable;
 use fe2o3_amqp::types::messaging::{Body, Message};
 use fe2o3_amqp::types::primitives::Value;
@@ -22,6 +22,29 @@ use fe2o3_amqp::types::transaction::TransactionId;
 use keel_engine::messaging::{Messaging, Outcome, OutgoingMessage};
 
 use crate::convert;
+
+/// The bounds of a session's transactions; `open` counts the connection's open ones.
+pub fn limits(open: &Arc<std::sync::atomic::AtomicUsize>) -> TxnLimits {
+    TxnLimits {
+        work_max: crate::TXN_MESSAGES_MAX,
+        bytes_max: crate::TXN_BYTES_MAX,
+        age_max: std::time::Duration::from_secs(age_max_s()),
+        open_max: crate::TXN_OPEN_MAX,
+        open: open.clone(),
+    }
+}
+
+/// TXN_AGE_MAX_S, or `KEEL_AMQP_TXN_AGE_MAX_S` from the server's environment (read once).
+fn age_max_s() -> u64 {
+    static AGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *AGE.get_or_init(|| {
+        std::env::var("KEEL_AMQP_TXN_AGE_MAX_S")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|s| *s > 0)
+            .unwrap_or(crate::TXN_AGE_MAX_S)
+    })
+}
 
 /// Deliveries a consumer link has sent and not yet seen settled: tag → the engine's seq.
 /// foldhash, not SipHash: the tags are the link's own counter (no flooding to defend against),

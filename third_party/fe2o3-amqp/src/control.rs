@@ -15,7 +15,7 @@ use crate::{
 
 cfg_transaction! {
     use fe2o3_amqp_types::{
-        messaging::Accepted, transaction::TransactionError, transaction::TransactionId,
+        definitions::Error as TxnRefusal, messaging::Accepted, transaction::TransactionId,
     };
 
     use crate::transaction::AllocTxnIdError;
@@ -71,15 +71,18 @@ pub(crate) enum SessionControl {
     #[cfg(feature = "transaction")]
     CommitTransaction {
         txn_id: TransactionId,
-        resp: oneshot::Sender<Result<Accepted, TransactionError>>,
+        resp: oneshot::Sender<Result<Accepted, TxnRefusal>>,
     },
     #[cfg(feature = "transaction")]
     RollbackTransaction {
         txn_id: TransactionId,
-        resp: oneshot::Sender<Result<Accepted, TransactionError>>,
+        resp: oneshot::Sender<Result<Accepted, TxnRefusal>>,
     },
     #[cfg(feature = "transaction")]
     AbortTransaction(TransactionId),
+    /// KEEL PATCH: roll back the transactions older than their limit.
+    #[cfg(feature = "transaction")]
+    ExpireTransactions,
 }
 
 impl std::fmt::Display for SessionControl {
@@ -109,6 +112,8 @@ impl std::fmt::Display for SessionControl {
             SessionControl::RollbackTransaction { .. } => write!(f, "RollbackTransaction"),
             #[cfg(feature = "transaction")]
             SessionControl::AbortTransaction(_) => write!(f, "AbortTransaction"),
+            #[cfg(feature = "transaction")]
+            SessionControl::ExpireTransactions => write!(f, "ExpireTransactions"),
         }
     }
 }

@@ -564,6 +564,7 @@ cfg_transaction! {
             let inner = Default::default();
             let inner = ControlLinkAcceptor {
                 resource: None,
+                limits: Default::default(),
                 shared,
                 inner,
             };

@@ -220,6 +220,8 @@ impl SessionAcceptor {
                         session: listener_session,
                         txn_manager,
                         max_frame_size: connection.max_frame_size(),
+                        posting: Default::default(),
+                        pending_flows: Vec::new(),
                     };
     
                     let engine = SessionEngine::begin_listener_session(
@@ -426,6 +428,15 @@ impl endpoint::Session for ListenerSession {
         delivery_id: fe2o3_amqp_types::definitions::DeliveryNumber,
     ) -> Option<(u32, Vec<u8>)> {
         self.session.delivery_tag_of(remote_role, delivery_id)
+    }
+
+    // KEEL PATCH: see endpoint::Session::on_transactional_post.
+    fn on_transactional_post(
+        &mut self,
+        transfer: &fe2o3_amqp_types::performatives::Transfer,
+        first_frame: bool,
+    ) -> Option<crate::endpoint::LinkFlow> {
+        self.session.on_transactional_post(transfer, first_frame)
     }
 
     fn set_session_stop_reason(&mut self, reason: SessionStopReason) {
@@ -696,17 +707,17 @@ cfg_transaction! {
         async fn commit_transaction(
             &mut self,
             _txn_id: fe2o3_amqp_types::transaction::TransactionId,
-        ) -> Result<Result<Accepted, TransactionError>, Self::Error> {
+        ) -> Result<Result<Accepted, fe2o3_amqp_types::definitions::Error>, Self::Error> {
             // FIXME: This should be impossible
-            Ok(Err(TransactionError::UnknownId))
+            Ok(Err(fe2o3_amqp_types::definitions::Error::new(TransactionError::UnknownId, None, None)))
         }
     
         fn rollback_transaction(
             &mut self,
             _txn_id: fe2o3_amqp_types::transaction::TransactionId,
-        ) -> Result<Result<Accepted, TransactionError>, Self::Error> {
+        ) -> Result<Result<Accepted, fe2o3_amqp_types::definitions::Error>, Self::Error> {
             // FIXME: This should be impossible
-            Ok(Err(TransactionError::UnknownId))
+            Ok(Err(fe2o3_amqp_types::definitions::Error::new(TransactionError::UnknownId, None, None)))
         }
     }
 }

@@ -41,6 +41,27 @@ pub(crate) trait Session {
         None
     }
 
+    /// KEEL PATCH: a transfer frame a transaction keeps (it never reaches its link) still
+    /// counts in flow control: the session advances its incoming ids, and the first frame of
+    /// a delivery advances the receiving link's delivery-count with its credit granted
+    /// again. Returns the link flow that tells the peer. Without it the peer's credit and
+    /// session window ran out after 200 (the default credit) transactional posts on a link,
+    /// and the sender waited for ever.
+    #[allow(dead_code)]
+    fn on_transactional_post(
+        &mut self,
+        _transfer: &fe2o3_amqp_types::performatives::Transfer,
+        _first_frame: bool,
+    ) -> Option<super::LinkFlow> {
+        None
+    }
+
+    /// KEEL PATCH: link flows the session made while handling an incoming frame (see
+    /// `on_transactional_post`), for the session's engine to send after it.
+    fn take_pending_link_flows(&mut self) -> Vec<super::LinkFlow> {
+        Vec::new()
+    }
+
     /// Record why the session (or its connection) stopped
     ///
     /// Only succeeds if the stop reason has not been recorded yet; a later

@@ -1,8 +1,9 @@
 use std::future::Future;
 
 use fe2o3_amqp_types::{
+    definitions::Error,
     messaging::Accepted,
-    transaction::{TransactionError, TransactionId},
+    transaction::TransactionId,
 };
 
 use crate::transaction::AllocTxnIdError;
@@ -18,9 +19,12 @@ pub(crate) trait HandleDischarge: Session {
     fn commit_transaction(
         &mut self,
         txn_id: TransactionId,
-    ) -> impl Future<Output = Result<Result<Accepted, TransactionError>, Self::Error>> + Send;
+    ) -> impl Future<Output = Result<Result<Accepted, Error>, Self::Error>> + Send;
     fn rollback_transaction(
         &mut self,
         txn_id: TransactionId,
-    ) -> Result<Result<Accepted, TransactionError>, Self::Error>;
+    ) -> Result<Result<Accepted, Error>, Self::Error>;
+
+    /// KEEL PATCH: rolls back the transactions older than their limit.
+    fn expire_transactions(&mut self) {}
 }

@@ -135,6 +135,8 @@ cfg_transaction! {
                     session,
                     txn_manager,
                     max_frame_size,
+                    posting: Default::default(),
+                    pending_flows: Vec::new(),
                 }
             }
         }

@@ -209,6 +209,15 @@ where
                         ))
                     })?;
                 }
+                // KEEL PATCH: credit given back for transfers a transaction keeps.
+                for flow in self.session.take_pending_link_flows() {
+                    let frame = self.session.on_outgoing_flow(flow)?;
+                    self.outgoing.send(frame).await.map_err(|_| {
+                        SessionInnerError::ConnectionStopped(connection_stop_reason_or_closed(
+                            self.session.connection_stop_reason(),
+                        ))
+                    })?;
+                }
 
                 // Re-advertise the session window (session-only flow) once half of the
                 // incoming-window has been consumed by received transfers, mirroring
@@ -394,6 +403,8 @@ where
             SessionControl::AbortTransaction(txn_id) => {
                 let _ = self.session.rollback_transaction(txn_id);
             }
+            #[cfg(feature = "transaction")]
+            SessionControl::ExpireTransactions => self.session.expire_transactions(),
         }
 
         match self.session.local_state() {

@@ -648,6 +648,43 @@ impl endpoint::Session for Session {
             .map(|(handle, tag)| (handle.0, tag.to_vec()))
     }
 
+    // KEEL PATCH: see endpoint::Session::on_transactional_post.
+    fn on_transactional_post(
+        &mut self,
+        transfer: &Transfer,
+        first_frame: bool,
+    ) -> Option<LinkFlow> {
+        self.next_incoming_id = self.next_incoming_id.wrapping_add(1);
+        self.remote_outgoing_window = self.remote_outgoing_window.saturating_sub(1);
+        self.need_flow_count = self.need_flow_count.saturating_add(1);
+        if !first_frame {
+            return None;
+        }
+        let input_handle = InputHandle::from(transfer.handle.clone());
+        match self.link_by_input_handle.get(&input_handle)? {
+            LinkRelay::Receiver {
+                flow_state,
+                output_handle,
+                ..
+            } => {
+                let mut state = flow_state.lock.write();
+                // The transaction holds the delivery, not the link: the link's credit stays
+                // as it was, i.e. it is granted again at once.
+                state.delivery_count = state.delivery_count.wrapping_add(1);
+                Some(LinkFlow {
+                    handle: output_handle.clone().into(),
+                    delivery_count: Some(state.delivery_count),
+                    link_credit: Some(state.link_credit),
+                    available: None,
+                    drain: state.drain,
+                    echo: false,
+                    properties: None,
+                })
+            }
+            LinkRelay::Sender { .. } => None,
+        }
+    }
+
     fn set_session_stop_reason(&mut self, reason: SessionStopReason) {
         let _ = self.session_stop_reason.set(reason);
     }
@@ -1255,17 +1292,17 @@ cfg_transaction! {
         async fn commit_transaction(
             &mut self,
             _txn_id: fe2o3_amqp_types::transaction::TransactionId,
-        ) -> Result<Result<Accepted, TransactionError>, Self::Error> {
+        ) -> Result<Result<Accepted, fe2o3_amqp_types::definitions::Error>, Self::Error> {
             // FIXME: This should be impossible
-            Ok(Err(TransactionError::UnknownId))
+            Ok(Err(fe2o3_amqp_types::definitions::Error::new(TransactionError::UnknownId, None, None)))
         }
 
         fn rollback_transaction(
             &mut self,
             _txn_id: fe2o3_amqp_types::transaction::TransactionId,
-        ) -> Result<Result<Accepted, TransactionError>, Self::Error> {
+        ) -> Result<Result<Accepted, fe2o3_amqp_types::definitions::Error>, Self::Error> {
             // FIXME: This should be impossible
-            Ok(Err(TransactionError::UnknownId))
+            Ok(Err(fe2o3_amqp_types::definitions::Error::new(TransactionError::UnknownId, None, None)))
         }
     }
 }

@@ -36,6 +36,8 @@ pub(crate) type CoordinatorLink = ReceiverLink<Coordinator>;
 pub struct ControlLinkAcceptor {
     /// KEEL PATCH: applies a transaction's work at discharge (see `resource.rs`).
     pub(crate) resource: Option<Arc<dyn super::resource::TxnResource>>,
+    /// KEEL PATCH: bounds of the transactions (see `resource::TxnLimits`).
+    pub(crate) limits: super::resource::TxnLimits,
     pub(crate) shared: SharedLinkAcceptorFields,
     pub(crate) inner: LocalReceiverLinkAcceptor<
         TxnCapability,
@@ -53,6 +55,7 @@ impl Default for ControlLinkAcceptor {
         let shared = SharedLinkAcceptorFields::default();
         Self {
             resource: None,
+            limits: Default::default(),
             shared,
             inner: LocalReceiverLinkAcceptor {
                 credit_mode: Default::default(),
@@ -92,6 +95,7 @@ impl ControlLinkAcceptor {
             .map(|inner| TxnCoordinator {
                 inner,
                 txn_ids: HashSet::new(),
+                age_max: self.limits.age_max,
             })
     }
 
@@ -101,6 +105,12 @@ impl ControlLinkAcceptor {
             resource: Some(resource),
             ..Self::default()
         }
+    }
+
+    /// KEEL PATCH: bounds the transactions declared through this acceptor.
+    pub fn with_limits(mut self, limits: super::resource::TxnLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Creates a builder for `ControlLinkAcceptor`
@@ -129,6 +139,9 @@ impl From<SuccessfulOutcome> for DeliveryState {
 pub(crate) struct TxnCoordinator {
     inner: ReceiverInner<CoordinatorLink>,
     txn_ids: HashSet<TransactionId>,
+    /// KEEL PATCH: how long a transaction may stay open (the session rolls back older ones
+    /// when this coordinator pokes it).
+    age_max: std::time::Duration,
 }
 
 impl TxnCoordinator {
@@ -298,6 +311,11 @@ impl TxnCoordinator {
                     CoordinatorError::TransactionError(error) => {
                         self.reject(delivery_info, error, None).await
                     }
+                    // KEEL PATCH: a refusal that says why.
+                    CoordinatorError::Refused(error) => {
+                        let state = DeliveryState::Rejected(Rejected { error: Some(error) });
+                        self.inner.dispose(delivery_info, Some(true), state).await
+                    }
                 }
             }
         };
@@ -336,8 +354,22 @@ impl TxnCoordinator {
         tracing::instrument(name = "Coordinator::event_loop", skip(self))
     )]
     pub async fn event_loop(mut self) {
+        // KEEL PATCH: a transaction left open by its controller is rolled back once it is
+        // older than `age_max`, even when the controller sends nothing more: the session
+        // checks the ages of its transactions at each tick (a quarter of the age, 1 s at
+        // least, so one is rolled back within 125 % of its age).
+        let tick_every = (self.age_max / 4).max(std::time::Duration::from_secs(1));
+        let mut expiry = tokio::time::interval(tick_every);
+        expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let running = tokio::select! {
+                _ = expiry.tick(), if !self.txn_ids.is_empty() && self.age_max != std::time::Duration::MAX => {
+                    let _ = self
+                        .inner
+                        .session_control()
+                        .try_send(SessionControl::ExpireTransactions);
+                    Running::Continue
+                },
                 delivery = self.inner.recv() => {
                     #[cfg(feature = "tracing")]
                     tracing::trace!(name = ?self.inner.link.name, ?delivery);

@@ -18,6 +18,11 @@ pub(crate) enum AllocTxnIdError {
     #[cfg(not(target_arch = "wasm32"))]
     #[cfg(feature = "acceptor")]
     InvalidSessionState,
+
+    /// KEEL PATCH: the resource refuses another transaction, and says why.
+    #[cfg(not(target_arch = "wasm32"))]
+    #[cfg(feature = "acceptor")]
+    Refused(fe2o3_amqp_types::definitions::Error),
 }
 
 cfg_acceptor! {
@@ -35,6 +40,15 @@ cfg_acceptor! {
         /// as a transaction-error. If the source for the link to the coordinator supports the rejected outcome, then the
         /// message MUST be rejected with this outcome carrying the transaction-error.
         TransactionError(TransactionError),
+
+        /// KEEL PATCH: the discharge failed, and the error says why.
+        Refused(fe2o3_amqp_types::definitions::Error),
+    }
+
+    impl From<fe2o3_amqp_types::definitions::Error> for DischargeError {
+        fn from(value: fe2o3_amqp_types::definitions::Error) -> Self {
+            Self::Refused(value)
+        }
     }
 
     impl From<TransactionError> for DischargeError {
@@ -63,6 +77,9 @@ cfg_acceptor! {
         /// as a transaction-error. If the source for the link to the coordinator supports the rejected outcome, then the
         /// message MUST be rejected with this outcome carrying the transaction-error.
         TransactionError(TransactionError),
+
+        /// KEEL PATCH: a declare or discharge refused, with the error that says why.
+        Refused(fe2o3_amqp_types::definitions::Error),
     }
     
     impl From<AllocTxnIdError> for CoordinatorError {
@@ -72,6 +89,9 @@ cfg_acceptor! {
                 #[cfg(not(target_arch = "wasm32"))]
                 #[cfg(feature = "acceptor")]
                 AllocTxnIdError::InvalidSessionState => Self::InvalidSessionState,
+                #[cfg(not(target_arch = "wasm32"))]
+                #[cfg(feature = "acceptor")]
+                AllocTxnIdError::Refused(error) => Self::Refused(error),
             }
         }
     }
@@ -83,6 +103,7 @@ cfg_acceptor! {
                 #[cfg(feature = "acceptor")]
                 DischargeError::InvalidSessionState => Self::InvalidSessionState,
                 DischargeError::TransactionError(error) => Self::TransactionError(error),
+                DischargeError::Refused(error) => Self::Refused(error),
             }
         }
     }

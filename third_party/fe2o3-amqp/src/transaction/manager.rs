@@ -47,11 +47,29 @@ impl TransactionManager {
 #[derive(Debug)]
 pub(crate) struct ResourceTransaction {
     pub frames: Vec<TxnWorkFrame>,
+    /// KEEL PATCH: what the transaction holds, against `TxnLimits`.
+    pub declared: std::time::Instant,
+    /// Posted deliveries plus settled deliveries.
+    pub work: usize,
+    /// Payload bytes of the posts.
+    pub bytes: usize,
+    /// Rolled back by the resource (a limit): its frames are gone, and its discharge and any
+    /// further post are answered with this error.
+    pub failed: Option<fe2o3_amqp_types::definitions::Error>,
+    /// Its place among the open transactions of the connection.
+    pub _slot: Option<super::resource::OpenSlot>,
 }
 
 impl ResourceTransaction {
     pub fn new() -> Self {
-        Self { frames: Vec::new() }
+        Self {
+            frames: Vec::new(),
+            declared: std::time::Instant::now(),
+            work: 0,
+            bytes: 0,
+            failed: None,
+            _slot: None,
+        }
     }
 
     /// Handle a transfer posted against a live transaction, returning the

@@ -50,3 +50,58 @@ pub trait TxnResource: Send + Sync + std::fmt::Debug {
     /// (released) rather than waiting for a settlement that will not come.
     fn rollback(&self, txn_id: TransactionId, work: Vec<TxnWork>);
 }
+
+/// KEEL PATCH: what the accepting side lets one transaction hold, and how many may be open.
+/// Upstream keeps every post and settlement of a transaction in memory until its discharge,
+/// with no bound: a client could grow one transaction until the server ran out of memory, or
+/// leave it open for ever (holding the deliveries it settled in it).
+#[derive(Debug, Clone)]
+pub struct TxnLimits {
+    /// Posted deliveries plus settled deliveries one transaction may hold.
+    pub work_max: usize,
+    /// Payload bytes of the posts one transaction may hold.
+    pub bytes_max: usize,
+    /// How long a transaction may stay open; older ones are rolled back.
+    pub age_max: std::time::Duration,
+    /// Open transactions (declared, not discharged) counted in `open`.
+    pub open_max: usize,
+    /// The count `open_max` bounds; share one among the sessions of a connection to bound
+    /// the connection.
+    pub open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Default for TxnLimits {
+    fn default() -> Self {
+        Self {
+            work_max: usize::MAX,
+            bytes_max: usize::MAX,
+            age_max: std::time::Duration::MAX,
+            open_max: usize::MAX,
+            open: Default::default(),
+        }
+    }
+}
+
+/// One counted open transaction; the count goes down when it is dropped.
+#[derive(Debug)]
+pub(crate) struct OpenSlot(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl OpenSlot {
+    /// Takes a slot, or None when `limits.open_max` are taken.
+    pub(crate) fn take(limits: &TxnLimits) -> Option<Self> {
+        use std::sync::atomic::Ordering;
+        limits
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limits.open_max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(limits.open.clone()))
+    }
+}
+
+impl Drop for OpenSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}

@@ -89,6 +89,10 @@ where
     /// The negotiated max frame size of the session's connection, used when
     /// accepting the transaction control link
     pub(crate) max_frame_size: usize,
+    /// KEEL PATCH: handles of links in the middle of a multi-frame transactional post.
+    pub(crate) posting: std::collections::HashSet<u32>,
+    /// KEEL PATCH: link flows that give back the credit of transactional posts.
+    pub(crate) pending_flows: Vec<crate::endpoint::LinkFlow>,
 }
 
 impl<S> TxnSession<S> where
@@ -100,39 +104,102 @@ impl<S> TxnSession<S>
 where
     S: endpoint::Session<Error = session::error::SessionInnerError> + Send + Sync,
 {
-    /// KEEL PATCH: a transaction's kept frames as the application's work list.
-    fn keel_work(&self, frames: &[TxnWorkFrame]) -> Vec<TxnWork> {
-        let mut work = Vec::with_capacity(frames.len());
-        for work_frame in frames {
-            match work_frame {
-                TxnWorkFrame::Post { transfer, payload } => work.push(TxnWork::Post {
-                    handle: transfer.handle.0,
-                    delivery_id: transfer.delivery_id,
-                    more: transfer.more,
-                    payload: payload.clone(),
-                }),
-                TxnWorkFrame::Retire(disposition) => {
-                    let outcome = match &disposition.state {
-                        Some(DeliveryState::TransactionalState(s)) => s.outcome.clone(),
-                        _ => None,
-                    };
-                    let last = disposition.last.unwrap_or(disposition.first);
-                    for id in disposition.first..=last {
-                        if let Some((handle, delivery_tag)) =
-                            self.session.delivery_tag_of(&disposition.role, id)
-                        {
-                            work.push(TxnWork::Retire {
-                                handle,
-                                delivery_tag,
-                                outcome: outcome.clone(),
-                            });
-                        }
+    /// KEEL PATCH: rolls back transaction `txn_id` (if it is open) on the resource's behalf
+    /// because of `error`: its frames are dropped and the resource hands back what it
+    /// settled; the transaction stays declared, holding nothing, so that its discharge and
+    /// any further post learn `error`.
+    fn fail_transaction(&mut self, txn_id: &TransactionId, error: definitions::Error) {
+        let Some(txn) = self.txn_manager.txns.get_mut(txn_id) else {
+            return;
+        };
+        if txn.failed.is_some() {
+            return;
+        }
+        let frames = std::mem::take(&mut txn.frames);
+        txn.failed = Some(error);
+        txn.bytes = 0;
+        let work = keel_work(&self.session, &frames);
+        drop(frames);
+        if let Some(resource) = &self.txn_manager.control_link_acceptor.resource {
+            resource.rollback(txn_id.clone(), work);
+        }
+    }
+
+    /// KEEL PATCH: the error of a transaction held open too long.
+    fn timeout_error(&self) -> definitions::Error {
+        let age = self.txn_manager.control_link_acceptor.limits.age_max;
+        definitions::Error::new(
+            TransactionError::Timeout,
+            format!(
+                "the transaction was rolled back by the server: it was open longer than {} s, the longest a transaction may stay open; nothing of it took effect; discharge transactions sooner",
+                age.as_secs()
+            ),
+            None,
+        )
+    }
+
+    /// KEEL PATCH: the error of a transaction grown past its limits.
+    fn too_large_error(&self) -> definitions::Error {
+        let limits = &self.txn_manager.control_link_acceptor.limits;
+        definitions::Error::new(
+            TransactionError::Rollback,
+            format!(
+                "the transaction was rolled back by the server: it grew past {} posted and settled messages or {} bytes of posted messages, the most one transaction may hold; nothing of it took effect; commit in smaller transactions",
+                limits.work_max, limits.bytes_max
+            ),
+            None,
+        )
+    }
+
+    /// KEEL PATCH: rolls back `txn_id` if it is older than the limit; whether it failed.
+    fn expire_one(&mut self, txn_id: &TransactionId) -> bool {
+        let age_max = self.txn_manager.control_link_acceptor.limits.age_max;
+        let Some(txn) = self.txn_manager.txns.get(txn_id) else {
+            return false;
+        };
+        if txn.failed.is_none() && txn.declared.elapsed() > age_max {
+            let error = self.timeout_error();
+            self.fail_transaction(txn_id, error);
+        }
+        self.txn_manager
+            .txns
+            .get(txn_id)
+            .is_some_and(|t| t.failed.is_some())
+    }
+}
+
+/// KEEL PATCH: a transaction's kept frames as the application's work list.
+fn keel_work<S: endpoint::Session>(session: &S, frames: &[TxnWorkFrame]) -> Vec<TxnWork> {
+    let mut work = Vec::with_capacity(frames.len());
+    for work_frame in frames {
+        match work_frame {
+            TxnWorkFrame::Post { transfer, payload } => work.push(TxnWork::Post {
+                handle: transfer.handle.0,
+                delivery_id: transfer.delivery_id,
+                more: transfer.more,
+                payload: payload.clone(),
+            }),
+            TxnWorkFrame::Retire(disposition) => {
+                let outcome = match &disposition.state {
+                    Some(DeliveryState::TransactionalState(s)) => s.outcome.clone(),
+                    _ => None,
+                };
+                let last = disposition.last.unwrap_or(disposition.first);
+                for id in disposition.first..=last {
+                    if let Some((handle, delivery_tag)) =
+                        session.delivery_tag_of(&disposition.role, id)
+                    {
+                        work.push(TxnWork::Retire {
+                            handle,
+                            delivery_tag,
+                            outcome: outcome.clone(),
+                        });
                     }
                 }
             }
         }
-        work
     }
+    work
 }
 
 impl<S> HandleControlLink for TxnSession<S>
@@ -176,6 +243,18 @@ where
     S: endpoint::Session<Error = session::error::SessionInnerError> + Send + Sync,
 {
     fn allocate_transaction_id(&mut self) -> Result<TransactionId, AllocTxnIdError> {
+        // KEEL PATCH: a bounded number of open transactions.
+        let limits = self.txn_manager.control_link_acceptor.limits.clone();
+        let Some(slot) = super::resource::OpenSlot::take(&limits) else {
+            return Err(AllocTxnIdError::Refused(definitions::Error::new(
+                definitions::AmqpError::ResourceLimitExceeded,
+                format!(
+                    "this connection already has {} open transactions, the most it may have (one the server rolled back stays open until it is discharged); discharge one before declaring another",
+                    limits.open_max
+                ),
+                None,
+            )));
+        };
         let mut txn_id = TransactionId::from(Uuid::new_v4().into_bytes());
         while self.txn_manager.txns.contains_key(&txn_id) {
             txn_id = TransactionId::from(Uuid::new_v4().into_bytes());
@@ -184,7 +263,13 @@ where
         let _ = self
             .txn_manager
             .txns
-            .insert(txn_id.clone(), ResourceTransaction::new());
+            .insert(
+                txn_id.clone(),
+                ResourceTransaction {
+                    _slot: Some(slot),
+                    ..ResourceTransaction::new()
+                },
+            );
         Ok(txn_id)
     }
 }
@@ -198,19 +283,34 @@ where
     async fn commit_transaction(
         &mut self,
         txn_id: TransactionId,
-    ) -> Result<Result<Accepted, TransactionError>, Self::Error> {
+    ) -> Result<Result<Accepted, definitions::Error>, Self::Error> {
+        // KEEL PATCH: one rolled back by the server (a limit) says why.
+        self.expire_one(&txn_id);
         let txn = match self.txn_manager.txns.swap_remove(&txn_id) {
             Some(txn) => txn,
-            None => return Ok(Err(TransactionError::UnknownId)),
+            None => {
+                return Ok(Err(definitions::Error::new(
+                    TransactionError::UnknownId,
+                    None,
+                    None,
+                )))
+            }
         };
+        if let Some(error) = txn.failed {
+            return Ok(Err(error));
+        }
         // KEEL PATCH: the application applies the work first, all or nothing; only then do
         // the settlements reach the links (the posts are already applied, so they are not
         // replayed).
         let resource = self.txn_manager.control_link_acceptor.resource.clone();
         if let Some(resource) = &resource {
-            let work = self.keel_work(&txn.frames);
-            if resource.commit(txn_id.clone(), work).await.is_err() {
-                return Ok(Err(TransactionError::Rollback));
+            let work = keel_work(&self.session, &txn.frames);
+            if let Err(why) = resource.commit(txn_id.clone(), work).await {
+                return Ok(Err(definitions::Error::new(
+                    TransactionError::Rollback,
+                    why,
+                    None,
+                )));
             }
         }
 
@@ -263,11 +363,14 @@ where
     fn rollback_transaction(
         &mut self,
         txn_id: TransactionId,
-    ) -> Result<Result<Accepted, TransactionError>, Self::Error> {
+    ) -> Result<Result<Accepted, definitions::Error>, Self::Error> {
         match self.txn_manager.txns.swap_remove(&txn_id) {
+            // KEEL PATCH: rolled back already by the server (a limit): what the controller
+            // asks for is done.
+            Some(txn) if txn.failed.is_some() => Ok(Ok(Accepted {})),
             // KEEL PATCH: the application learns what was rolled back.
             Some(txn) if self.txn_manager.control_link_acceptor.resource.is_some() => {
-                let work = self.keel_work(&txn.frames);
+                let work = keel_work(&self.session, &txn.frames);
                 if let Some(resource) = &self.txn_manager.control_link_acceptor.resource {
                     resource.rollback(txn_id, work);
                 }
@@ -277,7 +380,19 @@ where
                 // TODO: Simply drop the frames?
                 Ok(Ok(Accepted {}))
             }
-            None => Ok(Err(TransactionError::UnknownId)),
+            None => Ok(Err(definitions::Error::new(
+                TransactionError::UnknownId,
+                None,
+                None,
+            ))),
+        }
+    }
+
+    // KEEL PATCH: transactions left open too long are rolled back.
+    fn expire_transactions(&mut self) {
+        let ids: Vec<TransactionId> = self.txn_manager.txns.keys().cloned().collect();
+        for txn_id in ids {
+            self.expire_one(&txn_id);
         }
     }
 }
@@ -383,19 +498,69 @@ where
         transfer: Transfer,
         payload: Payload,
     ) -> Result<Option<Disposition>, Self::Error> {
-        let (txn, txn_id) = match &transfer.state {
-            Some(DeliveryState::TransactionalState(state)) => {
-                let txn_id = &state.txn_id;
-                self.txn_manager
-                    .txns
-                    .get_mut(txn_id)
-                    .map(|txn| (txn, txn_id.clone()))
-                    .ok_or(S::Error::UnknownTxnId)?
-            }
+        let txn_id = match &transfer.state {
+            Some(DeliveryState::TransactionalState(state)) => state.txn_id.clone(),
             Some(_) | None => return self.session.on_incoming_transfer(transfer, payload).await,
         };
-
+        // KEEL PATCH: the post counts in flow control although its link never sees it.
+        let handle = transfer.handle.0;
+        let first_frame = !self.posting.contains(&handle);
+        if transfer.more {
+            self.posting.insert(handle);
+        } else {
+            self.posting.remove(&handle);
+        }
+        if let Some(flow) = self.session.on_transactional_post(&transfer, first_frame) {
+            self.pending_flows.push(flow);
+        }
+        if !self.txn_manager.txns.contains_key(&txn_id) {
+            return Err(S::Error::UnknownTxnId);
+        }
+        // KEEL PATCH: bounded in age, deliveries and bytes; past a bound the transaction is
+        // rolled back at once (nothing more of it is kept) and its posts are rejected.
+        if !self.expire_one(&txn_id) {
+            let limits = &self.txn_manager.control_link_acceptor.limits;
+            let (work_max, bytes_max) = (limits.work_max, limits.bytes_max);
+            let txn = self.txn_manager.txns.get_mut(&txn_id).expect("checked above");
+            if first_frame {
+                txn.work += 1;
+            }
+            txn.bytes = txn.bytes.saturating_add(payload.len());
+            if txn.work > work_max || txn.bytes > bytes_max {
+                let error = self.too_large_error();
+                self.fail_transaction(&txn_id, error);
+            }
+        }
+        let txn = self.txn_manager.txns.get_mut(&txn_id).expect("checked above");
+        if let Some(error) = &txn.failed {
+            let settled = transfer.settled.unwrap_or(false);
+            return Ok(match transfer.delivery_id {
+                Some(delivery_id) if first_frame && !settled => Some(Disposition {
+                    role: definitions::Role::Receiver,
+                    first: delivery_id,
+                    last: None,
+                    settled: true,
+                    state: Some(DeliveryState::TransactionalState(
+                        fe2o3_amqp_types::transaction::TransactionalState {
+                            txn_id,
+                            outcome: Some(fe2o3_amqp_types::messaging::Outcome::Rejected(
+                                fe2o3_amqp_types::messaging::Rejected {
+                                    error: Some(error.clone()),
+                                },
+                            )),
+                        },
+                    )),
+                    batchable: false,
+                }),
+                _ => None,
+            });
+        }
         Ok(txn.on_incoming_post(txn_id, transfer, payload))
+    }
+
+    // KEEL PATCH: see endpoint::Session::take_pending_link_flows.
+    fn take_pending_link_flows(&mut self) -> Vec<crate::endpoint::LinkFlow> {
+        std::mem::take(&mut self.pending_flows)
     }
 
     fn on_incoming_disposition(
@@ -404,17 +569,36 @@ where
     ) -> Result<Option<Vec<Disposition>>, Self::Error> {
         match &disposition.state {
             Some(DeliveryState::TransactionalState(state)) => {
-                let txn_id = &state.txn_id;
-                match self.txn_manager.txns.get_mut(txn_id) {
-                    Some(txn) => {
-                        txn.frames.push(TxnWorkFrame::Retire(disposition));
-                        Ok(None) // TODO: need to consider the receiver settle mode?
-                    }
-                    None => {
-                        // FIXME: Should this stop the session or just the coordinator associated with the txn?
-                        Err(S::Error::UnknownTxnId)
-                    }
+                let txn_id = state.txn_id.clone();
+                if !self.txn_manager.txns.contains_key(&txn_id) {
+                    // FIXME: Should this stop the session or just the coordinator associated with the txn?
+                    return Err(S::Error::UnknownTxnId);
                 }
+                // KEEL PATCH: settlements count against the transaction's bound; those
+                // of a transaction the server rolled back go back to the resource at once
+                // (the controller will not settle them again).
+                let count = disposition
+                    .last
+                    .unwrap_or(disposition.first)
+                    .saturating_sub(disposition.first) as usize
+                    + 1;
+                let work_max = self.txn_manager.control_link_acceptor.limits.work_max;
+                let failed = self.expire_one(&txn_id);
+                let txn = self.txn_manager.txns.get_mut(&txn_id).expect("checked above");
+                if failed {
+                    let work = keel_work(&self.session, &[TxnWorkFrame::Retire(disposition)]);
+                    if let Some(resource) = &self.txn_manager.control_link_acceptor.resource {
+                        resource.rollback(txn_id, work);
+                    }
+                    return Ok(None);
+                }
+                txn.work = txn.work.saturating_add(count);
+                txn.frames.push(TxnWorkFrame::Retire(disposition));
+                if txn.work > work_max {
+                    let error = self.too_large_error();
+                    self.fail_transaction(&txn_id, error);
+                }
+                Ok(None) // TODO: need to consider the receiver settle mode?
             }
             Some(_) | None => self.session.on_incoming_disposition(disposition),
         }
