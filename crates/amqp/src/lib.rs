@@ -640,7 +640,7 @@ fn route(settings: &Settings, principal: &Principal, attach: &Attach) -> Result<
             return Err(refusal(
                 AmqpError::NotFound,
                 format!(
-                    "destination {dest} is not defined on any bus of this server (defined: {}); create it with `keel destination create BUS {dest} --type queue`",
+                    "destination {dest} is not defined on any bus of this server (defined: {}); create it with `keel destination create BUS {dest} --type queue`; one created while this server runs takes effect when the server restarts (`keel server stop SERVER`, then `keel server start SERVER`)",
                     if known.is_empty() { "none".into() } else { known.join(", ") }
                 ),
             ));

@@ -186,3 +186,27 @@ fn a_transaction_open_too_long_is_rolled_back_and_its_discharge_says_so() {
     });
     env.ok(&["node", "stop", "--stop-servers"]);
 }
+
+/// A client that attaches to a queue created after its server started is told that a restart
+/// of the server is needed (CWSIT0003W, as `keel send` says it), not only to create it.
+#[test]
+fn an_attach_to_a_queue_created_after_the_start_asks_for_a_restart() {
+    let env = Env::new();
+    let (port, password) = started_with(&env, &[]);
+    env.ok(&["destination", "create", "bus1", "late", "--type", "queue"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (_c, mut s) = open(port, &password).await;
+        // The attach is answered, then the link closed with the refusal (amqp:not-found).
+        let _ = Sender::attach(&mut s, "p", "late").await;
+    });
+    let log = env.wait_for(Duration::from_secs(10), "CWSIT0003W", || {
+        let log = env.log("server1");
+        log.contains("CWSIT0003W").then_some(log)
+    });
+    assert!(
+        log.contains("one created while this server runs takes effect when the server restarts"),
+        "{log}"
+    );
+    env.ok(&["node", "stop", "--stop-servers"]);
+}
