@@ -192,13 +192,13 @@ async fn the_ping_is_answered_while_every_request_slot_holds_a_long_poll() {
     )
     .await;
     let mut polls = tokio::task::JoinSet::new();
-    for _ in 0..300 {
+    for _ in 0..1_000 {
         let c = client(addr).with_timeout_ms(60_000);
         polls.spawn(async move { c.invoke(BLOCKER, "wait", vec![]).await });
     }
     // The pool (256) fills; the rest are told the endpoint is busy.
     let mut busy = 0;
-    while busy < 300 - 256 {
+    while busy < 1_000 - 256 {
         match polls.join_next().await.unwrap().unwrap() {
             Err(AdminError::Failed { why, .. }) if why.contains("already serving") => busy += 1,
             other => panic!("expected a busy refusal, got {other:?}"),
@@ -207,7 +207,7 @@ async fn the_ping_is_answered_while_every_request_slot_holds_a_long_poll() {
     for _ in 0..10 {
         assert_eq!(client(addr).ping().await.unwrap()["ok"], true);
     }
-    blocker.release.add_permits(300);
+    blocker.release.add_permits(1_000);
     while let Some(r) = polls.join_next().await {
         assert_eq!(r.unwrap().unwrap(), json!("released"));
     }

@@ -319,3 +319,88 @@ fn everything_a_profile_holds_is_owner_only_whatever_the_umask() {
     assert!(offenders.is_empty(), "readable by others: {offenders:#?}");
     env.ok(&["node", "stop", "--stop-servers"]);
 }
+
+/// Issue 19 item 5: 256 `receive` long-polls filled the admin server's request pool, the node
+/// agent's ping got 503 and the node agent SIGKILLed a healthy server after 8-10 s. Now the ping
+/// goes to the server's own health socket: 1 000 long-polls held open past the ping timeout
+/// (10 s) leave the server running, never restarted, and `keel` commands still answer.
+#[test]
+fn a_thousand_long_polls_do_not_get_a_healthy_server_killed() {
+    let env = Env::new();
+    started(&env);
+    let status = env.status("server1");
+    let pid = status["pid"].as_u64().unwrap();
+    let admin_port: u16 = status["endpoints"]["admin"]
+        .as_str()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let queue_point = env
+        .ok(&[
+            "admin",
+            "--server",
+            "server1",
+            "query",
+            "type=SIBQueuePoint,*",
+        ])
+        .lines()
+        .find(|l| l.contains("name=q1"))
+        .expect("the queue point of q1")
+        .to_string();
+    let body = serde_json::json!({
+        "name": queue_point,
+        "op": "receive",
+        "args": [{"count": 1, "timeout_ms": 25_000}],
+    })
+    .to_string();
+    let auth = {
+        let c = format!("admin:{}", env.admin_password());
+        // Basic auth by hand: the test has no base64 crate.
+        let table = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let bytes = c.as_bytes();
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
+            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    out.push(table[((n >> (18 - 6 * i)) & 63) as usize] as char);
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    };
+    let request = format!(
+        "POST /v1/invoke HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {auth}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    // Two sources, 500 each: within the per-source cap, so every poll stays open.
+    let mut polls = Vec::new();
+    for i in 0..1_000 {
+        let from = if i % 2 == 0 { "127.0.0.2" } else { "127.0.0.3" };
+        let mut s = connect_from(from, admin_port).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        polls.push(s);
+    }
+    // Past the node agent's ping timeout (10 s by default) with every request slot taken.
+    std::thread::sleep(Duration::from_secs(14));
+    let st = env.status("server1");
+    assert_eq!(
+        st["restarts"], 0,
+        "the node agent restarted a healthy server: {st}"
+    );
+    assert_eq!(st["pid"], pid);
+    assert_eq!(st["state"], "started");
+    assert!(!env.log("node01").contains("ADMN0016W"), "no ping timeout");
+    drop(polls);
+    env.ok(&["node", "stop", "--stop-servers"]);
+}
