@@ -404,3 +404,47 @@ fn a_thousand_long_polls_do_not_get_a_healthy_server_killed() {
     drop(polls);
     env.ok(&["node", "stop", "--stop-servers"]);
 }
+
+/// The bound on what peers without a password can make the bus port hold (issue 19's "resident
+/// memory bounded under the pre-auth floods"): every unauthenticated place taken (8 sources × 32)
+/// by a link that sent all but the last byte of the largest first frame it may send. Each holds
+/// at most that frame (16 KiB) and its buffers; the cap of 256 makes the whole bounded.
+#[test]
+fn unauthenticated_peers_hold_bounded_memory() {
+    let env = Env::new();
+    let (port, password) = started(&env);
+    let pid = server_pid(&env);
+    let before = rss_kib(pid);
+    let frame_bytes = keel_bus::link::OPEN_FRAME_BYTES_MAX;
+    let mut held = Vec::new();
+    for source in 2..10 {
+        for _ in 0..keel_amqp::PREAUTH_PER_SOURCE_MAX {
+            let mut s = connect_from(&format!("127.0.0.{source}"), port).unwrap();
+            s.write_all(&keel_bus::link::PROTOCOL_HEADER).unwrap();
+            s.write_all(&(frame_bytes as u32).to_be_bytes()).unwrap();
+            s.write_all(&[0, 0, 0, 0]).unwrap();
+            s.write_all(&vec![1u8; frame_bytes - 1]).unwrap();
+            held.push(s);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let after = rss_kib(pid);
+    let grown_kib = after.saturating_sub(before);
+    eprintln!(
+        "RSS {before} -> {after} KiB with {} unauthenticated links each holding {frame_bytes} bytes",
+        held.len()
+    );
+    assert!(
+        grown_kib < 24 * 1024,
+        "RSS grew {grown_kib} KiB under {} unauthenticated links",
+        held.len()
+    );
+    // Every place is taken: one more from a ninth source is refused at once...
+    let mut extra = connect_from("127.0.0.10", port).unwrap();
+    assert!(closed_within(&mut extra, Duration::from_secs(2)));
+    // ...and a client that authenticates in time is served as soon as places free up.
+    drop(held);
+    std::thread::sleep(Duration::from_millis(200));
+    send_one(port, &password, 4);
+    env.ok(&["node", "stop", "--stop-servers"]);
+}
