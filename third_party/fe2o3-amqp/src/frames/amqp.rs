@@ -256,6 +256,14 @@ impl Decoder for FrameDecoder {
     type Error = Error;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, Self::Error> {
+        // KEEL PATCH: a frame announcing 4 to 7 bytes reaches here shorter than its header;
+        // `get_u8` panicked on it (regression: keel-amqp's fuzz tests).
+        if src.len() < 4 {
+            return Err(Error::DecodeError(format!(
+                "frame of {} bytes, shorter than its header",
+                src.len() + 4
+            )));
+        }
         let doff = src.get_u8();
         let ftype = src.get_u8();
         let channel = src.get_u16();
@@ -292,6 +300,9 @@ impl Decoder for FrameDecoder {
         } else if src.is_empty() {
             FrameBody::Empty
         } else {
+            // KEEL PATCH: serde_amqp allocates what a length announces (see `bounds`).
+            super::bounds::check_value(&src[..])
+                .map_err(|why| Error::DecodeError(why.to_string()))?;
             let reader = IoReader::new(src.reader());
             let mut deserializer = Deserializer::new(reader);
             let performative: Performative = Deserialize::deserialize(&mut deserializer)?;

@@ -1,6 +1,9 @@
 //! Implements frame encoder and decoder
 
 pub mod amqp;
+// KEEL PATCH: announced lengths checked against the bytes present before serde_amqp reads.
+#[doc(hidden)]
+pub mod bounds;
 // KEEL PATCH: direct codec for transfer, disposition and flow (see the module).
 #[doc(hidden)]
 pub mod fast;

@@ -62,6 +62,14 @@ impl Decoder for FrameCodec {
         use bytes::Buf;
         use serde_amqp::de::Deserializer;
 
+        // KEEL PATCH: a frame announcing 4 to 7 bytes reaches here shorter than its header;
+        // `get_u8` panicked on it (regression: keel-amqp's fuzz tests).
+        if src.len() < 4 {
+            return Err(Error::DecodeError(format!(
+                "SASL frame of {} bytes, shorter than its header",
+                src.len() + 4
+            )));
+        }
         let doff = src.get_u8();
         let ftype = src.get_u8();
         let _ignored = src.get_u16();
@@ -74,6 +82,9 @@ impl Decoder for FrameCodec {
             return Err(Error::NotImplemented);
         }
 
+        // KEEL PATCH: serde_amqp allocates what a length announces (see `bounds`): before
+        // this, a 12-byte SASL frame announcing a 4 GiB string allocated 4 GiB.
+        super::bounds::check_value(&src[..]).map_err(|why| Error::DecodeError(why.to_string()))?;
         let reader = IoReader::new(src.reader());
         let mut deserializer = Deserializer::new(reader);
         let frame: Frame = Deserialize::deserialize(&mut deserializer)?;

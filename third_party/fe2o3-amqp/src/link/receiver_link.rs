@@ -37,6 +37,10 @@ where
             }
         }
     }
+    // KEEL PATCH: serde_amqp allocates what a length announces (`frames::bounds`).
+    payload
+        .check_encoding()
+        .map_err(|why| serde_amqp::Error::Message(why.to_string()))?;
     T::decode_message_from_reader(payload.into_reader())
 }
 

@@ -175,6 +175,15 @@ pub(crate) trait IntoReader<'a> {
     fn contiguous(&self) -> Option<&[u8]> {
         None
     }
+
+    /// KEEL PATCH: whether the payload is whole AMQP values whose announced lengths fit the
+    /// bytes present (`frames::bounds`), checked before serde_amqp allocates what they announce.
+    fn check_encoding(&self) -> Result<(), crate::frames::bounds::Refusal> {
+        match self.contiguous() {
+            Some(bytes) => crate::frames::bounds::check_values(bytes),
+            None => Ok(()),
+        }
+    }
 }
 
 impl<'a> IntoReader<'a> for &'a Payload {
@@ -238,6 +247,13 @@ impl IntoReader<'static> for Vec<Payload> {
 
     fn into_reader(self) -> Self::Reader {
         IoReader::new(ByteReader { inner: self })
+    }
+
+    fn check_encoding(&self) -> Result<(), crate::frames::bounds::Refusal> {
+        // A multi-frame delivery: checked on one copy (bounded by the link's message size,
+        // and less than serde_amqp's reader buffers anyway).
+        let whole: Vec<u8> = self.iter().flat_map(|p| p.iter().copied()).collect();
+        crate::frames::bounds::check_values(&whole)
     }
 }
 
