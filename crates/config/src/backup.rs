@@ -38,6 +38,10 @@ const MAX_STREAM_BYTES: u64 = MAX_TOTAL_BYTES + (MAX_ENTRIES as u64) * 4096;
 const MAX_MANIFEST_BYTES: u64 = 4 << 20;
 /// Directory depth walked when archiving (the layout needs 4).
 const MAX_DEPTH: usize = 8;
+/// Largest zstd window (log2 bytes) a restore decompresses with: archives are written at
+/// level 3 (a 2 MiB window at most). zstd's default limit is 2^27, so an archive declaring a
+/// 128 MiB window made the decoder allocate that much before reading a byte of it.
+const WINDOW_LOG_MAX: u32 = 23;
 
 /// What `create_backup` wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -375,7 +379,9 @@ pub fn verify_backup(file: &Path) -> Result<VerifiedBackup> {
         "check the file name and its permissions",
     ))?;
     let exceeded = Rc::new(StdCell::new(false));
-    let dec = zstd::stream::read::Decoder::new(f)
+    let mut dec = zstd::stream::read::Decoder::new(f)
+        .map_err(|e| damaged(file, format!("cannot start decompressing: {e}")))?;
+    dec.window_log_max(WINDOW_LOG_MAX)
         .map_err(|e| damaged(file, format!("cannot start decompressing: {e}")))?;
     let limited = Limited {
         inner: dec,
@@ -1222,6 +1228,32 @@ mod tests {
             .expect_err("empty")
             .to_string()
             .contains("no manifest.toml"));
+    }
+
+    /// Regression (fuzz): an archive declaring a 128 MiB zstd window (zstd's default limit)
+    /// made the decoder allocate it; windows over 2^WINDOW_LOG_MAX are refused as damage.
+    #[test]
+    fn fuzz_regression_a_huge_zstd_window_is_refused() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let p = profile(&t, "p", "keelCell");
+        let info = create_backup(&p, None).expect("backup");
+        let tar_bytes =
+            zstd::stream::decode_all(File::open(&info.path).expect("open")).expect("decompress");
+        let with_window = |log: u32| {
+            let path = t.path().join(format!("w{log}.keelcfg"));
+            let mut enc =
+                zstd::stream::write::Encoder::new(File::create(&path).expect("create"), 1)
+                    .expect("enc");
+            enc.include_checksum(true).expect("checksum");
+            enc.window_log(log).expect("window");
+            enc.long_distance_matching(true).expect("ldm");
+            std::io::Write::write_all(&mut enc, &tar_bytes).expect("write");
+            enc.finish().expect("finish");
+            path
+        };
+        verify_backup(&with_window(WINDOW_LOG_MAX)).expect("a window at the limit is read");
+        let err = verify_backup(&with_window(27)).expect_err("a 128 MiB window is refused");
+        assert!(matches!(err, ConfigError::ArchiveDamaged { .. }), "{err:?}");
     }
 
     #[test]
