@@ -55,6 +55,8 @@ pub struct Identity {
 pub struct Settings {
     pub identity: Identity,
     pub limits: Limits,
+    /// Failed-login delays (the same defaults as the bus port's).
+    pub logins: keel_core::throttle::Limits,
 }
 
 #[derive(Clone)]
@@ -102,7 +104,7 @@ pub async fn serve_with(
         inflight: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_REQUESTS)),
         identity: Arc::new(settings.identity),
         body_read_ms: settings.limits.body_read_ms,
-        throttle: Arc::new(LoginThrottle::new(keel_core::throttle::Limits::default())),
+        throttle: Arc::new(LoginThrottle::new(settings.logins)),
         refusals: Arc::new(LogBudget::new(10, 2)),
     };
     let app = Router::new()
@@ -154,27 +156,41 @@ async fn guard(State(state): State<ServerState>, request: Request, next: Next) -
         .map(|a| Source::of(a.ip()))
         .filter(|_| request.headers().contains_key(header::AUTHORIZATION));
     let user = claimed_user(request.headers());
-    // A source and user with failures behind it waits before any answer, right or wrong.
+    // A source and user with failures behind it waits before any answer, right or wrong, one
+    // attempt after another; past the queue's bound an attempt is refused unevaluated.
     if let Some(source) = source {
-        let delay = state.throttle.delay(source, &user, Instant::now());
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
+        match state.throttle.reserve(source, &user, Instant::now()) {
+            Ok(wait) if wait.is_zero() => {}
+            Ok(wait) => tokio::time::sleep(wait).await,
+            Err(retry) => {
+                let message = format!(
+                    "too many login attempts from {source} as user {:?}: this one was refused without being checked; retry in {} s",
+                    clip(&user, 64),
+                    retry.as_secs() + 1
+                );
+                let mut response = error_body(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    WireError {
+                        kind: "unauthorized".into(),
+                        message,
+                        ..WireError::default()
+                    },
+                    Some(&state.identity),
+                );
+                let headers = response.headers_mut();
+                if let Ok(v) = HeaderValue::from_str(&(retry.as_secs() + 1).to_string()) {
+                    headers.insert(header::RETRY_AFTER, v);
+                }
+                return closing(response);
+            }
         }
     }
     if let Err(reason) = check_credential(request.headers(), &state.credential) {
         let mut why = reason.to_string();
         if let Some(source) = source {
-            let failed = state.throttle.failed(source, &user, Instant::now());
-            if failed.burst_started {
-                keel_core::emit!(
-                    keel_core::catalog::ADMN0031W,
-                    peer = source,
-                    user = clip(&user, 64),
-                    failures = failed.failures,
-                    delay_ms = failed.delay.as_millis(),
-                    delay_max_ms = keel_core::throttle::Limits::default().delay_max_ms
-                );
-            }
+            state
+                .throttle
+                .failed_and_logged(source, &user, Instant::now());
         }
         if let Some(left_out) = state.refusals.take(Instant::now()) {
             why.push_str(&left_out_note(left_out));

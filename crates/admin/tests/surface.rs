@@ -49,6 +49,14 @@ async fn start_with(
     registry: Arc<Registry>,
     limits: Limits,
 ) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    start_throttled(registry, limits, keel_core::throttle::Limits::default()).await
+}
+
+async fn start_throttled(
+    registry: Arc<Registry>,
+    limits: Limits,
+    logins: keel_core::throttle::Limits,
+) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -59,6 +67,7 @@ async fn start_with(
             process: "s1".into(),
         },
         limits,
+        logins,
     };
     tokio::spawn(keel_admin::serve_with(
         listener,
@@ -285,4 +294,49 @@ async fn wrong_passwords_are_answered_later_and_later_and_say_who_answered() {
     assert!(text.starts_with("HTTP/1.1 401"), "{text}");
     assert!(text.contains("connection: close"), "{text}");
     assert!(text.contains("\"answered_by\""), "{text}");
+}
+
+#[tokio::test]
+async fn guesses_sent_at_once_are_answered_one_delay_apart_and_the_rest_refused_unchecked() {
+    let registry = Registry::new();
+    registry.register(common::TestServer::new("s1"));
+    let logins = keel_core::throttle::Limits {
+        free_failures: 3,
+        source_free_failures: 1_000,
+        first_delay_ms: 100,
+        delay_max_ms: 200,
+        queue_max_ms: 1_000,
+        ..keel_core::throttle::Limits::default()
+    };
+    let (addr, _stop) = start_throttled(registry, Limits::default(), logins).await;
+    let wrong = AdminClient::new(addr, Credential::new("admin", "guess"));
+    for _ in 0..4 {
+        assert!(matches!(
+            wrong.ping().await,
+            Err(AdminError::Unauthorized { .. })
+        ));
+    }
+    // 30 guesses at once: the key's queue holds 1 s of answers at 100-200 ms each.
+    let mut guesses = tokio::task::JoinSet::new();
+    for _ in 0..30 {
+        let w = wrong.clone();
+        guesses.spawn(async move { w.ping().await });
+    }
+    let (mut checked, mut refused) = (0, 0);
+    while let Some(r) = guesses.join_next().await {
+        match r.unwrap() {
+            Err(AdminError::Unauthorized { .. }) => checked += 1,
+            Err(e) if e.to_string().contains("too many login attempts") => refused += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(checked + refused, 30);
+    assert!(
+        checked <= 11,
+        "{checked} guesses were checked within a 1 s queue at >= 100 ms each"
+    );
+    assert!(refused >= 19, "{refused}");
+    // The right password is queued like any attempt of the key, then gets in.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    client(addr).ping().await.unwrap();
 }

@@ -127,30 +127,34 @@ impl SaslAcceptor for KeelSasl {
     }
 
     fn on_init(&mut self, init: SaslInit) -> SaslServerFrame {
-        let verdict = self.decide(&init);
-        if let Some(g) = &self.guard {
-            let now = Instant::now();
-            let user = Self::claimed_user(&init);
-            let owed = g.throttle.delay(g.source, &user, now);
-            if !owed.is_zero() {
-                g.gate.close_until(tokio::time::Instant::now() + owed);
-            }
-            if verdict.is_ok() {
-                g.throttle.succeeded(g.source, &user);
-            } else {
-                let failed = g.throttle.failed(g.source, &user, now);
-                if failed.burst_started {
-                    keel_core::emit!(
-                        keel_core::catalog::ADMN0031W,
-                        peer = g.source,
-                        user = keel_core::budget::clip(&user, 64),
-                        failures = failed.failures,
-                        delay_ms = failed.delay.as_millis(),
-                        delay_max_ms = keel_core::throttle::Limits::default().delay_max_ms
-                    );
+        let verdict = match &self.guard {
+            None => self.decide(&init),
+            Some(g) => {
+                let now = Instant::now();
+                let user = Self::claimed_user(&init);
+                match g.throttle.reserve(g.source, &user, now) {
+                    // Over the key's queue: refused without looking at the password.
+                    Err(retry) => Err(format!(
+                        "too many login attempts from {} as user {:?}: refused without being checked; retry in {} s",
+                        g.source,
+                        keel_core::budget::clip(&user, 64),
+                        retry.as_secs() + 1
+                    )),
+                    Ok(owed) => {
+                        if !owed.is_zero() {
+                            g.gate.close_until(tokio::time::Instant::now() + owed);
+                        }
+                        let verdict = self.decide(&init);
+                        if verdict.is_ok() {
+                            g.throttle.succeeded(g.source, &user);
+                        } else {
+                            g.throttle.failed_and_logged(g.source, &user, now);
+                        }
+                        verdict
+                    }
                 }
             }
-        }
+        };
         let code = if verdict.is_ok() {
             SaslCode::Ok
         } else {

@@ -5,6 +5,11 @@
 //! learns nothing sooner by guessing right. Listeners log the start of each burst once (the
 //! `Failed::burst_started` flag), never each attempt.
 //!
+//! Attempts of one key are answered one after another, each its delay after the one before
+//! (`reserve`): a guesser who opens many connections at once gets no more answers per second
+//! than one who waits, and an attempt that would have to wait past `queue_max_ms` is refused
+//! at once without its password being looked at (it guesses nothing).
+//!
 //! Pure bookkeeping with the clock passed in; the listeners sleep.
 
 use std::collections::HashMap;
@@ -28,6 +33,8 @@ pub struct Limits {
     pub forget_after_ms: u64,
     /// Keys remembered at once (the oldest are forgotten first).
     pub keys_max: usize,
+    /// The longest an attempt waits in its key's queue; later ones are refused unevaluated.
+    pub queue_max_ms: u64,
 }
 
 impl Default for Limits {
@@ -39,6 +46,7 @@ impl Default for Limits {
             delay_max_ms: 8_000,
             forget_after_ms: 15 * 60 * 1_000,
             keys_max: 4_096,
+            queue_max_ms: 30_000,
         }
     }
 }
@@ -56,6 +64,8 @@ enum Key {
 struct Entry {
     failures: u32,
     last_failure: Instant,
+    /// When the last reserved attempt of this key is answered.
+    answer_at: Option<Instant>,
 }
 
 /// What one failure changed.
@@ -127,6 +137,40 @@ impl LoginThrottle {
         by_user.max(by_source)
     }
 
+    /// Books an attempt from `source` as `user` arriving `now`: how long it waits before it
+    /// is answered (zero for a key without failures), each attempt of a throttled key its delay
+    /// after the one before; or, when that wait would pass `queue_max_ms`, `Err` with how long
+    /// until the queue has room (the attempt is then refused without evaluation).
+    pub fn reserve(&self, source: Source, user: &str, now: Instant) -> Result<Duration, Duration> {
+        let mut keys = self.keys.lock().expect("throttle lock");
+        let user_key = Self::user_key(source, user);
+        let source_key = Key::Source(source);
+        let d = self
+            .delay_of(keys.get(&user_key), self.limits.free_failures, now)
+            .max(self.delay_of(keys.get(&source_key), self.limits.source_free_failures, now));
+        if d.is_zero() {
+            return Ok(Duration::ZERO);
+        }
+        let previous = [&user_key, &source_key]
+            .iter()
+            .filter_map(|k| keys.get(*k).and_then(|e| e.answer_at))
+            .max();
+        let at = match previous {
+            Some(p) if p > now => p + d,
+            _ => now + d,
+        };
+        let wait = at - now;
+        if wait > Duration::from_millis(self.limits.queue_max_ms) {
+            return Err(wait - Duration::from_millis(self.limits.queue_max_ms));
+        }
+        for k in [&user_key, &source_key] {
+            if let Some(e) = keys.get_mut(k) {
+                e.answer_at = Some(at);
+            }
+        }
+        Ok(wait)
+    }
+
     /// Records a failed login.
     pub fn failed(&self, source: Source, user: &str, now: Instant) -> Failed {
         let mut keys = self.keys.lock().expect("throttle lock");
@@ -138,6 +182,7 @@ impl LoginThrottle {
             let e = keys.entry(key).or_insert(Entry {
                 failures: 0,
                 last_failure: now,
+                answer_at: None,
             });
             if now.saturating_duration_since(e.last_failure).as_millis() >= u128::from(forget) {
                 e.failures = 0;
@@ -155,6 +200,22 @@ impl LoginThrottle {
             failures,
             burst_started: user_started || source_started,
         }
+    }
+
+    /// Records a failed login and logs ADMN0031W when it starts a burst (once per burst).
+    pub fn failed_and_logged(&self, source: Source, user: &str, now: Instant) -> Failed {
+        let failed = self.failed(source, user, now);
+        if failed.burst_started {
+            crate::emit!(
+                crate::catalog::ADMN0031W,
+                peer = source,
+                user = crate::budget::clip(user, 64),
+                failures = failed.failures,
+                delay_ms = failed.delay.as_millis(),
+                delay_max_ms = self.limits.delay_max_ms
+            );
+        }
+        failed
     }
 
     /// A successful login forgets that user's failures from that source (not the source's).
@@ -201,7 +262,37 @@ mod tests {
             delay_max_ms: 1_000,
             forget_after_ms: 60_000,
             keys_max: 8,
+            queue_max_ms: 3_000,
         }
+    }
+
+    #[test]
+    fn concurrent_attempts_of_a_throttled_key_are_answered_one_delay_apart_and_then_refused() {
+        let t = LoginThrottle::new(limits());
+        let now = Instant::now();
+        let s = src("127.0.0.2");
+        assert_eq!(t.reserve(s, "admin", now), Ok(Duration::ZERO));
+        for _ in 0..4 {
+            t.failed(s, "admin", now);
+        }
+        // Delay now 200 ms: ten attempts at once are spaced 200 ms apart, up to the 3 s queue.
+        let waits: Vec<Result<u128, u128>> = (0..17)
+            .map(|_| {
+                t.reserve(s, "admin", now)
+                    .map(|d| d.as_millis())
+                    .map_err(|d| d.as_millis())
+            })
+            .collect();
+        let expected: Vec<Result<u128, u128>> = (1..=15)
+            .map(|k| Ok(200 * k))
+            .chain([Err(200), Err(200)])
+            .collect();
+        assert_eq!(waits, expected);
+        // Once the queue has drained, the next attempt waits one delay again.
+        let later = now + Duration::from_secs(4);
+        assert_eq!(t.reserve(s, "admin", later), Ok(Duration::from_millis(200)));
+        // Another user of the same source is not in this queue (the source has 4 failures, 5 free).
+        assert_eq!(t.reserve(s, "other", now), Ok(Duration::ZERO));
     }
 
     #[test]

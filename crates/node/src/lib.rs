@@ -275,6 +275,7 @@ async fn serve(profile: Profile) -> Result<(), (u8, String)> {
             process: NODE_AGENT.to_string(),
         },
         limits: keel_admin::Limits::default(),
+        logins: Default::default(),
     };
     let admin_task = tokio::spawn(keel_admin::serve_with(
         listener, registry, credential, settings, shutdown,

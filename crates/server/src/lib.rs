@@ -327,6 +327,7 @@ async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
                 process: opts.server.clone(),
             },
             limits: keel_admin::Limits::default(),
+            logins: Default::default(),
         },
         admin_shutdown,
     ));
