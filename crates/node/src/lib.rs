@@ -142,12 +142,12 @@ pub fn run(opts: NodeOptions) -> u8 {
     let profile = match Profile::open(&opts.profile) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("keel node: {e}");
+            keel_server::say!("keel node: {e}");
             return exit::REFUSED;
         }
     };
     if let Err(e) = keel_logs::init_process(profile.layout(), NODE_AGENT, opts.echo_stdout) {
-        eprintln!(
+        keel_server::say!(
             "keel node: cannot open the node agent log under {}: {e}",
             profile.layout().logs(NODE_AGENT).display()
         );
@@ -160,7 +160,7 @@ pub fn run(opts: NodeOptions) -> u8 {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("keel node: cannot start the async runtime: {e}");
+            keel_server::say!("keel node: cannot start the async runtime: {e}");
             return exit::RESOURCE;
         }
     };
@@ -168,7 +168,7 @@ pub fn run(opts: NodeOptions) -> u8 {
         Ok(()) => exit::OK,
         Err((code, reason)) => {
             tracing::error!(target: "keel_node", "{reason}");
-            eprintln!("{reason}");
+            keel_server::say!("{reason}");
             code
         }
     };

@@ -18,6 +18,17 @@
 //! Invariant: a fatal start error is written both to SystemOut.log (`WSVR0101E`) and as one line
 //! on stderr, which the node agent captures in native_stderr.log and hands back to the operator.
 
+/// `eprintln!` that cannot panic: a server's stderr is `native_stderr.log`, on the profile's
+/// disk, and `eprintln!` panics when that disk is full (which also ended a failing start with
+/// a panic instead of its exit code).
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -77,12 +88,12 @@ pub fn run(opts: RunOptions) -> u8 {
     let profile = match Profile::open(&opts.profile) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("keel server: {e}");
+            say!("keel server: {e}");
             return exit::REFUSED;
         }
     };
     if let Err(e) = keel_logs::init_process(profile.layout(), &opts.server, false) {
-        eprintln!(
+        say!(
             "keel server: cannot open the log of server {} under {}: {e}",
             opts.server,
             profile.layout().logs(&opts.server).display()
@@ -96,7 +107,7 @@ pub fn run(opts: RunOptions) -> u8 {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("keel server: cannot start the async runtime: {e}");
+            say!("keel server: cannot start the async runtime: {e}");
             return exit::RESOURCE;
         }
     };
@@ -108,7 +119,7 @@ pub fn run(opts: RunOptions) -> u8 {
                 server = opts.server,
                 reason = fatal.reason
             );
-            eprintln!("{}", fatal.reason);
+            say!("{}", fatal.reason);
             fatal.code
         }
     };
