@@ -104,11 +104,20 @@ pub fn peak_bytes<T>(f: impl FnOnce() -> T) -> (T, usize) {
         "keel_core::fuzz::CountingAlloc is not this binary's #[global_allocator]"
     );
     assert!(!ARMED.get(), "peak_bytes does not nest");
+    /// Disarms when `f` returns or panics: a property test's shrinker runs the next case on
+    /// the same thread after a panic.
+    struct Disarm;
+    impl Drop for Disarm {
+        fn drop(&mut self) {
+            ARMED.set(false);
+        }
+    }
     LIVE_BYTES.set(0);
     PEAK_BYTES.set(0);
     ARMED.set(true);
+    let disarm = Disarm;
     let out = f();
-    ARMED.set(false);
+    drop(disarm);
     (out, usize::try_from(PEAK_BYTES.get()).unwrap_or(0))
 }
 
