@@ -256,6 +256,23 @@ fn fuzz_regression_announced_lengths_allocate_nothing() {
     }
 }
 
+/// Regression (long run, 1 million cases): a map counting an odd number of keys and values
+/// made serde_amqp's map reader subtract past zero (a panic in debug builds) reading an Open.
+#[test]
+fn fuzz_regression_a_map_with_an_odd_count_is_refused() {
+    assert!(bounds::check_value(&[0xc1, 3, 1, 0x40, 0x40]).is_err());
+    assert_eq!(bounds::check_value(&[0xc1, 3, 2, 0x40, 0x40]), Ok(5));
+    // An Open whose properties map counts 3: refused before serde reads it.
+    let mut open = amqp_frames()[0].clone();
+    let at = open
+        .windows(2)
+        .position(|w| w[0] == 0xc1)
+        .expect("the Open has a properties map");
+    let count_at = at + 2;
+    open[count_at] |= 1;
+    assert!(!decode_amqp(&open));
+}
+
 #[test]
 fn fuzz_bounds_refuses_lengths_over_the_bytes_present() {
     assert!(bounds::check_value(&[0xb3, 0xff, 0xff, 0xff, 0xff, b'a', b'b', b'c']).is_err());

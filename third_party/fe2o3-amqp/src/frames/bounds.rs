@@ -9,7 +9,7 @@
 //! [`check_value`] walks one encoded value (described types, lists, maps, arrays) and refuses
 //! it unless every announced length and size fits the bytes actually present, every list, map
 //! and array fills exactly the size it announces (so a reader going by size and one going by
-//! count see the same elements), an array does not announce more elements than its size has
+//! count see the same elements), a map counts keys and values in pairs, an array does not announce more elements than its size has
 //! bytes, and nesting stays within [`DEPTH_MAX`]. A value that passes makes serde_amqp
 //! allocate at most about the input's length per string or binary it holds. The walk reads
 //! each byte once and allocates nothing.
@@ -108,6 +108,11 @@ fn payload(code: u8, b: &[u8], depth: usize) -> Result<usize, Refusal> {
         // List, map: a count, then exactly `size` bytes of elements.
         0xc | 0xd => {
             let count = length(body, width)?;
+            // A map counts keys and values: serde_amqp subtracts 2 per entry and underflowed
+            // on an odd count (a panic in debug builds).
+            if code & 0x0f == 0x01 && count % 2 == 1 {
+                return Err("a map counts an odd number of keys and values");
+            }
             let mut at = width;
             for _ in 0..count {
                 if at >= body.len() {
