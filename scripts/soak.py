@@ -24,6 +24,8 @@ Then every message left is drained and the books are checked. Prints one JSON re
                server: proton hands out prefetched messages after the connection died), so
                the message is delivered again, at least once as AMQP allows
   peak_rss_mib the server's highest resident memory over all its incarnations
+  flood_*      connections each flood made (flood_login: wrong passwords the server answered,
+               throttled: their answers wait longer and longer, per server incarnation)
 
 Exits 1 when lost or duplicated is not 0. Every loop is bounded by the duration; traffic goes
 to 127.0.0.0/8 only. Needs /usr/bin/python3 with python3-qpid-proton (scripts/test installs it).
@@ -249,23 +251,30 @@ def sasl_init_plain(user, pw):
     return struct.pack(">IBBH", 8 + len(body), 2, 1, 0) + body
 
 
-def flood_login():  # wrong passwords, as raw SASL
+def flood_login():  # wrong passwords, as raw SASL; counts the attempts the server answered
     frame = sasl_init_plain("admin", "guess")
     while not stop.is_set() and time.monotonic() < deadline:
         try:
             s = from_source("127.0.0.4", bus_port)
-            s.settimeout(10)
+        except OSError:
+            stop.wait(0.1)  # the server is restarting
+            continue
+        try:
+            s.settimeout(20)
             s.sendall(b"AMQP\x03\x01\x00\x00" + frame)
-            while s.recv(4096):
-                pass
+            answer = b""
+            while True:
+                data = s.recv(4096)
+                if not data:
+                    break
+                answer += data
+            # The SASL outcome frame ends with its code: 1 (auth) for a wrong password.
+            if answer.endswith(b"\x50\x01"):
+                counters["flood_login"] += 1
         except OSError:
             pass
         finally:
-            try:
-                s.close()
-            except Exception:
-                pass
-        counters["flood_login"] += 1
+            s.close()
 
 
 def flood_link():  # KEEL header, then a first frame announcing 256 MiB
@@ -273,14 +282,18 @@ def flood_link():  # KEEL header, then a first frame announcing 256 MiB
     while not stop.is_set() and time.monotonic() < deadline:
         try:
             s = from_source("127.0.0.5", bus_port)
+        except OSError:
+            stop.wait(0.1)
+            continue
+        try:
             s.sendall(b"KEEL\x02\x00\x00\x00" + struct.pack(">II", 256 << 20, 0))
+            counters["flood_link"] += 1
             for _ in range(8):
                 s.sendall(chunk)
         except OSError:
             pass
         finally:
             s.close()
-        counters["flood_link"] += 1
         stop.wait(0.5)
 
 
