@@ -1068,6 +1068,9 @@ fn uuid_like() -> String {
 mod fast_codec_tests;
 
 #[cfg(test)]
+mod receiver_unsettled_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -221,6 +221,8 @@ pub(crate) trait ReceiverLink: Link + LinkExt {
     fn on_transfer_state(
         &mut self,
         delivery_tag: &Option<DeliveryTag>,
+        // KEEL PATCH: deliveries under one tag are told apart by id (`receiver_unsettled`).
+        delivery_id: Option<DeliveryNumber>,
         settled: Option<bool>,
         state: DeliveryState,
     ) -> Result<(), Self::TransferError>;
@@ -228,6 +230,9 @@ pub(crate) trait ReceiverLink: Link + LinkExt {
     fn on_incomplete_transfer(
         &mut self,
         delivery_tag: DeliveryTag,
+        // KEEL PATCH: the delivery's id and whether it is resumed (`receiver_unsettled`).
+        delivery_id: Option<DeliveryNumber>,
+        resume: bool,
         section_number: u32,
         section_offset: u64,
     );

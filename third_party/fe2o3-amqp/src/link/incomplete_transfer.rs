@@ -150,6 +150,16 @@ impl IncompleteTransfer {
         &self.delivery_tag
     }
 
+    /// KEEL PATCH: the delivery-id `start` validated (`receiver_unsettled`).
+    pub fn delivery_id(&self) -> Option<fe2o3_amqp_types::definitions::DeliveryNumber> {
+        self.performative.delivery_id
+    }
+
+    /// KEEL PATCH: whether the delivery is a resumed one (`receiver_unsettled`).
+    pub fn resume(&self) -> bool {
+        self.performative.resume
+    }
+
     pub fn section_number(&self) -> u32 {
         self.section_number
     }

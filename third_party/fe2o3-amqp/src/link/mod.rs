@@ -49,6 +49,9 @@ mod error;
 mod incomplete_transfer;
 pub mod receiver;
 mod receiver_link;
+// KEEL PATCH: public (hidden) so Keel's tests can prove it (crates/amqp).
+#[doc(hidden)]
+pub mod receiver_unsettled;
 pub(crate) mod resumption;
 pub mod sender;
 mod sender_link;
@@ -74,12 +77,13 @@ pub(crate) type ReceiverRelayFlowState = ReceiverFlowState;
 pub(crate) type SenderLink<T> = Link<role::SenderMarker, T, SenderFlowState, UnsettledMessage>;
 
 /// Type alias for receiver link that ONLY represents the inner state of receiver
+// KEEL PATCH: one entry per delivery under a tag (`receiver_unsettled`).
 pub(crate) type ReceiverLink<T> =
-    Link<role::ReceiverMarker, T, ReceiverFlowState, Option<DeliveryState>>;
+    Link<role::ReceiverMarker, T, ReceiverFlowState, receiver_unsettled::TagDeliveries>;
 
 pub(crate) type ArcUnsettledMap<S> = Arc<RwLock<Option<UnsettledMap<S>>>>;
 pub(crate) type ArcSenderUnsettledMap = ArcUnsettledMap<UnsettledMessage>;
-pub(crate) type ArcReceiverUnsettledMap = ArcUnsettledMap<Option<DeliveryState>>;
+pub(crate) type ArcReceiverUnsettledMap = ArcUnsettledMap<receiver_unsettled::TagDeliveries>;
 
 pub mod role {
     //! Type state definition of link role
@@ -664,6 +668,8 @@ impl LinkRelay<OutputHandle> {
         // Disposition only contains the delivery ids, which are assigned by the
         // sessions
         delivery_tag: DeliveryTag,
+        // KEEL PATCH: tells apart a receiver's deliveries under one tag (`receiver_unsettled`).
+        delivery_id: DeliveryNumber,
     ) -> bool {
         match self {
             LinkRelay::Sender {
@@ -729,13 +735,18 @@ impl LinkRelay<OutputHandle> {
                 echo
             }
             LinkRelay::Receiver { unsettled, .. } => {
+                let id = Some(delivery_id);
                 if settled {
                     let mut guard = unsettled.write();
-                    // let _state = remove_from_unsettled(unsettled, &delivery_tag).await;
-                    let _state = guard.as_mut().and_then(|m| m.swap_remove(&delivery_tag));
+                    let _state = guard
+                        .as_mut()
+                        .and_then(|m| receiver_unsettled::remove(m, &delivery_tag, id));
                 } else {
                     let mut guard = unsettled.write();
-                    if let Some(msg_state) = guard.as_mut().and_then(|m| m.get_mut(&delivery_tag)) {
+                    if let Some(msg_state) = guard
+                        .as_mut()
+                        .and_then(|m| receiver_unsettled::state_mut(m, &delivery_tag, id))
+                    {
                         *msg_state = state;
                     }
                 }

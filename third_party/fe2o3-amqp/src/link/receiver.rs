@@ -5,7 +5,8 @@ use std::sync::{Arc, OnceLock};
 
 use fe2o3_amqp_types::{
     definitions::{
-        self, DeliveryTag, Fields, Handle, LinkError, ReceiverSettleMode, Role, SequenceNo,
+        self, DeliveryNumber, DeliveryTag, Fields, Handle, LinkError, ReceiverSettleMode, Role,
+        SequenceNo,
     },
     messaging::{
         Accepted, Address, DeliveryState, FromBody, Modified, Rejected, Released, Source, Target,
@@ -23,6 +24,7 @@ use crate::{
     control::SessionControl,
     endpoint::{self, LinkAttach, LinkDetach, LinkExt, LinkFlow, OutputHandle},
     session::SessionHandle,
+    util::AsDeliveryState,
     Payload,
 };
 
@@ -692,14 +694,25 @@ impl ReceiverDisposer {
             ReceiverSettleMode::Second => false,
         };
 
+        // KEEL PATCH: the delivery's own entry (`receiver_unsettled`).
         let unsettled_state = if settled {
             let mut lock = self.unsettled.write();
-            lock.as_mut()
-                .and_then(|map| map.swap_remove(&delivery_info.delivery_tag))
+            lock.as_mut().and_then(|map| {
+                super::receiver_unsettled::remove(
+                    map,
+                    &delivery_info.delivery_tag,
+                    Some(delivery_info.delivery_id),
+                )
+            })
         } else {
             let mut lock = self.unsettled.write();
-            lock.get_or_insert(Default::default())
-                .insert(delivery_info.delivery_tag.clone(), Some(state.clone()))
+            super::receiver_unsettled::upsert(
+                lock.get_or_insert_with(super::receiver_unsettled::ReceiverUnsettledMap::new),
+                &delivery_info.delivery_tag,
+                Some(delivery_info.delivery_id),
+                Some(state.clone()),
+                false,
+            )
         };
 
         if unsettled_state.is_some() {
@@ -1117,6 +1130,7 @@ where
     async fn on_transfer_state(
         &mut self,
         delivery_tag: &Option<DeliveryTag>,
+        delivery_id: Option<DeliveryNumber>,
         settled: Option<bool>,
         state: DeliveryState,
     ) -> Result<(), RecvError> {
@@ -1135,11 +1149,15 @@ where
                 .await;
         };
 
+        // KEEL PATCH: which delivery under the tag (`receiver_unsettled`): a continuation
+        // frame names no delivery-id, the buffered delivery's is meant.
+        let mut effective_id = delivery_id;
         if let Some(incomplete) = &mut self.incomplete_transfer {
             let belongs = delivery_tag
                 .as_ref()
                 .is_none_or(|remote| incomplete.delivery_tag() == remote);
             if belongs {
+                effective_id = effective_id.or(incomplete.delivery_id());
                 if let DeliveryState::Received(received) = &state {
                     incomplete.keep_buffer_till_section_number_and_offset(
                         received.section_number,
@@ -1150,7 +1168,7 @@ where
         }
 
         self.link
-            .on_transfer_state(&Some(effective_tag), settled, state)
+            .on_transfer_state(&Some(effective_tag), effective_id, settled, state)
             .map_err(Into::into)
     }
 
@@ -1176,13 +1194,17 @@ where
         payload: Payload,
     ) -> Result<(), RecvError> {
         // Partial transfer of the delivery
-        let (delivery_tag, section_number, section_offset) =
+        // KEEL PATCH: the delivery's id and resume flag find its own entry among others
+        // with its tag (`receiver_unsettled`).
+        let (delivery_tag, delivery_id, resume, section_number, section_offset) =
             if let Some(incomplete) = &mut self.incomplete_transfer {
                 if let Err(error) = incomplete.try_append(transfer, payload) {
                     return self.close_on_malformed_delivery(error).await;
                 }
                 (
                     incomplete.delivery_tag().clone(),
+                    incomplete.delivery_id(),
+                    incomplete.resume(),
                     incomplete.section_number(),
                     incomplete.section_offset(),
                 )
@@ -1191,6 +1213,8 @@ where
                     Ok(incomplete) => {
                         let bookkeeping = (
                             incomplete.delivery_tag().clone(),
+                            incomplete.delivery_id(),
+                            incomplete.resume(),
                             incomplete.section_number(),
                             incomplete.section_offset(),
                         );
@@ -1202,8 +1226,13 @@ where
             };
 
         // Update the unsettled map in the link
-        self.link
-            .on_incomplete_transfer(delivery_tag, section_number, section_offset);
+        self.link.on_incomplete_transfer(
+            delivery_tag,
+            delivery_id,
+            resume,
+            section_number,
+            section_offset,
+        );
 
         Ok(())
     }
@@ -1265,8 +1294,12 @@ where
         };
         let guard = self.link.unsettled().read();
         guard.as_ref().is_some_and(|map| {
-            map.get(tag)
-                .is_some_and(|state| state.as_ref().is_none_or(|state| !state.is_terminal()))
+            map.get(tag).is_some_and(|entry| {
+                entry
+                    .as_delivery_state()
+                    .as_ref()
+                    .is_none_or(|state| !state.is_terminal())
+            })
         })
     }
 
@@ -1384,7 +1417,12 @@ where
             if let Some(incomplete) = self.incomplete_transfer.take() {
                 let mut guard = self.link.unsettled().write();
                 if let Some(map) = guard.as_mut() {
-                    let _ = map.swap_remove(incomplete.delivery_tag());
+                    // KEEL PATCH: only this delivery's entry (`receiver_unsettled`).
+                    let _ = super::receiver_unsettled::remove(
+                        map,
+                        incomplete.delivery_tag(),
+                        incomplete.delivery_id(),
+                    );
                 }
             }
             return Ok(None);
@@ -1401,7 +1439,12 @@ where
             // on the transfer can be thought of as being equivalent to sending a disposition immediately before
             // the transfer performative, i.e., it is the state of the delivery (not the transfer) that existed at the
             // point the frame was sent.
-            self.on_transfer_state(&transfer.delivery_tag, transfer.settled, state)
+            self.on_transfer_state(
+                &transfer.delivery_tag,
+                transfer.delivery_id,
+                transfer.settled,
+                state,
+            )
                 .await?;
         }
 
@@ -1988,7 +2031,10 @@ mod tests {
         let mut lock = map.write();
         let m = lock.get_or_insert_with(Default::default);
         for tag in tags {
-            m.insert(DeliveryTag::from(tag.clone()), None);
+            m.insert(
+                DeliveryTag::from(tag.clone()),
+                super::super::receiver_unsettled::TagDeliveries::new(None, None),
+            );
         }
     }
 

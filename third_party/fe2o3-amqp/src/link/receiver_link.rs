@@ -11,7 +11,7 @@ use crate::{
     util::{is_consecutive, AsByteIterator, IntoReader, Sealed},
 };
 
-use super::{delivery::DeliveryInfo, *};
+use super::{delivery::DeliveryInfo, receiver_unsettled, *};
 
 /// KEEL PATCH: a single-frame `Body<Value>` message of the common shape is read by the direct
 /// decoder (`fast_message.rs`); everything else, and everything it declines, by serde.
@@ -100,6 +100,7 @@ where
     fn on_transfer_state(
         &mut self,
         delivery_tag: &Option<DeliveryTag>,
+        delivery_id: Option<DeliveryNumber>,
         settled: Option<bool>,
         state: DeliveryState,
     ) -> Result<(), Self::TransferError> {
@@ -109,12 +110,13 @@ where
         let mut guard = self.unsettled.write();
         let map = guard.get_or_insert(OrderedMap::new());
 
+        // KEEL PATCH: entries per delivery (`receiver_unsettled`).
         if matches!(settled, Some(true)) {
             // FIXME: Simply remove from the unsettled map?
-            let _ = map.swap_remove(delivery_tag);
+            let _ = receiver_unsettled::remove(map, delivery_tag, delivery_id);
         } else {
             // If a terminal state is already achieved, cannot send any further
-            let value = map.get_mut(delivery_tag);
+            let value = receiver_unsettled::state_mut(map, delivery_tag, delivery_id);
             match value {
                 Some(val) => {
                     match val.as_ref().map(|v| v.is_terminal()) {
@@ -128,7 +130,13 @@ where
                     }
                 }
                 None => {
-                    map.insert(delivery_tag.clone(), Some(state));
+                    let _ = receiver_unsettled::upsert(
+                        map,
+                        delivery_tag,
+                        delivery_id,
+                        Some(state),
+                        false,
+                    );
                 }
             }
         }
@@ -138,6 +146,8 @@ where
     fn on_incomplete_transfer(
         &mut self,
         delivery_tag: DeliveryTag,
+        delivery_id: Option<DeliveryNumber>,
+        resume: bool,
         section_number: u32,
         section_offset: u64,
     ) {
@@ -153,10 +163,15 @@ where
 
         {
             let mut guard = self.unsettled.write();
-            // The same key may be writter multiple times
-            let _ = guard
-                .get_or_insert(OrderedMap::new())
-                .insert(delivery_tag, Some(state));
+            // The same delivery writes its entry once per frame; KEEL PATCH: another
+            // delivery with the tag gets its own (`receiver_unsettled`).
+            let _ = receiver_unsettled::upsert(
+                guard.get_or_insert(OrderedMap::new()),
+                &delivery_tag,
+                delivery_id,
+                Some(state),
+                resume,
+            );
         }
     }
 
@@ -231,10 +246,15 @@ where
             // set the delivery state
             {
                 let mut lock = self.unsettled.write();
-                // There may be records of incomplete delivery
-                let _ = lock
-                    .get_or_insert(OrderedMap::new())
-                    .insert(delivery_tag.clone(), Some(state));
+                // There may be records of incomplete delivery (its own, found by id); KEEL
+                // PATCH: a delivery reusing the tag of an unsettled one gets its own entry.
+                let _ = receiver_unsettled::upsert(
+                    lock.get_or_insert(OrderedMap::new()),
+                    &delivery_tag,
+                    Some(delivery_id),
+                    Some(state),
+                    transfer.resume,
+                );
             }
             (result, mode)
         };
@@ -302,16 +322,27 @@ where
             }
         });
 
+        // KEEL PATCH: the delivery's own entry (`receiver_unsettled`).
         let unsettled_state = if settled {
             let mut lock = self.unsettled.write();
-            lock.as_mut()
-                .and_then(|map| map.swap_remove(&delivery_info.delivery_tag))
+            lock.as_mut().and_then(|map| {
+                receiver_unsettled::remove(
+                    map,
+                    &delivery_info.delivery_tag,
+                    Some(delivery_info.delivery_id),
+                )
+            })
         } else {
             let mut lock = self.unsettled.write();
             // If the key is present in the map, the old value will be returned, which
             // we don't really need
-            lock.get_or_insert(OrderedMap::new())
-                .insert(delivery_info.delivery_tag.clone(), Some(state.clone()))
+            receiver_unsettled::upsert(
+                lock.get_or_insert(OrderedMap::new()),
+                &delivery_info.delivery_tag,
+                Some(delivery_info.delivery_id),
+                Some(state.clone()),
+                false,
+            )
         };
 
         // Only dispose if message is found in unsettled map
@@ -351,9 +382,12 @@ where
         {
             let reader = self.unsettled.read();
             delivery_infos.retain(|info| {
+                // KEEL PATCH: the delivery's own entry (`receiver_unsettled`).
                 reader
                     .as_ref()
-                    .map(|m| m.contains_key(&info.delivery_tag))
+                    .map(|m| {
+                        receiver_unsettled::contains(m, &info.delivery_tag, Some(info.delivery_id))
+                    })
                     .unwrap_or(false)
             });
         }
@@ -516,17 +550,24 @@ impl<T> ReceiverLink<T> {
         });
 
         // TODO: Individually checking whether a delivery is already dropped is probably too heavy?
+        // KEEL PATCH: each delivery's own entry (`receiver_unsettled`).
         if settled {
             let mut lock = self.unsettled.write();
             for info in consecutive_infos {
-                lock.as_mut()
-                    .and_then(|map| map.swap_remove(&info.delivery_tag));
+                lock.as_mut().and_then(|map| {
+                    receiver_unsettled::remove(map, &info.delivery_tag, Some(info.delivery_id))
+                });
             }
         } else {
             let mut lock = self.unsettled.write();
             for info in consecutive_infos {
-                lock.get_or_insert(OrderedMap::new())
-                    .insert(info.delivery_tag.clone(), Some(state.clone()));
+                let _ = receiver_unsettled::upsert(
+                    lock.get_or_insert(OrderedMap::new()),
+                    &info.delivery_tag,
+                    Some(info.delivery_id),
+                    Some(state.clone()),
+                    false,
+                );
             }
         }
 

@@ -925,6 +925,7 @@ impl endpoint::Session for Session {
                             disposition.settled,
                             disposition.state.clone(),
                             delivery_tag,
+                            delivery_id,
                         );
                     }
                 }
@@ -944,6 +945,7 @@ impl endpoint::Session for Session {
                             disposition.settled,
                             disposition.state.clone(),
                             delivery_tag.clone(),
+                            delivery_id,
                         );
 
                         if echo {
