@@ -448,3 +448,46 @@ fn unauthenticated_peers_hold_bounded_memory() {
     send_one(port, &password, 4);
     env.ok(&["node", "stop", "--stop-servers"]);
 }
+
+/// Issue 19: a profile whose `--base-port` overlaps another's reached the other profile's node
+/// agent and reported a wrong password. Now the refusal names the process that answered and
+/// says the port may belong to another Keel profile or process.
+#[test]
+fn a_port_of_another_profile_is_named_as_such_not_as_a_wrong_password() {
+    let a = Env::new();
+    a.ok(&["node", "start"]);
+    let dir = tempfile::tempdir().unwrap();
+    let b = dir.path().join("other");
+    let made = std::process::Command::new(common::keel_bin())
+        .args(["profile", "create", b.to_str().unwrap()])
+        .args(["--base-port", &a.base_port.to_string()])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let r = std::process::Command::new(common::keel_bin())
+        .args([
+            "--profile",
+            b.to_str().unwrap(),
+            "server",
+            "start",
+            "server1",
+        ])
+        .env_remove("KEEL_PROFILE")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert_ne!(r.status.code(), Some(0), "{stderr}");
+    let port = a.base_port.to_string();
+    assert!(
+        stderr.contains(&format!(
+            "port {port} belongs to another Keel profile or process"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("process nodeagent of node node01, cell keelCell"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    a.ok(&["node", "stop"]);
+}
