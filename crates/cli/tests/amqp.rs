@@ -284,15 +284,7 @@ fn malformed_input_closes_that_connection_only() {
 }
 
 fn depth(env: &Env) -> u64 {
-    env.ok(&[
-        "admin",
-        "invoke",
-        &format!("Keel:type=SIBQueuePoint,name=q1@{ME},bus=bus1,node=node01,process=server1"),
-        "depth",
-    ])
-    .trim()
-    .parse()
-    .unwrap()
+    common::q1_depth(env)
 }
 
 /// AMQP transactions: posts are invisible until the commit and gone with a rollback;

@@ -8,13 +8,11 @@ mod numbers;
 
 use std::time::Duration;
 
-use common::Env;
+use common::{rss_kib, Env};
 use fe2o3_amqp::transaction::{Controller, Transaction, TransactionDischarge, TransactionPosting};
 use fe2o3_amqp::types::messaging::Outcome;
 use fe2o3_amqp::Sender;
 use numbers::{numbered, numbered_sized, open};
-
-const ME: &str = "node01.server1-bus1";
 
 /// A server with queue q1; `env_vars` go to the node agent and so to the servers it starts.
 fn started_with(env: &Env, env_vars: &[(&str, &str)]) -> (u16, String) {
@@ -32,24 +30,7 @@ fn started_with(env: &Env, env_vars: &[(&str, &str)]) -> (u16, String) {
 }
 
 fn depth(env: &Env) -> u64 {
-    env.ok(&[
-        "admin",
-        "invoke",
-        &format!("Keel:type=SIBQueuePoint,name=q1@{ME},bus=bus1,node=node01,process=server1"),
-        "depth",
-    ])
-    .trim()
-    .parse()
-    .unwrap()
-}
-
-fn rss_kib(pid: u64) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .expect("VmRSS in /proc/PID/status")
+    common::q1_depth(env)
 }
 
 /// One transaction grows past its bound (32 MiB of posted messages): from there its posts are

@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::Env;
+use common::{rss_kib, Env};
 use fe2o3_amqp::types::messaging::Outcome;
 use fe2o3_amqp::Sender;
 use numbers::{numbered, open};
@@ -22,18 +22,8 @@ fn started(env: &Env) -> (u16, String) {
     (env.bus_port("server1"), env.admin_password())
 }
 
-fn server_pid(env: &Env) -> u32 {
-    env.status("server1")["pid"].as_u64().unwrap() as u32
-}
-
-/// Resident memory of `pid` in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .expect("VmRSS in /proc/PID/status")
+fn server_pid(env: &Env) -> u64 {
+    env.status("server1")["pid"].as_u64().unwrap()
 }
 
 /// A blocking connection from the loopback address `from` (127.0.0.0/8 is all ours).

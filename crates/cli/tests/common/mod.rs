@@ -350,3 +350,26 @@ pub fn http_status(port: u16, request: &str) -> u16 {
         .and_then(|c| c.parse().ok())
         .unwrap_or_else(|| panic!("no HTTP status in {text:?}"))
 }
+
+/// Resident memory of process `pid` in KiB.
+pub fn rss_kib(pid: u64) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
+/// The depth of queue `q1` of server1's engine on bus1, through the admin API.
+pub fn q1_depth(env: &Env) -> u64 {
+    env.ok(&[
+        "admin",
+        "invoke",
+        "Keel:type=SIBQueuePoint,name=q1@node01.server1-bus1,bus=bus1,node=node01,process=server1",
+        "depth",
+    ])
+    .trim()
+    .parse()
+    .unwrap()
+}
