@@ -24,6 +24,7 @@ pub mod console;
 mod error;
 pub mod health;
 mod listener;
+pub mod logrepo;
 mod registry;
 mod server;
 

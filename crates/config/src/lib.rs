@@ -21,6 +21,7 @@ pub use backup::{
     create_backup, restore_backup, verify_backup, BackupInfo, RestoreInfo, VerifiedBackup,
 };
 pub use error::{ConfigError, Result};
+pub use fsx::write_pid_file;
 pub use model::{
     me_name, system_exception_destination, take_url_password, url_has_password, AppCfg, AppKind,
     BusCfg, BusMember, Cell, Config, DataSourceCfg, DataSourceKind, DestinationCfg,

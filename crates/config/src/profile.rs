@@ -180,6 +180,21 @@ impl Profile {
         Ok(tightened)
     }
 
+    /// [`Profile::secure_directories`] for a process starting on the profile: what it had to
+    /// tighten, or why it could not, goes to the log (the process runs on either way).
+    pub fn secure_directories_logged(&self) {
+        match self.secure_directories() {
+            Ok(tightened) => {
+                for dir in tightened {
+                    tracing::warn!(path = %dir.display(), "the directory was readable by other users; made it owner-only (0700)");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot make the profile's directories owner-only")
+            }
+        }
+    }
+
     /// Opens an existing profile (checks that it has a master configuration; loads nothing).
     pub fn open(dir: &Path) -> Result<Profile> {
         if !dir.join("config").join("cell.toml").is_file() {

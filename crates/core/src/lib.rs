@@ -5,6 +5,7 @@
 pub mod admission;
 pub mod budget;
 pub mod catalog;
+pub mod exit;
 pub mod faults;
 #[doc(hidden)]
 pub mod fuzz;

@@ -25,6 +25,17 @@
 
 pub mod repo;
 
+/// `eprintln!` that cannot panic: a process's stderr is `native_stderr.log` on the profile's
+/// disk, and `eprintln!` panics when that disk is full (a failing start then ended in a panic
+/// instead of its exit code).
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};

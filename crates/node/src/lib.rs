@@ -44,11 +44,7 @@ pub struct NodeOptions {
 }
 
 /// Exit codes of the node agent process.
-pub mod exit {
-    pub const OK: u8 = 0;
-    pub const REFUSED: u8 = 2;
-    pub const RESOURCE: u8 = 3;
-}
+pub use keel_core::exit;
 
 /// Stop waits this long for a server to exit after SIGTERM before it kills it.
 const STOP_TIMEOUT_MS: u64 = 30_000;
@@ -142,12 +138,12 @@ pub fn run(opts: NodeOptions) -> u8 {
     let profile = match Profile::open(&opts.profile) {
         Ok(p) => p,
         Err(e) => {
-            keel_server::say!("keel node: {e}");
+            keel_logs::say!("keel node: {e}");
             return exit::REFUSED;
         }
     };
     if let Err(e) = keel_logs::init_process(profile.layout(), NODE_AGENT, opts.echo_stdout) {
-        keel_server::say!(
+        keel_logs::say!(
             "keel node: cannot open the node agent log under {}: {e}",
             profile.layout().logs(NODE_AGENT).display()
         );
@@ -160,7 +156,7 @@ pub fn run(opts: NodeOptions) -> u8 {
     {
         Ok(rt) => rt,
         Err(e) => {
-            keel_server::say!("keel node: cannot start the async runtime: {e}");
+            keel_logs::say!("keel node: cannot start the async runtime: {e}");
             return exit::RESOURCE;
         }
     };
@@ -168,7 +164,7 @@ pub fn run(opts: NodeOptions) -> u8 {
         Ok(()) => exit::OK,
         Err((code, reason)) => {
             tracing::error!(target: "keel_node", "{reason}");
-            keel_server::say!("{reason}");
+            keel_logs::say!("{reason}");
             code
         }
     };
@@ -179,7 +175,7 @@ pub fn run(opts: NodeOptions) -> u8 {
 
 async fn serve(profile: Profile) -> Result<(), (u8, String)> {
     let refused = |e: String| (exit::REFUSED, e);
-    keel_server::secure_profile(&profile);
+    profile.secure_directories_logged();
     let node = profile.local_node().map_err(|e| refused(e.to_string()))?;
     sync_config(&profile, &node);
     let cfg = profile
@@ -220,7 +216,7 @@ async fn serve(profile: Profile) -> Result<(), (u8, String)> {
             ),
         )
     })?;
-    keel_server::write_pid_file(&pid_file).map_err(|e| {
+    keel_config::write_pid_file(&pid_file).map_err(|e| {
         (
             exit::RESOURCE,
             format!("cannot write pid file {}: {e}", pid_file.display()),
@@ -256,7 +252,7 @@ async fn serve(profile: Profile) -> Result<(), (u8, String)> {
             ("process", NODE_AGENT),
         ]),
     }));
-    if let Some(o) = keel_server::logrepo::LogRepositoryObject::new(&node, NODE_AGENT) {
+    if let Some(o) = keel_admin::logrepo::LogRepositoryObject::new(&node, NODE_AGENT) {
         registry.register(Arc::new(o));
     }
     registry.set_delegate(Arc::new(Peers {

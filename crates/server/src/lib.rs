@@ -18,19 +18,8 @@
 //! Invariant: a fatal start error is written both to SystemOut.log (`WSVR0101E`) and as one line
 //! on stderr, which the node agent captures in native_stderr.log and hands back to the operator.
 
-/// `eprintln!` that cannot panic: a server's stderr is `native_stderr.log`, on the profile's
-/// disk, and `eprintln!` panics when that disk is full (which also ended a failing start with
-/// a panic instead of its exit code).
-#[macro_export]
-macro_rules! say {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), $($arg)*);
-    }};
-}
-
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -44,7 +33,6 @@ use tokio::sync::watch;
 
 pub mod apps;
 pub mod links;
-pub mod logrepo;
 pub mod recovery;
 pub mod txsvc;
 
@@ -56,11 +44,7 @@ pub struct RunOptions {
 }
 
 /// Exit codes of a server process; the node agent reads them.
-pub mod exit {
-    pub const OK: u8 = 0;
-    pub const REFUSED: u8 = 2;
-    pub const RESOURCE: u8 = 3;
-}
+pub use keel_core::exit;
 
 #[derive(Debug)]
 struct Fatal {
@@ -88,12 +72,12 @@ pub fn run(opts: RunOptions) -> u8 {
     let profile = match Profile::open(&opts.profile) {
         Ok(p) => p,
         Err(e) => {
-            say!("keel server: {e}");
+            keel_logs::say!("keel server: {e}");
             return exit::REFUSED;
         }
     };
     if let Err(e) = keel_logs::init_process(profile.layout(), &opts.server, false) {
-        say!(
+        keel_logs::say!(
             "keel server: cannot open the log of server {} under {}: {e}",
             opts.server,
             profile.layout().logs(&opts.server).display()
@@ -107,7 +91,7 @@ pub fn run(opts: RunOptions) -> u8 {
     {
         Ok(rt) => rt,
         Err(e) => {
-            say!("keel server: cannot start the async runtime: {e}");
+            keel_logs::say!("keel server: cannot start the async runtime: {e}");
             return exit::RESOURCE;
         }
     };
@@ -119,7 +103,7 @@ pub fn run(opts: RunOptions) -> u8 {
                 server = opts.server,
                 reason = fatal.reason
             );
-            say!("{}", fatal.reason);
+            keel_logs::say!("{}", fatal.reason);
             fatal.code
         }
     };
@@ -158,7 +142,7 @@ impl State {
 async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
     let started_at = SystemTime::now();
     let t0 = Instant::now();
-    secure_profile(&profile);
+    profile.secure_directories_logged();
     let node = profile
         .local_node()
         .map_err(|e| Fatal::refused(e.to_string()))?;
@@ -225,7 +209,7 @@ async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
     };
 
     let pid_file = profile.layout().pid_file(&opts.server);
-    write_pid_file(&pid_file).map_err(|e| {
+    keel_config::write_pid_file(&pid_file).map_err(|e| {
         Fatal::resource(format!(
             "cannot write pid file {}: {e}; check that the profile is writable",
             pid_file.display()
@@ -260,7 +244,7 @@ async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
     });
     registry.register(server_obj.clone());
     let health_task = serve_health(&profile, &opts.server, server_obj.clone());
-    if let Some(o) = logrepo::LogRepositoryObject::new(&node, &opts.server) {
+    if let Some(o) = keel_admin::logrepo::LogRepositoryObject::new(&node, &opts.server) {
         registry.register(Arc::new(o));
     }
     for e in &engines {
@@ -584,19 +568,6 @@ fn spawn_signal_watch(stop: watch::Sender<Option<String>>) {
     });
 }
 
-/// Owner-only data directories (DESIGN §10), also in a profile made before they were: a
-/// failure is logged, not fatal (the process can still run; the operator is told what to fix).
-pub fn secure_profile(profile: &Profile) {
-    match profile.secure_directories() {
-        Ok(tightened) => {
-            for dir in tightened {
-                tracing::warn!(path = %dir.display(), "the directory was readable by other users; made it owner-only (0700)");
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "cannot make the profile's directories owner-only"),
-    }
-}
-
 /// Answers the node agent's health ping on the process's own Unix socket (`run/<server>.health`,
 /// `keel_admin::health`) with the `Server` object's attributes, so no load on the admin port
 /// can make a healthy server look hung. `None` (and a warning) when the socket cannot be made:
@@ -627,16 +598,6 @@ fn serve_health(
             None
         }
     }
-}
-
-/// Writes `<pid>\n` atomically (temp + rename) so a reader never sees a partial pid.
-pub fn write_pid_file(path: &Path) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension(format!("pid.tmp{}", std::process::id()));
-    std::fs::write(&tmp, format!("{}\n", std::process::id()))?;
-    std::fs::rename(&tmp, path)
 }
 
 /// The `Server` admin object (`Keel:type=Server,name=S,node=N,process=S`).

@@ -1,7 +1,7 @@
 //! The `LogRepository` admin object of a process (server or node agent): its binary log
 //! repository's size, segments, oldest record, and what its writer wrote, dropped and failed.
 
-use keel_admin::{AdminObject, OpFuture, Value};
+use crate::{AdminObject, OpFuture, Value};
 use keel_core::ObjectName;
 use serde_json::json;
 use std::sync::atomic::Ordering;
@@ -52,7 +52,7 @@ impl AdminObject for LogRepositoryObject {
     }
 
     fn attributes(&self) -> serde_json::Map<String, Value> {
-        keel_admin::attribute_map(self.state())
+        crate::attribute_map(self.state())
     }
 
     fn operations(&self) -> Vec<(&'static str, &'static str)> {
@@ -66,7 +66,7 @@ impl AdminObject for LogRepositoryObject {
         Box::pin(async move {
             match op {
                 "stats" => Ok(self.state()),
-                _ => Err(keel_admin::OpErrors::new(&self.name, op).bad("unknown operation")),
+                _ => Err(crate::OpErrors::new(&self.name, op).bad("unknown operation")),
             }
         })
     }
