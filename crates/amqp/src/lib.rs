@@ -697,23 +697,14 @@ fn route(settings: &Settings, principal: &Principal, attach: &Attach) -> Result<
 
 /// The AMQP error condition for an engine error.
 fn condition_of(e: &MessagingError) -> ErrorCondition {
-    match e {
-        MessagingError::TooLarge { .. } => LinkError::MessageSizeExceeded.into(),
-        MessagingError::UnknownDestination { .. }
-        | MessagingError::NotHere { .. }
-        | MessagingError::TopicNotServed { .. }
-        | MessagingError::NoSubscription { .. } => AmqpError::NotFound.into(),
-        MessagingError::NotAQueue { .. } | MessagingError::BadSubscriptionName { .. } => {
-            AmqpError::InvalidField.into()
-        }
-        MessagingError::QueueFull { .. }
-        | MessagingError::TransactionTooLarge { .. }
-        | MessagingError::NotStarted { .. } => AmqpError::ResourceLimitExceeded.into(),
-        // The store is out of space: the client may retry later; nothing was stored.
-        MessagingError::Store(e) if matches!(**e, keel_store::StoreError::DiskFull { .. }) => {
-            AmqpError::ResourceLimitExceeded.into()
-        }
-        _ => AmqpError::InternalError.into(),
+    use keel_engine::messaging::Refusal as R;
+    match e.refusal() {
+        R::TooLarge => LinkError::MessageSizeExceeded.into(),
+        R::NotFound => AmqpError::NotFound.into(),
+        R::Invalid => AmqpError::InvalidField.into(),
+        // A full queue or disk, a stopped engine: the client may retry later; nothing stored.
+        R::OverLimit => AmqpError::ResourceLimitExceeded.into(),
+        R::Internal => AmqpError::InternalError.into(),
     }
 }
 

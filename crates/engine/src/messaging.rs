@@ -131,6 +131,45 @@ impl From<keel_store::StoreError> for MessagingError {
     }
 }
 
+/// What a refusal means to a client, whatever the protocol it speaks: the endpoints map this
+/// to their own conditions (AMQP's), so they need not know the store's errors two floors down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No such destination, or not here.
+    NotFound,
+    /// The request names something that cannot take it (a topic for a queue, a bad name).
+    Invalid,
+    /// Over a bound that frees up by itself (a full queue or disk, a stopped engine): the
+    /// client may try again later; nothing was stored.
+    OverLimit,
+    /// The message is larger than the destination takes.
+    TooLarge,
+    /// Anything else: the engine or its store failed.
+    Internal,
+}
+
+impl MessagingError {
+    pub fn refusal(&self) -> Refusal {
+        match self {
+            MessagingError::TooLarge { .. } => Refusal::TooLarge,
+            MessagingError::UnknownDestination { .. }
+            | MessagingError::NotHere { .. }
+            | MessagingError::TopicNotServed { .. }
+            | MessagingError::NoSubscription { .. } => Refusal::NotFound,
+            MessagingError::NotAQueue { .. } | MessagingError::BadSubscriptionName { .. } => {
+                Refusal::Invalid
+            }
+            MessagingError::QueueFull { .. }
+            | MessagingError::TransactionTooLarge { .. }
+            | MessagingError::NotStarted { .. } => Refusal::OverLimit,
+            MessagingError::Store(e) if matches!(**e, keel_store::StoreError::DiskFull { .. }) => {
+                Refusal::OverLimit
+            }
+            _ => Refusal::Internal,
+        }
+    }
+}
+
 /// Sends plus settles one transaction may hold: it is one store transaction, so it is bounded.
 pub const TX_WORK_MAX: usize = 10_000;
 
