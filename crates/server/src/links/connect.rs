@@ -1,0 +1,179 @@
+//! Connecting a link to a peer engine, with back-off, and the source side it then runs.
+
+use super::*;
+
+/// First and largest pause between attempts to link to a peer.
+pub const RECONNECT_FIRST_MS: u64 = 100;
+pub const RECONNECT_MAX_MS: u64 = 10_000;
+/// How long a connect and the peer's answering `Open` may take.
+pub const CONNECT_WAIT_MS: u64 = 5_000;
+
+/// Keeps `engine` linked to `peer` until the task is aborted: connects, proves its credential,
+/// checks the peer's, holds the link, and after a failure or a loss tries again with back-off
+/// (doubling from RECONNECT_FIRST_MS up to RECONNECT_MAX_MS). Logs `CWSIT0007I` when a link
+/// comes up and `CWSIT0008W` when an attempt fails or a link is lost, once per distinct reason,
+/// so a peer that stays down does not flood the log.
+pub async fn keep_linked(engine: Arc<Engine>, shared_secret: Vec<u8>, peer: Peer) {
+    let ours = engine.config().clone();
+    let key = auth::link_key(&shared_secret, &ours.bus);
+    let mut pause_ms = RECONNECT_FIRST_MS;
+    let mut last_failure: Option<String> = None;
+    loop {
+        if engine.state() != keel_engine::MeState::Started {
+            // Nothing to link until this engine runs; look again shortly.
+            tokio::time::sleep(Duration::from_millis(RECONNECT_MAX_MS / 10)).await;
+            continue;
+        }
+        let failure = match link_once(&engine, &key, &peer).await {
+            Ok(lost) => {
+                // It was up: the next failure is news, and retrying starts quickly again.
+                pause_ms = RECONNECT_FIRST_MS;
+                last_failure = None;
+                format!("the link was lost ({lost})")
+            }
+            Err(why) => why,
+        };
+        if last_failure.as_deref() != Some(failure.as_str()) {
+            emit!(
+                catalog::CWSIT0008W,
+                me = ours.me,
+                peer = peer.me,
+                address = peer.address,
+                why = failure
+            );
+            last_failure = Some(failure);
+        }
+        tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+        pause_ms = (pause_ms * 2).min(RECONNECT_MAX_MS);
+    }
+}
+
+/// One link: Err(why) if it never came up, Ok(why it ended) once it was up.
+pub(crate) async fn link_once(
+    engine: &Engine,
+    key: &[u8; 32],
+    peer: &Peer,
+) -> Result<String, String> {
+    let wait = Duration::from_millis(CONNECT_WAIT_MS);
+    let sock = match tokio::time::timeout(wait, TcpStream::connect(&peer.address)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(format!("cannot connect ({e})")),
+        Err(_) => return Err(format!("no connection within {CONNECT_WAIT_MS} ms")),
+    };
+    let _ = sock.set_nodelay(true);
+    harden(&sock).map_err(|e| format!("cannot set keepalive ({e})"))?;
+    source_link(engine, key, peer, sock).await
+}
+
+/// The connecting side of one link over `sock` (connected, socket options set): header,
+/// `Open`, the peer's checks and verdicts, then the source side of this engine's stream until
+/// the link ends. Err(why) if it never came up, Ok(why it ended) once it was up. Generic over
+/// the byte stream so simulations can drive it over a simulated network.
+pub async fn source_link<S: LinkIo>(
+    engine: &Engine,
+    key: &[u8; 32],
+    peer: &Peer,
+    mut sock: S,
+) -> Result<String, String> {
+    let ours = engine.config();
+    let wait = Duration::from_millis(CONNECT_WAIT_MS);
+    sock.write_all(&keel_bus::link::PROTOCOL_HEADER)
+        .await
+        .map_err(|e| format!("cannot write ({e})"))?;
+    let incarnation = engine.info().await.map_or(0, |i| i.incarnation);
+    let messaging = engine.messaging().map_err(|e| e.to_string())?;
+    let stream = messaging
+        .out_stream(&peer.me)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut st = stream.state().await;
+    // The answer is bounded like any frame before its sender is checked.
+    let mut framed = Framed::new(sock, LinkCodec::default());
+    let open = open_frame(key, ours, incarnation, vec![stream_state(&st)]);
+    framed
+        .send(open)
+        .await
+        .map_err(|e| format!("cannot write ({e})"))?;
+    let answer = match tokio::time::timeout(wait, framed.next()).await {
+        Ok(Some(Ok(f))) => f,
+        Ok(Some(Err(e))) => return Err(e.to_string()),
+        Ok(None) => return Err("the peer closed the connection without an answer".into()),
+        Err(_) => return Err(format!("no answer within {CONNECT_WAIT_MS} ms")),
+    };
+    match answer {
+        LinkFrame::Open {
+            bus,
+            me,
+            me_uuid,
+            credential_proof,
+            ..
+        } => {
+            if bus != ours.bus || me != peer.me || me_uuid != peer.uuid {
+                return Err(format!(
+                    "the answer came from engine {me} ({me_uuid}) of bus {bus}, not {} ({}) of bus {}",
+                    peer.me, peer.uuid, ours.bus
+                ));
+            }
+            auth::verify_proof(key, &credential_proof, now_ms(), &bus, &me, &me_uuid)
+                .map_err(|e| format!("the peer's {e}"))?;
+            framed.codec_mut().authenticated();
+        }
+        LinkFrame::Close { reason } => return Err(format!("refused by the peer: {reason}")),
+        _ => return Err("the peer's first frame was not Open".into()),
+    }
+    // The peer's verdict on our stream. A peer that runs a FLUSH first asks for the stream to
+    // move onto a new one made for its flush: done here, then the peer judges the new stream.
+    let mut verdict = read_verdict(&mut framed, &st.stream_id).await?;
+    let mut rounds = 0;
+    while verdict.0 == VerdictKind::FlushRequested {
+        rounds += 1;
+        let Some(epoch) = verdict.4.clone().filter(|_| rounds <= FLUSH_ROUNDS_MAX) else {
+            return Err(format!(
+                "the peer asked for a flush without an epoch or more than {FLUSH_ROUNDS_MAX} times"
+            ));
+        };
+        st = messaging
+            .out_flush(&peer.me, &epoch)
+            .await
+            .map_err(|e| e.to_string())?;
+        framed
+            .send(LinkFrame::Flush {
+                stream: stream_state(&st),
+            })
+            .await
+            .map_err(|e| format!("cannot write ({e})"))?;
+        verdict = read_verdict(&mut framed, &st.stream_id).await?;
+    }
+    emit!(
+        catalog::CWSIT0007I,
+        me = ours.me,
+        peer = peer.me,
+        address = peer.address
+    );
+    let (kind, a, b, last, _) = verdict;
+    let verdict = match check_verdict(&messaging, peer, &st, (kind, a, b, last)).await {
+        Ok(v) => v,
+        Err(e) => return Ok(format!("checking the peer's verdict failed ({e})")),
+    };
+    let from = match verdict {
+        Ok(from) => {
+            // The peer resumed a stream of ours made after any FLUSH of this engine: its
+            // outbound side of that flush is confirmed.
+            if let Err(e) = messaging.flush_confirm(&peer.me, FlushSide::Outbound).await {
+                return Ok(format!("recording the flush confirmation failed ({e})"));
+            }
+            Some(from)
+        }
+        Err(why) => {
+            emit!(
+                catalog::CWSIT0009E,
+                stream = st.stream_id,
+                me = ours.me,
+                peer = peer.me,
+                why = why
+            );
+            None
+        }
+    };
+    Ok(source_side(&messaging, peer, &stream, from, &mut framed).await)
+}
