@@ -125,7 +125,8 @@ impl LinkAcceptor {
         }
         let why = match target_side(&local.engine, &me, streams, &mut framed).await {
             Ok(why) => why,
-            Err(why) => {
+            Err(e) => {
+                let why = e.to_string();
                 let _ = framed
                     .send(LinkFrame::Close {
                         reason: why.clone(),

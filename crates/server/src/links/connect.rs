@@ -31,7 +31,7 @@ pub async fn keep_linked(engine: Arc<Engine>, shared_secret: Vec<u8>, peer: Peer
                 last_failure = None;
                 format!("the link was lost ({lost})")
             }
-            Err(why) => why,
+            Err(why) => why.to_string(),
         };
         if last_failure.as_deref() != Some(failure.as_str()) {
             emit!(
@@ -53,15 +53,20 @@ pub(crate) async fn link_once(
     engine: &Engine,
     key: &[u8; 32],
     peer: &Peer,
-) -> Result<String, String> {
+) -> Result<String, LinkError> {
     let wait = Duration::from_millis(CONNECT_WAIT_MS);
     let sock = match tokio::time::timeout(wait, TcpStream::connect(&peer.address)).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(format!("cannot connect ({e})")),
-        Err(_) => return Err(format!("no connection within {CONNECT_WAIT_MS} ms")),
+        Ok(Err(e)) => return Err(LinkError::Connect(e)),
+        Err(_) => {
+            return Err(LinkError::Timeout {
+                what: "connection",
+                ms: CONNECT_WAIT_MS,
+            })
+        }
     };
     let _ = sock.set_nodelay(true);
-    harden(&sock).map_err(|e| format!("cannot set keepalive ({e})"))?;
+    harden(&sock).map_err(LinkError::Socket)?;
     source_link(engine, key, peer, sock).await
 }
 
@@ -74,31 +79,37 @@ pub async fn source_link<S: LinkIo>(
     key: &[u8; 32],
     peer: &Peer,
     mut sock: S,
-) -> Result<String, String> {
+) -> Result<String, LinkError> {
     let ours = engine.config();
     let wait = Duration::from_millis(CONNECT_WAIT_MS);
     sock.write_all(&keel_bus::link::PROTOCOL_HEADER)
         .await
-        .map_err(|e| format!("cannot write ({e})"))?;
+        .map_err(LinkError::write)?;
     let incarnation = engine.info().await.map_or(0, |i| i.incarnation);
-    let messaging = engine.messaging().map_err(|e| e.to_string())?;
+    let messaging = engine.messaging().map_err(LinkError::engine)?;
     let stream = messaging
         .out_stream(&peer.me)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(LinkError::engine)?;
     let mut st = stream.state().await;
     // The answer is bounded like any frame before its sender is checked.
     let mut framed = Framed::new(sock, LinkCodec::default());
     let open = open_frame(key, ours, incarnation, vec![stream_state(&st)]);
-    framed
-        .send(open)
-        .await
-        .map_err(|e| format!("cannot write ({e})"))?;
+    framed.send(open).await.map_err(LinkError::write)?;
     let answer = match tokio::time::timeout(wait, framed.next()).await {
         Ok(Some(Ok(f))) => f,
-        Ok(Some(Err(e))) => return Err(e.to_string()),
-        Ok(None) => return Err("the peer closed the connection without an answer".into()),
-        Err(_) => return Err(format!("no answer within {CONNECT_WAIT_MS} ms")),
+        Ok(Some(Err(e))) => return Err(LinkError::Frame(e)),
+        Ok(None) => {
+            return Err(LinkError::Closed {
+                when: "without an answer",
+            })
+        }
+        Err(_) => {
+            return Err(LinkError::Timeout {
+                what: "answer",
+                ms: CONNECT_WAIT_MS,
+            })
+        }
     };
     match answer {
         LinkFrame::Open {
@@ -109,17 +120,21 @@ pub async fn source_link<S: LinkIo>(
             ..
         } => {
             if bus != ours.bus || me != peer.me || me_uuid != peer.uuid {
-                return Err(format!(
+                return Err(LinkError::Protocol(format!(
                     "the answer came from engine {me} ({me_uuid}) of bus {bus}, not {} ({}) of bus {}",
                     peer.me, peer.uuid, ours.bus
-                ));
+                )));
             }
             auth::verify_proof(key, &credential_proof, now_ms(), &bus, &me, &me_uuid)
-                .map_err(|e| format!("the peer's {e}"))?;
+                .map_err(|e| LinkError::Protocol(format!("the peer's {e}")))?;
             framed.codec_mut().authenticated();
         }
-        LinkFrame::Close { reason } => return Err(format!("refused by the peer: {reason}")),
-        _ => return Err("the peer's first frame was not Open".into()),
+        LinkFrame::Close { reason } => return Err(LinkError::Refused(reason)),
+        _ => {
+            return Err(LinkError::Protocol(
+                "the peer's first frame was not Open".into(),
+            ))
+        }
     }
     // The peer's verdict on our stream. A peer that runs a FLUSH first asks for the stream to
     // move onto a new one made for its flush: done here, then the peer judges the new stream.
@@ -128,20 +143,20 @@ pub async fn source_link<S: LinkIo>(
     while verdict.0 == VerdictKind::FlushRequested {
         rounds += 1;
         let Some(epoch) = verdict.4.clone().filter(|_| rounds <= FLUSH_ROUNDS_MAX) else {
-            return Err(format!(
+            return Err(LinkError::Protocol(format!(
                 "the peer asked for a flush without an epoch or more than {FLUSH_ROUNDS_MAX} times"
-            ));
+            )));
         };
         st = messaging
             .out_flush(&peer.me, &epoch)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(LinkError::engine)?;
         framed
             .send(LinkFrame::Flush {
                 stream: stream_state(&st),
             })
             .await
-            .map_err(|e| format!("cannot write ({e})"))?;
+            .map_err(LinkError::write)?;
         verdict = read_verdict(&mut framed, &st.stream_id).await?;
     }
     emit!(

@@ -52,6 +52,7 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> LinkIo for 
 
 mod accept;
 mod connect;
+mod error;
 mod lend;
 mod source;
 mod target;
@@ -66,6 +67,7 @@ pub use accept::LinkAcceptor;
 pub use connect::{
     keep_linked, source_link, CONNECT_WAIT_MS, RECONNECT_FIRST_MS, RECONNECT_MAX_MS,
 };
+pub use error::LinkError;
 pub use lend::LENT_MAX;
 pub use source::FLUSH_ROUNDS_MAX;
 

@@ -43,7 +43,7 @@ pub(crate) fn stream_state(st: &OutState) -> StreamState {
 pub(crate) async fn read_verdict<S: LinkIo>(
     framed: &mut Framed<S, LinkCodec>,
     stream_id: &str,
-) -> Result<VerdictParts, String> {
+) -> Result<VerdictParts, LinkError> {
     let wait = Duration::from_millis(CONNECT_WAIT_MS);
     match tokio::time::timeout(wait, framed.next()).await {
         Ok(Some(Ok(LinkFrame::Verdict {
@@ -54,10 +54,15 @@ pub(crate) async fn read_verdict<S: LinkIo>(
             last_identity,
             flush_epoch,
         }))) if id == stream_id => Ok((kind, a, b, last_identity, flush_epoch)),
-        Ok(Some(Ok(LinkFrame::Close { reason }))) => Err(format!("refused by the peer: {reason}")),
-        Ok(Some(Err(e))) => Err(e.to_string()),
-        Ok(_) => Err("the peer did not answer for our delivery stream".into()),
-        Err(_) => Err(format!("no verdict within {CONNECT_WAIT_MS} ms")),
+        Ok(Some(Ok(LinkFrame::Close { reason }))) => Err(LinkError::Refused(reason)),
+        Ok(Some(Err(e))) => Err(LinkError::Frame(e)),
+        Ok(_) => Err(LinkError::Protocol(
+            "the peer did not answer for our delivery stream".into(),
+        )),
+        Err(_) => Err(LinkError::Timeout {
+            what: "verdict",
+            ms: CONNECT_WAIT_MS,
+        }),
     }
 }
 
@@ -70,7 +75,7 @@ pub(crate) async fn check_verdict(
     peer: &Peer,
     st: &OutState,
     (kind, a, b, last): (VerdictKind, u64, u64, Option<String>),
-) -> Result<Result<u64, String>, String> {
+) -> Result<Result<u64, String>, LinkError> {
     let stream_id = &st.stream_id;
     match kind {
         VerdictKind::SourceRestored => Ok(Err(format!(
@@ -85,7 +90,9 @@ pub(crate) async fn check_verdict(
             "engine {} retired this stream when a FLUSH of this engine replaced it: this engine's data store went back in time",
             peer.me
         ))),
-        VerdictKind::FlushRequested => Err("the peer asked for a flush once too often".into()),
+        VerdictKind::FlushRequested => Err(LinkError::Protocol(
+            "the peer asked for a flush once too often".into(),
+        )),
         VerdictKind::Resume => {
             let from = a.max(1);
             // A resume behind what the target acknowledged, or past what was assigned, is what
@@ -100,7 +107,7 @@ pub(crate) async fn check_verdict(
                 let ours = messaging
                     .out_identity_at(&peer.me, from - 1)
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(LinkError::engine)?;
                 if ours.is_some() && ours != last {
                     return Ok(Err(format!(
                         "tick {} of stream {stream_id} is message {} here but {} at engine {}: the two histories forked (a store went back in time)",
@@ -115,7 +122,7 @@ pub(crate) async fn check_verdict(
             messaging
                 .out_acked(&peer.me, stream_id, from - 1)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(LinkError::engine)?;
             Ok(Ok(from))
         }
     }

@@ -31,8 +31,8 @@ pub(crate) async fn target_side<S: LinkIo>(
     peer_me: &str,
     streams: Vec<StreamState>,
     framed: &mut Framed<S, LinkCodec>,
-) -> Result<String, String> {
-    let messaging = engine.messaging().map_err(|e| e.to_string())?;
+) -> Result<String, LinkError> {
+    let messaging = engine.messaging().map_err(LinkError::engine)?;
     let mut lent = Lent::default();
     let r = target_loop(engine, &messaging, peer_me, streams, framed, &mut lent).await;
     release_lent(&messaging, lent).await;
@@ -46,7 +46,7 @@ pub(crate) async fn target_loop<S: LinkIo>(
     streams: Vec<StreamState>,
     framed: &mut Framed<S, LinkCodec>,
     lent: &mut Lent,
-) -> Result<String, String> {
+) -> Result<String, LinkError> {
     let ours = &engine.config().me;
     let mut target = keel_bus::Target::default();
     for s in streams {
@@ -57,11 +57,11 @@ pub(crate) async fn target_loop<S: LinkIo>(
     loop {
         let next = tokio::select! {
             f = framed.next() => f,
-            _ = messaging.stopped() => return Err(format!("engine {ours} stopped")),
+            _ = messaging.stopped() => return Err(LinkError::Engine(format!("engine {ours} stopped"))),
         };
         let first = match next {
             None => return Ok("the peer closed the connection".into()),
-            Some(Err(e)) => return Err(e.to_string()),
+            Some(Err(e)) => return Err(LinkError::Frame(e)),
             Some(Ok(f)) => f,
         };
         // This frame and those already here: in-order messages of one stream are stored with
@@ -74,7 +74,7 @@ pub(crate) async fn target_loop<S: LinkIo>(
                     bytes += frame_bytes(&f);
                     frames.push(f);
                 }
-                Some(Some(Err(e))) => return Err(e.to_string()),
+                Some(Some(Err(e))) => return Err(LinkError::Frame(e)),
                 Some(None) | None => break,
             }
         }
@@ -99,7 +99,7 @@ pub(crate) async fn target_loop<S: LinkIo>(
                     body,
                 } => {
                     if tick == 0 {
-                        return Err("a data frame with tick 0".into());
+                        return Err(LinkError::Protocol("a data frame with tick 0".into()));
                     }
                     match target.on_data(&stream_id, tick, Ident(message_id.clone())) {
                         keel_bus::Delivery::Deliver { .. } => {
@@ -130,7 +130,11 @@ pub(crate) async fn target_loop<S: LinkIo>(
                         } => replies.push(LinkFrame::Resend { stream_id, from }),
                         // Held or never announced: nothing of it is taken.
                         keel_bus::Delivery::UnknownStream => {}
-                        other => return Err(format!("unexpected protocol answer {other:?}")),
+                        other => {
+                            return Err(LinkError::Protocol(format!(
+                                "unexpected protocol answer {other:?}"
+                            )))
+                        }
                     }
                 }
                 LinkFrame::Get { req, queue, max } => {
@@ -143,7 +147,7 @@ pub(crate) async fn target_loop<S: LinkIo>(
                 } => {
                     replies.push(settle_lent(messaging, lent, req, queue, settles).await);
                 }
-                _ => return Err("a frame a target does not take".into()),
+                _ => return Err(LinkError::Protocol("a frame a target does not take".into())),
             }
         }
         store_batch(messaging, peer_me, batch.take(), &mut replies).await?;
@@ -161,7 +165,7 @@ pub(crate) async fn handshake<S: LinkIo>(
     mut s: StreamState,
     target: &mut keel_bus::Target,
     framed: &mut Framed<S, LinkCodec>,
-) -> Result<Option<String>, String> {
+) -> Result<Option<String>, LinkError> {
     let wait = Duration::from_millis(CONNECT_WAIT_MS);
     for _ in 0..=FLUSH_ROUNDS_MAX {
         let hello = keel_bus::Hello {
@@ -174,7 +178,7 @@ pub(crate) async fn handshake<S: LinkIo>(
         let stored = messaging
             .in_state(peer_me, &s.stream_id)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(LinkError::engine)?;
         let mut probe = keel_bus::Target::default();
         match &stored {
             Some(p) if p.retired_ms.is_some() => probe.discard(&s.stream_id),
@@ -196,7 +200,7 @@ pub(crate) async fn handshake<S: LinkIo>(
                     s.resend_upto,
                 )
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(LinkError::engine)?
             {
                 InHello::FlushNeeded { epoch } => {
                     framed
@@ -209,7 +213,7 @@ pub(crate) async fn handshake<S: LinkIo>(
                             flush_epoch: Some(epoch),
                         })
                         .await
-                        .map_err(|e| e.to_string())?;
+                        .map_err(LinkError::write)?;
                     match tokio::time::timeout(wait, framed.next()).await {
                         Ok(Some(Ok(LinkFrame::Flush { stream }))) => {
                             s = stream;
@@ -219,11 +223,18 @@ pub(crate) async fn handshake<S: LinkIo>(
                             return Ok(Some(format!("the peer closed it ({reason})")))
                         }
                         Ok(None) => return Ok(Some("the peer closed the connection".into())),
-                        Ok(Some(Err(e))) => return Err(e.to_string()),
+                        Ok(Some(Err(e))) => return Err(LinkError::Frame(e)),
                         Ok(Some(Ok(_))) => {
-                            return Err("a flush request was not answered by Flush".into())
+                            return Err(LinkError::Protocol(
+                                "a flush request was not answered by Flush".into(),
+                            ))
                         }
-                        Err(_) => return Err(format!("no Flush within {CONNECT_WAIT_MS} ms")),
+                        Err(_) => {
+                            return Err(LinkError::Timeout {
+                                what: "Flush",
+                                ms: CONNECT_WAIT_MS,
+                            })
+                        }
                     }
                 }
                 InHello::Known(known) => known,
@@ -272,12 +283,12 @@ pub(crate) async fn handshake<S: LinkIo>(
                 flush_epoch: None,
             })
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(LinkError::write)?;
         return Ok(None);
     }
-    Err(format!(
+    Err(LinkError::Protocol(format!(
         "the peer's stream needed more than {FLUSH_ROUNDS_MAX} flushes"
-    ))
+    )))
 }
 
 /// Stores a batch of in-order messages of one stream with its new prefix, and queues its
@@ -288,7 +299,7 @@ pub(crate) async fn store_batch(
     source: &str,
     batch: Option<(String, Vec<StreamMessage>)>,
     replies: &mut Vec<LinkFrame>,
-) -> Result<(), String> {
+) -> Result<(), LinkError> {
     let Some((stream_id, msgs)) = batch else {
         return Ok(());
     };
@@ -296,7 +307,7 @@ pub(crate) async fn store_batch(
     messaging
         .in_deliver(source, &stream_id, msgs)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(LinkError::engine)?;
     replies.push(LinkFrame::Ack { stream_id, upto });
     Ok(())
 }
@@ -304,11 +315,11 @@ pub(crate) async fn store_batch(
 pub(crate) async fn send_all<S: LinkIo>(
     framed: &mut Framed<S, LinkCodec>,
     replies: Vec<LinkFrame>,
-) -> Result<(), String> {
+) -> Result<(), LinkError> {
     for r in replies {
-        framed.feed(r).await.map_err(|e| e.to_string())?;
+        framed.feed(r).await.map_err(LinkError::write)?;
     }
-    framed.flush().await.map_err(|e| e.to_string())
+    framed.flush().await.map_err(LinkError::write)
 }
 
 #[cfg(test)]
