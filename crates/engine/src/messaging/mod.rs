@@ -19,11 +19,8 @@ use crate::queue::{
     REFILL_BATCH,
 };
 
-#[path = "remote.rs"]
 pub mod remote;
-#[path = "streams.rs"]
 pub mod streams;
-#[path = "xa.rs"]
 pub mod xa;
 
 pub type Properties = serde_json::Map<String, serde_json::Value>;
