@@ -31,6 +31,7 @@ use crate::model::{
     self, invalid, AppCfg, AppKind, BusCfg, BusMember, Cell, Config, DataSourceCfg, DataSourceKind,
     DestinationCfg, DestinationKind, InitialState, MonitorPolicy, NodeCfg, Reliability, ServerCfg,
 };
+use crate::paths;
 
 /// The repository format this code reads and writes (`[repository] format`).
 pub(crate) const FORMAT: i64 = 1;
@@ -929,7 +930,7 @@ pub(crate) fn parse_tree(tree: &Tree, root: &Path) -> Result<Config> {
     let mut node_list = Vec::with_capacity(nodes.len());
     for (dir_name, n) in nodes {
         let Some(mut n) = n else {
-            let file = root.join(model::rel_node(&dir_name));
+            let file = root.join(paths::rel_node(&dir_name));
             return Err(ConfigError::Invalid {
                 file,
                 key: "node".into(),
@@ -1197,7 +1198,7 @@ pub(crate) fn render_objects(cfg: &Config) -> Tree {
                 admin_port: i64::from(n.admin_port),
             },
         };
-        out.insert(model::rel_node(&n.name), to_toml(&header, &file));
+        out.insert(paths::rel_node(&n.name), to_toml(&header, &file));
         for s in &n.servers {
             let header = format!(
                 "# Keel server {} of node {}: its admin and bus ports and how the node agent monitors it.\n# After a hand edit, run `keel config validate`.\n\n",
@@ -1218,7 +1219,7 @@ pub(crate) fn render_objects(cfg: &Config) -> Tree {
                     start_timeout_s: Some(i64::from(m.start_timeout_s)),
                 },
             };
-            out.insert(model::rel_server(&n.name, &s.name), to_toml(&header, &file));
+            out.insert(paths::rel_server(&n.name, &s.name), to_toml(&header, &file));
         }
     }
     for b in &cfg.buses {
@@ -1260,7 +1261,7 @@ pub(crate) fn render_objects(cfg: &Config) -> Tree {
                 })
                 .collect(),
         };
-        out.insert(model::rel_bus(&b.name), to_toml(&header, &file));
+        out.insert(paths::rel_bus(&b.name), to_toml(&header, &file));
     }
     for d in &cfg.datasources {
         let header = format!(
@@ -1275,7 +1276,7 @@ pub(crate) fn render_objects(cfg: &Config) -> Tree {
                 pool_max: Some(i64::from(d.pool_max)),
             },
         };
-        out.insert(model::rel_datasource(&d.name), to_toml(&header, &file));
+        out.insert(paths::rel_datasource(&d.name), to_toml(&header, &file));
     }
     for a in &cfg.apps {
         let header = format!(
@@ -1297,7 +1298,7 @@ pub(crate) fn render_objects(cfg: &Config) -> Tree {
                 script: a.script.clone(),
             },
         };
-        out.insert(model::rel_app(&a.name), to_toml(&header, &file));
+        out.insert(paths::rel_app(&a.name), to_toml(&header, &file));
     }
     out
 }
@@ -1326,7 +1327,7 @@ mod tests {
     }
 
     fn server_file() -> PathBuf {
-        model::rel_server("node01", "server1")
+        paths::rel_server("node01", "server1")
     }
 
     fn edit(t: &mut Tree, rel: &Path, from: &str, to: &str) {
@@ -1405,7 +1406,7 @@ mod tests {
 
     #[test]
     fn bus_and_cell_rules() {
-        let bus = model::rel_bus("bus1");
+        let bus = paths::rel_bus("bus1");
         let mut t = tree_of(&sample());
         edit(
             &mut t,
@@ -1434,7 +1435,7 @@ mod tests {
         );
 
         let mut t = tree_of(&sample());
-        t.remove(&model::rel_node("node01"));
+        t.remove(&paths::rel_node("node01"));
         assert!(matches!(err_of(&t), ConfigError::Invalid { key, .. } if key == "node"));
 
         let mut t = tree_of(&sample());
@@ -1456,7 +1457,7 @@ mod tests {
     }
 
     fn bus_file() -> PathBuf {
-        model::rel_bus("bus1")
+        paths::rel_bus("bus1")
     }
 
     #[test]
@@ -1694,7 +1695,7 @@ mod tests {
 
     #[test]
     fn member_store_urls_are_postgres_and_hold_no_password() {
-        let bus = model::rel_bus("bus1");
+        let bus = paths::rel_bus("bus1");
         let good =
             "initial_state = \"started\"\nstore_url = \"postgresql://keel@127.0.0.1:5432/keel\"";
         let mut t = tree_of(&sample());

@@ -14,6 +14,7 @@ mod error;
 mod files;
 mod fsx;
 mod model;
+mod paths;
 mod profile;
 mod repo;
 

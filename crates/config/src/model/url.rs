@@ -1,0 +1,57 @@
+//! Passwords in URLs: found (to refuse them in the configuration) and taken out (to keep them
+//! in the profile's secrets).
+
+/// Byte range of the password in `url` (`scheme://user:PASSWORD@host/...`), if it has one.
+/// Deliberately broad, so that a password is never stored by mistake: the user information is
+/// everything before the *last* `@` (a password may hold an unescaped `@` or `/`), and any `:` in
+/// it starts a password. A `@` elsewhere in a URL is written `%40`.
+fn url_password_range(url: &str) -> Option<std::ops::Range<usize>> {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let rest = &url[start..];
+    let at = rest.rfind('@')?;
+    let colon = rest[..at].find(':')?;
+    Some(start + colon + 1..start + at)
+}
+
+/// Whether `url` holds a password (see [`take_url_password`]).
+pub fn url_has_password(url: &str) -> bool {
+    url_password_range(url).is_some()
+}
+
+/// Splits the password out of `url`: `postgresql://u:secret@h/db` gives
+/// (`postgresql://u@h/db`, `Some("secret")`). The password is percent-decoded (`p%40ss` is
+/// `p@ss`) unless that would not give UTF-8 text. A URL without a password comes back as is.
+pub fn take_url_password(url: &str) -> (String, Option<String>) {
+    let Some(r) = url_password_range(url) else {
+        return (url.to_string(), None);
+    };
+    let raw = &url[r.clone()];
+    let password = percent_decode(raw).unwrap_or_else(|| raw.to_string());
+    // Drop the `:` before the password too.
+    let clean = format!("{}{}", &url[..r.start - 1], &url[r.end..]);
+    (clean, Some(password))
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
