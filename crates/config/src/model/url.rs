@@ -55,3 +55,79 @@ fn percent_decode(s: &str) -> Option<String> {
     }
     String::from_utf8(out).ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    /// What `percent-encoding` makes of `s`, for comparison with the hand-written decoder.
+    fn crate_decode(s: &str) -> Option<String> {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8()
+            .ok()
+            .map(|c| c.into_owned())
+    }
+
+    fn hand_decode(s: &str) -> Option<String> {
+        super::percent_decode(s)
+    }
+
+    const TRICKY: &[&str] = &[
+        "",
+        "plain",
+        "p%40ss%2F",
+        "p%40SS%2f",
+        "100%",
+        "%",
+        "%%",
+        "%%41",
+        "%4",
+        "%4g",
+        "%g4",
+        "%%%",
+        "%41%",
+        "%00",
+        "%7F%80",
+        "%C3%A9",
+        "%c3%a9t%C3%A9",
+        "%C3",
+        "%C3%",
+        "%C3%2",
+        "%FF%FE",
+        "%E2%82%AC",
+        "%F0%9F%98%80",
+        "%ED%A0%80",
+        "é%41",
+        "%é",
+        "%\u{0660}\u{0661}",
+        "%Ａ１",
+        "a%2",
+        "%25",
+        "%2541",
+        "%%2541%",
+    ];
+
+    #[test]
+    fn percent_encoding_decodes_like_the_hand_written_decoder() {
+        for s in TRICKY {
+            assert_eq!(crate_decode(s), hand_decode(s), "{s:?}");
+        }
+        // Pinned results, so the comparison is not between two wrong answers.
+        assert_eq!(crate_decode("%%41").as_deref(), Some("%A"));
+        assert_eq!(crate_decode("100%").as_deref(), Some("100%"));
+        assert_eq!(crate_decode("%c3%a9").as_deref(), Some("é"));
+        assert_eq!(crate_decode("%C3"), None);
+    }
+
+    proptest! {
+        #[test]
+        fn percent_decoding_agrees_on_any_input(s in "[%0-9a-fA-FgG@/:é\u{0}\u{7f}]{0,12}") {
+            prop_assert_eq!(crate_decode(&s), hand_decode(&s));
+        }
+
+        #[test]
+        fn percent_decoding_agrees_on_arbitrary_text(s in "\\PC{0,16}") {
+            prop_assert_eq!(crate_decode(&s), hand_decode(&s));
+        }
+    }
+}
