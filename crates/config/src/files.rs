@@ -18,7 +18,9 @@
 //!
 //! Files are read in three steps so that every mistake gets the most precise message: TOML
 //! syntax (line and column), then a key schema (unknown, missing or mistyped keys, by name),
-//! then the value rules of `model` (ranges, names, cross references).
+//! then the value rules (ranges, names, cross references), which are `Config::validate`'s and
+//! run once, on the whole configuration. Reading itself checks only what the files alone
+//! know: the format, that an object's name is its file's, and the spellings of enumerations.
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
@@ -733,6 +735,16 @@ pub(crate) fn rebase(e: ConfigError, root: &Path) -> ConfigError {
     }
 }
 
+/// A file's integer in the model's type. Whether the value is allowed is `Config::validate`'s
+/// question, asked once per load; a value the type cannot even hold breaks the rule too, and
+/// `rule` (the rule's `i64` form) words the error.
+fn typed<T: TryFrom<i64>>(value: i64, rule: impl FnOnce(i64) -> Result<T>) -> Result<T> {
+    T::try_from(value).or_else(|_| rule(value))
+}
+
+/// The name inside an object's file must be the file's (or its directory's). The naming rule
+/// is `Config::validate`'s; only for a name that also differs from the file's is it asked
+/// here, because a name that breaks the rule is the more useful of the two errors.
 fn name_matches(
     file: &Path,
     key: &str,
@@ -741,8 +753,8 @@ fn name_matches(
     outside: &str,
     place: &str,
 ) -> Result<()> {
-    model::check_name(file, key, what, inside)?;
     if inside != outside {
+        model::check_name(file, key, what, inside)?;
         return Err(invalid(
             file,
             key,
@@ -754,8 +766,17 @@ fn name_matches(
     Ok(())
 }
 
-/// Parses a cell.toml into (cell name, version), with all of its checks.
+/// Parses a cell.toml on its own into (cell name, version), with all of its checks (the
+/// version of a repository without loading it).
 pub(crate) fn parse_cell(file: &Path, bytes: &[u8]) -> Result<(String, u64)> {
+    let (name, version) = read_cell(file, bytes)?;
+    model::check_cell(file, &name, version)?;
+    Ok((name, version))
+}
+
+/// Reads a cell.toml into (cell name, version): syntax, keys, format; its value rules are left
+/// to `Config::validate` (or `parse_cell`).
+fn read_cell(file: &Path, bytes: &[u8]) -> Result<(String, u64)> {
     let c: CellFile = parse_doc(file, bytes, CELL_SCHEMA)?;
     if c.repository.format != FORMAT {
         return Err(invalid(
@@ -766,20 +787,21 @@ pub(crate) fn parse_cell(file: &Path, bytes: &[u8]) -> Result<(String, u64)> {
             "use the Keel version that wrote this repository, or restore a backup made by this version",
         ));
     }
-    let version = model::check_version(file, c.repository.version)?;
-    model::check_name(file, "cell.name", "cell", &c.cell.name)?;
+    let version = typed(c.repository.version, |v| model::check_version(file, v))?;
     Ok((c.cell.name, version))
 }
 
 /// Turns the files of a repository into a validated `Config` in canonical order. `root` is
 /// where the files live (a directory, or `config` inside an archive), for error messages.
+/// Reads every file first (syntax, keys, types, names matching files), then validates the
+/// whole once.
 pub(crate) fn parse_tree(tree: &Tree, root: &Path) -> Result<Config> {
     let Some(cell_bytes) = tree.get(Path::new("cell.toml")) else {
         return Err(ConfigError::NotARepository {
             dir: root.to_path_buf(),
         });
     };
-    let (cell, version) = parse_cell(&root.join("cell.toml"), cell_bytes)?;
+    let (cell, version) = read_cell(&root.join("cell.toml"), cell_bytes)?;
     let mut nodes: BTreeMap<String, Option<NodeCfg>> = BTreeMap::new();
     let mut servers: Vec<(String, ServerCfg)> = Vec::new();
     let mut buses = Vec::new();
@@ -799,8 +821,9 @@ pub(crate) fn parse_tree(tree: &Tree, root: &Path) -> Result<Config> {
                     dir_name,
                     "node directory",
                 )?;
-                let admin_port = model::check_port(&file, "node.admin_port", n.node.admin_port)?;
-                model::check_host(&file, "node.host", &n.node.host)?;
+                let admin_port = typed(n.node.admin_port, |v| {
+                    model::check_port(&file, "node.admin_port", v)
+                })?;
                 nodes.insert(
                     dir_name.to_string(),
                     Some(NodeCfg {
@@ -823,44 +846,36 @@ pub(crate) fn parse_tree(tree: &Tree, root: &Path) -> Result<Config> {
                 )?;
                 let m = s.monitor;
                 let d = MonitorPolicy::default();
-                let range = |key: &str, v: Option<i64>, dflt: u32, hi: u32, unit: &str| match v {
+                let value = |key: &str, v: Option<i64>, dflt: u32| match v {
                     None => Ok(dflt),
-                    Some(v) => model::check_range(&file, key, v, 1, hi, unit),
+                    Some(v) => typed(v, |v| model::check_monitor_value(&file, key, v)),
                 };
                 let monitor = MonitorPolicy {
                     auto_restart: m.auto_restart.unwrap_or(d.auto_restart),
-                    ping_interval_s: range(
+                    ping_interval_s: value(
                         "monitor.ping_interval_s",
                         m.ping_interval_s,
                         d.ping_interval_s,
-                        3600,
-                        "number of seconds",
                     )?,
-                    ping_timeout_s: range(
+                    ping_timeout_s: value(
                         "monitor.ping_timeout_s",
                         m.ping_timeout_s,
                         d.ping_timeout_s,
-                        3600,
-                        "number of seconds",
                     )?,
-                    max_start_attempts: range(
+                    max_start_attempts: value(
                         "monitor.max_start_attempts",
                         m.max_start_attempts,
                         d.max_start_attempts,
-                        100,
-                        "number of attempts",
                     )?,
-                    start_timeout_s: range(
+                    start_timeout_s: value(
                         "monitor.start_timeout_s",
                         m.start_timeout_s,
                         d.start_timeout_s,
-                        3600,
-                        "number of seconds",
                     )?,
                 };
-                let admin_port =
-                    model::check_port(&file, "server.admin_port", s.server.admin_port)?;
-                let bus_port = model::check_port(&file, "server.bus_port", s.server.bus_port)?;
+                let port = |key: &str, v: i64| typed(v, |v| model::check_port(&file, key, v));
+                let admin_port = port("server.admin_port", s.server.admin_port)?;
+                let bus_port = port("server.bus_port", s.server.bus_port)?;
                 servers.push((
                     node.to_string(),
                     ServerCfg {
@@ -905,11 +920,11 @@ pub(crate) fn parse_tree(tree: &Tree, root: &Path) -> Result<Config> {
                 }
                 let max_message_bytes = match b.bus.max_message_bytes {
                     None => model::DEFAULT_MAX_MESSAGE_BYTES,
-                    Some(v) => model::check_message_bytes(&file, v)?,
+                    Some(v) => typed(v, |v| model::check_message_bytes(&file, v))?,
                 };
                 let duplicate_window_hours = match b.bus.duplicate_window_hours {
                     None => model::DEFAULT_DUPLICATE_WINDOW_HOURS,
-                    Some(v) => model::check_duplicate_window(&file, v)?,
+                    Some(v) => typed(v, |v| model::check_duplicate_window(&file, v))?,
                 };
                 buses.push(BusCfg {
                     name: b.bus.name,
@@ -961,7 +976,7 @@ pub(crate) fn parse_tree(tree: &Tree, root: &Path) -> Result<Config> {
 }
 
 /// One `[[destination]]` table (`i` counts from 0) with its defaults filled in and its
-/// enumerations and ranges checked; cross references are left to `Config::validate`.
+/// enumerations checked; value rules and cross references are left to `Config::validate`.
 fn parse_destination(file: &Path, i: usize, d: DestinationSection) -> Result<DestinationCfg> {
     let k = |f: &str| format!("destination[{}].{f}", i + 1);
     let kind = match d.kind.as_str() {
@@ -998,27 +1013,17 @@ fn parse_destination(file: &Path, i: usize, d: DestinationSection) -> Result<Des
     };
     let default_priority = match d.default_priority {
         None => model::DEFAULT_PRIORITY,
-        Some(v) => model::check_range(
-            file,
-            &k("default_priority"),
-            v,
-            0,
-            u32::from(model::MAX_PRIORITY),
-            "priority",
-        )? as u8,
+        Some(v) => typed(v, |v| {
+            model::check_priority(file, &k("default_priority"), v)
+        })?,
     };
     let max_failed_deliveries = match d.max_failed_deliveries {
         None => model::DEFAULT_MAX_FAILED_DELIVERIES,
-        Some(v) => model::check_range(
-            file,
-            &k("max_failed_deliveries"),
-            v,
-            1,
-            model::MAX_FAILED_DELIVERIES,
-            "number of deliveries",
-        )?,
+        Some(v) => typed(v, |v| {
+            model::check_failed_deliveries(file, &k("max_failed_deliveries"), v)
+        })?,
     };
-    let out = DestinationCfg {
+    Ok(DestinationCfg {
         name: d.name,
         kind,
         me: d.me,
@@ -1027,13 +1032,11 @@ fn parse_destination(file: &Path, i: usize, d: DestinationSection) -> Result<Des
         default_priority,
         max_failed_deliveries,
         exception_destination: d.exception_destination,
-    };
-    model::check_destination_values(file, &k, &out)?;
-    Ok(out)
+    })
 }
 
-/// One `datasources/<stem>.toml`: schema, name, kind and ranges; the URL rules are left to
-/// `Config::validate`.
+/// One `datasources/<stem>.toml`: schema, name matching the file, kind; the value rules are
+/// left to `Config::validate`.
 fn parse_datasource(file: &Path, bytes: &[u8], stem: &str) -> Result<DataSourceCfg> {
     let d: DataSourceFile = parse_doc(file, bytes, DATASOURCE_SCHEMA)?;
     let d = d.datasource;
@@ -1056,14 +1059,7 @@ fn parse_datasource(file: &Path, bytes: &[u8], stem: &str) -> Result<DataSourceC
     };
     let pool_max = match d.pool_max {
         None => model::DEFAULT_POOL_MAX,
-        Some(v) => model::check_range(
-            file,
-            "datasource.pool_max",
-            v,
-            1,
-            model::MAX_POOL_MAX,
-            "number of connections",
-        )?,
+        Some(v) => typed(v, |v| model::check_pool_max(file, v))?,
     };
     Ok(DataSourceCfg {
         name: d.name,
@@ -1073,8 +1069,8 @@ fn parse_datasource(file: &Path, bytes: &[u8], stem: &str) -> Result<DataSourceC
     })
 }
 
-/// One `apps/<stem>.toml`: schema, name, kind and ranges; references are left to
-/// `Config::validate`.
+/// One `apps/<stem>.toml`: schema, name matching the file, kind; the value rules and
+/// references are left to `Config::validate`.
 fn parse_app(file: &Path, bytes: &[u8], stem: &str) -> Result<AppCfg> {
     let a: AppFile = parse_doc(file, bytes, APP_SCHEMA)?;
     let a = a.app;
@@ -1097,25 +1093,11 @@ fn parse_app(file: &Path, bytes: &[u8], stem: &str) -> Result<AppCfg> {
     };
     let concurrency = match a.concurrency {
         None => model::DEFAULT_APP_CONCURRENCY,
-        Some(v) => model::check_range(
-            file,
-            "app.concurrency",
-            v,
-            1,
-            model::MAX_APP_CONCURRENCY,
-            "number of messages handled at once",
-        )?,
+        Some(v) => typed(v, |v| model::check_app_concurrency(file, v))?,
     };
     let timeout_s = match a.timeout_s {
         None => model::DEFAULT_APP_TIMEOUT_S,
-        Some(v) => model::check_range(
-            file,
-            "app.timeout_s",
-            v,
-            1,
-            model::MAX_APP_TIMEOUT_S,
-            "number of seconds",
-        )?,
+        Some(v) => typed(v, |v| model::check_app_timeout(file, v))?,
     };
     Ok(AppCfg {
         name: a.name,
@@ -1865,6 +1847,46 @@ mod tests {
                 }
                 other => panic!("{from} -> {to}: {other:?}"),
             }
+        }
+    }
+
+    /// Loading reads values into the model's types and leaves their rules to
+    /// `Config::validate`, except a value the type cannot hold, whose error the same rule words:
+    /// both read exactly as they always have.
+    #[test]
+    fn value_errors_read_the_same_whether_or_not_the_value_fits_its_type() {
+        let then = ", then run `keel config validate`";
+        let ports = "must be between 1024 and 65535; fix: set it to a free port between 1024 and 65535 that no other node agent or server of the cell uses";
+        let seconds =
+            "must be between 1 and 3600; fix: set it to a number of seconds between 1 and 3600";
+        let prio = "must be between 0 and 9; fix: set it to a priority between 0 and 9";
+        let pool =
+            "must be between 1 and 256; fix: set it to a number of connections between 1 and 256";
+        let server = "config/nodes/node01/servers/server1.toml";
+        let cases: &[(&str, &str, &str, String)] = &[
+            ("cell.toml", "version = 1", "version = 0", format!("config/cell.toml: key `repository.version` = 0 is invalid: must be 1 or more; fix: restore the repository from a backup (`keel config restore FILE`), or set the version of the master above every node copy's{then}")),
+            ("cell.toml", "version = 1", "version = -3", format!("config/cell.toml: key `repository.version` = -3 is invalid: must be 1 or more; fix: restore the repository from a backup (`keel config restore FILE`), or set the version of the master above every node copy's{then}")),
+            ("nodes/node01/servers/server1.toml", "admin_port = 7271", "admin_port = 80", format!("{server}: key `server.admin_port` = 80 is invalid: {ports}{then}")),
+            ("nodes/node01/servers/server1.toml", "admin_port = 7271", "admin_port = 70000", format!("{server}: key `server.admin_port` = 70000 is invalid: {ports}{then}")),
+            ("nodes/node01/servers/server1.toml", "ping_interval_s = 2", "ping_interval_s = 3601", format!("{server}: key `monitor.ping_interval_s` = 3601 is invalid: {seconds}{then}")),
+            ("nodes/node01/servers/server1.toml", "ping_interval_s = 2", "ping_interval_s = -1", format!("{server}: key `monitor.ping_interval_s` = -1 is invalid: {seconds}{then}")),
+            ("nodes/node01/node.toml", "admin_port = 7270", "admin_port = -7270", format!("config/nodes/node01/node.toml: key `node.admin_port` = -7270 is invalid: {ports}{then}")),
+            ("buses/bus1.toml", "default_priority = 7", "default_priority = 10", format!("config/buses/bus1.toml: key `destination[1].default_priority` = 10 is invalid: {prio}{then}")),
+            ("buses/bus1.toml", "default_priority = 7", "default_priority = 256", format!("config/buses/bus1.toml: key `destination[1].default_priority` = 256 is invalid: {prio}{then}")),
+            ("buses/bus1.toml", "max_message_bytes = 4096", "max_message_bytes = -1", format!("config/buses/bus1.toml: key `bus.max_message_bytes` = -1 is invalid: must be between 1024 and 268435456; fix: set it to a number of bytes between 1024 and 268435456{then}")),
+            ("datasources/pg1.toml", "pool_max = 16", "pool_max = 257", format!("config/datasources/pg1.toml: key `datasource.pool_max` = 257 is invalid: {pool}{then}")),
+            ("datasources/pg1.toml", "pool_max = 16", "pool_max = 4294967297", format!("config/datasources/pg1.toml: key `datasource.pool_max` = 4294967297 is invalid: {pool}{then}")),
+            ("apps/fwd.toml", "concurrency = 4", "concurrency = -4", format!("config/apps/fwd.toml: key `app.concurrency` = -4 is invalid: must be between 1 and 64; fix: set it to a number of messages handled at once between 1 and 64{then}")),
+            ("nodes/node01/servers/server1.toml", "name = \"server1\"", "name = \"server 1\"", format!("{server}: key `server.name` = \"server 1\" is invalid: a server name must be 1 to 64 letters, digits, `_`, `.` or `-`, starting with a letter or digit (it contains ' '); fix: rename the server (file or directory name and `server.name` must match){then}")),
+        ];
+        for (rel, from, to, want) in cases {
+            let mut t = tree_of(&if rel.starts_with("buses") {
+                crate::model::tests::sample_with_destinations()
+            } else {
+                crate::model::tests::sample_with_apps()
+            });
+            edit(&mut t, Path::new(rel), from, to);
+            assert_eq!(&err_of(&t).to_string(), want, "{rel}: {from} -> {to}");
         }
     }
 }

@@ -32,6 +32,18 @@ pub fn take_url_password(url: &str) -> (String, Option<String>) {
     (clean, Some(password))
 }
 
+/// Whether a member's `store_url` (given without its `postgresql://` scheme) holds a password:
+/// a `:` before its first `@`. Narrower than [`url_has_password`] (a `:` before the *last* `@`),
+/// which data source URLs use; kept as it always was, so no store URL accepted before is
+/// refused now.
+pub(crate) fn store_url_has_password(rest: &str) -> bool {
+    rest.contains('@')
+        && rest
+            .split('@')
+            .next()
+            .is_some_and(|userinfo| userinfo.contains(':'))
+}
+
 /// `s` percent-decoded (`%` and two hex digits is a byte, anything else is itself), or `None`
 /// when the bytes are not UTF-8.
 fn percent_decode(s: &str) -> Option<String> {

@@ -1,5 +1,10 @@
 //! The rules that make a configuration valid, each in one place. `Config::validate` runs them
-//! all; edits run the ones for the object they add, for an early precise error.
+//! all, once per load (`files::parse_tree` only reads: syntax, keys, types, file names) and
+//! before every save; edits run the ones for the object they add, for an early precise error.
+//!
+//! A value rule that a file's integer may break before it even fits the model's type (a port of
+//! 70000 in a `u16`) has an `i64` form returning the typed value; loading calls it only for
+//! such a value, to word the error, and leaves every other value to `Config::validate`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Display;
@@ -9,7 +14,7 @@ use crate::error::{ConfigError, Result};
 use crate::paths::{rel_app, rel_bus, rel_cell, rel_datasource, rel_node, rel_server};
 
 use super::types::*;
-use super::url::url_has_password;
+use super::url::{store_url_has_password, url_has_password};
 
 /// An `Invalid` error in the documented shape; `fix` gets the validate hint appended.
 pub(crate) fn invalid(
@@ -123,23 +128,34 @@ pub(crate) fn check_destination_values(
             ),
         ));
     }
-    check_range(
+    check_priority(
         file,
         &key("default_priority"),
         i64::from(d.default_priority),
-        0,
-        u32::from(MAX_PRIORITY),
-        "priority",
     )?;
-    check_range(
+    check_failed_deliveries(
         file,
         &key("max_failed_deliveries"),
         i64::from(d.max_failed_deliveries),
+    )?;
+    Ok(())
+}
+
+/// A destination's `default_priority`: 0 to [`MAX_PRIORITY`].
+pub(crate) fn check_priority(file: &Path, key: &str, value: i64) -> Result<u8> {
+    check_range(file, key, value, 0, u32::from(MAX_PRIORITY), "priority").map(|p| p as u8)
+}
+
+/// A destination's `max_failed_deliveries`: 1 to [`MAX_FAILED_DELIVERIES`].
+pub(crate) fn check_failed_deliveries(file: &Path, key: &str, value: i64) -> Result<u32> {
+    check_range(
+        file,
+        key,
+        value,
         1,
         MAX_FAILED_DELIVERIES,
         "number of deliveries",
-    )?;
-    Ok(())
+    )
 }
 
 pub(crate) fn check_message_bytes(file: &Path, value: i64) -> Result<u64> {
@@ -196,6 +212,26 @@ pub(crate) fn check_range(
     }
 }
 
+/// The rules of cell.toml: the version (1 or more, and a TOML integer) and the cell's name.
+pub(crate) fn check_cell(file: &Path, name: &str, version: u64) -> Result<()> {
+    match i64::try_from(version) {
+        Ok(v) => {
+            check_version(file, v)?;
+        }
+        // TOML integers are signed 64-bit: a bigger version could not be written.
+        Err(_) => {
+            return Err(invalid(
+                file,
+                "repository.version",
+                version,
+                &format!("must be at most {}", i64::MAX),
+                "restore the repository from a backup",
+            ))
+        }
+    }
+    check_name(file, "cell.name", "cell", name)
+}
+
 pub(crate) fn check_version(file: &Path, value: i64) -> Result<u64> {
     if value >= 1 {
         Ok(value as u64)
@@ -222,39 +258,25 @@ pub(crate) fn check_host(file: &Path, key: &str, host: &str) -> Result<()> {
 
 /// Monitor policy ranges, keyed as in the server file.
 pub(crate) fn check_monitor(file: &Path, m: &MonitorPolicy) -> Result<()> {
-    check_range(
-        file,
-        "monitor.ping_interval_s",
-        i64::from(m.ping_interval_s),
-        1,
-        3600,
-        "number of seconds",
-    )?;
-    check_range(
-        file,
-        "monitor.ping_timeout_s",
-        i64::from(m.ping_timeout_s),
-        1,
-        3600,
-        "number of seconds",
-    )?;
-    check_range(
-        file,
-        "monitor.max_start_attempts",
-        i64::from(m.max_start_attempts),
-        1,
-        100,
-        "number of attempts",
-    )?;
-    check_range(
-        file,
-        "monitor.start_timeout_s",
-        i64::from(m.start_timeout_s),
-        1,
-        3600,
-        "number of seconds",
-    )?;
+    for (key, value) in [
+        ("monitor.ping_interval_s", m.ping_interval_s),
+        ("monitor.ping_timeout_s", m.ping_timeout_s),
+        ("monitor.max_start_attempts", m.max_start_attempts),
+        ("monitor.start_timeout_s", m.start_timeout_s),
+    ] {
+        check_monitor_value(file, key, i64::from(value))?;
+    }
     Ok(())
+}
+
+/// One value of the monitor policy (`key` as in the server file): 1 to 100 start attempts, or
+/// 1 to 3600 seconds.
+pub(crate) fn check_monitor_value(file: &Path, key: &str, value: i64) -> Result<u32> {
+    if key == "monitor.max_start_attempts" {
+        check_range(file, key, value, 1, 100, "number of attempts")
+    } else {
+        check_range(file, key, value, 1, 3600, "number of seconds")
+    }
 }
 
 /// The rules of one data source that need no other object: name, URL (scheme of its kind, no
@@ -262,15 +284,44 @@ pub(crate) fn check_monitor(file: &Path, m: &MonitorPolicy) -> Result<()> {
 pub(crate) fn check_datasource(file: &Path, d: &DataSourceCfg) -> Result<()> {
     check_name(file, "datasource.name", "data source", &d.name)?;
     check_datasource_url(file, d.kind, &d.url)?;
+    check_pool_max(file, i64::from(d.pool_max))?;
+    Ok(())
+}
+
+/// A data source's `pool_max`: 1 to [`MAX_POOL_MAX`].
+pub(crate) fn check_pool_max(file: &Path, value: i64) -> Result<u32> {
     check_range(
         file,
         "datasource.pool_max",
-        i64::from(d.pool_max),
+        value,
         1,
         MAX_POOL_MAX,
         "number of connections",
-    )?;
-    Ok(())
+    )
+}
+
+/// An application's `concurrency`: 1 to [`MAX_APP_CONCURRENCY`].
+pub(crate) fn check_app_concurrency(file: &Path, value: i64) -> Result<u32> {
+    check_range(
+        file,
+        "app.concurrency",
+        value,
+        1,
+        MAX_APP_CONCURRENCY,
+        "number of messages handled at once",
+    )
+}
+
+/// An application's `timeout_s`: 1 to [`MAX_APP_TIMEOUT_S`].
+pub(crate) fn check_app_timeout(file: &Path, value: i64) -> Result<u32> {
+    check_range(
+        file,
+        "app.timeout_s",
+        value,
+        1,
+        MAX_APP_TIMEOUT_S,
+        "number of seconds",
+    )
 }
 
 /// Longest data source URL.
@@ -451,22 +502,8 @@ impl Config {
                 ),
             ));
         }
-        check_range(
-            file,
-            "app.concurrency",
-            i64::from(a.concurrency),
-            1,
-            MAX_APP_CONCURRENCY,
-            "number of messages handled at once",
-        )?;
-        check_range(
-            file,
-            "app.timeout_s",
-            i64::from(a.timeout_s),
-            1,
-            MAX_APP_TIMEOUT_S,
-            "number of seconds",
-        )?;
+        check_app_concurrency(file, i64::from(a.concurrency))?;
+        check_app_timeout(file, i64::from(a.timeout_s))?;
         let unused = |key: &str, shown: Option<String>| -> Result<()> {
             match shown {
                 None => Ok(()),
@@ -583,20 +620,7 @@ impl Config {
     /// repository directory (`nodes/node01/servers/server1.toml`) and the key.
     pub fn validate(&self) -> Result<()> {
         let cell = rel_cell();
-        if self.version == 0 {
-            check_version(&cell, 0)?;
-        }
-        if self.version > i64::MAX as u64 {
-            // TOML integers are signed 64-bit: a bigger version could not be written.
-            return Err(invalid(
-                &cell,
-                "repository.version",
-                self.version,
-                &format!("must be at most {}", i64::MAX),
-                "restore the repository from a backup",
-            ));
-        }
-        check_name(&cell, "cell.name", "cell", &self.cell.name)?;
+        check_cell(&cell, &self.cell.name, self.version)?;
         if self.nodes.is_empty() {
             return Err(ConfigError::Invalid {
                 file: PathBuf::from("nodes"),
@@ -712,12 +736,7 @@ impl Config {
                     };
                     // A password in the URL would end up in logs and in config backups; never
                     // echo it, not even in this error.
-                    if rest.contains('@')
-                        && rest
-                            .split('@')
-                            .next()
-                            .is_some_and(|userinfo| userinfo.contains(':'))
-                    {
+                    if store_url_has_password(rest) {
                         return Err(invalid(&bf, &k("store_url"), "a URL with a password", "must not hold a password", "remove the password from the URL; use trust, peer or certificate authentication, or a ~/.pgpass file"));
                     }
                 }
