@@ -288,6 +288,17 @@ fn wait_for_lock(
     })
 }
 
+/// Writes `<pid>\n` of this process to `path` atomically (temp + rename), so a reader never
+/// sees a partial pid (node agents and servers each keep one in the profile's `run/`).
+pub fn write_pid_file(path: &Path) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension(format!("pid.tmp{}", std::process::id()));
+    std::fs::write(&tmp, format!("{}\n", std::process::id()))?;
+    std::fs::rename(&tmp, path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -360,15 +371,4 @@ mod tests {
         let free = f.try_lock_shared().is_ok();
         assert!(free);
     }
-}
-
-/// Writes `<pid>\n` of this process to `path` atomically (temp + rename), so a reader never
-/// sees a partial pid (node agents and servers each keep one in the profile's `run/`).
-pub fn write_pid_file(path: &Path) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension(format!("pid.tmp{}", std::process::id()));
-    std::fs::write(&tmp, format!("{}\n", std::process::id()))?;
-    std::fs::rename(&tmp, path)
 }
