@@ -16,6 +16,7 @@
 //! - reads are paged with a bound, so an ME holding millions of messages uses bounded RAM.
 
 mod bodylog;
+mod commit;
 
 /// Measures the fuzz targets' allocations (`bodylog`); the unit-test binary only.
 #[cfg(test)]

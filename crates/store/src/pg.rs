@@ -1,5 +1,5 @@
 //! The PostgreSQL backend: a shared store, so a messaging engine can move to another server.
-//! Each ME owns one schema of a database (same tables as the SQLite store, see `sqlite.rs`).
+//! Each ME owns one schema of a database (same tables as the SQLite store, see `sqlite/mod.rs`).
 //!
 //! One writer task owns one connection and group-commits exactly like the SQLite writer (same
 //! bounds; a SAVEPOINT per batch; `synchronous_commit` is left at the server's default, `on`,
@@ -18,11 +18,11 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row, Statement};
 
-use crate::error::{Result, StoreError};
-use crate::sqlite::{
-    answer_committed, answer_failed, check_limit, validate_ops, Batch, PendingGuard, LINGER_US,
-    TXN_BATCHES_MAX, TXN_BYTES_MAX, TXN_OPS_MAX, WRITE_QUEUE_MAX,
+use crate::commit::{
+    answer_committed, answer_failed, check_limit, seal, validate_ops, Batch, PendingGuard,
+    LINGER_US, TXN_BATCHES_MAX, TXN_BYTES_MAX, TXN_OPS_MAX, WRITE_QUEUE_MAX,
 };
+use crate::error::{Result, StoreError};
 use crate::{
     fsx, CommitOutcome, Op, RestoreState, Store, StoreFuture, StoreInfo, StoredMessage,
     SCHEMA_VERSION,
@@ -664,7 +664,7 @@ impl Writer {
                     }
                 }
             }
-            let reservation = crate::seq_reservation(self.next_seq, self.seq_reserved);
+            let reservation = seal(self.next_seq, self.seq_reserved).next_seq;
             if let Some(r) = reservation {
                 meta_set(&self.client, &ctx, "next_seq", &r.to_string()).await?;
             }
