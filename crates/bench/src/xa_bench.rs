@@ -64,7 +64,7 @@ impl Resource for Refusing {
 
 struct Setup {
     _dir: tempfile::TempDir,
-    pg_cluster: keel_store::pgtest::Cluster,
+    pg_cluster: keel_testkit::pgtest::Cluster,
     dir: std::path::PathBuf,
     engine: Arc<keel_engine::Engine>,
     me: Arc<MeResource>,
@@ -72,10 +72,10 @@ struct Setup {
 }
 
 async fn setup(max_prepared: u32, pool: usize) -> Result<Setup> {
-    let Some(bin) = keel_store::pgtest::pg_bin() else {
+    let Some(bin) = keel_testkit::pgtest::pg_bin() else {
         bail!("no PostgreSQL binaries under /usr/lib/postgresql");
     };
-    let pg = keel_store::pgtest::Cluster::start_with(bin, max_prepared);
+    let pg = keel_testkit::pgtest::Cluster::start_with(bin, max_prepared);
     let pg_url = pg.tcp_url();
     let dir = tempfile::Builder::new()
         .prefix("keel-bench-xa-")
@@ -101,7 +101,7 @@ async fn setup(max_prepared: u32, pool: usize) -> Result<Setup> {
 }
 
 /// One number from PostgreSQL, through the cluster's psql.
-fn pg_scalar(pg: &keel_store::pgtest::Cluster, sql: &str) -> Result<i64> {
+fn pg_scalar(pg: &keel_testkit::pgtest::Cluster, sql: &str) -> Result<i64> {
     let out = pg.psql().arg("-c").arg(sql).output()?;
     if !out.status.success() {
         bail!("psql: {}", String::from_utf8_lossy(&out.stderr));

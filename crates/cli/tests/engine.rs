@@ -346,11 +346,11 @@ fn a_damaged_store_keeps_its_engine_stopped_with_a_clear_message() {
 
 #[test]
 fn an_engine_can_keep_its_store_in_postgresql() {
-    let Some(bin) = keel_store::pgtest::pg_bin() else {
+    let Some(bin) = keel_testkit::pgtest::pg_bin() else {
         eprintln!("SKIPPED: no PostgreSQL binaries under /usr/lib/postgresql (scripts/test installs them)");
         return;
     };
-    let cluster = keel_store::pgtest::Cluster::start(bin);
+    let cluster = keel_testkit::pgtest::Cluster::start(bin);
     let env = Env::new();
     let url = cluster.tcp_url();
     let out = env.ok(&["me", "set-store", ME, "--postgres", &url]);

@@ -14,8 +14,8 @@ mod common;
 use std::time::Duration;
 
 use common::Env;
-use keel_store::mariatest::Maria;
-use keel_store::pgtest::Cluster;
+use keel_testkit::mariatest::Maria;
+use keel_testkit::pgtest::Cluster;
 
 const ME: &str = "node01.server1-bus1";
 
@@ -36,11 +36,11 @@ struct Dbs {
 
 impl Dbs {
     fn start() -> Option<Dbs> {
-        let Some(bin) = keel_store::pgtest::pg_bin() else {
+        let Some(bin) = keel_testkit::pgtest::pg_bin() else {
             eprintln!("SKIPPED: no PostgreSQL binaries under /usr/lib/postgresql (scripts/test installs them)");
             return None;
         };
-        if !keel_store::mariatest::available() {
+        if !keel_testkit::mariatest::available() {
             eprintln!("SKIPPED: no MariaDB server (scripts/test installs it)");
             return None;
         }
@@ -1045,7 +1045,7 @@ fn recovery_names_the_flush_start_for_a_restored_engine() {
 /// destination.
 #[test]
 fn a_database_that_cannot_prepare_is_named_and_its_messages_wait() {
-    let Some(bin) = keel_store::pgtest::pg_bin() else {
+    let Some(bin) = keel_testkit::pgtest::pg_bin() else {
         eprintln!("SKIPPED: no PostgreSQL binaries under /usr/lib/postgresql");
         return;
     };

@@ -25,11 +25,7 @@ static FUZZ_ALLOC: keel_core::fuzz::CountingAlloc = keel_core::fuzz::CountingAll
 pub mod conformance;
 mod error;
 mod fsx;
-#[doc(hidden)]
-pub mod mariatest;
 mod pg;
-#[doc(hidden)]
-pub mod pgtest;
 mod sqlite;
 
 use std::future::Future;

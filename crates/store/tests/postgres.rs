@@ -12,7 +12,7 @@ use keel_store::{PgStore, Store, StoreError, StoreFuture};
 const ME: &str = "node1.server1-bus1";
 const UUID: &str = "6f1c2a7e-0000-4000-8000-000000000001";
 
-use keel_store::pgtest::{pg_bin, Cluster};
+use keel_testkit::pgtest::{pg_bin, Cluster};
 
 struct PgBackend {
     url: String,

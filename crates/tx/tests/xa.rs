@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use keel_store::mariatest::Maria;
-use keel_store::pgtest::{pg_bin, Cluster};
+use keel_testkit::mariatest::Maria;
+use keel_testkit::pgtest::{pg_bin, Cluster};
 use keel_tx::coordinator::{Coordinator, Resource};
 use keel_tx::log::RecoveryLog;
 use keel_tx::mariadb::MariaDbResource;

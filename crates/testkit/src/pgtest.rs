@@ -1,7 +1,7 @@
 //! A throwaway PostgreSQL cluster for tests (initdb + pg_ctl from /usr/lib/postgresql/*/bin,
 //! run as the `postgres` user when we are root, data and socket in a temp dir, a free port,
-//! trust authentication on the unix socket and 127.0.0.1). Test support shared by the store's
-//! and the product's integration tests; not part of the store API.
+//! trust authentication on the unix socket and 127.0.0.1). Shared by the store's and the
+//! product's integration tests and by `keel-bench`.
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -1,6 +1,6 @@
 //! A throwaway MariaDB server for tests (mariadb-install-db into a temp dir, `mariadbd` on a
 //! free port of 127.0.0.1, root without a password, no binary log). Test support shared by the
-//! transaction service's and the product's integration tests; not part of the store API.
+//! transaction service's and the product's integration tests.
 
 use std::path::Path;
 use std::process::{Child, Command};
