@@ -2,10 +2,11 @@
 //! replacement (temp + fsync + rename + fsync of the directory), the repository lock, random
 //! tokens and timestamps. Kept in one place so every writer follows the same rules.
 
+pub(crate) use keel_core::fsname::{now_rfc3339, parent_of, random_hex};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use crate::error::{io_err, ConfigError, Result, FIX_PERM};
 
@@ -15,30 +16,6 @@ pub(crate) const LOCK_WAIT: Duration = Duration::from_secs(10);
 
 /// Name of the lock file inside a repository directory (a dot file, so loaders skip it).
 pub(crate) const LOCK_FILE: &str = ".lock";
-
-/// `n` random bytes as lowercase hex, for temp-file names that never collide.
-pub(crate) fn random_hex(n: usize) -> String {
-    assert!(n > 0 && n <= 32);
-    let mut buf = [0u8; 32];
-    // Randomness only avoids name collisions here; if the OS source fails we fall back to the
-    // clock and pid, which is still unique enough for a temp name.
-    if getrandom::fill(&mut buf[..n]).is_err() {
-        let nanos = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let seed = nanos ^ (u128::from(std::process::id()) << 64);
-        for (i, b) in buf[..n].iter_mut().enumerate() {
-            *b = (seed >> ((i % 16) * 8)) as u8;
-        }
-    }
-    buf[..n].iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Now as RFC 3339 with whole seconds, UTC (`2025-01-31T12:00:00Z`).
-pub(crate) fn now_rfc3339() -> String {
-    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
-}
 
 /// Now as a compact UTC stamp for file names (`20250131T120000Z`).
 pub(crate) fn now_compact() -> String {
@@ -144,14 +121,6 @@ fn write_atomic_mode(path: &Path, bytes: &[u8], mode: Option<u32>) -> Result<()>
 /// Reads a whole file, with an error naming it.
 pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(io_err("read", path, FIX_PERM))
-}
-
-/// The directory holding `path` (`.` for a bare file name).
-pub(crate) fn parent_of(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
 }
 
 /// Compares names the way people count: `server2` before `server10`. Used for the canonical

@@ -7,6 +7,7 @@ pub mod budget;
 pub mod catalog;
 pub mod exit;
 pub mod faults;
+pub mod fsname;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod hex;

@@ -1,32 +1,11 @@
 //! File-system discipline: random temp names, fsync of files and directories, checksums.
 
+pub(crate) use keel_core::fsname::{now_rfc3339, parent_of, random_hex};
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
 
 use crate::error::{io_err, Result};
-
-/// `n` random bytes as lowercase hex, for temp-file names that never collide.
-pub(crate) fn random_hex(n: usize) -> String {
-    assert!(n > 0 && n <= 16);
-    let u = uuid::Uuid::new_v4();
-    u.as_bytes()[..n]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-pub(crate) fn now_rfc3339() -> String {
-    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
-}
-
-pub(crate) fn parent_of(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
-}
 
 /// Fsyncs a directory so that renames and unlinks inside it survive a crash.
 pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
