@@ -154,7 +154,7 @@ pub enum TxError {
 pub type Branches = Vec<(String, Xid)>;
 
 /// What the tranlog holds for a decided transaction: its branches by resource.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Decision {
     branches: Vec<(String, Xid)>,
 }
@@ -380,6 +380,15 @@ impl Coordinator {
                 .collect(),
         };
         let data = postcard::to_stdvec(&decision).expect("decisions encode");
+        // Both sides of the log boundary: a logged decision names every voter (two or more:
+        // one voter commits in one phase with no record) and reads back as what was decided,
+        // because recovery will act on the bytes, not on this value.
+        assert!(decision.branches.len() == voters.len() && voters.len() >= 2);
+        assert_eq!(
+            postcard::from_bytes::<Decision>(&data).ok().as_ref(),
+            Some(&decision),
+            "a decision record reads back as written"
+        );
         if let Err(source) = self
             .log
             .write(

@@ -385,6 +385,18 @@ impl Writer {
                 Op::Remove { id } => encode(&Entry::Remove { id: *id }, &mut buf),
             }
         }
+        // Before the write: the frames read back as the ops, in order (what recovery will see).
+        let mut pos = 0;
+        for op in ops {
+            let (entry, next) = frame_at(&buf, pos).expect("a frame just encoded decodes");
+            assert!(matches!(
+                (&entry, op),
+                (Entry::Put { id: a, .. }, Op::Put { id: b, .. }) | (Entry::Remove { id: a }, Op::Remove { id: b })
+                    if a == b
+            ));
+            pos = next;
+        }
+        assert_eq!(pos, buf.len(), "the batch is exactly its frames");
         let path = self.files[self.active].clone();
         if let Err(e) = self.file.write_all(&buf) {
             return self.fail(io(&path, "write")(e));
@@ -400,6 +412,10 @@ impl Writer {
                 }
             }
         }
+        assert!(
+            self.live.len() <= LIVE_RECORDS_MAX,
+            "checked before the write"
+        );
         Ok(())
     }
 
