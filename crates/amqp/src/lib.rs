@@ -359,7 +359,8 @@ async fn connection(
             surface.refused(
                 peer,
                 format!(
-                    "the connection did not authenticate and open within {AUTH_DEADLINE_MS} ms"
+                    "the connection did not authenticate and open within {AUTH_DEADLINE_MS} ms plus the {} ms a throttled login may be delayed (ADMN0031W says when logins from a source are delayed)",
+                    delay_room.as_millis()
                 ),
             );
             return;
