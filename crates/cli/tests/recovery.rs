@@ -843,8 +843,12 @@ fn an_operator_resolves_what_recovery_cannot_reach() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    env.wait_for(Duration::from_secs(30), "WTRN0005W", || {
-        env.log("server1").contains("WTRN0005W").then_some(())
+    // The engine's store opens just after the transaction service starts (WTRN0005W): ask
+    // once both happened in this run, or the engine's answer is "still opening".
+    env.wait_for(Duration::from_secs(30), "WTRN0005W and CWSIP0108I", || {
+        let log = env.log("server1");
+        let run = &log[log.rfind("starting in recovery mode")?..];
+        (run.contains("WTRN0005W") && run.contains("CWSIP0108I")).then_some(())
     });
     let listing: serde_json::Value =
         serde_json::from_str(&env.ok(&["tx", "list", "--server", "server1", "--json"])).unwrap();

@@ -179,6 +179,9 @@ pub struct Engine {
     state: Mutex<MeState>,
     running: Mutex<Option<Running>>,
     recovery_mode: bool,
+    /// Why the last start failed (cleared when one succeeds): a recovery-mode engine that is
+    /// still opening its store must not be reported as one that could not.
+    start_failure: Mutex<Option<String>>,
 }
 
 impl Engine {
@@ -189,6 +192,7 @@ impl Engine {
             state: Mutex::new(MeState::Stopped),
             running: Mutex::new(None),
             recovery_mode,
+            start_failure: Mutex::new(None),
         })
     }
 
@@ -290,6 +294,8 @@ impl Engine {
         }
         self.set_state(MeState::Starting);
         let result = self.open(mode).await;
+        *self.start_failure.lock().expect("start_failure lock") =
+            result.as_ref().err().map(|e| e.to_string());
         match &result {
             Ok(info) => {
                 self.set_state(MeState::Started);
@@ -483,9 +489,19 @@ impl Engine {
                 "messaging engine {me} is not open: its data store was restored from a backup, which a recovery-mode server does not open; stop this server, start it normally (`keel server start {}`) and start the engine with `keel me start {me} --flush`, after which recovery finishes its branches",
                 self.cfg.server
             ),
-            (true, false) => format!(
-                "messaging engine {me} could not open its data store for recovery (CWSIP0105E says why); fix that, stop this server and start it again"
-            ),
+            (true, false) => {
+                let failure = self.start_failure.lock().expect("start_failure lock").clone();
+                match failure {
+                    // Recovery opens the store just after the transaction service starts: a
+                    // question asked in between is early, not a sign of a broken store.
+                    None => format!(
+                        "messaging engine {me} is still opening its data store for recovery; ask again in a moment"
+                    ),
+                    Some(reason) => format!(
+                        "messaging engine {me} could not open its data store for recovery ({reason}; CWSIP0105E); fix that, stop this server and start it again"
+                    ),
+                }
+            }
             (false, true) => EngineError::Restored { me: me.clone() }.to_string(),
             (false, false) => messaging::MessagingError::NotStarted { me: me.clone() }.to_string(),
         }

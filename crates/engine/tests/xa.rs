@@ -12,6 +12,10 @@ use keel_engine::{Engine, EngineConfig, StartMode};
 const ME: &str = "node01.server1-bus1";
 
 fn engine(dir: &std::path::Path) -> Arc<Engine> {
+    engine_in(dir, false)
+}
+
+fn engine_in(dir: &std::path::Path, recovery_mode: bool) -> Arc<Engine> {
     let mut q = DestinationCfg::new("in", DestinationKind::Queue, ME);
     q.max_failed_deliveries = 2;
     let out = DestinationCfg::new("out", DestinationKind::Queue, ME);
@@ -29,7 +33,7 @@ fn engine(dir: &std::path::Path) -> Arc<Engine> {
             peers: Vec::new(),
             duplicate_window_ms: 3_600_000,
         },
-        false,
+        recovery_mode,
     )
 }
 
@@ -192,4 +196,26 @@ async fn an_empty_branch_votes_read_only_and_ids_are_checked() {
     // Refused before anything was stored.
     assert_eq!(depths(&e).await, (0, 0));
     assert!(m.xa_recover().await.unwrap().is_empty());
+}
+
+/// A recovery-mode engine asked before its store opened says it is still opening (the
+/// transaction service may be asked first); one whose open failed says why and what to do.
+#[tokio::test]
+async fn a_recovery_mode_engine_tells_opening_from_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine_in(dir.path(), true);
+    let early = e.why_not_started().await;
+    assert!(early.contains("still opening"), "{early}");
+
+    // A directory where the store file should be: the open fails.
+    std::fs::create_dir(dir.path().join("me.sqlite")).unwrap();
+    std::fs::write(dir.path().join("me.sqlite").join("x"), b"x").unwrap();
+    assert!(e.start_for_recovery().await.is_err());
+    let failed = e.why_not_started().await;
+    assert!(failed.contains("could not open its data store"), "{failed}");
+    assert!(
+        failed.contains("stop this server and start it again"),
+        "{failed}"
+    );
+    assert!(!failed.contains("still opening"), "{failed}");
 }
