@@ -73,8 +73,12 @@ fn crashed_server_is_restarted_by_the_node_agent() {
     // Goal: ping interval (1 s) plus a few seconds at most.
     let pid2 = env.wait_for(Duration::from_secs(6), "a restarted server1", || {
         let st = env.status("server1");
-        (st["state"] == "started" && st["pid"].as_u64() != Some(pid1))
-            .then(|| st["pid"].as_u64().unwrap())
+        let pid = st["pid"].as_u64();
+        assert!(
+            st["state"] != "started" || pid.is_some(),
+            "a started server has a pid: {st}"
+        );
+        (st["state"] == "started" && pid != Some(pid1)).then(|| pid.unwrap())
     });
     eprintln!("restart after SIGKILL took {:?}", t0.elapsed());
     assert_ne!(pid1, pid2);

@@ -688,7 +688,10 @@ impl Agent {
             if slot.generation != generation {
                 return;
             }
+            // The process is gone: never "started" without a pid, not even until the policy
+            // below decides between stopped and a restart.
             slot.pid = None;
+            slot.state = SlotState::Stopped;
             slot.last_exit = Some(status.clone());
             (slot.desired_stop, slot.mode)
         };
