@@ -26,11 +26,20 @@
 //! - FLUSH: the source moves its unacknowledged messages, in order, onto a new stream with
 //!   ticks from 1, and the target discards the old stream's state.
 //!
+//! The source's side is [`SourceState`] (`source.rs`): the engine drives it and persists it,
+//! keeping the messages in its store; [`Source`] (`memory.rs`) drives the same type with the
+//! messages in memory for the property tests below, so they test the code that runs.
+//!
 //! Invariants (asserted): `acked < next_tick`; the unacked ticks are exactly
 //! `acked+1 .. next_tick`; a target's prefix only grows within one stream.
 
 pub mod auth;
 pub mod link;
+mod memory;
+pub mod source;
+
+pub use memory::Source;
+pub use source::{AckBeyond, Held, Resumption, SourceState};
 
 use std::collections::BTreeMap;
 
@@ -86,180 +95,6 @@ pub enum Frame<M> {
     Ack { stream_id: String, upto: u64 },
     /// The target has a gap: resend from `from`.
     Resend { stream_id: String, from: u64 },
-}
-
-/// The sending side of one stream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Source<M> {
-    stream_id: String,
-    next_tick: u64,
-    acked: u64,
-    unacked: BTreeMap<u64, M>,
-    /// Identity of the message at tick `acked` (None when `acked` is 0): what the source
-    /// compares with the target's prefix when the two are equal.
-    acked_identity: Option<String>,
-    /// Held after a handshake found a restored store or a forked history: nothing is sent until
-    /// a FLUSH.
-    held: bool,
-}
-
-impl<M: Clone + Identified> Source<M> {
-    pub fn new(stream_id: impl Into<String>) -> Source<M> {
-        Source {
-            stream_id: stream_id.into(),
-            next_tick: 1,
-            acked: 0,
-            unacked: BTreeMap::new(),
-            acked_identity: None,
-            held: false,
-        }
-    }
-
-    pub fn stream_id(&self) -> &str {
-        &self.stream_id
-    }
-
-    pub fn hello(&self) -> Hello {
-        Hello {
-            stream_id: self.stream_id.clone(),
-            next_tick: self.next_tick,
-            acked: self.acked,
-        }
-    }
-
-    pub fn is_held(&self) -> bool {
-        self.held
-    }
-
-    /// Messages waiting for an ack, in tick order.
-    pub fn unacked(&self) -> impl Iterator<Item = (u64, &M)> {
-        self.unacked.iter().map(|(t, m)| (*t, m))
-    }
-
-    /// Assigns the next tick to `msg` and keeps it until acked; returns the frame to send
-    /// (None while the stream is held: the message waits in the source).
-    pub fn send(&mut self, msg: M) -> (u64, Option<Frame<M>>) {
-        let tick = self.next_tick;
-        self.next_tick += 1;
-        self.unacked.insert(tick, msg.clone());
-        self.check();
-        let frame = (!self.held).then(|| Frame::Data {
-            stream_id: self.stream_id.clone(),
-            tick,
-            msg,
-        });
-        (tick, frame)
-    }
-
-    /// A cumulative ack; acks for another stream or below what is known are ignored (late or
-    /// duplicated frames). An ack beyond what was sent is a protocol violation (returned).
-    pub fn on_ack(&mut self, stream_id: &str, upto: u64) -> Result<(), String> {
-        if stream_id != self.stream_id || upto <= self.acked {
-            return Ok(());
-        }
-        if upto >= self.next_tick {
-            return Err(format!(
-                "stream {stream_id}: ack of tick {upto}, but only ticks below {} were sent",
-                self.next_tick
-            ));
-        }
-        self.acked_identity = Some(self.unacked[&upto].identity());
-        self.unacked = self.unacked.split_off(&(upto + 1));
-        self.acked = upto;
-        self.check();
-        Ok(())
-    }
-
-    /// Frames resending every unacked message from `from` on, in order.
-    pub fn resend_from(&self, from: u64) -> Vec<Frame<M>> {
-        if self.held {
-            return Vec::new();
-        }
-        self.unacked
-            .range(from.max(self.acked + 1)..)
-            .map(|(t, m)| Frame::Data {
-                stream_id: self.stream_id.clone(),
-                tick: *t,
-                msg: m.clone(),
-            })
-            .collect()
-    }
-
-    /// Applies the target's verdict after a connect; returns the frames to (re)send. The
-    /// stream is held (see `is_held`) when the target found a restored store, or when the
-    /// target's message at its prefix is not the source's message at that tick (a fork).
-    pub fn on_verdict(&mut self, v: &Verdict) -> Vec<Frame<M>> {
-        match v {
-            Verdict::Resume { from, last } => {
-                if *from == 0 || *from > self.next_tick || !self.same_at(from - 1, last.as_deref())
-                {
-                    self.held = true;
-                    return Vec::new();
-                }
-                self.held = false;
-                // The target holds everything below `from`: same as an ack.
-                if *from > 1 {
-                    let _ = self.on_ack(&self.stream_id.clone(), from - 1);
-                }
-                self.resend_from(*from)
-            }
-            Verdict::SourceRestored { .. } | Verdict::TargetRestored { .. } | Verdict::Replaced => {
-                self.held = true;
-                Vec::new()
-            }
-        }
-    }
-
-    /// Whether the source's message at `tick` has identity `identity` (tick 0: no message).
-    /// A tick the source already forgot below `acked` cannot be compared: the target is behind
-    /// the source's acks, which `Target::on_hello` reports as a restored target first.
-    fn same_at(&self, tick: u64, identity: Option<&str>) -> bool {
-        let mine = if tick == 0 {
-            None
-        } else if tick == self.acked {
-            self.acked_identity.clone()
-        } else if let Some(m) = self.unacked.get(&tick) {
-            Some(m.identity())
-        } else {
-            return false;
-        };
-        mine.as_deref() == identity
-    }
-
-    /// FLUSH: every unacked message moves, in order, onto `new_stream_id` with ticks from 1.
-    /// Returns the old stream's id (the target must discard it).
-    pub fn flush(&mut self, new_stream_id: impl Into<String>) -> String {
-        let new_id = new_stream_id.into();
-        assert_ne!(new_id, self.stream_id, "a flush needs a new stream id");
-        let old = std::mem::replace(&mut self.stream_id, new_id);
-        let msgs: Vec<M> = std::mem::take(&mut self.unacked).into_values().collect();
-        self.acked = 0;
-        self.acked_identity = None;
-        self.next_tick = 1;
-        self.held = false;
-        for m in msgs {
-            self.unacked.insert(self.next_tick, m);
-            self.next_tick += 1;
-        }
-        self.check();
-        old
-    }
-
-    fn check(&self) {
-        assert!(
-            self.acked < self.next_tick,
-            "acked {} must be below next_tick {}",
-            self.acked,
-            self.next_tick
-        );
-        debug_assert!(
-            self.unacked
-                .keys()
-                .copied()
-                .eq(self.acked + 1..self.next_tick),
-            "unacked ticks must be exactly acked+1..next_tick"
-        );
-    }
 }
 
 /// What a target does with one data frame.

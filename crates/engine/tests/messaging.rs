@@ -201,9 +201,9 @@ async fn expiry_and_bad_input_are_refused_clearly() {
         .unwrap()
         .state()
         .await;
-    assert_eq!((stream.next_tick, stream.acked), (2, 0));
+    assert_eq!((stream.next_tick(), stream.acked()), (2, 0));
     let waiting = m
-        .out_page("node01.server2-bus1", &stream.stream_id, 1, 10)
+        .out_page("node01.server2-bus1", stream.stream_id(), 1, 10)
         .await
         .unwrap();
     assert_eq!(waiting.len(), 1);
@@ -249,7 +249,14 @@ async fn unsent_stream_messages_from_memory_equal_the_stored_rows() {
         };
         m.send("elsewhere", sent).await.unwrap();
     }
-    let stream_id = m.out_stream(TARGET).await.unwrap().state().await.stream_id;
+    let stream_id = m
+        .out_stream(TARGET)
+        .await
+        .unwrap()
+        .state()
+        .await
+        .stream_id()
+        .to_string();
     // The first page comes from memory and takes it; asking again from tick 1 reads the store.
     let from_memory = m.out_page(TARGET, &stream_id, 1, 256).await.unwrap();
     let from_store = m.out_page(TARGET, &stream_id, 1, 256).await.unwrap();

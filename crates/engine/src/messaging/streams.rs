@@ -59,69 +59,38 @@ const XMIT_PREFIX: &str = "_XMIT:";
 /// Rows read or acknowledged per store call.
 pub const STREAM_PAGE_MAX: usize = 512;
 
-/// A source stream's durable state. Ticks are the wire's; rows are stored under
-/// `row_stream()` at `tick + row_base` (a FLUSH renumbers without rewriting rows).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OutState {
-    pub stream_id: String,
-    pub next_tick: u64,
-    pub acked: u64,
-    /// ID of the message at tick `acked` (None when `acked` is 0): the fork check compares it.
-    pub acked_identity: Option<String>,
-    /// The stream id the rows are stored under (None: `stream_id`).
-    #[serde(default)]
-    pub row_stream: Option<String>,
-    #[serde(default)]
-    pub row_base: u64,
-    /// The flush this stream was made for (None: not made by a FLUSH).
-    #[serde(default)]
-    pub flush_epoch: Option<String>,
-    /// Ticks 1 ..= this of a stream made by a FLUSH are resent messages (the old stream's
-    /// unacknowledged ones): the only ones a target may recognise as already delivered.
-    #[serde(default)]
-    pub resend_upto: u64,
+/// A source stream's durable state: keel-bus's state machine, stored as JSON in kv space
+/// `streams.out` (key = target engine). Ticks are the wire's; rows are stored under
+/// `row_stream()` at `row_of(tick)` (a FLUSH renumbers without rewriting rows).
+pub type OutState = keel_bus::SourceState;
+
+fn fresh_out() -> OutState {
+    OutState::new(uuid::Uuid::new_v4().to_string())
 }
 
-impl OutState {
-    fn fresh() -> OutState {
-        OutState {
-            stream_id: uuid::Uuid::new_v4().to_string(),
-            next_tick: 1,
-            acked: 0,
-            acked_identity: None,
-            row_stream: None,
-            row_base: 0,
-            flush_epoch: None,
-            resend_upto: 0,
-        }
-    }
+/// A stored source state, decoded and checked before anything trusts it.
+fn decode_out(me: &str, target: &str, bytes: &[u8]) -> Result<OutState, MessagingError> {
+    let st: OutState = serde_json::from_slice(bytes).map_err(|e| {
+        broken(
+            me,
+            target,
+            format!("its recorded state does not decode ({e})"),
+        )
+    })?;
+    st.validated().map_err(|e| {
+        broken(
+            me,
+            target,
+            format!("its recorded state does not add up ({e})"),
+        )
+    })
+}
 
-    pub fn row_stream(&self) -> &str {
-        self.row_stream.as_deref().unwrap_or(&self.stream_id)
-    }
-
-    /// Messages on the transmission queue, waiting for the target's ack.
-    pub fn unacked(&self) -> u64 {
-        self.next_tick - 1 - self.acked
-    }
-
-    /// The same messages on a new stream for flush `epoch`: the unacknowledged ones become
-    /// ticks 1 .. in their order; rows stay where they are.
-    fn flushed(&self, epoch: &str) -> OutState {
-        let new = OutState {
-            stream_id: uuid::Uuid::new_v4().to_string(),
-            next_tick: self.next_tick - self.acked,
-            acked: 0,
-            acked_identity: None,
-            row_stream: Some(self.row_stream().to_string()),
-            row_base: self.row_base + self.acked,
-            flush_epoch: Some(epoch.to_string()),
-            resend_upto: self.next_tick - 1 - self.acked,
-        };
-        assert_eq!(new.unacked(), self.unacked(), "a flush keeps every message");
-        assert_eq!(new.resend_upto, new.next_tick - 1);
-        assert_eq!(new.row_base + new.next_tick, self.row_base + self.next_tick);
-        new
+fn set_out(target: &str, st: &OutState) -> Op {
+    Op::SetKv {
+        space: OUT_KV.into(),
+        key: target.to_string(),
+        value: serde_json::to_vec(st).expect("stream state serializes"),
     }
 }
 
@@ -134,7 +103,7 @@ pub struct InState {
     /// never taken again: its source announcing it means its store went back in time.
     #[serde(default)]
     pub retired_ms: Option<u64>,
-    /// The stream's resent ticks (see `OutState::resend_upto`): only these pass through the
+    /// The stream's resent ticks (see `SourceState::resend_upto`): only these pass through the
     /// duplicate window, so a message ID reused by mistake (a clock gone back) can never make
     /// the target drop a new message.
     #[serde(default)]
@@ -357,7 +326,7 @@ async fn committer(
         let mut st = stream.state.lock().await;
         let upto = acks
             .iter()
-            .filter(|(id, _)| *id == st.stream_id)
+            .filter(|(id, _)| id == st.stream_id())
             .map(|(_, u)| *u)
             .max()
             .unwrap_or(0);
@@ -386,7 +355,7 @@ async fn committer(
                 chunk.push(p);
             }
             commit_sends(&*store, &stream, &mut st, chunk, &mut recent).await;
-            stream.next_tick.store(st.next_tick, Ordering::Release);
+            stream.next_tick.store(st.next_tick(), Ordering::Release);
             stream.notify.notify_one();
         }
         if upto > 0 || !waiting.is_empty() {
@@ -421,40 +390,34 @@ async fn flush_one(
     st: &mut OutState,
     epoch: &str,
 ) -> Result<OutState, MessagingError> {
-    if st.flush_epoch.as_deref() == Some(epoch) && st.acked == 0 {
+    if st.is_flushed_for(epoch) {
         return Ok(st.clone());
     }
-    let new = st.flushed(epoch);
-    store
-        .commit(vec![Op::SetKv {
-            space: OUT_KV.into(),
-            key: stream.target.clone(),
-            value: serde_json::to_vec(&new).expect("stream state serializes"),
-        }])
-        .await?;
+    let new = st.flushed(uuid::Uuid::new_v4().to_string(), Some(epoch));
+    store.commit(vec![set_out(&stream.target, &new)]).await?;
     keel_core::faults::hit("bus.source_after_flush");
     emit!(
         catalog::CWSIT0010I,
-        stream = st.stream_id,
+        stream = st.stream_id(),
         me = stream.me,
         peer = stream.target,
         epoch = epoch,
         messages = new.unacked(),
-        new = new.stream_id
+        new = new.stream_id()
     );
     *st = new;
-    stream.next_tick.store(st.next_tick, Ordering::Release);
+    stream.next_tick.store(st.next_tick(), Ordering::Release);
     *stream.rows.lock().expect("rows lock") = (
-        st.stream_id.clone(),
+        st.stream_id().to_string(),
         st.row_stream().to_string(),
-        st.row_base,
+        st.row_base(),
     );
     // The new stream's first link resends from the store.
     stream.unsent.lock().expect("unsent lock").clear();
     Ok(st.clone())
 }
 
-/// One store commit for `batches`, ticks from `st.next_tick` on; answers each batch.
+/// One store commit for `batches`, ticks from `st.next_tick()` on; answers each batch.
 async fn commit_sends(
     store: &dyn keel_store::Store,
     stream: &OutStream,
@@ -463,7 +426,9 @@ async fn commit_sends(
     recent: &mut Recent,
 ) {
     let target = stream.target.as_str();
-    let mut next = st.next_tick;
+    let count: usize = batches.iter().map(|b| b.items.len()).sum();
+    let new_state = st.assigned(count as u64);
+    let mut next = st.next_tick();
     let mut ops = Vec::with_capacity(batches.iter().map(|b| b.items.len()).sum::<usize>() + 1);
     for b in &batches {
         for (p, body) in &b.items {
@@ -475,24 +440,17 @@ async fn commit_sends(
                 expiry_ms: p.expiry_ms,
                 properties: p.properties.clone(),
                 body: body.clone(),
-                stream: Some((st.row_stream().to_string(), next + st.row_base)),
+                stream: Some((st.row_stream().to_string(), st.row_of(next))),
             });
             next += 1;
         }
     }
-    let new_state = OutState {
-        next_tick: next,
-        ..st.clone()
-    };
-    ops.push(Op::SetKv {
-        space: OUT_KV.into(),
-        key: target.to_string(),
-        value: serde_json::to_vec(&new_state).expect("stream state serializes"),
-    });
+    assert_eq!(next, new_state.next_tick(), "one tick per message");
+    ops.push(set_out(target, &new_state));
     match store.commit(ops).await {
         Ok(out) => {
             keel_core::faults::hit("me.after_store_commit");
-            let mut row = st.next_tick + st.row_base;
+            let mut row = st.row_of(st.next_tick());
             *st = new_state;
             let mut seqs = out.assigned_seqs.into_iter();
             let mut unsent = stream.unsent.lock().expect("unsent lock");
@@ -522,7 +480,7 @@ async fn commit_sends(
                 let _ = b.reply.send(Ok(mine));
             }
             drop(unsent);
-            assert_eq!(row, st.next_tick + st.row_base, "one row per tick");
+            assert_eq!(row, st.row_of(st.next_tick()), "one row per tick");
         }
         Err(e) => {
             for b in batches {
@@ -541,77 +499,61 @@ async fn ack(
     upto: u64,
     recent: &mut Recent,
 ) -> Result<(), MessagingError> {
-    if upto <= st.acked {
+    if upto <= st.acked() {
         return Ok(());
     }
-    if upto >= st.next_tick {
+    if upto >= st.next_tick() {
         return Err(broken(
             me,
             target,
             format!(
                 "engine {target} acknowledged tick {upto} of stream {}, which has only {} ticks",
-                st.stream_id,
-                st.next_tick - 1
+                st.stream_id(),
+                st.next_tick() - 1
             ),
         ));
     }
-    while st.acked < upto {
-        let n = usize::try_from(upto - st.acked)
+    while st.acked() < upto {
+        let n = usize::try_from(upto - st.acked())
             .unwrap_or(usize::MAX)
             .min(STREAM_PAGE_MAX);
-        let first_row = st.acked + 1 + st.row_base;
+        let first_row = st.row_of(st.acked() + 1);
         // From what this committer stored lately (no read of the rows and their bodies), else
         // from the store.
-        if let Some((ops, last_id)) = recent.deletes(first_row, n) {
-            let new_state = OutState {
-                acked: st.acked + n as u64,
-                acked_identity: Some(last_id),
-                ..st.clone()
-            };
-            let mut ops = ops;
-            ops.push(Op::SetKv {
-                space: OUT_KV.into(),
-                key: target.to_string(),
-                value: serde_json::to_vec(&new_state).expect("stream state serializes"),
-            });
-            store.commit(ops).await?;
-            recent.forget_below(first_row + n as u64);
-            assert!(new_state.acked <= upto);
-            *st = new_state;
-            continue;
-        }
-        let rows = store.by_stream(st.row_stream(), first_row, n).await?;
-        let last = rows.last().ok_or_else(|| {
-            broken(
-                me,
-                target,
-                format!(
-                    "the transmission queue lacks tick {} of stream {} (a damaged data store)",
-                    st.acked + 1,
-                    st.stream_id
-                ),
-            )
-        })?;
-        let last_tick = last.stream.as_ref().map(|s| s.1).expect("tick") - st.row_base;
-        let new_state = OutState {
-            acked: last_tick,
-            acked_identity: Some(last.id.clone()),
-            ..st.clone()
+        let (mut ops, last_tick, last_id) = match recent.deletes(first_row, n) {
+            Some((ops, last_id)) => (ops, st.acked() + n as u64, last_id),
+            None => {
+                let rows = store.by_stream(st.row_stream(), first_row, n).await?;
+                let last = rows.last().ok_or_else(|| {
+                    broken(
+                        me,
+                        target,
+                        format!(
+                            "the transmission queue lacks tick {} of stream {} (a damaged data store)",
+                            st.acked() + 1,
+                            st.stream_id()
+                        ),
+                    )
+                })?;
+                let last_tick = st.tick_of(last.stream.as_ref().map(|s| s.1).expect("tick"));
+                let ops = rows
+                    .iter()
+                    .map(|m| Op::Delete {
+                        dest: m.dest.clone(),
+                        seq: m.seq,
+                    })
+                    .collect();
+                (ops, last_tick, last.id.clone())
+            }
         };
-        let mut ops: Vec<Op> = rows
-            .iter()
-            .map(|m| Op::Delete {
-                dest: m.dest.clone(),
-                seq: m.seq,
-            })
-            .collect();
-        ops.push(Op::SetKv {
-            space: OUT_KV.into(),
-            key: target.to_string(),
-            value: serde_json::to_vec(&new_state).expect("stream state serializes"),
-        });
+        let new_state = st
+            .acked_to(last_tick, last_id)
+            .map_err(|e| broken(me, target, e.to_string()))?
+            .expect("a page of rows beyond acked moves it");
+        assert!(new_state.acked() <= upto, "never past the ack");
+        ops.push(set_out(target, &new_state));
         store.commit(ops).await?;
-        assert!(new_state.acked > st.acked && new_state.acked <= upto);
+        recent.forget_below(st.row_of(last_tick) + 1);
         *st = new_state;
     }
     Ok(())
@@ -875,14 +817,8 @@ impl Messaging {
             return Ok(s.clone());
         }
         let state = match self.store.kv_get(OUT_KV, target).await? {
-            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                broken(
-                    &self.me,
-                    target,
-                    format!("its recorded state does not decode ({e})"),
-                )
-            })?,
-            None => OutState::fresh(),
+            Some(bytes) => decode_out(&self.me, target, &bytes)?,
+            None => fresh_out(),
         };
         let mut map = self.out_streams.0.lock().expect("streams lock");
         let s = map
@@ -893,11 +829,11 @@ impl Messaging {
                     me: self.me.clone(),
                     target: target.to_string(),
                     rows: std::sync::Mutex::new((
-                        state.stream_id.clone(),
+                        state.stream_id().to_string(),
                         state.row_stream().to_string(),
-                        state.row_base,
+                        state.row_base(),
                     )),
-                    next_tick: std::sync::atomic::AtomicU64::new(state.next_tick),
+                    next_tick: std::sync::atomic::AtomicU64::new(state.next_tick()),
                     state: Mutex::new(state),
                     work,
                     notify: Notify::new(),
@@ -1068,11 +1004,11 @@ impl Messaging {
         let stream = self.out_stream(target).await?;
         // Held across the read: the committer cannot remove the row meanwhile.
         let st = stream.state.lock().await;
-        if tick == st.acked {
-            return Ok(st.acked_identity.clone());
+        if tick == st.acked() {
+            return Ok(st.acked_identity().map(str::to_string));
         }
-        if tick > st.acked && tick < st.next_tick {
-            let row = tick + st.row_base;
+        if st.unacked_ticks().contains(&tick) {
+            let row = st.row_of(tick);
             let rows = self.store.by_stream(st.row_stream(), row, 1).await?;
             return Ok(rows
                 .into_iter()
@@ -1485,33 +1421,16 @@ pub async fn begin_flush(
     // come from history the restore took away), so none of them is ever taken again.
     for (peer, _) in peers {
         if !outs.iter().any(|(t, _)| t == peer) {
-            let new = OutState {
-                flush_epoch: Some(epoch.clone()),
-                ..OutState::fresh()
-            };
-            ops.push(Op::SetKv {
-                space: OUT_KV.into(),
-                key: peer.clone(),
-                value: serde_json::to_vec(&new).expect("stream state serializes"),
-            });
+            let new = OutState::new_for_flush(uuid::Uuid::new_v4().to_string(), &epoch);
+            ops.push(set_out(peer, &new));
         }
     }
     let streams = outs.len();
     for (target, bytes) in outs {
-        let st: OutState = serde_json::from_slice(&bytes).map_err(|e| {
-            broken(
-                me,
-                &target,
-                format!("its recorded state does not decode ({e})"),
-            )
-        })?;
-        let new = st.flushed(&epoch);
+        let st = decode_out(me, &target, &bytes)?;
+        let new = st.flushed(uuid::Uuid::new_v4().to_string(), Some(&epoch));
         messages += new.unacked();
-        ops.push(Op::SetKv {
-            space: OUT_KV.into(),
-            key: target,
-            value: serde_json::to_vec(&new).expect("stream state serializes"),
-        });
+        ops.push(set_out(&target, &new));
     }
     let record = (!peers.is_empty()).then(|| FlushRecord {
         epoch,
@@ -1629,27 +1548,6 @@ fn stream_message(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_flush_renumbers_without_moving_rows_and_keeps_every_message() {
-        let mut st = OutState::fresh();
-        st.next_tick = 11; // ticks 1..=10 assigned
-        st.acked = 4; // 5..=10 unacknowledged
-        let f = st.flushed("e1");
-        assert_ne!(f.stream_id, st.stream_id);
-        assert_eq!((f.next_tick, f.acked, f.resend_upto), (7, 0, 6));
-        assert_eq!(f.row_stream(), st.stream_id, "rows stay where they are");
-        // Wire tick 1 of the new stream is old tick 5: row 5.
-        assert_eq!(1 + f.row_base, 5);
-        // A second flush after 2 more sends and 3 acks composes.
-        let mut g = f.clone();
-        g.next_tick = 9;
-        g.acked = 3;
-        let h = g.flushed("e2");
-        assert_eq!((h.next_tick, h.resend_upto), (6, 5));
-        assert_eq!(1 + h.row_base, 4 + 4, "old tick 8 = row 8");
-        assert_eq!(h.row_stream(), st.stream_id);
-    }
 
     #[test]
     fn the_duplicate_window_drops_only_what_an_incarnation_delivered() {

@@ -138,7 +138,7 @@ pub async fn source_link<S: LinkIo>(
     }
     // The peer's verdict on our stream. A peer that runs a FLUSH first asks for the stream to
     // move onto a new one made for its flush: done here, then the peer judges the new stream.
-    let mut verdict = read_verdict(&mut framed, &st.stream_id).await?;
+    let mut verdict = read_verdict(&mut framed, st.stream_id()).await?;
     let mut rounds = 0;
     while verdict.0 == VerdictKind::FlushRequested {
         rounds += 1;
@@ -157,7 +157,7 @@ pub async fn source_link<S: LinkIo>(
             })
             .await
             .map_err(LinkError::write)?;
-        verdict = read_verdict(&mut framed, &st.stream_id).await?;
+        verdict = read_verdict(&mut framed, st.stream_id()).await?;
     }
     emit!(
         catalog::CWSIT0007I,
@@ -182,7 +182,7 @@ pub async fn source_link<S: LinkIo>(
         Err(why) => {
             emit!(
                 catalog::CWSIT0009E,
-                stream = st.stream_id,
+                stream = st.stream_id(),
                 me = ours.me,
                 peer = peer.me,
                 why = why

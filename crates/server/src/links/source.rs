@@ -31,11 +31,11 @@ pub(crate) type VerdictParts = (VerdictKind, u64, u64, Option<String>, Option<St
 /// How a source announces its stream.
 pub(crate) fn stream_state(st: &OutState) -> StreamState {
     StreamState {
-        stream_id: st.stream_id.clone(),
-        next_tick: st.next_tick,
-        acked: st.acked,
-        flush_epoch: st.flush_epoch.clone(),
-        resend_upto: st.resend_upto,
+        stream_id: st.stream_id().to_string(),
+        next_tick: st.next_tick(),
+        acked: st.acked(),
+        flush_epoch: st.flush_epoch().map(str::to_string),
+        resend_upto: st.resend_upto(),
     }
 }
 
@@ -66,66 +66,54 @@ pub(crate) async fn read_verdict<S: LinkIo>(
     }
 }
 
-/// What the source does with the target's verdict: Ok(Ok(tick to send from)) after
-/// acknowledging what the target already has, Ok(Err(why the stream is held)) when a store
-/// went back in time, or Err(why) when this side failed (a store error: the link ends and is
-/// tried again, rather than holding a stream that is fine).
+/// What the source does with the target's verdict (keel-bus's `SourceState::resumption` and
+/// `fork_check` decide): Ok(Ok(tick to send from)) after acknowledging what the target
+/// already has, Ok(Err(why the stream is held)) when a store went back in time, or Err(why)
+/// when this side failed (a store error: the link ends and is tried again, rather than
+/// holding a stream that is fine).
 pub(crate) async fn check_verdict(
     messaging: &Messaging,
     peer: &Peer,
     st: &OutState,
     (kind, a, b, last): (VerdictKind, u64, u64, Option<String>),
 ) -> Result<Result<u64, String>, LinkError> {
-    let stream_id = &st.stream_id;
-    match kind {
-        VerdictKind::SourceRestored => Ok(Err(format!(
-            "engine {} has completed tick {a} of it but this engine's next tick is {b}: this engine's data store went back in time",
-            peer.me
-        ))),
-        VerdictKind::TargetRestored => Ok(Err(format!(
-            "engine {} has completed only tick {a} of it but acknowledged tick {b} before: that engine's data store went back in time",
-            peer.me
-        ))),
-        VerdictKind::Replaced => Ok(Err(format!(
-            "engine {} retired this stream when a FLUSH of this engine replaced it: this engine's data store went back in time",
-            peer.me
-        ))),
-        VerdictKind::FlushRequested => Err(LinkError::Protocol(
-            "the peer asked for a flush once too often".into(),
-        )),
-        VerdictKind::Resume => {
-            let from = a.max(1);
-            // A resume behind what the target acknowledged, or past what was assigned, is what
-            // a restored (or broken) target says: hold rather than trust it.
-            if from <= st.acked || from > st.next_tick {
-                return Ok(Err(format!(
-                    "engine {} asks to resume at tick {from}, but it acknowledged tick {} and tick {} is the next to assign",
-                    peer.me, st.acked, st.next_tick
-                )));
-            }
-            if from > 1 {
-                let ours = messaging
-                    .out_identity_at(&peer.me, from - 1)
-                    .await
-                    .map_err(LinkError::engine)?;
-                if ours.is_some() && ours != last {
-                    return Ok(Err(format!(
-                        "tick {} of stream {stream_id} is message {} here but {} at engine {}: the two histories forked (a store went back in time)",
-                        from - 1,
-                        ours.unwrap_or_default(),
-                        last.unwrap_or_default(),
-                        peer.me
-                    )));
-                }
-            }
-            // The target has everything before `from`.
-            messaging
-                .out_acked(&peer.me, stream_id, from - 1)
-                .await
-                .map_err(LinkError::engine)?;
-            Ok(Ok(from))
+    let verdict = match kind {
+        VerdictKind::SourceRestored => keel_bus::Verdict::SourceRestored {
+            target_prefix: a,
+            source_next_tick: b,
+        },
+        VerdictKind::TargetRestored => keel_bus::Verdict::TargetRestored {
+            target_prefix: a,
+            source_acked: b,
+        },
+        VerdictKind::Replaced => keel_bus::Verdict::Replaced,
+        VerdictKind::Resume => keel_bus::Verdict::Resume { from: a, last },
+        VerdictKind::FlushRequested => {
+            return Err(LinkError::Protocol(
+                "the peer asked for a flush once too often".into(),
+            ))
+        }
+    };
+    let held = |h: keel_bus::Held| Ok(Err(h.reason(&peer.me, st.stream_id())));
+    let (from, check) = match st.resumption(&verdict) {
+        keel_bus::Resumption::Hold(h) => return held(h),
+        keel_bus::Resumption::Resume { from, check } => (from, check),
+    };
+    if let Some((tick, theirs)) = check {
+        let ours = messaging
+            .out_identity_at(&peer.me, tick)
+            .await
+            .map_err(LinkError::engine)?;
+        if let Err(h) = st.fork_check(tick, ours.as_deref(), theirs.as_deref()) {
+            return held(h);
         }
     }
+    // The target has everything before `from`.
+    messaging
+        .out_acked(&peer.me, st.stream_id(), from - 1)
+        .await
+        .map_err(LinkError::engine)?;
+    Ok(Ok(from))
 }
 
 /// Sends the stream's messages from `from` on (None: held, nothing is sent) and takes the
@@ -182,8 +170,8 @@ pub(crate) async fn source_loop<S: LinkIo>(
     inbound: &mut Inbound,
 ) -> String {
     let st0 = stream.state().await;
-    let stream_id = st0.stream_id.clone();
-    let mut peer_acked = st0.acked;
+    let stream_id = st0.stream_id().to_string();
+    let mut peer_acked = st0.acked();
     let mut next_send = from;
     // Highest tick sent on this link: acks and resend requests beyond it are refused, so a
     // peer can never make this side forget messages it did not receive.
