@@ -120,6 +120,22 @@ impl Slot {
             last_exit: None,
         }
     }
+
+    /// What every reader of a slot may rely on: a started server has a pid (status, stop and
+    /// the watcher use it), and a server that is not live has none (a pid of a process that
+    /// exited may already belong to another process).
+    fn check(&self, server: &str) {
+        assert!(
+            self.state != SlotState::Started || self.pid.is_some(),
+            "server {server}: a started slot has a pid"
+        );
+        assert!(
+            self.state.is_live() || self.pid.is_none(),
+            "server {server}: a {} slot holds pid {:?}",
+            self.state.as_str(),
+            self.pid
+        );
+    }
 }
 
 pub(crate) struct Agent {
@@ -406,6 +422,7 @@ impl Agent {
                 slot.pid = Some(pid);
                 slot.admin_port = s.admin_port;
                 slot.bus_port = s.bus_port;
+                slot.check(&s.name);
                 slot.generation
             };
             emit!(catalog::ADMN0019I, server = s.name, pid = pid);
@@ -451,6 +468,7 @@ impl Agent {
             if !state.is_live() {
                 slot.pid = None;
             }
+            slot.check(server);
         }
     }
 
@@ -551,8 +569,10 @@ impl Agent {
         {
             let mut slots = self.slots.lock().expect("slot lock");
             if let Some(slot) = slots.get_mut(server) {
-                if slot.generation == generation {
+                // Unless an exit was recorded meanwhile (it cleared the pid).
+                if slot.generation == generation && slot.pid.is_some() {
                     slot.state = SlotState::Started;
+                    slot.check(server);
                 }
             }
         }
@@ -842,6 +862,7 @@ impl Agent {
         let (_, s) = cfg.find_server(server)?;
         let slots = self.slots.lock().expect("slot lock");
         let slot = slots.get(server).cloned().unwrap_or_else(Slot::new);
+        slot.check(server);
         let live = slot.state.is_live();
         // Ports of a live process are the ones it was started with; config may have moved on.
         let (admin, bus) = if live {

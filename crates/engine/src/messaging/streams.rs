@@ -1286,6 +1286,7 @@ impl Messaging {
             retired_ms: None,
             resend_upto,
         };
+        assert!(state.tick > prefix, "a target's prefix only grows");
         // The duplicate window: a message of the source at or below its incarnation's mark
         // was delivered before (resent after a FLUSH): it only moves the prefix.
         let now = keel_core::unix_ms();

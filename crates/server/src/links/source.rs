@@ -237,6 +237,8 @@ pub(crate) async fn source_loop<S: LinkIo>(
                         peer_acked = upto;
                         stream.ack_later(&stream_id, upto);
                     }
+                    // What the peer acknowledged was sent on this link, and never moves back.
+                    assert!(peer_acked <= sent_upto, "acked {peer_acked} beyond sent {sent_upto}");
                 }
                 Some(Ok(LinkFrame::Resend { from, .. })) => {
                     if from <= peer_acked || from > sent_upto + 1 {
