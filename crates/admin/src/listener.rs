@@ -2,8 +2,9 @@
 //! no bound on connections and no deadline on a connection that never sends a request, so 20
 //! 000 idle sockets from anyone who can reach the port used to exhaust the process's file
 //! descriptors. Here:
-//! - a connection has `header_read_ms` to send each request's head, and one with no request in
-//!   progress is closed after `idle_ms`;
+//! - a connection has `header_read_ms` to send each request's head (in a head buffer of at
+//!   most `HEAD_BUFFER_BYTES_MAX`, 16 KiB), and one with no request in progress is closed after
+//!   `idle_ms`;
 //! - connections are capped in total and per source; when a cap is reached, the connection
 //!   that has been idle longest (not in the middle of an authenticated request) is closed to
 //!   make room, so a flood of idle or unauthenticated connections can delay a legitimate

@@ -1,4 +1,10 @@
 //! The registry of admin objects of one process, and delegation to peer processes.
+//!
+//! Later crates register their objects here (`SIBMessagingEngine`, `TransactionService`, ...)
+//! without touching the transport. The registry refuses an operation an object does not list
+//! before calling it. A node agent sets a [`Delegate`] to answer for its servers. A forwarded
+//! call carries `x-keel-forwarded`, and a process answers it from its own objects only, so
+//! delegation can never loop.
 
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 

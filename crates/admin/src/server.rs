@@ -6,6 +6,11 @@
 //! (`keel_core::throttle`). After authentication: the request's body must arrive within a
 //! deadline, and at most `MAX_CONCURRENT_REQUESTS` run at once, the ping excepted (it is
 //! cheap, and `keel` commands use it to find out what answers on a port).
+//!
+//! `guard` runs before every route, in this order: the login delay the source and user owe,
+//! the credential, and on failure a 401 (`ADMN0003W`) that closes the connection without
+//! reading the body and names who answered (`Identity`: cell, node, process; the ping says the
+//! same). Only then is the body read (within its deadline) and a request slot taken.
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -15,12 +15,30 @@
 //!   queue (modified with delivery-failed counts as a failed delivery); rejected → exception
 //!   destination. A link or connection that goes away releases what it held.
 //!
-//! Addresses name a destination of a bus this server is a member of; `BUS/DEST` picks the bus
-//! when two buses define the same name.
+//!   A receiving link takes what is ready (up to `TAKE_MAX` per wake-up, each locked and
+//!   holding one of the link's `UNSETTLED_MAX` permits), sends each when the client has credit
+//!   (a locked message waits at most `CREDIT_WAIT_MS` for credit, then goes back), and hands
+//!   the outcomes to one settler task per link, which settles them with
+//!   `Messaging::settle_batch` (one store commit per batch). A consumer on a topic gets its
+//!   subscription before its attach is answered, so nothing published after the attach misses
+//!   it.
 //!
-//! Bounds: connections per server (`CONNECTIONS_MAX`), unsettled deliveries per receiving link
-//! (`UNSETTLED_MAX`), messages per stored batch (`BATCH_MAX`) and per consumer take
-//! (`TAKE_MAX`), frame size; a client's sending link gets fe2o3's default credit (200).
+//! Addresses name a destination of a bus this server is a member of; `BUS/DEST` picks the bus
+//! when two buses define the same name (`route`). An unknown or foreign destination is refused
+//! at attach (`CWSIT0003W`), never dropped message by message.
+//!
+//! Before authentication (`serve`, `connection`): a connection first takes a `Ticket` of the
+//! port's `Admission` (`PREAUTH_CONNECTIONS_MAX` in total, `PREAUTH_PER_SOURCE_MAX` per
+//! source; over that it is closed at once) and has one deadline, `AUTH_DEADLINE_MS`, for its
+//! first bytes, SASL and `Open`, plus the login delay it may owe. Once authenticated,
+//! [`Admitted::authenticated`] swaps the ticket for a slot of its kind: client connections
+//! (`CONNECTIONS_MAX`) and engine links (`LINKS_MAX`) have pools of their own. Refusals are
+//! logged through the port's log budget. The first four bytes tell AMQP from an engine link
+//! (`KEEL`), which is handed to the server's link code.
+//!
+//! Bounds: client connections per server (`CONNECTIONS_MAX`), unsettled deliveries per
+//! receiving link (`UNSETTLED_MAX`), messages per stored batch (`BATCH_MAX`) and per consumer
+//! take (`TAKE_MAX`), frame size; a client's sending link gets fe2o3's default credit (200).
 //!
 //! AMQP transactions (`txn.rs`): fe2o3's coordinator parses declare and discharge and keeps a
 //! transaction's posts and settlements until the discharge; on commit, `txn::SessionLinks`

@@ -7,7 +7,29 @@
 //! durable store commit) and only then lets the discharge be answered `accepted`. On rollback
 //! nothing reaches the store, and deliveries the client settled in the transaction are released
 //! (the client will not settle them again). Work of one transaction must go to one messaging
-//! engine (one store).
+//! engine (one store); other work is refused. `SessionLinks` (one per session) knows the
+//! session's links by the client's handle, with each consumer link's delivery tags.
+//!
+//! Bounds (`limits`, `TxnLimits`, enforced inside fe2o3's resource-side session, where the work
+//! is held): a transaction holds at most `TXN_MESSAGES_MAX` posted and settled messages and
+//! `TXN_BYTES_MAX` of posts (sized so that one store commit can carry it all), lives at most
+//! `TXN_AGE_MAX_S` (`KEEL_AMQP_TXN_AGE_MAX_S` in the server's environment overrides it; the
+//! coordinator ticks the session to expire idle ones), and a connection holds at most
+//! `TXN_OPEN_MAX` open. Past a size or age bound the transaction is rolled back at once (its
+//! frames dropped, `rollback` releases what it settled) and stays declared holding nothing: its
+//! later posts are answered `rejected` with the reason, and its discharge is refused with
+//! `amqp:transaction:rollback` or `amqp:transaction:timeout` and the reason. The client is told
+//! on its next post or discharge, not by a detach: detaching the control link would end the
+//! controller's other transactions, detaching the sending link its plain sends, and nothing
+//! commits without a discharge, so the client always learns before it could believe the work
+//! done. Transactional posts never reach their link, so the session counts them in flow control
+//! itself (the link's credit is granted again with a flow per post); without that, a sender
+//! stalled once it had used its credit (fe2o3's default, 200).
+//!
+//! Known gap: if the engine's commit itself fails (a store error), the deliveries the
+//! transaction claimed become available again while the client may still hold them
+//! (at-least-once there). Not supported: transactional acquisition (fe2o3 has none on the
+//! resource side).
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -10,6 +10,14 @@
 //!
 //! It drives the real `keel` binary (`--keel`, default: beside this executable), so build both
 //! in the same profile: `cargo build --release --bin keel --bin keel-bench`.
+//!
+//! The other subcommands: `engine`, `tx`, `tx-pg`, `tx-recovery`, `logs`, `scale`, `flush`,
+//! and `peers`. `peers` is behind the cargo feature `peers`, so the workspace build never pulls
+//! broker clients; `--rounds N` repeats the systems (odd rounds in reverse order) and compares
+//! them within each round (`rounds.rs`, outside the feature so its tests always run), because
+//! this VM's speed drifts between runs. Both binaries use mimalloc (glibc malloc cost the
+//! server CPU on the message path; BENCHMARKS.md). Every benchmark client sets `TCP_NODELAY`
+//! (Keel's through the fe2o3 patch); without it the consumers' small frames waited on Nagle.
 
 /// The clients of every system share the keel binary's allocator (mimalloc).
 #[global_allocator]

@@ -1,11 +1,14 @@
 //! `keel datasource create|list|delete` and `keel app create|list|delete`: data sources
 //! (XA-capable databases) and the message-driven applications that use them. Both are
-//! configuration only: servers read them when they start.
+//! configuration only: servers read them when they start. `app create` checks a kind's options
+//! by name (`check_kind_options`) before the model checks the rest.
 //!
 //! A data source's password never enters the configuration: `datasource create` takes it out
 //! of the URL (or reads it from `--password-env VAR`) and keeps it in the profile's secrets
 //! (`secrets/datasources/<name>`, mode 0600), written before the configuration names the data
-//! source.
+//! source. `datasource create` also asks the database whether it can prepare branches and
+//! refuses one that cannot (PostgreSQL with `max_prepared_transactions` 0); when the database
+//! does not answer, the check waits for the server (`WTRN0013E`).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

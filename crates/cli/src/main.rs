@@ -4,6 +4,13 @@
 //!
 //! Errors: every command exits 0 on success and otherwise prints one sentence on stderr
 //! (`keel: ...`) saying what failed, on what, and what to do, and exits 1 (2 for usage errors).
+//! Every clap parse error is rendered as one `keel: ...` line (the accepted values, the usage
+//! line, the command's `--help`); a unit test walks the clap tree and fails on any argument
+//! without a help line.
+//!
+//! `main` sets the umask to 077 before anything else, so every file any keel process makes (the
+//! node agent and servers inherit it) is 0600 and every directory 0700, whatever the shell's
+//! umask (DESIGN §10).
 
 /// mimalloc: the message path allocates per frame and per message (see Cargo.toml).
 #[global_allocator]

@@ -9,6 +9,9 @@
 //! current files move aside to `backups/config-replaced-<timestamp>/` (nothing is deleted), the
 //! archive's files are written, and the version becomes higher than anything the profile has
 //! seen, so node copies notice they are behind and synchronize.
+//!
+//! An archive holds the repository only: the profile's secrets (admin credential, data source
+//! passwords) are never in it.
 
 use std::cell::Cell as StdCell;
 use std::collections::{BTreeMap, BTreeSet};

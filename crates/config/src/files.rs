@@ -6,7 +6,8 @@
 //! nodes/<node>/servers/<server>.toml [server] name, admin_port, bus_port; [monitor] …
 //! buses/<bus>.toml                   [bus] name, allow_anonymous, max_message_bytes,
 //!                                      duplicate_window_hours;
-//!                                    [[member]] node, server, me, uuid, initial_state;
+//!                                    [[member]] node, server, me, uuid, initial_state,
+//!                                      store_url (PostgreSQL store; absent = SQLite);
 //!                                    [[destination]] name, type, me, reliability,
 //!                                    default_reliability, default_priority,
 //!                                    max_failed_deliveries, exception_destination
@@ -21,6 +22,8 @@
 //! then the value rules (ranges, names, cross references), which are `Config::validate`'s and
 //! run once, on the whole configuration. Reading itself checks only what the files alone
 //! know: the format, that an object's name is its file's, and the spellings of enumerations.
+//! So with several mistakes in a repository, loading names a reading error (syntax, key, file
+//! name) before any rule's.
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};

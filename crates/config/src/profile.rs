@@ -1,10 +1,15 @@
 //! A profile: one self-contained directory holding a cell's configuration, credentials, logs,
 //! data stores, recovery logs and backups. Copying or deleting the directory is the whole
-//! install, so creation is all-or-nothing.
+//! install, so creation is all-or-nothing, and the directory is made 0700 from the first
+//! moment.
 //!
 //! Secrets live in `secrets/` (mode 0700), never in the configuration, logs or error messages:
 //! `admin-password` (the admin credential) and `datasources/<name>` (the password of data
-//! source `<name>`), each mode 0600, written by temp + fsync + rename.
+//! source `<name>`), each mode 0600, written by temp + fsync + rename. A secret file readable
+//! by group or others is refused. `keel datasource create` writes a data source's password
+//! before the configuration names it, and `delete` removes it after, so the configuration never
+//! names a data source whose secret is gone. [`Profile::secure_directories`] (run by node
+//! agents and servers at start) closes data directories an older build left open to others.
 
 use std::fs::OpenOptions;
 use std::io::{Read, Write};

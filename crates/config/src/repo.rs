@@ -5,6 +5,14 @@
 //! replaced atomically (temp + fsync + rename + directory fsync), and `cell.toml`, which holds
 //! the version, is written last. A reader that sees the new version therefore sees every file
 //! of that version. Writers hold the exclusive lock `<dir>/.lock`; readers the shared one.
+//!
+//! Invariants: the only way to change a repository is [`Repository::update`]. It holds the
+//! exclusive lock (the file records the writer's pid; a waiter gives up after `LOCK_WAIT`,
+//! 10 s, naming the holder), validates the whole new configuration before it writes anything,
+//! and rewrites only the files that changed, so an operator's comments in the others survive.
+//! [`Repository::load`] takes the lock shared, so a reader never sees half an update. [`sync`]
+//! holds the master's lock while it writes the node copy, so a copy's version never goes
+//! backwards.
 
 use std::path::{Path, PathBuf};
 

@@ -1,7 +1,8 @@
 //! Admission of connections that have not authenticated yet (DESIGN §10): a cap in total and
 //! one per source, so one peer (or one process) that opens connections and never finishes its
 //! login cannot take every slot from the others. Pure bookkeeping: the listeners decide what
-//! a refusal does (close the socket, log once per burst).
+//! a refusal does (close the socket, log once per burst). A [`Ticket`] holds one place and
+//! frees it when dropped, so no path can leak a place.
 //!
 //! A *source* is the peer's IPv4 address, or the /64 prefix of its IPv6 address (one host is
 //! routinely given a whole /64, so a per-address cap would be no cap at all).

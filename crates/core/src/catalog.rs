@@ -7,7 +7,10 @@
 //! `CWSIP0784E`, `WSVR0024I`, `WSVR0001I`). Text templates name fields in braces (`{server}`);
 //! the log writer fills them from the event's fields.
 //!
-//! Log with `keel_core::emit!(catalog::WSVR0001I, server = name, pid = pid)`.
+//! Log with `keel_core::emit!(catalog::WSVR0001I, server = name, pid = pid)`: the ID is a
+//! constant here, so an unknown ID is a compile error. Tests keep the IDs unique, well formed
+//! and matching their severity letter, and keep `docs/MESSAGES.md` equal to the catalog
+//! (`KEEL_UPDATE_DOCS=1 cargo test -p keel-core catalog` regenerates it).
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Severity {

@@ -1,7 +1,8 @@
 //! Names for files, computed without touching the file system: random suffixes for temporary
 //! files, the time stamps written into manifests and backups, and the directory that holds a
 //! path. The config repository and the data stores both name their temporary files and backups
-//! with these, so there is one definition of each.
+//! with these, so there is one definition of each. Each crate keeps its own `fsync_dir` and
+//! `io_err`, because those build the crate's own error type.
 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;

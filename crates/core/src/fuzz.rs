@@ -8,6 +8,12 @@
 //! parallel threads), and only allocations made through Rust's allocator: memory a C library
 //! takes with its own `malloc` (zstd's decoder) is bounded by that library's parameters, not
 //! measured here.
+//!
+//! Each target asserts that one decode allocates at most k × input + a constant (k between 4
+//! and 64 by target; the constant is serde's cautious sequence pre-allocation, 1 MiB, plus a
+//! zstd block buffer where there is one), so no decoder allocates from an announced length.
+//! [`mutate`] flips bits, truncates, repeats and splices sections and writes hostile 32-bit
+//! lengths. Targets run [`CASES_DEFAULT`] cases unless `KEEL_FUZZ_CASES` says otherwise.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;

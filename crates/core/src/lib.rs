@@ -1,6 +1,12 @@
 //! Shared vocabulary of Keel: admin object names, the message catalog, fault points and the
-//! on-disk layout of a profile. Every other crate depends on this one and it depends on none of
-//! them, so nothing here may know about processes, configuration files or the network.
+//! on-disk layout of a profile, file names (`fsname`), hex for bytes that travel as text, exit
+//! codes, and the rules every listener applies to peers that have not authenticated (DESIGN
+//! §10: `admission`, `throttle`, `budget`), kept here as pure bookkeeping so the admin port and
+//! the bus port behave alike. Every other Keel crate except keel-bus and keel-testkit depends on
+//! this one and it depends on none of them, so nothing here may know about processes,
+//! configuration files or the network. No I/O and no sleeping (callers sleep); the exceptions
+//! are the hidden test-support modules `fuzz` (a counting allocator) and `testfs` (mounts a
+//! tmpfs).
 
 pub mod admission;
 pub mod budget;

@@ -11,6 +11,9 @@
 //! at once without its password being looked at (it guesses nothing).
 //!
 //! Pure bookkeeping with the clock passed in; the listeners sleep.
+//!
+//! Deliberately absent: a ban list. A delay slows guessing without letting an attacker lock a
+//! user out. The state is per process and starts empty after a restart.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

@@ -10,7 +10,12 @@
 //! repository that will sit beside this writer as a second layer.
 //!
 //! Invariant: a line is written with one `write_all` under the writer's lock, so concurrent
-//! threads never interleave inside a line. No fsync: the log is diagnostics, not state.
+//! threads never interleave inside a line. Newlines inside fields are escaped, and a line is
+//! cut at `LINE_BYTES_MAX` (16 KiB). Keel's own events log down to `KEEL_LOG` (default INFO);
+//! dependencies log at WARN and above only, so a chatty library cannot drown the operator's
+//! log. No fsync: the log is diagnostics, not state. SystemOut.log rotates past
+//! `SYSTEM_OUT_BYTES_MAX` (16 MiB) into `SystemOut_<yy.mm.dd_hh.mm.ss>.log`, keeping the
+//! `SYSTEM_OUT_KEPT_MAX` (5) newest.
 //!
 //! A failed write never stops the log and never takes its caller down: the part of a line that
 //! landed is cut off again, the first lines that fail are held in memory (bounded) and written,
@@ -18,7 +23,13 @@
 //! (a full disk freed); stderr hears of it once per failure, through a write that cannot panic
 //! (stderr is a file on the same full disk for a server). `eprintln!` panics when stderr cannot
 //! be written: inside the logging layer that killed the thread that logged (the data store's
-//! writer, on a full disk) and poisoned this lock, which stopped SystemOut.log for good.
+//! writer, on a full disk) and poisoned this lock, which stopped SystemOut.log for good. A
+//! poisoned lock is now taken over (it still guards a whole line). At most `HELD_LINES_MAX`
+//! lines (`HELD_BYTES_MAX` bytes) are held. Nothing in this layer or the repository writer may
+//! panic on a failed write.
+//!
+//! Call [`flush`] at process exit so the repository gets what is still queued (the stop's own
+//! records).
 //!
 //! The same events also go, as structured records, to the process's binary log repository
 //! (`repo`: `logs/<process>/repository/`), through a bounded queue to a writer thread.

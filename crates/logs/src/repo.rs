@@ -22,7 +22,25 @@
 //! `BLOCK_RAW_BYTES_MAX` bytes, or every `FLUSH_MS`); a full queue drops the record and counts
 //! it, and the writer writes a record saying how many were dropped. Retention: segments end at
 //! `segment_bytes_max`; the oldest segments go when the repository passes `total_bytes_max` or
-//! their last write is older than `age_max_ms` (the segment being written is never removed).
+//! their last write is older than `age_max_ms` (the segment being written is never removed);
+//! defaults 16 MiB, 256 MiB and 7 days (`RepoConfig::new`). A busy writer applies retention at
+//! each new segment, a quiet one every `RETAIN_IDLE_MS` (an hour). Each process start begins
+//! a new segment. Blocks are cut on their real encoded size (records are encoded as they
+//! arrive). Segments are ordered by their number, which only goes up in a directory: their
+//! names start with a time, and clocks step back.
+//!
+//! A block that fails to write is cut off the segment again (`set_len`), its records count as
+//! dropped, and writing pauses `WRITE_RETRY_MS` (1 s), so a full disk does not turn into a new
+//! file per block. The failure is said on stderr once per outage, through a write that cannot
+//! panic.
+//!
+//! Reading ([`read`]) keeps a [`Position`], which `keel logs view --follow` reuses: per segment,
+//! the first block not fully read and how many of its records were handed out, so a read
+//! stopped mid-block resumes at the next record. The `LogRepository` admin object
+//! (`keel_admin::logrepo`) reports size, segments, oldest record and the writer's counters.
+//!
+//! Deliberately absent: fsync (diagnostics), and any index beyond the block headers (a filter
+//! reads every block whose header does not rule it out; BENCHMARKS.md has the cost).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};

@@ -22,8 +22,11 @@
 //!
 //! Deliberately absent: compaction into another segment. A segment whose live bytes fall
 //! low while the log as a whole holds more than twice its live bytes has its remaining bodies
-//! moved back into their rows (see `Writer::compact` in `sqlite.rs`), which bounds the space
-//! taken by a few long-lived messages without a second log to manage.
+//! moved back into their rows (see `Writer::compact` in `sqlite/writer.rs`), which bounds the
+//! log at about twice its live bytes without a second writer or a second log to manage.
+//!
+//! A backup moves bodies back into its rows, so a backup is one self-contained file. The
+//! PostgreSQL backend keeps bodies in its rows (TOAST already stores large values apart).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};

@@ -5,15 +5,25 @@
 //!
 //! What the store guarantees (DESIGN.md §4, §5):
 //! - it is stamped with its ME's UUID and name and refuses to open for another ME;
-//! - it records its *restore state* (`none` / `restored`) and an *incarnation* that every start
-//!   of its engine moves to at least the current Unix time in ms (see [`next_incarnation`]), so
-//!   system message IDs are unique for all time: after a restore, and also after a store file was
-//!   copied back behind Keel's back (which the bus handshake relies on, DESIGN §5);
+//! - it records its *restore state* (`none`, `restored`, or `flush-pending` while a FLUSH start
+//!   waits for its peers) and an *incarnation* that every start of its engine moves to at least
+//!   the current Unix time in ms (see [`next_incarnation`]), so system message IDs are unique
+//!   for all time: after a restore, and also after a store file was copied back behind Keel's
+//!   back (which the bus handshake relies on, DESIGN §5);
 //! - [`Store::commit`] applies a batch of [`Op`]s atomically and resolves only once durable;
 //!   concurrent batches are group-committed (one transaction, one fsync, many callers);
 //! - messages, transmission-queue entries (`stream`) and small durable state (`SetKv`: stream
 //!   prefixes, subscriptions, prepared-xid markers) change in the same transaction;
-//! - reads are paged with a bound, so an ME holding millions of messages uses bounded RAM.
+//! - reads are paged with a bound, so an ME holding millions of messages uses bounded RAM;
+//! - a restore verifies the backup completely before it replaces anything, and marks the store
+//!   `restored`;
+//! - it says whether it takes work ([`Store::health`], [`StoreHealth`]): a full disk is
+//!   `disk-full` and clears by itself at the next commit that fits; a store whose files are in
+//!   doubt is `failed` until its engine reopens it. PostgreSQL stores report `ok` always (the
+//!   trait's default; not built yet for that backend).
+//!
+//! An engine uses PostgreSQL when its bus member has a `store_url` (one schema per engine),
+//! else SQLite. `keel-testkit`'s `pgtest` gives the conformance suite a throwaway cluster.
 
 mod bodylog;
 mod commit;

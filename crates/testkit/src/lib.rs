@@ -1,6 +1,7 @@
 //! Test support shared by Keel's crates, kept out of the product: throwaway database servers
-//! that tests (and `keel-bench`) start and drop. A dev-dependency of the crates whose tests use
-//! it; nothing the server links.
+//! that tests (and `keel-bench`) start and drop, each in a temp dir on a free port below the
+//! ephemeral range. A dev-dependency of keel-store, keel-tx and keel-cli, and a dependency of
+//! keel-bench (`tx-pg`) only; nothing the server links.
 //!
 //! - [`pgtest`]: a PostgreSQL cluster (initdb + pg_ctl) in a temp dir, on a free port;
 //! - [`mariatest`]: a MariaDB server (mariadb-install-db + mariadbd) in a temp dir.

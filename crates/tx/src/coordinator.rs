@@ -16,8 +16,30 @@
 //! incarnation (Unix ms at its start: unique across restarts) and a sequence number; branch
 //! qualifier = the branch's index. So recovery only ever touches its own branches.
 //!
-//! Deliberately absent so far: transaction timeouts, heuristic outcomes, resources other than
-//! in-process ones (PostgreSQL, MariaDB, messaging engines come next), the partnerlog.
+//! What recovery relies on:
+//! - the tranlog keys decisions by transaction number, and a new coordinator numbers above
+//!   every live record ([`Coordinator::reserve_ids_above`]), so an earlier run's decision is
+//!   never overwritten;
+//! - `recover_pass` leaves this incarnation's branches alone (a background pass must not roll
+//!   back a branch prepared a moment ago), except those of its own *pending* decisions (a
+//!   phase two that did not reach a branch, `TxError::CommitPending`), which the next pass
+//!   finishes, and of its *unresolved* transactions (a rollback a branch did not confirm, or
+//!   the last voter's failed commit: prepared with no decision), which the next pass rolls back;
+//! - a forced decision write that fails leaves the branches prepared: the record may be on disk
+//!   all the same, the failed log refuses further writes, and the next start decides from what
+//!   the log holds;
+//! - recovery runs phase twos `RECOVERY_CONCURRENCY` (32) at a time per resource, so the
+//!   database shares its log flushes; a `PREPARE` a crashed process had sent can complete at
+//!   the database after a pass, so callers repeat passes (the server's `TxService::recover`).
+//!
+//! Fault points: `tx.after_prepare`, `tx.after_decision`, `tx.mid_commit`.
+//!
+//! Resources are the server's business: its messaging engines and the SQL data sources of
+//! [`crate::pg`] and [`crate::mariadb`]; the partnerlog naming them is kept by the server
+//! (keel-server `txsvc`). Deliberately absent so far: transaction timeouts in the coordinator
+//! (an application bounds its handler with its `timeout_s`), heuristic outcomes *reported by a
+//! resource* (PostgreSQL and MariaDB have none to report; an operator's resolution by hand is
+//! the heuristic case, `WTRN0006W`), and peer recovery.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -1,8 +1,9 @@
-//! MariaDB (and MySQL) as a transaction resource and data source: XA (DESIGN §6) over a
-//! bounded connection pool (`pool.rs`). A branch holds a pooled connection from
-//! `XA START` until it ends; the XA statements go over the text protocol, XIDs as hex literals
-//! (no byte needs quoting), and the branch's own statements ([`MariaDbResource::execute`],
-//! [`MariaDbResource::query`]) as prepared statements with `?` parameters.
+//! MariaDB (and MySQL) as a transaction resource and data source (mysql_async, without TLS):
+//! XA (DESIGN §6) over a bounded connection pool (`pool.rs`). A branch holds a pooled
+//! connection from `XA START` until it ends; the XA statements go over the text protocol, XIDs
+//! as hex literals (no byte needs quoting), and the branch's own statements
+//! ([`MariaDbResource::execute`], [`MariaDbResource::query`]) as prepared statements with `?`
+//! parameters.
 //!
 //! A prepared branch stays on its connection until phase two, which runs there (`XA COMMIT` /
 //! `XA ROLLBACK`); then the connection goes back to the pool. MariaDB (10.11 tested) keeps a
@@ -12,7 +13,8 @@
 //! when the session ends does the branch pass to the server (10.5+: it survives), where phase
 //! two on another connection and recovery find it: after a crash, or when the branch's
 //! connection broke. Recovery (`XA RECOVER`) and phase two of a branch this resource no
-//! longer holds use a pooled connection.
+//! longer holds use a pooled connection; there `XAER_NOTA` means "not found" only when
+//! `XA RECOVER` does not list the branch (a crashed process's session may hold it a moment).
 //!
 //! A connection is closed instead of reused after an error whose effect on the session is
 //! unclear, and an idle one found dead (e.g. killed, or the server restarted) is replaced by a

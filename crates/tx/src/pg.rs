@@ -9,7 +9,11 @@
 //!
 //! Statements ([`PgResource::execute`], [`PgResource::query`]) are prepared, so each parameter
 //! (`$1`, `$2`, …) is converted from its [`SqlValue`] to the type PostgreSQL infers for it;
-//! result columns of common types map back (see `decode`).
+//! the parameter is checked here where the type is known, and otherwise sent as text for
+//! PostgreSQL to parse. Result columns of common types map back (numeric, dates, timestamps
+//! and uuid as text; another type is an error naming the column; see `decode`). Every
+//! connection reads `max_prepared_transactions` when it opens; with 0, a branch's `begin` is
+//! refused at once instead of every message failing at `PREPARE`.
 //!
 //! Global transaction ids: `keel:<format id, 8 hex>:<gtrid hex>:<bqual hex>` (at most 150
 //! characters of PostgreSQL's 200), so recovery recognises Keel's branches and rebuilds their

@@ -7,7 +7,9 @@
 //! [`SqlResource::query`]), then the coordinator's prepare/commit, or [`Resource::rollback`]
 //! (which, for a branch not prepared yet, rolls it back on its own connection and returns the
 //! connection to the pool: what a failed handler needs). After a statement failed, a branch
-//! can only roll back (prepare and commit refuse it).
+//! can only roll back (prepare and commit refuse it): PostgreSQL would turn `PREPARE` or
+//! `COMMIT` of an aborted transaction into a silent rollback. Each branch has its own lock. A
+//! query returns at most `ROWS_MAX` (10 000) rows.
 
 pub use crate::pool::{POOL_MAX_LIMIT, POOL_WAIT_MS};
 

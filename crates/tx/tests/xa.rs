@@ -4,6 +4,21 @@
 //! in MariaDB; a child process crashes (KEEL_FAULTS abort) after the decision, between the two
 //! commits, or after preparing; recovery in a new coordinator makes the outcome atomic: committed
 //! in both when the decision was logged, rolled back in both before it, and the locks are gone.
+//!
+//! Crash torture: runs of 8 concurrent transactions aborted at a rotating fault point or at a
+//! random moment, each followed by recovery and an atomicity check (every transaction's rows in
+//! both databases or in neither, nothing left prepared); 9 runs by default,
+//! `KEEL_TX_TORTURE_RUNS=N` for more. A coordinator that does not log its decision is caught
+//! within 3 runs. The torture found that a `PREPARE` the crashed process had sent can complete
+//! at the database after a recovery pass, which is why recovery repeats passes.
+//!
+//! Data sources: 20 sequential transactions use at most two PostgreSQL backends and two
+//! MariaDB connections; 16 concurrent ones on a pool of 4, all updating one row, commit;
+//! pooled connections killed from another session are replaced at the next begin (and a
+//! branch held by a live session is not taken as resolved); parameters of every kind into
+//! typed columns, text into integers, refused conversions naming the parameter, rows and column
+//! names back, a failed statement rolling the transaction back, the row limit; a PostgreSQL
+//! that cannot prepare is refused at check and at begin.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -9,6 +9,8 @@
 //!   runs them all, once per load and before every save;
 //! - `url`: passwords in data source URLs.
 //!
+//! This module re-exports them, so `keel_config::` paths do not depend on the split.
+//!
 //! Order: nodes, servers within a node, buses, destinations, data sources and applications are
 //! kept in *natural name order* (`server2` before `server10`) because the files on disk carry no
 //! order; members keep their file order.

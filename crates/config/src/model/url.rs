@@ -1,5 +1,5 @@
 //! Passwords in URLs: found (to refuse them in the configuration) and taken out (to keep them
-//! in the profile's secrets).
+//! in the profile's secrets). The password is percent-decoded by the `percent-encoding` crate.
 
 /// Byte range of the password in `url` (`scheme://user:PASSWORD@host/...`), if it has one.
 /// Deliberately broad, so that a password is never stored by mistake: the user information is

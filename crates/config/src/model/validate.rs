@@ -5,6 +5,13 @@
 //! A value rule that a file's integer may break before it even fits the model's type (a port of
 //! 70000 in a `u16`) has an `i64` form returning the typed value; loading calls it only for
 //! such a value, to word the error, and leaves every other value to `Config::validate`.
+//!
+//! Rules across objects: server names are unique in the cell (they name processes, pid files
+//! and log directories; `nodeagent` is reserved), and so are ports and ME UUIDs. An
+//! application's queue and its forward target are on one engine, so its transaction stays
+//! there. A server, member, destination or data source that an application needs cannot be
+//! removed (removing it fails validation). Every error names the file, the key and the fix; a
+//! script or statement is named by its size, never by its text.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Display;

@@ -1,6 +1,8 @@
 //! The SQLite backend: one file per messaging engine (`<profile>/databases/<me>.sqlite`), WAL
 //! mode with `synchronous=FULL`, one writer thread that group-commits, one reader thread, an
-//! online backup and an offline restore.
+//! online backup and an offline restore. The bundled SQLite syncs with `fdatasync`
+//! (`HAVE_FDATASYNC`, set in the workspace's `.cargo/config.toml` as distribution builds set
+//! it): plain `fsync` also wrote the inode's times at every commit.
 //!
 //! Schema (version 2; version 1 lacked the body_* columns and `segments`):
 //! ```text
@@ -23,7 +25,8 @@
 //! `seq` is unique per store (a Move keeps it), so it is the rowid: `next_seq` in `meta` is a
 //! reservation ([`crate::SEQ_RESERVE`] ahead), moved on in the same transaction as the Puts
 //! that pass it, so a seq is never reused, even after the message holding the highest one is
-//! deleted; a reopened store starts at the reservation.
+//! deleted; a reopened store starts at the reservation, after checking that every stored seq
+//! is below it. A restart skips at most `SEQ_RESERVE` seqs.
 //!
 //! The files of this backend, one per section:
 //! - `schema.rs`: opening, stamping, checking (the lock, the schema and its migration, `meta`);

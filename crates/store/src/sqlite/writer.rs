@@ -1,6 +1,24 @@
 //! The writer thread: group commit (SQLite's side of it; the grouping bounds, validation and
 //! answers shared with PostgreSQL are `crate::commit`), and the body log's upkeep: rolling
 //! segments, unlinking dead ones, compaction.
+//!
+//! A group (up to `TXN_BATCHES_MAX` batches) commits in one transaction with one fsync, first
+//! without savepoints: a savepoint makes SQLite copy each page it touches into a sub-journal
+//! first. Only when a batch fails is the group rolled back and applied again with a savepoint
+//! per batch, so a failing batch fails alone (`commit_group`).
+//!
+//! Failures (DESIGN §10). A full disk (`SQLITE_FULL`, or ENOSPC/EDQUOT on the body log) fails
+//! the whole group with `DiskFull`, not batch by batch, and moves the health to `disk-full`
+//! (`CWSIP0112W` once); the first group that commits clears it (`CWSIP0113I` once). Going on
+//! is safe: SQLite writes a WAL transaction's commit frame last and rolls back a transaction
+//! whose write failed, and the body log cuts a failed write back off (`set_len`). A failed
+//! commit fsync (`SQLITE_IOERR_FSYNC`: the kernel may have dropped the pages, so the commit may
+//! or may not be on disk) or corruption found while writing fails the store: health `failed`,
+//! `CWSIP0114E` once, every later change refused with `StoreError::Failed` until the engine
+//! reopens it and recovery from the WAL decides (`fatal_reason`). A writer or reader thread
+//! that panics fails the store the same way, with the panic's text; a caller whose request it
+//! dropped waits for the thread's end and answers `failed`, not "closed". Tested on a real
+//! full tmpfs (`tests/disk_full.rs`) and with the hooks `fail_next_fsync` and `panic_writer`.
 
 use std::fs::File;
 use std::sync::atomic::Ordering;
