@@ -10,8 +10,8 @@
 //! Checked per decode: no panic, and the peak bytes allocated stay within
 //! `ALLOC_PER_INPUT_BYTE` × input + `ALLOC_CONST_BYTES` (serde's cautious pre-allocation of a
 //! sequence, at most 1 MiB). Before the `bounds` check, serde_amqp allocated whatever a
-//! `str32`/`sym32`/`vbin32` announced (4 GiB from 12 bytes); the regressions below keep those
-//! cases.
+//! `str32`/`sym32`/`vbin32` announced (4 GiB from a 20-byte SASL init); the regressions below
+//! keep those cases.
 //!
 //! `KEEL_FUZZ_CASES=N cargo nextest run -p keel-amqp -E 'test(fuzz)'` for a long run.
 

@@ -28,7 +28,7 @@
 //!
 //! The source's side is [`SourceState`] (`source.rs`): the engine drives it and persists it,
 //! keeping the messages in its store; [`Source`] (`memory.rs`) drives the same type with the
-//! messages in memory for the property tests below, so they test the code that runs.
+//! messages in memory for the property tests (`tests.rs`), so they test the code that runs.
 //!
 //! Invariants (asserted): `acked < next_tick`; the unacked ticks are exactly
 //! `acked+1 .. next_tick`; a target's prefix only grows within one stream.

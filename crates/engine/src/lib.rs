@@ -1,11 +1,14 @@
 //! Messaging engines: one per bus a server is a member of, each with its own data store.
 //!
 //! This part holds an engine's lifecycle (`stopped` → `starting` → `started` → `stopping`),
-//! opens and stamps its data store, refuses a normal start of a restored store (`CWSIP0103E`),
-//! and performs the single-engine part of a restart-after-restore (FLUSH) start: a new
-//! incarnation so message IDs minted from now on never collide with pre-backup ones, then
-//! `CWSIP0783E` and the restored mark cleared. The multi-engine stream flush arrives with the bus
-//! (issue 4) and plugs in before the mark is cleared.
+//! opens and stamps its data store, and refuses a normal start of a restored store
+//! (`CWSIP0103E`). Every start moves the store to a new incarnation before it mints an ID, so
+//! message IDs never collide with earlier ones, also when a store file was copied back without
+//! a restore mark. A restart-after-restore (FLUSH) start moves the restore state from `restored`
+//! to `flush-pending` in the commit of `messaging::streams::begin_flush`; the last peer's
+//! confirmation (`Messaging::flush_confirm`) moves it to `none` in its commit, then
+//! `CWSIP0783E` (at once when there is no peer to wait for). A normal start of a
+//! `flush-pending` store continues the flush (`messaging::streams::continue_flush`).
 //!
 //! Invariants:
 //! - an open store holds an exclusive lock on `<store>.lock` (keel-store), and a store restore

@@ -26,6 +26,24 @@
 //! left this queue while the read was in flight (`gone`); and if the window's cursor moved
 //! meanwhile (an eviction), the page is dropped and read again. Without this, a message settled
 //! during a read came back as a second delivery.
+//!
+//! A send that commits during a refill's read keeps that refill from declaring the store
+//! exhausted: its offer asks the record of what recent refills loaded (`LOADED_PAGES_KEPT`
+//! pages) whether its message was loaded, else stops the page short of it or lets the next
+//! refill read from just below its key. A refill that read short while only new, never-loaded
+//! messages waited aside takes those from memory and declares the store exhausted (without
+//! this, steady sends made every message come back from a store read). A message released
+//! during a read goes back as its in-memory copy (the read may hold an older delivery count).
+//!
+//! Dropped futures (guards in `messaging`): an abandoned refill read aborts the refill; a send
+//! dropped between its commit and its offer makes the queue forget its window
+//! (`forget_window`); an abandoned transaction commit keeps its deliveries claimed until a
+//! restart rather than risk handing them out twice.
+//!
+//! Two property tests run against a model store with windows of a few messages: delivery in
+//! store order, and exactly-once with true delivery counts while sends, late offers, takes,
+//! settles (some failing their commit), refills, abandoned refills and cancelled sends
+//! interleave.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap, HashSet};

@@ -13,8 +13,16 @@
 //!
 //! An error rolls the whole transaction back: the message counts a failed delivery (then the
 //! exception destination, after the destination's `max_failed_deliveries`), except when a data
-//! source could not be reached at all: then the message is released unchanged and the handler
-//! backs off, so a database restart does not drain a queue onto its exception destination.
+//! source could not be reached at all: then the message is released unchanged and the
+//! application's handlers back off (0.5 s doubling to 30 s), so a database restart does not
+//! drain a queue onto its exception destination. An engine branch alone commits in one phase;
+//! with a data source, in two. A message's work is bounded by the application's `timeout_s`.
+//!
+//! A script runs on a blocking thread whose thread-local context (`CTX`) holds the global
+//! transaction, so `sql` and `send` reach the async resources with `Handle::block_on`, within
+//! the transaction's deadline. An application that cannot start (a script that does not compile
+//! or lacks `on_message`, an unknown data source, a bad template) is `WTRN0010E`, and the server
+//! runs without it.
 //!
 //! Bounds: `concurrency` handlers per application (1..=64), each holding one message; scripts
 //! run on blocking threads with Rhai's limits (operations, call depth, string, array and map

@@ -6,8 +6,9 @@
 //! operation of the `Server` admin object): `WSVR0102I`, components stop in reverse order, pid
 //! file removed, `WSVR0024I`, exit 0.
 //!
-//! Recovery mode (`--recovery`): refused with `WSVR0104E` when the server has no recovery logs;
-//! otherwise only the admin port, the messaging engines' stores and the transaction service
+//! Recovery mode (`--recovery`, `WSVR0103I`): refused with `WSVR0104E` when the server has no
+//! recovery logs; otherwise only the admin port, the messaging engines' stores (each opened by
+//! `Engine::start_for_recovery`, whatever its initial state) and the transaction service
 //! run (no bus port, no links, no applications, no FLUSH); when recovery is complete
 //! `WSVR0105I` and exit 0. Normal mode runs the same recovery in the background while it takes
 //! new work, then starts the applications (`apps`).

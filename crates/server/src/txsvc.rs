@@ -2,21 +2,45 @@
 //! the resources it coordinates (the server's messaging engines and the cell's data sources),
 //! recovery, and resolution by hand.
 //!
+//! Resources: each engine ([`MeResource`]) and each data source of the cell
+//! (`keel_tx::pg::PgResource`, `keel_tx::mariadb::MariaDbResource`; the password, from the
+//! profile's secrets, goes into the URL in memory only). XIDs carry the recovery identity
+//! `node/server` ([`recovery_id`]). A normal start checks that each data source can prepare
+//! (`WTRN0013E`).
+//!
 //! Recovery logs live under `tranlog/<cell>/<node>/<server>/`: `tranlog/` holds commit
 //! decisions, `partnerlog/` the resources (kind and configuration name, never a URL or a
 //! password) that may hold branches of this server. Every configured resource is written to
 //! the partnerlog (forced) before the first transaction of a run, so a crash at any moment
 //! leaves a log naming every resource a branch could be prepared at: that is what makes a
-//! `--recovery` start possible after a crash that happened before any decision was logged.
+//! `--recovery` start possible after a crash that happened before any decision was logged. A
+//! partnerlog resource no longer configured is `WTRN0005W`, and the logs are kept for it.
 //!
-//! Recovery ([`TxService::recover`]) repeats passes until one finds nothing: a PREPARE that a
-//! crashed process had sent can complete at a database after a pass. Unreachable resources are
-//! retried with back-off (1 s doubling to 30 s). A normal start runs it in the background while
-//! new work runs (this run's own branches are never touched by it); a `--recovery` start waits
-//! for it and exits.
+//! Recovery ([`TxService::recover`]) is complete after two passes in a row, a pause apart,
+//! that find nothing and reach every resource (`WTRN0004I`): a PREPARE that a crashed process
+//! had sent can complete at a database after a pass. Unreachable resources are `WTRN0003W`
+//! and retried with back-off (1 s doubling to 30 s). A normal start runs it in the background
+//! while new work runs (this run's own branches are never touched by it), then keeps finishing
+//! this run's pending and unresolved work (checked every 5 s) and runs a pass every 60 s
+//! anyway, since an earlier run's PREPARE can land late ([`TxService::watch_pending`]); a
+//! `--recovery` start waits for it and exits.
 //!
-//! A clean stop with nothing logged removes the log files (the next start is a cold start, and
-//! a `--recovery` start is refused: there is nothing to recover).
+//! By hand (the `TransactionService` admin object, `keel tx list|commit|rollback`): `list`
+//! shows logged decisions not finished (`committing`), earlier runs' branches with no decision
+//! (`in-doubt`: recovery rolls them back), this run's (`running`), and every resource that did
+//! not answer (`unknown`, with the reason, so `keel tx list` fails rather than say "none"; a
+//! stopped engine's reason, `Engine::why_not_started`, names `--flush` for a restored store).
+//! `commit` and `rollback` act on every prepared branch of the global id at every resource,
+//! refuse this run's running transactions, act only when every resource answered, and log the
+//! operator's decision before any branch hears it (a commit as a forced decision record; a
+//! rollback by removing the logged decision and marking the transaction unresolved), so
+//! recovery finishes whatever fails the same way; `WTRN0006W` says whether the outcome was
+//! heuristic.
+//!
+//! A clean stop (after the applications and the recovery tasks) closes the logs and removes
+//! their files only with nothing logged, recovery complete, nothing pending and no partner
+//! missing (`WTRN0011I`: the next start is a cold start, and a `--recovery` start is refused,
+//! there being nothing to recover); else it keeps them and says why (`WTRN0012W`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

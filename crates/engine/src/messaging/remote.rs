@@ -8,10 +8,13 @@
 //! Invariants: a remote delivery is settled only by the engine that holds its queue point, in
 //! its store; when the link ends, that engine releases what it had locked for the link (the
 //! messages are delivered again: at least once, as when a consumer's connection drops), so a
-//! lost link never loses a message. Requests wait for at most REMOTE_WAIT_MS and the request
-//! channel is bounded. Deliberately absent: remote get inside a transaction (refused: the
-//! transaction's store commit is on this engine, the queue point is not), and push delivery
-//! (a waiting consumer polls with back-off: REMOTE_POLL_FIRST_MS .. REMOTE_POLL_MAX_MS).
+//! lost link never loses a message. The consumer's engine hands its consumers *loan numbers*
+//! ([`Messaging::next_loan`]) as delivery seqs, unique per engine run and mapped per link to
+//! the queue's seqs, so a late settle from an ended link never reaches a message lent again
+//! over a newer one. Requests wait for at most REMOTE_WAIT_MS and the request channel is
+//! bounded. Deliberately absent: remote get inside a transaction (refused: the transaction's
+//! store commit is on this engine, the queue point is not), and push delivery (a waiting
+//! consumer polls with back-off: REMOTE_POLL_FIRST_MS .. REMOTE_POLL_MAX_MS).
 
 use std::time::Duration;
 

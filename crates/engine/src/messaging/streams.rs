@@ -2,7 +2,9 @@
 //! point is on another engine of the bus waits on this engine's *transmission queue* towards
 //! that engine, numbered by the stream's ticks, until the target acknowledges it; the target
 //! stores each in-order message together with its stream's new prefix. The link that carries
-//! the frames is the server's (`keel_server::links`); the protocol decisions are keel-bus's.
+//! the frames is the server's (`keel_server::links`); the protocol decisions are keel-bus's:
+//! every change of a source state ([`OutState`] = `keel_bus::SourceState`) is one of its
+//! transitions, so this file keeps no protocol arithmetic of its own.
 //!
 //! Persistence, each change in the same store transaction as the message change it describes:
 //! - source: a transmission-queue row per message (`dest` = `_XMIT:<target>:<final dest>`,
@@ -13,6 +15,12 @@
 //!   space `streams.in`, key = `<source>/<stream id>`) and the source's duplicate window
 //!   ([`Seen`], kv space `streams.seen`) in one commit.
 //!
+//! Sending: a stream's committer commits the sends of every waiting producer together and
+//! keeps what it committed for the link (`Unsent`: at most `UNSENT_MAX` messages and
+//! `UNSENT_BYTES_MAX` per stream, each taken once), so a link sends new messages without
+//! reading rows back; a resend, a link behind the oldest kept message, or a flush reads the
+//! store (`unsent_stream_messages_from_memory_equal_the_stored_rows` holds the two equal).
+//!
 //! FLUSH (DESIGN §5, [`begin_flush`], [`Messaging::in_hello`], [`Messaging::out_flush`]): a
 //! FLUSH start gives every outgoing stream a new id, its unacknowledged messages renumbered
 //! from tick 1, and records which peers must confirm ([`FlushRecord`], kv `streams.flush`); a
@@ -20,14 +28,24 @@
 //! flushing its own stream towards this engine for this flush's epoch. Renumbering rewrites no
 //! row: rows keep `(row stream, row tick)` and the state maps wire ticks onto them
 //! (`row tick = wire tick + row_base`), so a FLUSH takes the same time with one message or a
-//! million on the transmission queues.
+//! million on the transmission queues. The FLUSH start's one commit also sets the restore
+//! state to `flush-pending` and gives every peer a stream tagged with the flush's epoch, also a
+//! peer it had no stream towards (that history may have gone with the restore). At the target,
+//! a tagged stream retires every older stream of its source (`retired_ms`); a source that
+//! announces a retired stream went back in time again and is held. The last confirmation
+//! ([`Messaging::flush_confirm`]) deletes the record and sets the restore state to `none` in
+//! one commit, then logs `CWSIP0783E`.
 //!
 //! Invariants: one committer task per stream is the only writer of its state (so no caller
 //! can cancel a change mid-commit); it assigns ticks in commit order, so the rows of a
 //! stream are exactly the wire ticks `acked + 1 .. next_tick` (shifted by `row_base`); a
 //! target's prefix only grows, and a retired (replaced) stream is never taken again; within
 //! one incarnation of a source, the messages it sends one target carry increasing seqs, which
-//! is what lets the duplicate window keep one high-water mark per incarnation.
+//! is what lets the duplicate window keep one high-water mark per incarnation. The window
+//! forgets an incarnation after the bus's `duplicate_window_hours` and beyond
+//! `SEEN_INCARNATIONS_MAX`; only the resent ticks of a stream made by a FLUSH (`resend_upto`)
+//! can be dropped by it, so a message ID reused by mistake (a clock stepped back across a
+//! restore) never makes a target drop a new message.
 //! Deliberately absent so far: non-persistent remote sends (every remote message is stored on
 //! the transmission queue). Remote get is `remote.rs`.
 

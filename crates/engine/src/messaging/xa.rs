@@ -11,6 +11,11 @@
 //!   goes on commit: sends to their destination, settled messages back to their queue with
 //!   the settle's outcome applied.
 //!
+//! An empty branch votes read-only. A branch whose phase two would not fit one store batch (up
+//! to three ops per settled message, `keel_store::BATCH_OPS_MAX`) is refused at prepare, while
+//! it can still roll back. A failed prepare releases the branch's deliveries, as a failed
+//! one-phase commit does (`Messaging::commit_or_release`).
+//!
 //! Commit and rollback are one store commit each: every row leaves `_TX:<branch>` (to its
 //! destination, back to its queue, to the exception destination, or deleted) and the record is
 //! deleted in the same batch, so a branch is resolved exactly once; an id with no record is

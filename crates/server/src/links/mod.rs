@@ -5,21 +5,39 @@
 //! UUID, incarnation and a credential proof (`keel_bus::auth`) under the bus's link key, which
 //! is derived from the profile's admin credential (so engines of another profile or bus are
 //! refused). This server accepts a link only from a member engine of a bus it hosts an engine
-//! for, not from one of its own, with a valid proof; anything else is refused and logged
-//! (`CWSIT0004W`) and the link closed, and so is a malformed frame. Nothing a refused link sent
-//! is acted on.
+//! for, not from one of its own, with the UUID the configuration gives that member and a valid
+//! proof, and only while its own engine on that bus is started; anything else is refused and
+//! logged (`CWSIT0004W`) and the link closed, and so is a malformed frame; a refused `Open` is
+//! told why in a `Close` frame. Nothing a refused link sent is acted on. Until its `Open`
+//! checks out, a link counts as an unauthenticated connection of the bus port; then it takes a
+//! place in keel-amqp's pool of engine links (`keel_amqp::LINKS_MAX`).
 //!
 //! The connecting side ([`keep_linked`]): each started engine links to every other member
 //! engine of its bus (found from the configuration: the member's server's bus port on its
 //! node's host), checks the answering `Open` (bus, engine, UUID, proof) and holds the link;
-//! after a failure or a loss it tries again with bounded back-off.
+//! after a failure or a loss it tries again with bounded back-off. Both sides' sockets use TCP
+//! keepalive and a user timeout (`KEEPALIVE_IDLE_S`, `USER_TIMEOUT_S`), so a dead peer ends
+//! the link.
 //!
 //! Delivery streams (DESIGN §5): a link carries the connecting engine's stream towards the
 //! accepting one ([`source_side`], [`target_side`]); the protocol decisions are keel-bus's, the
 //! durable state the engine's (`keel_engine::messaging::streams`). FLUSH rounds run in the
-//! handshake ([`handshake`], `link_once`). Remote get rides on the same link: the connecting
-//! engine's consumers send `Get`/`Settle`, the accepting engine (the queue's) answers in order
-//! and releases what it lent when the link ends (`Lent`, at most LENT_MAX per link).
+//! handshake ([`handshake`], `link_once`). The source's `Open` states its stream (id, next
+//! tick, acked); the target answers keel-bus's verdict from its stored prefix: `Resume` with the
+//! identity at the prefix, which the source checks for a fork, or a store gone back
+//! (`CWSIP0784E` at the target, `CWSIT0009E` at the source: the stream is held, nothing is
+//! dropped). When the target's engine runs a FLUSH it first answers `FlushRequested`; the source
+//! moves the stream onto one made for that epoch (`CWSIT0010I`) and announces it in a `Flush`
+//! frame (at most `FLUSH_ROUNDS_MAX` rounds per handshake). A source whose own store went back
+//! is held even by a flushing target; a source that gets `Resume` confirms the outbound side of
+//! its own engine's flush; a store error while checking a verdict ends the link (tried again)
+//! instead of holding the stream. The source keeps at most `STREAM_WINDOW` ticks
+//! unacknowledged; the target stores each burst of in-order messages with the new prefix in one
+//! commit, then sends one cumulative ack (a duplicate gets an ack, a gap a resend request).
+//!
+//! Remote get rides on the same link: the connecting engine's consumers send `Get`/`Settle`,
+//! the accepting engine (the queue's) answers in order and releases what it lent when the link
+//! ends (`Lent`, at most LENT_MAX per link, at most `GOT_BYTES_MAX` of bodies per answer).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -1,5 +1,11 @@
 //! The source side of a link: the verdict on its stream, FLUSH rounds, sending and acks, and
 //! remote gets sent to the peer.
+//!
+//! The link reads apart from its writer (bounded by the window and `REMOTE_REQUESTS_MAX`
+//! outstanding remote requests): both ends write bodies, and two ends that only write while the
+//! other does not read would wait for each other for ever. Remote deliveries reach this engine's
+//! consumers under loan numbers (`Messaging::next_loan`), mapped per link to the queue's seqs;
+//! an answer whose consumer went away meanwhile is given back at once.
 
 use super::*;
 
