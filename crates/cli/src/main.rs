@@ -24,6 +24,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod admin_cmd;
 mod app_cmd;
+mod cert_cmd;
 mod choices;
 mod config_cmd;
 mod ctx;
@@ -97,6 +98,9 @@ enum Command {
     Receive(msg_cmd::ReceiveArgs),
     /// Query and invoke admin objects, or run the scripting console.
     Admin(admin_cmd::AdminArgs),
+    /// The cell's certificate authority and each process's certificate: show, renew.
+    #[command(subcommand)]
+    Cert(cert_cmd::CertCmd),
     /// Explain a message ID: what it means and what to do.
     Explain {
         /// A message ID such as WSVR0001I.
@@ -162,6 +166,7 @@ fn main() -> ExitCode {
         Command::Send(a) => msg_cmd::send(&ctx, a),
         Command::Receive(a) => msg_cmd::receive(&ctx, a),
         Command::Admin(a) => admin_cmd::run(&ctx, a),
+        Command::Cert(c) => cert_cmd::run(&ctx, c),
         Command::Explain { id, json } => explain(&id, json),
         Command::Quickstart => quickstart::run(&ctx),
     };

@@ -7,6 +7,9 @@ use std::path::PathBuf;
 /// Everything that can go wrong while reading, changing, backing up or restoring configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The cell's certificates (keel-tls says which file and what to do).
+    #[error(transparent)]
+    Tls(#[from] keel_tls::TlsError),
     /// A value in a configuration file breaks a rule. `key` is the TOML path inside `file`
     /// (`monitor.ping_interval_s`, `member[2].uuid`, counting `[[member]]` tables from 1).
     #[error("{}: key `{key}` {problem}; fix: {fix}", file.display())]

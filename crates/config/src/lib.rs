@@ -10,6 +10,7 @@
 //! key and the fix, because operators edit these files by hand.
 
 pub mod backup;
+mod certs;
 mod error;
 mod files;
 mod fsx;
@@ -21,6 +22,7 @@ mod repo;
 pub use backup::{
     create_backup, restore_backup, verify_backup, BackupInfo, RestoreInfo, VerifiedBackup,
 };
+pub use certs::identities;
 pub use error::{ConfigError, Result};
 pub use fsx::write_pid_file;
 pub use model::{

@@ -4,8 +4,9 @@
 //! moment.
 //!
 //! Secrets live in `secrets/` (mode 0700), never in the configuration, logs or error messages:
-//! `admin-password` (the admin credential) and `datasources/<name>` (the password of data
-//! source `<name>`), each mode 0600, written by temp + fsync + rename. A secret file readable
+//! `admin-password` (the admin credential), `datasources/<name>` (the password of data
+//! source `<name>`) and `tls/` (the cell's CA and each process's certificate and key, see
+//! `certs.rs`), each mode 0600, written by temp + fsync + rename. A secret file readable
 //! by group or others is refused. `keel datasource create` writes a data source's password
 //! before the configuration names it, and `delete` removes it after, so the configuration never
 //! names a data source whose secret is gone. [`Profile::secure_directories`] (run by node
@@ -534,6 +535,12 @@ fn build(root: &Path, opts: &CreateOptions) -> Result<()> {
     f.write_all(format!("{password}\n").as_bytes())
         .map_err(io_err("write", &file, FIX_PERM))?;
     f.sync_all().map_err(io_err("fsync", &file, FIX_PERM))?;
+    // The cell's CA and a certificate per process (DESIGN §10).
+    keel_tls::Pki::at(layout.tls_dir()).ensure(
+        &cfg.cell.name,
+        &crate::certs::identities(&cfg),
+        (keel_core::unix_ms() / 1000) as i64,
+    )?;
     fsx::fsync_dir(&secrets)?;
     fsx::fsync_dir(root)
 }

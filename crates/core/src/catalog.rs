@@ -139,6 +139,15 @@ catalog! {
     ADMN0031W, Warning, "Failed logins from {peer} as user {user}: {failures} in a row; every answer to it now waits {delay_ms} ms, doubling with each failure (at most {delay_max_ms} ms).",
         "After a few failed logins from one source address as one user (or many failures from one source as any user), Keel delays each further answer to that source, on the admin API and on the bus port alike, so guessing passwords costs time. Logged once when a burst starts, not for each attempt. The delay ends after a successful login or 15 minutes without failures.",
         "If the peer is yours, fix its credential (secrets/admin-password, or the user's password). Otherwise find and stop it; the delays already slow it down.";
+    ADMN0040I, Info, "Made certificates {names} in {dir}: the profile had none for them (the cell's CA and one per node agent and server).",
+        "Profiles made before certificates existed, and servers added since, get their certificates when the node agent starts: a CA for the cell (if missing) and a certificate per process signed by it, for TLS and mutual TLS (DESIGN \u{a7}10). Logged only when something was made.",
+        "None. `keel cert show` lists them; operators who use their own CA replace the files and restart.";
+    ADMN0041W, Warning, "Certificate {name} ({subject}) expires in {days} days, at {not_after}; renew it with `keel cert renew {name}`.",
+        "A certificate of this node's processes, or the cell's CA, expires within 30 days (or has expired: a negative count). Checked when the node agent starts and once a day. A process with an expired certificate cannot be reached over TLS.",
+        "Run `keel cert renew NAME` (or `keel cert renew --ca` for the CA, which re-issues every certificate) and restart the processes that use it.";
+    ADMN0042W, Warning, "The certificates of node {node} could not be checked or made: {reason}.",
+        "The node agent checks the profile's certificates (secrets/tls/) when it starts. It keeps running; listeners that need a certificate say so when they start.",
+        "Fix what the reason names (usually the permissions of secrets/tls/), or remake them with `keel cert renew --ca`.";
     ADMN0010I, Info, "Launching server {server} in {mode} mode (attempt {attempt} of {max_attempts}).",
         "The node agent is starting a server process.",
         "None.";

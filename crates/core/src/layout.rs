@@ -5,6 +5,7 @@
 //! <profile>/config/                      master configuration repository (TOML)
 //! <profile>/node-config/<node>/          the node's synchronized copy of the master
 //! <profile>/secrets/admin-password       admin credential (mode 0600)
+//! <profile>/secrets/tls/                 the cell's CA and each process's certificate
 //! <profile>/run/<process>.pid            pid files of the node agent and servers
 //! <profile>/logs/<process>/SystemOut.log text log; native_stderr.log beside it
 //! <profile>/databases/                   data stores of messaging engines
@@ -40,6 +41,9 @@ impl Layout {
     }
     pub fn admin_password(&self) -> PathBuf {
         self.secrets().join("admin-password")
+    }
+    pub fn tls_dir(&self) -> PathBuf {
+        self.secrets().join("tls")
     }
     pub fn run_dir(&self) -> PathBuf {
         self.root.join("run")

@@ -32,6 +32,7 @@ use keel_core::{catalog, emit, faults, layout::NODE_AGENT, ObjectName};
 use serde_json::json;
 use tokio::sync::watch;
 
+mod certificates;
 mod launch;
 
 pub use launch::{alive as process_alive, is_profile_process, tail_reason};
@@ -202,6 +203,7 @@ async fn serve(profile: Profile) -> Result<(), (u8, String)> {
         .node(&node)
         .ok_or_else(|| refused(format!("node {node} is not defined in the configuration")))?
         .clone();
+    certificates::ensure(&profile, &cfg, &node);
 
     let pid_file = profile.layout().pid_file(NODE_AGENT);
     let addr = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, node_cfg.admin_port));
@@ -293,6 +295,10 @@ async fn serve(profile: Profile) -> Result<(), (u8, String)> {
         listener, registry, credential, settings, shutdown,
     ));
     spawn_signal_watch(stop_tx.clone());
+    tokio::spawn(certificates::watch_expiry(
+        agent.profile.clone(),
+        node.clone(),
+    ));
     emit!(
         catalog::ADMN0001I,
         node = node,
@@ -985,6 +991,7 @@ impl AdminObject for NodeAgentObject {
             "master_config_version": master_version,
             "started_at": humantime::format_rfc3339_seconds(a.started_at).to_string(),
             "servers": a.status().unwrap_or(Value::Null),
+            "certificates": certificates::attribute(&a.profile, &a.node),
         }))
     }
 

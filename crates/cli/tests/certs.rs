@@ -1,0 +1,169 @@
+//! The cell's certificates (issue 21, DESIGN §10): `keel profile create` makes a CA and a
+//! certificate per process that OpenSSL verifies against it, owner-only; `keel cert show` and
+//! `keel cert renew` (one, all, or a new CA); a profile without certificates gets them when
+//! its node agent starts (ADMN0040I), and the node agent shows their expiry as an attribute.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+
+use common::Env;
+use serde_json::Value;
+
+fn show(env: &Env) -> Vec<Value> {
+    serde_json::from_str::<Value>(&env.ok(&["cert", "show", "--json"]))
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn tls_dir(env: &Env) -> PathBuf {
+    env.profile.join("secrets").join("tls")
+}
+
+/// `openssl verify` of `name`'s certificate against the profile's CA: its output.
+fn openssl_verify(env: &Env, name: &str) -> (bool, String) {
+    let dir = tls_dir(env);
+    let out = std::process::Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(dir.join("ca.pem"))
+        .arg("-purpose")
+        .arg("sslserver")
+        .arg(dir.join(format!("{name}.pem")))
+        .output()
+        .expect("openssl runs");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn a_new_profile_has_a_ca_and_process_certificates_openssl_verifies() {
+    let env = Env::new();
+    let certs = show(&env);
+    let names: Vec<&str> = certs.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["ca", "node01.nodeagent", "node01.server1"]);
+    assert_eq!(certs[0]["is_ca"], true);
+    assert!(
+        certs[0]["days_left"].as_i64().unwrap() >= 3_649,
+        "{}",
+        certs[0]
+    );
+    let server = &certs[2];
+    assert_eq!(server["is_ca"], false);
+    assert_eq!(server["issuer"], certs[0]["subject"]);
+    assert!(server["subject"]
+        .as_str()
+        .unwrap()
+        .contains("node01/server1"));
+    assert_eq!(
+        server["names"],
+        serde_json::json!(["localhost", "127.0.0.1"])
+    );
+    assert!(
+        (396..=397).contains(&server["days_left"].as_i64().unwrap()),
+        "{server}"
+    );
+    for name in ["node01.nodeagent", "node01.server1"] {
+        let (ok, out) = openssl_verify(&env, name);
+        assert!(ok, "{name}: {out}");
+    }
+    // Owner only: the keys are the cell's identity.
+    let dir = tls_dir(&env);
+    assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+    for f in std::fs::read_dir(&dir).unwrap() {
+        let f = f.unwrap();
+        assert_eq!(
+            f.metadata().unwrap().mode() & 0o777,
+            0o600,
+            "{}",
+            f.path().display()
+        );
+    }
+    let table = env.ok(&["cert", "show"]);
+    assert!(
+        table.contains("DAYS LEFT") && table.contains("node01.server1"),
+        "{table}"
+    );
+    assert!(!table.contains("Expiring"), "{table}");
+}
+
+#[test]
+fn renewing_one_or_all_keeps_the_ca_and_a_new_ca_reissues_everything() {
+    let env = Env::new();
+    let before = show(&env);
+    let out: Value =
+        serde_json::from_str(&env.ok(&["cert", "renew", "node01.server1", "--json"])).unwrap();
+    assert_eq!(out["renewed"], serde_json::json!(["node01.server1"]));
+    let after = show(&env);
+    assert_eq!(after[0]["sha256"], before[0]["sha256"], "the CA stays");
+    assert_eq!(
+        after[1]["sha256"], before[1]["sha256"],
+        "the node agent's stays"
+    );
+    assert_ne!(
+        after[2]["sha256"], before[2]["sha256"],
+        "the server's is new"
+    );
+    assert!(openssl_verify(&env, "node01.server1").0);
+
+    let text = env.ok(&["cert", "renew", "--ca"]);
+    assert!(
+        text.contains("Renewed certificate ca") && text.contains("restart"),
+        "{text}"
+    );
+    let again = show(&env);
+    assert_ne!(again[0]["sha256"], after[0]["sha256"], "a new CA");
+    for name in ["node01.nodeagent", "node01.server1"] {
+        let (ok, out) = openssl_verify(&env, name);
+        assert!(ok, "{name} signed by the new CA: {out}");
+    }
+
+    let e = env.fails(&["cert", "renew", "node01.nobody"]);
+    assert!(
+        e.contains("no process node01.nobody") && e.contains("node01.server1"),
+        "{e}"
+    );
+    let e = env.fails(&["cert", "renew"]);
+    assert!(e.contains("--all or --ca"), "{e}");
+    let e = env.fails(&["cert", "show", "nobody"]);
+    assert!(e.contains("no certificate named nobody"), "{e}");
+}
+
+#[test]
+fn a_profile_without_certificates_gets_them_when_its_node_agent_starts() {
+    let env = Env::new();
+    std::fs::remove_dir_all(tls_dir(&env)).unwrap();
+    let e = env.fails(&["cert", "show"]);
+    assert!(e.contains("keel cert renew --ca"), "{e}");
+    env.ok(&["node", "start"]);
+    let log = env.log("nodeagent");
+    assert!(log.contains("ADMN0040I"), "{log}");
+    assert_eq!(show(&env).len(), 3);
+    // The node agent shows expiry as an attribute.
+    let name = env
+        .ok(&["admin", "query", "type=NodeAgent,*"])
+        .trim()
+        .to_string();
+    let attr: Value =
+        serde_json::from_str(&env.ok(&["admin", "get", &name, "certificates"])).unwrap();
+    let list = attr.as_array().unwrap_or_else(|| panic!("{attr}"));
+    assert_eq!(list.len(), 3, "{attr}");
+    assert!(
+        list.iter().all(|c| c["days_left"].as_i64().unwrap() > 30),
+        "{attr}"
+    );
+    // Nothing is made twice.
+    env.ok(&["node", "stop"]);
+    env.ok(&["node", "start"]);
+    assert_eq!(env.log("nodeagent").matches("ADMN0040I").count(), 1);
+    env.ok(&["node", "stop"]);
+}
