@@ -74,6 +74,7 @@ use keel_core::throttle::LoginThrottle;
 use keel_core::{catalog, emit};
 use keel_engine::messaging::{Messaging, MessagingError, Outcome, SUBSCRIPTION_SEPARATOR};
 use keel_engine::Engine;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -177,6 +178,17 @@ struct Surface {
 
 impl Surface {
     /// CWSIT0002W within the log budget.
+    /// A client connection's admission: its unauthenticated place, then a client slot.
+    fn client(&self, ticket: keel_core::admission::Ticket) -> Admitted {
+        Admitted {
+            ticket: Some(ticket),
+            slots: self.clients.clone(),
+            slots_max: CONNECTIONS_MAX,
+            what: "client connections",
+            permit: None,
+        }
+    }
+
     fn refused(&self, peer: impl std::fmt::Display, why: impl std::fmt::Display) {
         if let Some(left_out) = self.refusals.take(std::time::Instant::now()) {
             let why = format!("{why}{}", left_out_note(left_out));
@@ -193,31 +205,53 @@ pub struct Settings {
     pub hosted: Vec<Hosted>,
     /// ME-to-ME links on the same port, told apart by their first four bytes.
     pub links: Option<LinkHandler>,
+    /// AMQP over TLS on the same port (`amqps://`), told apart by its first byte (a TLS
+    /// record, 0x16), with the server's certificate; None: plain AMQP only.
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    /// What CWSIT0001I says about TLS (the certificate used, or why there is none).
+    pub tls_note: String,
 }
 
 /// What a connection opened with.
 enum Opening {
     Link,
     Amqp,
+    /// A TLS record (a ClientHello): AMQP over TLS.
+    Tls,
+    /// The AMQP header asking for TLS (protocol id 2): answered, then TLS.
+    TlsHeader,
     Gone,
 }
 
-/// Peeks (without consuming) at the first four bytes: `KEEL` is an ME-to-ME link, anything else
-/// goes to the AMQP stack, which checks its own header. Bounded by `deadline`.
+/// The first byte of every TLS connection (a handshake record). AMQP starts with `A`, links
+/// with `K`: the three never collide.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// The AMQP protocol header that asks for TLS first (AMQP 1.0 §5.2.1, protocol id 2): the
+/// server answers with the same 8 bytes, then the TLS handshake follows.
+const AMQP_TLS_HEADER: [u8; 8] = *b"AMQP\x02\x01\x00\x00";
+
+/// Peeks (without consuming) at the first bytes: `KEEL` is an ME-to-ME link, a TLS record is
+/// AMQP over TLS, the AMQP header with protocol id 2 asks for TLS first, anything else goes to
+/// the AMQP stack, which checks its own header. Bounded by `deadline`.
 async fn opening(sock: &TcpStream, deadline: tokio::time::Instant) -> Opening {
     let look = async {
-        let mut head = [0u8; 4];
+        let mut head = [0u8; 8];
         loop {
             match sock.peek(&mut head).await {
                 Ok(0) | Err(_) => return Opening::Gone,
-                Ok(n) if n >= 4 => {
-                    return if &head == b"KEEL" {
-                        Opening::Link
+                Ok(n) if n >= 4 && &head[..4] == b"KEEL" => return Opening::Link,
+                Ok(n) if n >= 4 && head[0] == TLS_HANDSHAKE_RECORD => return Opening::Tls,
+                Ok(n) if n >= 4 && &head[..4] != b"AMQP" => return Opening::Amqp,
+                // A whole AMQP header (a client sends its 8 bytes at once).
+                Ok(n) if n >= 8 => {
+                    return if head == AMQP_TLS_HEADER {
+                        Opening::TlsHeader
                     } else {
                         Opening::Amqp
                     };
                 }
-                // Fewer than four bytes so far: peek returns at once, so wait for more.
+                // Not enough bytes yet: peek returns at once, so wait for more.
                 Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
             }
         }
@@ -253,6 +287,7 @@ pub async fn serve(listener: TcpListener, settings: Arc<Settings>) {
         catalog::CWSIT0001I,
         server = settings.server,
         address = address,
+        tls = settings.tls_note,
         mechanisms = mechanisms,
         mes = if mes.is_empty() {
             "none".to_string()
@@ -293,15 +328,54 @@ pub async fn serve(listener: TcpListener, settings: Arc<Settings>) {
         let surface = surface.clone();
         tokio::spawn(async move {
             let deadline = tokio::time::Instant::now() + Duration::from_millis(AUTH_DEADLINE_MS);
-            match opening(&sock, deadline).await {
+            let kind = opening(&sock, deadline).await;
+            match kind {
                 Opening::Amqp => {
-                    let admitted = Admitted {
-                        ticket: Some(ticket),
-                        slots: surface.clients.clone(),
-                        slots_max: CONNECTIONS_MAX,
-                        what: "client connections",
-                        permit: None,
+                    let admitted = surface.client(ticket);
+                    connection(sock, peer, settings, surface, admitted, deadline).await
+                }
+                Opening::Tls | Opening::TlsHeader => {
+                    let mut sock = sock;
+                    if matches!(kind, Opening::TlsHeader) {
+                        if settings.tls.is_none() {
+                            surface.refused(peer, "it asked for TLS (AMQP protocol id 2), which this bus port does not offer (CWSIT0001I says why)");
+                            return;
+                        }
+                        let answered = tokio::time::timeout_at(deadline, async {
+                            let mut header = [0u8; 8];
+                            sock.read_exact(&mut header).await?;
+                            sock.write_all(&AMQP_TLS_HEADER).await
+                        })
+                        .await;
+                        if !matches!(answered, Ok(Ok(()))) {
+                            surface
+                                .refused(peer, "it went away during the AMQP TLS header exchange");
+                            return;
+                        }
+                    }
+                    let Some(tls) = settings.tls.clone().map(tokio_rustls::TlsAcceptor::from)
+                    else {
+                        surface.refused(peer, "it opened with TLS, which this bus port does not offer (CWSIT0001I says why)");
+                        return;
                     };
+                    // The handshake counts against the same deadline as SASL and Open.
+                    let sock = match tokio::time::timeout_at(deadline, tls.accept(sock)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            surface.refused(peer, format!("its TLS handshake failed ({e})"));
+                            return;
+                        }
+                        Err(_) => {
+                            surface.refused(
+                                peer,
+                                format!(
+                                    "its TLS handshake did not finish within {AUTH_DEADLINE_MS} ms"
+                                ),
+                            );
+                            return;
+                        }
+                    };
+                    let admitted = surface.client(ticket);
                     connection(sock, peer, settings, surface, admitted, deadline).await
                 }
                 Opening::Link => {
@@ -328,14 +402,16 @@ pub async fn serve(listener: TcpListener, settings: Arc<Settings>) {
     }
 }
 
-async fn connection(
-    sock: TcpStream,
+async fn connection<S>(
+    sock: S,
     peer: SocketAddr,
     settings: Arc<Settings>,
     surface: Arc<Surface>,
     mut admitted: Admitted,
     deadline: tokio::time::Instant,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + std::fmt::Debug + Send + Unpin + 'static,
+{
     let gate = Arc::new(gate::Gate::default());
     let (sasl, verdict) = KeelSasl::new(settings.users.clone(), settings.any_anonymous());
     let sasl = sasl.guarded(sasl::LoginGuard {

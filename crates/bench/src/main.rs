@@ -157,7 +157,7 @@ enum What {
         #[arg(long, default_value_t = 27400)]
         keel_base_port: u16,
         /// Systems to run, in order (keel, rabbitmq, nats; keel-bus: the queue on a second
-        /// engine, producers on the first).
+        /// engine, producers on the first; keel-tls: keel with every connection over TLS).
         #[arg(long, value_delimiter = ',', default_value = "keel,rabbitmq,nats")]
         systems: Vec<String>,
         #[arg(long, default_value_t = 4)]

@@ -41,7 +41,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 pub use keel::default_keel_binary;
-pub use keel::{run_flush, run_keel, run_keel_bus, run_scale};
+pub use keel::{run_flush, run_keel, run_keel_bus, run_keel_tls, run_scale};
 pub use nats::run_nats;
 pub use rabbitmq::run_rabbitmq;
 
@@ -510,6 +510,12 @@ async fn run_system(o: &Opts, system: &str) -> Result<Report> {
                 .await
                 .with_context(|| format!("Keel, two engines ({})", bin.display()))
         }
+        "keel-tls" => {
+            let bin = o.keel.clone().map_or_else(keel::default_keel_binary, Ok)?;
+            run_keel_tls(&bin, o.keel_base_port, w)
+                .await
+                .with_context(|| format!("Keel over TLS ({})", bin.display()))
+        }
         "rabbitmq" => run_rabbitmq(&o.rabbitmq_url, w)
             .await
             .with_context(|| format!("RabbitMQ at {}", o.rabbitmq_url)),
@@ -517,7 +523,7 @@ async fn run_system(o: &Opts, system: &str) -> Result<Report> {
             .await
             .with_context(|| format!("NATS at {}", o.nats_url)),
         other => Err(anyhow!(
-            "unknown system {other} (keel, keel-bus, rabbitmq, nats)"
+            "unknown system {other} (keel, keel-bus, keel-tls, rabbitmq, nats)"
         )),
     }
 }

@@ -718,3 +718,98 @@ fn remote_put_and_remote_get_share_a_link_under_load_with_large_messages() {
     assert_eq!(got, (0..N).collect::<Vec<_>>(), "each message once");
     env.ok(&["node", "stop", "--stop-servers"]);
 }
+
+/// AMQP over TLS on the bus port (issue 21): python-qpid-proton with `amqps://` and the cell's
+/// CA sends and receives durable messages by IP and by name; a client trusting another CA is
+/// refused; a TLS client that never finishes its handshake is cut off at the pre-auth deadline;
+/// plain AMQP keeps working on the same port.
+#[test]
+fn python_qpid_proton_over_tls_on_the_bus_port() {
+    let env = Env::new();
+    let other = Env::new();
+    let (port, password) = started(&env);
+    let ca = env.profile.join("secrets/tls/ca.pem");
+    let other_ca = other.profile.join("secrets/tls/ca.pem");
+    let found = proton_findings(
+        &env,
+        "amqp_tls.py",
+        &[
+            "127.0.0.1",
+            &port.to_string(),
+            &password,
+            "q1",
+            ca.to_str().unwrap(),
+            other_ca.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(found["round_trip_127.0.0.1"], 5, "{found}");
+    assert_eq!(found["round_trip_localhost"], 5, "{found}");
+    let log = env.log("server1");
+    assert!(
+        log.contains("plain and TLS, certificate node01.server1"),
+        "CWSIT0001I names TLS:\n{log}"
+    );
+    assert!(log.contains("TLS handshake failed"), "{log}");
+    // A client that sends half a ClientHello and stops is cut off at the deadline.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    use std::io::{Read, Write};
+    s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00]).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "closed without an answer");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(15));
+    env.wait_for(
+        std::time::Duration::from_secs(5),
+        "the deadline refusal",
+        || {
+            env.log("server1")
+                .contains("TLS handshake did not finish")
+                .then_some(())
+        },
+    );
+    // fe2o3-amqp asks for TLS with the AMQP TLS header (protocol id 2) instead of opening
+    // with a TLS record: the bus port answers the header, then the handshake follows.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let tls = tokio_rustls::TlsConnector::from(keel_tls::client_config_from(&ca).unwrap());
+        let mut c = fe2o3_amqp::connection::Connection::builder()
+            .container_id("keel-tls-test")
+            .sasl_profile(fe2o3_amqp::sasl_profile::SaslProfile::Plain {
+                username: "admin".into(),
+                password: password.clone(),
+            })
+            .tls_connector(tls)
+            .open(format!("amqps://localhost:{port}").as_str())
+            .await
+            .expect("fe2o3 over TLS (AMQP TLS header)");
+        let mut s = fe2o3_amqp::Session::begin(&mut c).await.unwrap();
+        let mut snd = Sender::attach(&mut s, "tls-sender", "q1").await.unwrap();
+        let outcome = snd.send("over-tls-header").await.unwrap();
+        assert!(matches!(outcome, Outcome::Accepted(_)), "{outcome:?}");
+        let mut rcv = Receiver::attach(&mut s, "tls-receiver", "q1")
+            .await
+            .unwrap();
+        let d = rcv.recv::<Body<Value>>().await.unwrap();
+        assert!(
+            format!("{:?}", d.body()).contains("over-tls-header"),
+            "{:?}",
+            d.body()
+        );
+        rcv.accept(&d).await.unwrap();
+        snd.close().await.unwrap();
+        rcv.close().await.unwrap();
+        s.end().await.unwrap();
+        c.close().await.unwrap();
+    });
+    // Plain AMQP on the same port still works.
+    let found = proton_findings(
+        &env,
+        "amqp_proton.py",
+        &[&format!("127.0.0.1:{port}"), &password, "q1", "prices"],
+    );
+    assert_eq!(found["received_in_order"], 10);
+    env.ok(&["node", "stop", "--stop-servers"]);
+}

@@ -285,7 +285,16 @@ async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
     };
     // Links derive each bus's key from the profile's admin credential (`keel_bus::auth`).
     let link_secret = password.clone();
+    // AMQP over TLS on the bus port, with this server's certificate (`keel cert`); without
+    // one the port serves plain AMQP and CWSIT0001I says why.
+    let cert_name = format!("{node}.{}", opts.server);
+    let (tls, tls_note) = match profile.pki().server_config(&cert_name) {
+        Ok(c) => (Some(c), format!("plain and TLS, certificate {cert_name}")),
+        Err(e) => (None, format!("plain only, no TLS: {e}")),
+    };
     let amqp_settings = Arc::new(keel_amqp::Settings {
+        tls,
+        tls_note,
         server: opts.server.clone(),
         users: Arc::new(vec![("admin".to_string(), password.clone())]),
         hosted: engines

@@ -11,16 +11,20 @@
 //! Invariants (asserted): a certificate written is read back and checked (names, issuer,
 //! validity) before it replaces the old one; a process certificate is signed by the cell's CA
 //! on disk; no private key ever leaves `secrets/tls/` or reaches a log or an error message.
-//! Deliberately absent so far: TLS itself (listeners and clients build rustls configurations
-//! from these files), revocation (a renewed certificate replaces the old; the old one stays
+//! `config.rs` builds rustls configurations from these files (a listener's, a client's that
+//! trusts the cell's CA). Deliberately absent so far: client certificates (mutual TLS),
+//! revocation (a renewed certificate replaces the old; the old one stays
 //! valid until it expires), and automatic renewal.
 
+mod config;
 mod error;
 mod info;
 mod issue;
 mod pki;
 
+pub use config::client_config_from;
 pub use error::{Result, TlsError};
 pub use info::CertInfo;
 pub use issue::{Identity, CA_DAYS, LEAF_DAYS};
 pub use pki::{Pki, EXPIRY_WARNING_DAYS};
+pub use rustls;

@@ -132,7 +132,23 @@ pub fn default_keel_binary() -> Result<PathBuf> {
 pub async fn run_keel(keel: &Path, base_port: u16, w: &Workload) -> Result<Report> {
     let queue = format!("bench{}", unique_suffix()?);
     let server = KeelServer::start(keel, base_port, &queue)?;
-    measure("keel", &server.url, &server.url, &queue, w).await
+    measure("keel", &server.url, &server.url, &queue, w, None).await
+}
+
+/// The same workload as `run_keel`, every connection AMQP over TLS on the same bus port
+/// (`amqps://localhost`, the server's certificate, the run's cell CA trusted).
+pub async fn run_keel_tls(keel: &Path, base_port: u16, w: &Workload) -> Result<Report> {
+    let queue = format!("bench{}", unique_suffix()?);
+    let server = KeelServer::start(keel, base_port, &queue)?;
+    let ca = server.profile.path().join("p/secrets/tls/ca.pem");
+    let config = keel_tls::client_config_from(&ca).context("the cell CA")?;
+    let tls = tokio_rustls::TlsConnector::from(config);
+    let url =
+        server
+            .url
+            .replacen("amqp://", "amqps://", 1)
+            .replacen("@127.0.0.1:", "@localhost:", 1);
+    measure("keel-tls", &url, &url, &queue, w, Some(tls)).await
 }
 
 /// The same workload across two engines: producers on server1, the queue and its consumers
@@ -141,7 +157,7 @@ pub async fn run_keel_bus(keel: &Path, base_port: u16, w: &Workload) -> Result<R
     let queue = format!("bench{}", unique_suffix()?);
     let server = KeelServer::start_two(keel, base_port, &queue)?;
     let consumers = server.url2.clone().context("two servers")?;
-    measure("keel-bus", &server.url, &consumers, &queue, w).await
+    measure("keel-bus", &server.url, &consumers, &queue, w, None).await
 }
 
 struct Client {
@@ -149,10 +165,24 @@ struct Client {
     session: SessionHandle<()>,
 }
 
-async fn connect(url: &str, name: &str) -> Result<Client> {
-    let mut connection = Connection::open(name, url)
-        .await
-        .with_context(|| format!("connecting {name}"))?;
+async fn connect(
+    url: &str,
+    name: &str,
+    tls: Option<&tokio_rustls::TlsConnector>,
+) -> Result<Client> {
+    let mut connection = match tls {
+        // `amqps://`: fe2o3 asks for TLS with the AMQP TLS header (protocol id 2), which the
+        // bus port answers before the handshake.
+        Some(tls) => Connection::builder()
+            .container_id(name)
+            .tls_connector(tls.clone())
+            .open(url)
+            .await
+            .with_context(|| format!("connecting {name} over TLS"))?,
+        None => Connection::open(name, url)
+            .await
+            .with_context(|| format!("connecting {name}"))?,
+    };
     let session = Session::begin(&mut connection)
         .await
         .context("beginning a session")?;
@@ -209,10 +239,11 @@ async fn measure(
     consumer_url: &str,
     queue: &str,
     w: &Workload,
+    tls: Option<tokio_rustls::TlsConnector>,
 ) -> Result<Report> {
     let mut producers = Vec::with_capacity(w.producers);
     for index in 0..w.producers {
-        let mut c = connect(url, &format!("producer-{index}")).await?;
+        let mut c = connect(url, &format!("producer-{index}"), tls.as_ref()).await?;
         let sender = Sender::attach(&mut c.session, format!("p{index}"), queue)
             .await
             .context("attaching a sender")?;
@@ -220,7 +251,7 @@ async fn measure(
     }
     let mut consumers = Vec::with_capacity(w.consumers);
     for index in 0..w.consumers {
-        let mut c = connect(consumer_url, &format!("consumer-{index}")).await?;
+        let mut c = connect(consumer_url, &format!("consumer-{index}"), tls.as_ref()).await?;
         let receiver = Receiver::builder()
             .name(format!("c{index}"))
             .source(queue)
@@ -317,7 +348,7 @@ fn status_kib(pid: u64, field: &str) -> Result<u64> {
 async fn fill(url: &str, queue: &str, w: &Workload) -> Result<f64> {
     let mut producers = Vec::with_capacity(w.producers);
     for index in 0..w.producers {
-        let mut c = connect(url, &format!("producer-{index}")).await?;
+        let mut c = connect(url, &format!("producer-{index}"), None).await?;
         let sender = Sender::attach(&mut c.session, format!("p{index}"), queue)
             .await
             .context("attaching a sender")?;
@@ -354,7 +385,7 @@ pub async fn run_scale(keel: &Path, base_port: u16, w: &Workload) -> Result<Scal
     let restart = std::time::Instant::now();
     server.keel(&["server", "start", "server1"])?;
     let open_ms = restart.elapsed().as_secs_f64() * 1000.0;
-    let mut c = connect(&server.url, "consumer").await?;
+    let mut c = connect(&server.url, "consumer", None).await?;
     let mut receiver = Receiver::attach(&mut c.session, "first", queue.as_str())
         .await
         .context("attaching a receiver")?;
