@@ -6,6 +6,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -56,6 +57,10 @@ impl fmt::Debug for Credential {
     }
 }
 
+/// A call's byte stream: plain TCP, or TLS over it.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
 /// Client of one admin endpoint (a server or a node agent). Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct AdminClient {
@@ -64,6 +69,9 @@ pub struct AdminClient {
     timeout_ms: u64,
     /// Set when a registry forwards a call: the peer must answer from its own objects only.
     forwarded: bool,
+    /// HTTPS, trusting what this configuration trusts (the cell's CA); the endpoint's
+    /// certificate must name the address called. None: plain HTTP.
+    tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
 }
 
 #[derive(Clone, Copy)]
@@ -96,7 +104,20 @@ impl AdminClient {
             credential,
             timeout_ms: DEFAULT_TIMEOUT_MS,
             forwarded: false,
+            tls: None,
         }
+    }
+
+    /// Calls over HTTPS, trusting `config`'s roots (`keel_tls::Pki::client_config`: the cell's
+    /// CA), checking that the endpoint's certificate names the address called.
+    pub fn with_tls(mut self, config: Arc<tokio_rustls::rustls::ClientConfig>) -> AdminClient {
+        self.tls = Some(config);
+        self
+    }
+
+    /// Whether calls go over HTTPS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     /// Bounds every call of this client (connect, request and answer together).
@@ -320,6 +341,18 @@ impl AdminClient {
             .map_err(|e| self.unreachable(e.to_string()))?;
         // Small requests: send them at once rather than waiting for Nagle.
         let _ = stream.set_nodelay(true);
+        let stream: Box<dyn Io> = match &self.tls {
+            None => Box::new(stream),
+            Some(config) => {
+                let name =
+                    tokio_rustls::rustls::pki_types::ServerName::IpAddress(self.addr.ip().into());
+                let tls = tokio_rustls::TlsConnector::from(config.clone())
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| self.unreachable(format!("TLS handshake failed: {e}")))?;
+                Box::new(tls)
+            }
+        };
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| self.unreachable(format!("HTTP handshake failed: {e}")))?;

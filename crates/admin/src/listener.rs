@@ -114,6 +114,8 @@ enum Refused {
 
 struct Table {
     limits: Limits,
+    /// HTTPS beside HTTP (None: HTTP only).
+    tls: Option<tokio_rustls::TlsAcceptor>,
     epoch: Instant,
     counts: Mutex<Counts>,
 }
@@ -209,11 +211,13 @@ pub(crate) async fn run(
     listener: tokio::net::TcpListener,
     app: Router,
     limits: Limits,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     mut stopping: watch::Receiver<bool>,
 ) {
     assert!(limits.per_source_max >= 1 && limits.per_source_max <= limits.connections_max);
     let table = Arc::new(Table {
         limits,
+        tls: tls.map(tokio_rustls::TlsAcceptor::from),
         epoch: Instant::now(),
         counts: Mutex::default(),
     });
@@ -262,6 +266,7 @@ pub(crate) async fn run(
             app.clone(),
             table.clone(),
             state,
+            budget.clone(),
             stopping.clone(),
         ));
     }
@@ -276,15 +281,64 @@ fn note(budget: &LogBudget, peer: SocketAddr, why: String) {
     }
 }
 
+/// A connection's byte stream: plain TCP, or TLS over it.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// The first byte of a TLS connection (a handshake record); HTTP starts with a method name.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Plain or TLS, told by the first byte, within the head deadline (a peer that sends nothing
+/// is closed then, as hyper would close it). None: closed, failed or refused.
+async fn stream(
+    sock: tokio::net::TcpStream,
+    peer: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    head_ms: u64,
+    budget: &LogBudget,
+) -> Option<Box<dyn Io>> {
+    let Some(tls) = tls else {
+        return Some(Box::new(sock));
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(head_ms);
+    let mut first = [0u8; 1];
+    match tokio::time::timeout_at(deadline, sock.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0] == TLS_HANDSHAKE_RECORD => {}
+        Ok(Ok(1)) => return Some(Box::new(sock)),
+        _ => return None,
+    }
+    match tokio::time::timeout_at(deadline, tls.accept(sock)).await {
+        Ok(Ok(s)) => Some(Box::new(s)),
+        Ok(Err(e)) => {
+            note(budget, peer, format!("its TLS handshake failed ({e})"));
+            None
+        }
+        Err(_) => {
+            note(
+                budget,
+                peer,
+                format!("its TLS handshake did not finish within {head_ms} ms"),
+            );
+            None
+        }
+    }
+}
+
 async fn connection(
     sock: tokio::net::TcpStream,
     peer: SocketAddr,
     app: Router,
     table: Arc<Table>,
     state: Arc<ConnState>,
+    budget: Arc<LogBudget>,
     mut stopping: watch::Receiver<bool>,
 ) {
     let limits = table.limits;
+    let tls = table.tls.clone();
+    let Some(sock) = stream(sock, peer, tls, limits.header_read_ms, &budget).await else {
+        table.remove(state.id);
+        return;
+    };
     let service = {
         let state = state.clone();
         let table = table.clone();
@@ -343,6 +397,7 @@ mod tests {
 
     fn table(connections_max: usize, per_source_max: usize) -> Table {
         Table {
+            tls: None,
             limits: Limits {
                 connections_max,
                 per_source_max,

@@ -62,6 +62,9 @@ pub struct Settings {
     pub limits: Limits,
     /// Failed-login delays (the same defaults as the bus port's).
     pub logins: keel_core::throttle::Limits,
+    /// HTTPS on the same port as plain HTTP (a connection opening with a TLS record), with
+    /// the process's certificate; None: plain HTTP only.
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 #[derive(Clone)]
@@ -125,7 +128,7 @@ pub async fn serve_with(
 
     let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
     let mut grace_rx = stopping_rx.clone();
-    let server = crate::listener::run(listener, app, settings.limits, stopping_rx);
+    let server = crate::listener::run(listener, app, settings.limits, settings.tls, stopping_rx);
     let signal = async move {
         shutdown.await;
         let _ = stopping_tx.send(true);

@@ -68,6 +68,7 @@ async fn start_throttled(
         },
         limits,
         logins,
+        tls: None,
     };
     tokio::spawn(keel_admin::serve_with(
         listener,

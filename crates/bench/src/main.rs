@@ -143,6 +143,19 @@ enum What {
         #[arg(long, default_value_t = 27400)]
         keel_base_port: u16,
     },
+    /// TLS handshakes per second on a Keel server's bus port, full and resumed (needs
+    /// `--features peers`).
+    Handshakes {
+        /// Concurrent clients (each connects, handshakes, closes, again).
+        #[arg(long, default_value_t = 8)]
+        connections: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long)]
+        keel: Option<PathBuf>,
+        #[arg(long, default_value_t = 27400)]
+        keel_base_port: u16,
+    },
     /// Keel (AMQP 1.0), RabbitMQ (quorum queue) and NATS JetStream (file storage) side by side:
     /// durable publishes with confirms, concurrent consumers with acks. Needs `--features peers`.
     Peers {
@@ -303,6 +316,26 @@ fn main() -> Result<()> {
             let rt = tokio::runtime::Runtime::new()?;
             print_json(&rt.block_on(peers::run_flush(&keel, keel_base_port, &w))?)
         }
+        #[cfg(feature = "peers")]
+        What::Handshakes {
+            connections,
+            seconds,
+            keel,
+            keel_base_port,
+        } => {
+            let keel = keel.map_or_else(peers::default_keel_binary, Ok)?;
+            let rt = tokio::runtime::Runtime::new()?;
+            print_json(&rt.block_on(peers::run_handshakes(
+                &keel,
+                keel_base_port,
+                connections,
+                seconds.max(1),
+            ))?)
+        }
+        #[cfg(not(feature = "peers"))]
+        What::Handshakes { .. } => bail!(
+            "this keel-bench was built without its TLS client; rebuild it with `cargo build --release -p keel-bench --features peers`"
+        ),
         #[cfg(not(feature = "peers"))]
         What::Flush { .. } => bail!(
             "this keel-bench was built without its AMQP client; rebuild it with `cargo build --release -p keel-bench --features peers`"

@@ -25,6 +25,7 @@
 //!
 //! Then add it to [`run`]'s list of systems.
 
+mod handshakes;
 mod keel;
 mod nats;
 mod rabbitmq;
@@ -40,6 +41,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+pub use handshakes::run_handshakes;
 pub use keel::default_keel_binary;
 pub use keel::{run_flush, run_keel, run_keel_bus, run_keel_tls, run_scale};
 pub use nats::run_nats;

@@ -167,3 +167,50 @@ fn a_profile_without_certificates_gets_them_when_its_node_agent_starts() {
     assert_eq!(env.log("nodeagent").matches("ADMN0040I").count(), 1);
     env.ok(&["node", "stop"]);
 }
+
+/// `curl --cacert` (a client Keel did not build) against the admin API of a running server
+/// and of the node agent over HTTPS on their admin ports; plain HTTP still answers on
+/// loopback; a client without the CA is refused by its own certificate check.
+#[test]
+fn curl_reaches_the_admin_api_over_https_with_the_cell_ca() {
+    let env = Env::new();
+    env.ok(&["node", "start"]);
+    env.ok(&["server", "start", "server1"]);
+    let ca = tls_dir(&env).join("ca.pem");
+    let user = format!("admin:{}", env.admin_password());
+    let curl = |args: &[&str]| {
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "10", "-u", &user])
+            .args(args)
+            .output()
+            .expect("curl runs");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for (who, port) in [
+        ("node agent", env.base_port),
+        ("server1", env.base_port + 1),
+    ] {
+        let url = format!("https://127.0.0.1:{port}/v1/ping");
+        let (code, body, err) = curl(&["--cacert", ca.to_str().unwrap(), &url]);
+        assert_eq!(code, 0, "{who}: {err}");
+        let pong: Value =
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{who}: {e}: {body}"));
+        assert_eq!(pong["ok"], true, "{who}: {pong}");
+        // By name too (the certificate holds localhost).
+        let url = format!("https://localhost:{port}/v1/ping");
+        let (code, _, err) = curl(&["--cacert", ca.to_str().unwrap(), &url]);
+        assert_eq!(code, 0, "{who} by name: {err}");
+        // Without the CA, curl's own check refuses the certificate (exit 60).
+        let (code, _, err) = curl(&[&format!("https://127.0.0.1:{port}/v1/ping")]);
+        assert_eq!(code, 60, "{who} without the CA: {err}");
+        // Plain HTTP on loopback, as the CLI uses it.
+        let (code, body, err) = curl(&[&format!("http://127.0.0.1:{port}/v1/ping")]);
+        assert_eq!(code, 0, "{who} plain: {err}");
+        assert!(body.contains("\"ok\""), "{body}");
+    }
+    env.ok(&["node", "stop", "--stop-servers"]);
+}

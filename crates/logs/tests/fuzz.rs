@@ -42,7 +42,7 @@ fn record(n: u64) -> Record {
         process: "server1".into(),
         thread: (n % 3) as u32 + 1,
         logger: "engine".into(),
-        id: (n % 2 == 0).then(|| format!("CWSIP{n:04}I")),
+        id: n.is_multiple_of(2).then(|| format!("CWSIP{n:04}I")),
         text: format!("record {n} {}", "x".repeat((n as usize * 7) % 90)),
         fields: vec![("n".into(), n.to_string()), ("q".into(), "queue1".into())],
     }

@@ -282,7 +282,19 @@ async fn serve(profile: Profile) -> Result<(), (u8, String)> {
             let _ = rx.wait_for(|v| v.is_some()).await;
         }
     };
+    let tls = match agent
+        .profile
+        .pki()
+        .server_config(&format!("{node}.{NODE_AGENT}"))
+    {
+        Ok(c) => Some(c),
+        Err(e) => {
+            emit!(catalog::ADMN0042W, node = node, reason = e);
+            None
+        }
+    };
     let settings = keel_admin::Settings {
+        tls,
         identity: keel_admin::Identity {
             cell: cfg.cell.name.clone(),
             node: node.clone(),
@@ -399,6 +411,8 @@ impl Agent {
     }
 
     fn client(&self, admin_port: u16) -> AdminClient {
+        // Plain HTTP on loopback (allowed there, DESIGN §10): a server adopted from an earlier
+        // build serves nothing else. HTTPS between processes comes with the cell across hosts.
         AdminClient::new(
             std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, admin_port)),
             self.credential.clone(),

@@ -293,7 +293,7 @@ async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
         Err(e) => (None, format!("plain only, no TLS: {e}")),
     };
     let amqp_settings = Arc::new(keel_amqp::Settings {
-        tls,
+        tls: tls.clone(),
         tls_note,
         server: opts.server.clone(),
         users: Arc::new(vec![("admin".to_string(), password.clone())]),
@@ -333,6 +333,8 @@ async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
             },
             limits: keel_admin::Limits::default(),
             logins: Default::default(),
+            // HTTPS beside plain HTTP on the admin port, with the bus port's certificate.
+            tls,
         },
         admin_shutdown,
     ));

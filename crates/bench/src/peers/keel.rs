@@ -97,6 +97,11 @@ impl KeelServer {
         Ok(server)
     }
 
+    /// The profile this run made (its certificates are under `secrets/tls/`).
+    pub fn profile_dir(&self) -> PathBuf {
+        self.profile.path().join("p")
+    }
+
     fn keel(&self, args: &[&str]) -> Result<String> {
         let dir = self.profile.path().join("p");
         let out = Command::new(&self.keel)
@@ -140,7 +145,7 @@ pub async fn run_keel(keel: &Path, base_port: u16, w: &Workload) -> Result<Repor
 pub async fn run_keel_tls(keel: &Path, base_port: u16, w: &Workload) -> Result<Report> {
     let queue = format!("bench{}", unique_suffix()?);
     let server = KeelServer::start(keel, base_port, &queue)?;
-    let ca = server.profile.path().join("p/secrets/tls/ca.pem");
+    let ca = server.profile_dir().join("secrets/tls/ca.pem");
     let config = keel_tls::client_config_from(&ca).context("the cell CA")?;
     let tls = tokio_rustls::TlsConnector::from(config);
     let url =
