@@ -40,6 +40,116 @@ pub enum CertCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Use an operator's own PEM files instead of Keel's: a process's certificate and key
+    /// (`NAME --tls-cert FILE --tls-key FILE`), or the cell's CA (`ca --tls-ca FILE`, with
+    /// `--tls-key` if Keel should still sign with it). Checked by a TLS handshake in memory
+    /// before anything is replaced; processes load it when they start.
+    Use {
+        /// `ca`, or the process (`<node>.<process>`, as `keel cert show` names them).
+        name: String,
+        /// A process's certificate (PEM; signed by the cell's CA).
+        #[arg(long, value_name = "FILE", conflicts_with = "tls_ca")]
+        tls_cert: Option<std::path::PathBuf>,
+        /// The private key of the certificate or CA given (PEM).
+        #[arg(long, value_name = "FILE")]
+        tls_key: Option<std::path::PathBuf>,
+        /// The cell's CA certificate (PEM), with `ca` as NAME.
+        #[arg(long, value_name = "FILE")]
+        tls_ca: Option<std::path::PathBuf>,
+        /// With `--tls-ca` and its `--tls-key`: re-issue every process certificate with it.
+        #[arg(long, requires = "tls_ca")]
+        reissue: bool,
+        /// One JSON object: {used, certificate: (as `show --json`), missing_names}.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A PEM file an operator names, bounded (a wrong path must not fill memory).
+fn read_pem(path: &std::path::Path) -> Result<String> {
+    const PEM_BYTES_MAX: u64 = 64 * 1024;
+    let len = std::fs::metadata(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?
+        .len();
+    if len > PEM_BYTES_MAX {
+        bail!(
+            "{} is {len} bytes, more than a PEM file holds",
+            path.display()
+        );
+    }
+    std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn use_files(
+    ctx: &Ctx,
+    pki: &keel_tls::Pki,
+    name: &str,
+    tls_cert: Option<&std::path::Path>,
+    tls_key: Option<&std::path::Path>,
+    tls_ca: Option<&std::path::Path>,
+    reissue: bool,
+    json: bool,
+) -> Result<ExitCode> {
+    let profile = ctx.profile()?;
+    let (_, cfg) = ctx.config(&profile)?;
+    let ids = keel_config::identities(&cfg);
+    let now_s = now_s();
+    let (info, missing) = match (name, tls_cert, tls_ca) {
+        ("ca", None, Some(ca)) => {
+            let key = tls_key.map(read_pem).transpose()?;
+            let info = pki.use_ca(
+                &cfg.cell.name,
+                &read_pem(ca)?,
+                key.as_deref(),
+                reissue.then_some(&ids[..]),
+                ca,
+                now_s,
+            )?;
+            (info, Vec::new())
+        }
+        ("ca", _, None) => bail!("give the CA with --tls-ca FILE (and --tls-key FILE if Keel should sign with it)"),
+        (n, Some(cert), None) => {
+            let Some(key) = tls_key else {
+                bail!("give the certificate's key with --tls-key FILE");
+            };
+            let Some(id) = ids.iter().find(|i| i.name() == n) else {
+                bail!(
+                    "no process {n} in the configuration; known: {}",
+                    ids.iter().map(|i| i.name()).collect::<Vec<_>>().join(", ")
+                );
+            };
+            pki.use_process(id, &read_pem(cert)?, &read_pem(key)?, cert, now_s)?
+        }
+        (n, None, _) => bail!("give {n}'s certificate with --tls-cert FILE and its key with --tls-key FILE (--tls-ca is for `keel cert use ca`)"),
+        (_, Some(_), Some(_)) => unreachable!("clap keeps --tls-cert and --tls-ca apart"),
+    };
+    if json {
+        print_json(&json!({
+            "used": name,
+            "certificate": cert_json(pki, name, &info, now_s),
+            "missing_names": missing,
+        }));
+    } else {
+        println!(
+            "Certificate {name} is now the operator's ({}), valid until {} ({} days).",
+            info.subject,
+            date(info.not_after_s),
+            info.days_left(now_s)
+        );
+        if !missing.is_empty() {
+            println!(
+                "It does not name {}: clients calling the process by those names will refuse it.",
+                missing.join(", ")
+            );
+        }
+        if reissue {
+            println!("Every process certificate was re-issued with it.");
+        }
+        println!("Processes load their certificate when they start: restart them to use it.");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub fn run(ctx: &Ctx, cmd: CertCmd) -> Result<ExitCode> {
@@ -70,6 +180,23 @@ pub fn run(ctx: &Ctx, cmd: CertCmd) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        CertCmd::Use {
+            name,
+            tls_cert,
+            tls_key,
+            tls_ca,
+            reissue,
+            json,
+        } => use_files(
+            ctx,
+            &pki,
+            &name,
+            tls_cert.as_deref(),
+            tls_key.as_deref(),
+            tls_ca.as_deref(),
+            reissue,
+            json,
+        ),
         CertCmd::Renew {
             names,
             all,

@@ -214,3 +214,124 @@ fn curl_reaches_the_admin_api_over_https_with_the_cell_ca() {
     }
     env.ok(&["node", "stop", "--stop-servers"]);
 }
+
+/// Runs `openssl` with the words of `command` in `dir`; panics with its output when it fails.
+fn openssl(dir: &std::path::Path, command: &str) -> String {
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(command.split_whitespace())
+        .output()
+        .expect("openssl runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "openssl {command}: {text}");
+    text
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// An operator's own CA and server certificate, made with OpenSSL (not by Keel): refused while
+/// the cell's CA does not sign it, and a CA that does not sign the certificates in place is
+/// refused unless they are re-issued; once installed, the server presents the operator's
+/// certificate on its admin port.
+#[test]
+fn an_operators_own_pem_files_are_checked_and_then_served() {
+    let env = Env::new();
+    let ops = env.dir().join("operator");
+    std::fs::create_dir(&ops).unwrap();
+    const P256: &str = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
+    openssl(&ops, &format!("req -x509 {P256} -keyout ca.key -out ca.pem -subj /CN=Operator-CA -days 3650 -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign"));
+    openssl(
+        &ops,
+        &format!("req {P256} -keyout server1.key -out server1.csr -subj /CN=operator-server1"),
+    );
+    std::fs::write(
+        ops.join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )
+    .unwrap();
+    openssl(&ops, "x509 -req -in server1.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server1.pem -days 20 -extfile ext.cnf");
+    let p = |f: &str| ops.join(f).to_str().unwrap().to_string();
+
+    // `keel cert use node01.server1` with the operator's certificate and the key named.
+    let (cert, server_key, ca_key) = (p("server1.pem"), p("server1.key"), p("ca.key"));
+    let use_server = |key: &str| -> Vec<String> {
+        [
+            "cert",
+            "use",
+            "node01.server1",
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            key,
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    };
+    let e = env.fails(&strs(&use_server(&server_key)));
+    assert!(
+        e.contains("refused by a client trusting the cell's CA"),
+        "{e}"
+    );
+    let e = env.fails(&["cert", "use", "ca", "--tls-ca", &p("ca.pem")]);
+    assert!(
+        e.contains("does not sign the certificates of node01.nodeagent, node01.server1"),
+        "{e}"
+    );
+    let e = env.fails(&strs(&use_server(&ca_key)));
+    assert!(
+        e.contains("does not go with its key") || e.contains("refused"),
+        "{e}"
+    );
+
+    let out = env.ok(&[
+        "cert",
+        "use",
+        "ca",
+        "--tls-ca",
+        &p("ca.pem"),
+        "--tls-key",
+        &p("ca.key"),
+        "--reissue",
+    ]);
+    assert!(out.contains("re-issued"), "{out}");
+    let mut with_json = use_server(&server_key);
+    with_json.push("--json".into());
+    let out: Value = serde_json::from_str(&env.ok(&strs(&with_json))).unwrap();
+    assert_eq!(out["missing_names"], serde_json::json!([]), "{out}");
+    assert!(
+        out["certificate"]["subject"]
+            .as_str()
+            .unwrap()
+            .contains("operator-server1"),
+        "{out}"
+    );
+    // Twenty days left: `show` warns.
+    let table = env.ok(&["cert", "show"]);
+    assert!(
+        table.contains("Expiring within 30 days") && table.contains("node01.server1"),
+        "{table}"
+    );
+
+    env.ok(&["node", "start"]);
+    env.ok(&["server", "start", "server1"]);
+    let port = (env.base_port + 1).to_string();
+    let seen = openssl(&ops, &format!("s_client -connect 127.0.0.1:{port} -CAfile ca.pem -verify_return_error -verify_ip 127.0.0.1"));
+    assert!(
+        seen.contains("operator-server1") && seen.contains("Verify return code: 0"),
+        "{seen}"
+    );
+    // The node agent warns of the certificate that expires within 30 days.
+    let log = env.log("nodeagent");
+    assert!(
+        log.contains("ADMN0041W") && log.contains("node01.server1"),
+        "{log}"
+    );
+    env.ok(&["node", "stop", "--stop-servers"]);
+}

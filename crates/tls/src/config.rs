@@ -26,19 +26,19 @@ fn bad(path: &Path, problem: impl std::fmt::Display) -> TlsError {
     }
 }
 
-fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| bad(path, format!("cannot be read as PEM ({e})")))?
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| bad(path, format!("holds a damaged PEM certificate ({e})")))?;
-    if certs.is_empty() {
-        return Err(bad(path, "holds no certificate"));
+fn read(path: &Path) -> Result<String> {
+    // A PEM file is a few KiB; the bound keeps a wrong path (a log, a disk image) out of memory.
+    const PEM_BYTES_MAX: u64 = 64 * 1024;
+    let len = std::fs::metadata(path)
+        .map_err(|e| bad(path, format!("cannot be read ({e})")))?
+        .len();
+    if len > PEM_BYTES_MAX {
+        return Err(bad(
+            path,
+            format!("is {len} bytes, more than a PEM file holds"),
+        ));
     }
-    Ok(certs)
-}
-
-fn key(path: &Path) -> Result<PrivateKeyDer<'static>> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| bad(path, format!("holds no private key ({e})")))
+    std::fs::read_to_string(path).map_err(|e| bad(path, format!("cannot be read ({e})")))
 }
 
 impl Pki {
@@ -46,20 +46,13 @@ impl Pki {
     /// and key; clients are not asked for a certificate.
     pub fn server_config(&self, name: &str) -> Result<Arc<rustls::ServerConfig>> {
         let (cert_path, key_path) = (self.cert_path(name), self.key_path(name));
-        let chain = certs(&cert_path)?;
-        let key = key(&key_path)?;
-        let config = rustls::ServerConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| bad(&cert_path, e))?
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .map_err(|e| {
-                bad(
-                    &cert_path,
-                    format!("does not go with its key {} ({e})", key_path.display()),
-                )
-            })?;
-        Ok(Arc::new(config))
+        let key = read(&key_path).map_err(|_| {
+            bad(
+                &key_path,
+                "cannot be read: the certificate's key is missing",
+            )
+        })?;
+        server_config_from_pem(&read(&cert_path)?, &key, &cert_path)
     }
 
     /// A client's configuration that trusts the cell's CA (and nothing else).
@@ -70,18 +63,89 @@ impl Pki {
 
 /// A client's configuration that trusts the CA certificates in `ca_file` (PEM).
 pub fn client_config_from(ca_file: &Path) -> Result<Arc<rustls::ClientConfig>> {
+    client_config_from_pem(&read(ca_file)?, ca_file)
+}
+
+/// A whole TLS handshake in memory between `server` and a client of `client` calling
+/// `name`: the first error either side reports. It checks a certificate exactly as a peer
+/// will (chain, validity, name, key) before an operator's file is installed.
+pub(crate) fn handshake(
+    server: Arc<rustls::ServerConfig>,
+    client: Arc<rustls::ClientConfig>,
+    name: &str,
+) -> std::result::Result<(), rustls::Error> {
+    let name = rustls::pki_types::ServerName::try_from(name.to_string())
+        .map_err(|e| rustls::Error::General(format!("{name} is no host name or address ({e})")))?;
+    let mut c = rustls::ClientConnection::new(client, name)?;
+    let mut s = rustls::ServerConnection::new(server)?;
+    // A TLS 1.3 handshake takes two round trips; a few more rounds are slack.
+    for _ in 0..16 {
+        let mut buf = Vec::new();
+        c.write_tls(&mut buf)
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        if !buf.is_empty() {
+            s.read_tls(&mut &buf[..])
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
+            s.process_new_packets()?;
+        }
+        let mut buf = Vec::new();
+        s.write_tls(&mut buf)
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        if !buf.is_empty() {
+            c.read_tls(&mut &buf[..])
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
+            c.process_new_packets()?;
+        }
+        if !c.is_handshaking() && !s.is_handshaking() {
+            return Ok(());
+        }
+    }
+    Err(rustls::Error::General(
+        "the handshake did not finish".into(),
+    ))
+}
+
+/// A listener's configuration from PEM text (an operator's files, before they are installed).
+pub(crate) fn server_config_from_pem(
+    cert_pem: &str,
+    key_pem: &str,
+    cert_path: &Path,
+) -> Result<Arc<rustls::ServerConfig>> {
+    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| bad(cert_path, format!("holds a damaged PEM certificate ({e})")))?;
+    if chain.is_empty() {
+        return Err(bad(cert_path, "holds no certificate"));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| bad(cert_path, format!("comes with no usable private key ({e})")))?;
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(cert_path, e))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| bad(cert_path, format!("does not go with its key ({e})")))?;
+    Ok(Arc::new(config))
+}
+
+/// A client's configuration trusting the CA certificates in `ca_pem`.
+pub(crate) fn client_config_from_pem(
+    ca_pem: &str,
+    ca_path: &Path,
+) -> Result<Arc<rustls::ClientConfig>> {
     let mut roots = rustls::RootCertStore::empty();
-    for c in certs(ca_file)? {
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        let c = c.map_err(|e| bad(ca_path, format!("holds a damaged PEM certificate ({e})")))?;
         roots.add(c).map_err(|e| {
             bad(
-                ca_file,
+                ca_path,
                 format!("holds a certificate that is no usable CA ({e})"),
             )
         })?;
     }
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| bad(ca_file, e))?
+        .map_err(|e| bad(ca_path, e))?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))
@@ -91,7 +155,6 @@ pub fn client_config_from(ca_file: &Path) -> Result<Arc<rustls::ClientConfig>> {
 mod tests {
     use super::*;
     use crate::issue::Identity;
-    use rustls::pki_types::ServerName;
 
     fn now_s() -> i64 {
         std::time::SystemTime::now()
@@ -106,35 +169,6 @@ mod tests {
             process: "server1".into(),
             hosts: vec!["localhost".into(), "127.0.0.1".into()],
         }
-    }
-
-    /// A whole handshake in memory; the first error either side reports.
-    fn handshake(
-        server: Arc<rustls::ServerConfig>,
-        client: Arc<rustls::ClientConfig>,
-        name: &str,
-    ) -> std::result::Result<(), rustls::Error> {
-        let name = ServerName::try_from(name.to_string()).unwrap();
-        let mut c = rustls::ClientConnection::new(client, name)?;
-        let mut s = rustls::ServerConnection::new(server)?;
-        for _ in 0..16 {
-            let mut buf = Vec::new();
-            c.write_tls(&mut buf).unwrap();
-            if !buf.is_empty() {
-                s.read_tls(&mut &buf[..]).unwrap();
-                s.process_new_packets()?;
-            }
-            let mut buf = Vec::new();
-            s.write_tls(&mut buf).unwrap();
-            if !buf.is_empty() {
-                c.read_tls(&mut &buf[..]).unwrap();
-                c.process_new_packets()?;
-            }
-            if !c.is_handshaking() && !s.is_handshaking() {
-                return Ok(());
-            }
-        }
-        panic!("the handshake did not finish");
     }
 
     #[test]

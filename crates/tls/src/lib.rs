@@ -6,7 +6,8 @@
 //! Rooms: `error.rs` (what failed, on which file, what to do), `info.rs` (what a certificate
 //! says: names, validity, fingerprint, read back from PEM whoever made it), `issue.rs` (making a
 //! CA and signing a process's certificate; no I/O), `pki.rs` (the files under `secrets/tls/`:
-//! create, list, renew, written by temp + fsync + rename).
+//! create, list, renew, written by temp + fsync + rename), `operator.rs` (an operator's own
+//! files, installed once a TLS handshake in memory accepts them).
 //!
 //! Invariants (asserted): a certificate written is read back and checked (names, issuer,
 //! validity) before it replaces the old one; a process certificate is signed by the cell's CA
@@ -20,6 +21,7 @@ mod config;
 mod error;
 mod info;
 mod issue;
+mod operator;
 mod pki;
 
 pub use config::client_config_from;

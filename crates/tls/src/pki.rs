@@ -14,7 +14,7 @@ use crate::issue::{self, Identity};
 pub const EXPIRY_WARNING_DAYS: i64 = 30;
 /// Largest PEM file read (a certificate or key is a few KiB).
 const PEM_BYTES_MAX: u64 = 64 * 1024;
-const CA: &str = "ca";
+pub(crate) const CA: &str = "ca";
 
 /// The certificates of one profile.
 #[derive(Debug, Clone)]
@@ -72,6 +72,13 @@ impl Pki {
     /// of the same name).
     pub fn issue(&self, id: &Identity, now_s: i64) -> Result<CertInfo> {
         let ca_pem = self.read_pem(&self.ca_cert_path())?;
+        if self.has_ca() && !self.key_path(CA).exists() {
+            return Err(TlsError::Bad {
+                path: self.ca_cert_path(),
+                problem: format!("is an operator's CA whose key Keel does not hold, so Keel cannot sign a certificate for {}", id.name()),
+                fix: format!("give {} a certificate signed by it with `keel cert use {} --tls-cert FILE --tls-key FILE`", id.name(), id.name()),
+            });
+        }
         let ca_key = self.read_pem(&self.key_path(CA))?;
         let ca = CertInfo::from_pem(&ca_pem)
             .map_err(|problem| self.bad(&self.ca_cert_path(), problem))?;
@@ -188,7 +195,7 @@ impl Pki {
         }
     }
 
-    fn read_pem(&self, path: &Path) -> Result<String> {
+    pub(crate) fn read_pem(&self, path: &Path) -> Result<String> {
         let meta = std::fs::metadata(path).map_err(io_err(
             "read",
             path,
@@ -227,15 +234,35 @@ impl Pki {
         made: &issue::Made,
         check: impl FnOnce(&CertInfo) -> std::result::Result<(), String>,
     ) -> Result<CertInfo> {
+        self.install_pem(name, &made.cert_pem, Some(&made.key_pem), check)
+    }
+
+    /// As `install`, for PEM text from anywhere; without a key, an older key of `name` is
+    /// removed (it belongs to the certificate being replaced).
+    pub(crate) fn install_pem(
+        &self,
+        name: &str,
+        cert_pem: &str,
+        key_pem: Option<&str>,
+        check: impl FnOnce(&CertInfo) -> std::result::Result<(), String>,
+    ) -> Result<CertInfo> {
         let cert_path = self.cert_path(name);
-        let info = CertInfo::from_pem(&made.cert_pem)
+        let info = CertInfo::from_pem(cert_pem)
             .and_then(|i| check(&i).map(|()| i))
             .map_err(|problem| TlsError::Generate {
                 who: name.to_string(),
                 problem: format!("the new certificate {problem}"),
             })?;
-        write_private(&self.key_path(name), made.key_pem.as_bytes())?;
-        write_private(&cert_path, made.cert_pem.as_bytes())?;
+        self.ensure_dir()?;
+        match key_pem {
+            Some(key) => write_private(&self.key_path(name), key.as_bytes())?,
+            None => match std::fs::remove_file(self.key_path(name)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("remove", &self.key_path(name), FIX_PERM)(e)),
+            },
+        }
+        write_private(&cert_path, cert_pem.as_bytes())?;
         // Read back what landed on disk: it is what every process will load.
         let back =
             CertInfo::from_pem(&self.read_pem(&cert_path)?).map_err(|p| self.bad(&cert_path, p))?;
