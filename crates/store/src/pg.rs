@@ -138,18 +138,38 @@ fn check_schema_name(me: &str, schema: &str) -> Result<()> {
 
 /// Connects, spawns the connection driver, and points `search_path` at the ME's schema.
 async fn connect(url: &str, ctx: &Ctx) -> Result<Client> {
-    let mut cfg: tokio_postgres::Config =
-        url.parse().map_err(ctx.err("parse the connection URL"))?;
-    if cfg.get_connect_timeout().is_none() {
-        cfg.connect_timeout(CONNECT_TIMEOUT);
+    // `sslmode=verify-full&sslrootcert=FILE` asks for TLS (keel_tls::pg).
+    let mut target = keel_tls::pg::pg_target(url).map_err(|problem| StoreError::Invalid {
+        me: ctx.me.clone(),
+        problem: format!("data store URL: {problem}"),
+    })?;
+    if target.config.get_connect_timeout().is_none() {
+        target.config.connect_timeout(CONNECT_TIMEOUT);
     }
-    let (client, conn) = cfg.connect(NoTls).await.map_err(ctx.err("connect"))?;
     let me = ctx.me.clone();
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::warn!(me = %me, error = %e, "data store connection ended");
+    let ended = move |e: tokio_postgres::Error| {
+        tracing::warn!(me = %me, error = %e, "data store connection ended");
+    };
+    let client = match target.tls {
+        Some(tls) => {
+            let (client, conn) = target
+                .config
+                .connect(tls)
+                .await
+                .map_err(ctx.err("connect over TLS"))?;
+            tokio::spawn(async move { conn.await.unwrap_or_else(ended) });
+            client
         }
-    });
+        None => {
+            let (client, conn) = target
+                .config
+                .connect(NoTls)
+                .await
+                .map_err(ctx.err("connect"))?;
+            tokio::spawn(async move { conn.await.unwrap_or_else(ended) });
+            client
+        }
+    };
     // The schema name was checked to be a plain identifier, so quoting is exact.
     client
         .batch_execute(&format!("SET search_path TO \"{}\"", ctx.schema))

@@ -69,6 +69,16 @@ impl Cluster {
     /// A cluster allowing `max_prepared` prepared transactions (benchmarks of recovery hold
     /// thousands at once).
     pub fn start_with(bin: PathBuf, max_prepared: u32) -> Cluster {
+        Cluster::start_full(bin, max_prepared, None)
+    }
+
+    /// A cluster that takes TCP connections over TLS only (`hostssl` in pg_hba.conf), with
+    /// this certificate and key (PEM); the unix socket stays open for `psql`.
+    pub fn start_tls(bin: PathBuf, cert_pem: &str, key_pem: &str) -> Cluster {
+        Cluster::start_full(bin, 64, Some((cert_pem, key_pem)))
+    }
+
+    fn start_full(bin: PathBuf, max_prepared: u32, tls: Option<(&str, &str)>) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let root = is_root();
         if root {
@@ -102,11 +112,34 @@ impl Cluster {
                 "--no-sync",
             ],
         );
-        let opts = format!(
+        let mut opts = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=100 -c max_prepared_transactions={max_prepared}",
             c.port,
             c.socket_dir.display()
         );
+        if let Some((cert, key)) = tls {
+            // Owned by the server's user, key 0600 (PostgreSQL refuses a key others can read).
+            let hba = "local all all trust\nhostssl all all 127.0.0.1/32 trust\n";
+            for (name, text) in [
+                ("server.crt", cert),
+                ("server.key", key),
+                ("pg_hba.conf", hba),
+            ] {
+                let path = c.data.join(name);
+                std::fs::write(&path, text).unwrap();
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+                if root {
+                    let out = Command::new("chown")
+                        .arg("postgres:postgres")
+                        .arg(&path)
+                        .output()
+                        .unwrap();
+                    assert!(out.status.success(), "chown {name} to postgres");
+                }
+            }
+            opts.push_str(" -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key");
+        }
         let log = c.socket_dir.join("server.log").display().to_string();
         c.run(
             "pg_ctl",

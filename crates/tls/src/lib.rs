@@ -22,6 +22,7 @@ mod error;
 mod info;
 mod issue;
 mod operator;
+pub mod pg;
 mod pki;
 
 pub use config::client_config_from;

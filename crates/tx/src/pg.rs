@@ -39,7 +39,7 @@ pub const CONNECT_TIMEOUT_MS: u64 = 5_000;
 pub struct PgResource {
     name: String,
     /// The parsed URL (with its password, kept in memory only), or why it does not parse.
-    config: Result<tokio_postgres::Config, String>,
+    config: Result<keel_tls::pg::PgTarget, String>,
     pool: Pool<Client>,
     branches: Branches<Client>,
     /// The server's `max_prepared_transactions` as the newest connection read it (-1: not
@@ -115,15 +115,16 @@ impl PgResource {
     /// branches get at most `pool_max - 1` of them when `pool_max` > 1); taken as 1 to
     /// [`crate::sql::POOL_MAX_LIMIT`].
     pub fn new(name: &str, url: &str, pool_max: usize) -> PgResource {
-        let config = url
-            .parse::<tokio_postgres::Config>()
-            .map(|mut c| {
-                c.connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS));
-                c
+        // `sslmode=verify-full&sslrootcert=FILE` asks for TLS (keel_tls::pg).
+        let config = keel_tls::pg::pg_target(url)
+            .map(|mut t| {
+                t.config
+                    .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS));
+                t
             })
             .map_err(|e| {
                 format!(
-                    "the data source URL does not parse (give it as postgresql://USER:PASSWORD@HOST:PORT/DATABASE): {e}"
+                    "the data source URL is not usable (give it as postgresql://USER:PASSWORD@HOST:PORT/DATABASE[?sslmode=verify-full&sslrootcert=FILE]): {e}"
                 )
             });
         PgResource {
@@ -160,16 +161,30 @@ impl PgResource {
             detail: d.clone(),
             not_found: false,
         })?;
-        let (client, conn) = cfg
-            .connect(NoTls)
-            .await
-            .map_err(|e| self.err("connect", pg_error(&e)))?;
         let name = self.name.clone();
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(resource = %name, error = %e, "connection ended");
+        let ended = move |e: tokio_postgres::Error| {
+            tracing::debug!(resource = %name, error = %e, "connection ended");
+        };
+        let client = match &cfg.tls {
+            Some(tls) => {
+                let (client, conn) = cfg
+                    .config
+                    .connect(tls.clone())
+                    .await
+                    .map_err(|e| self.err("connect over TLS", pg_error(&e)))?;
+                tokio::spawn(async move { conn.await.unwrap_or_else(ended) });
+                client
             }
-        });
+            None => {
+                let (client, conn) = cfg
+                    .config
+                    .connect(NoTls)
+                    .await
+                    .map_err(|e| self.err("connect", pg_error(&e)))?;
+                tokio::spawn(async move { conn.await.unwrap_or_else(ended) });
+                client
+            }
+        };
         // Every new connection reads the setting (see `prepared_max`).
         let shown = client
             .simple_query("SHOW max_prepared_transactions")

@@ -966,3 +966,74 @@ async fn a_postgresql_that_cannot_prepare_is_refused_at_check_and_begin() {
     // Recovery still reads it: nothing is prepared there.
     assert!(r.recover().await.unwrap().is_empty());
 }
+
+/// A data source whose URL asks for TLS (`sslmode=verify-full&sslrootcert=FILE`) runs its
+/// two-phase work over TLS against a PostgreSQL that takes TCP over TLS only; the same URL
+/// trusting another CA cannot connect, and `sslmode=require` is refused with what to use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_source_over_verified_tls_prepares_and_commits() {
+    let bin =
+        pg_bin().expect("PostgreSQL is installed (initdb and pg_ctl under /usr/lib/postgresql)");
+    let certs = tempfile::tempdir().unwrap();
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let db = keel_tls::Identity {
+        node: "db".into(),
+        process: "pg".into(),
+        hosts: vec!["localhost".into(), "127.0.0.1".into()],
+    };
+    let pki = keel_tls::Pki::at(certs.path().join("db"));
+    pki.ensure("dbca", std::slice::from_ref(&db), now_s)
+        .unwrap();
+    let other = keel_tls::Pki::at(certs.path().join("other"));
+    other.ensure("other", &[], now_s).unwrap();
+    let read = |p: PathBuf| std::fs::read_to_string(p).unwrap();
+    let cluster = Cluster::start_tls(
+        bin,
+        &read(pki.cert_path(&db.name())),
+        &read(pki.key_path(&db.name())),
+    );
+    cluster
+        .psql()
+        .args(["-c", "CREATE TABLE t (v int)"])
+        .output()
+        .unwrap();
+    let url = |ca: &Path| {
+        format!(
+            "{}?sslmode=verify-full&sslrootcert={}",
+            cluster.tcp_url(),
+            ca.display()
+        )
+    };
+
+    let r = Arc::new(PgResource::new("pg-tls", &url(&pki.ca_cert_path()), 2));
+    let logs = tempfile::tempdir().unwrap();
+    let (log, _) = RecoveryLog::open(logs.path()).unwrap();
+    let c = Coordinator::new(ID, 1, log);
+    let mut tx = c.begin();
+    let x = tx.enlist(r.clone());
+    r.begin(&x).await.unwrap();
+    r.execute(&x, "INSERT INTO t VALUES ($1)", &[SqlValue::Int(7)])
+        .await
+        .unwrap();
+    c.commit(tx).await.unwrap();
+    let out = cluster
+        .psql()
+        .args(["-c", "SELECT sum(v) FROM t"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "7");
+
+    let wrong = PgResource::new("pg-wrong-ca", &url(&other.ca_cert_path()), 2);
+    let e = keel_tx::SqlResource::check(&wrong).await.unwrap_err();
+    assert!(e.detail.contains("connect over TLS"), "{e}");
+    let plain = PgResource::new(
+        "pg-require",
+        &format!("{}?sslmode=require", cluster.tcp_url()),
+        2,
+    );
+    let e = keel_tx::SqlResource::check(&plain).await.unwrap_err();
+    assert!(e.detail.contains("sslmode=verify-full"), "{e}");
+}
