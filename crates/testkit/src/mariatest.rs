@@ -30,6 +30,16 @@ fn server_bin() -> Option<&'static str> {
 
 impl Maria {
     pub fn start() -> Maria {
+        Maria::start_with(None)
+    }
+
+    /// A server that takes TCP connections over TLS only (`require_secure_transport`), with
+    /// this certificate and key (PEM); its socket stays open for the `mariadb` client.
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Maria {
+        Maria::start_with(Some((cert_pem, key_pem)))
+    }
+
+    fn start_with(tls: Option<(&str, &str)>) -> Maria {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         // Its own temp dir: two servers bootstrapping at once in one /tmp collided ("Unknown
@@ -53,6 +63,18 @@ impl Maria {
             String::from_utf8_lossy(&out.stderr)
         );
         let port = crate::pgtest::free_port_below_ephemeral();
+        let mut tls_args = Vec::new();
+        if let Some((cert, key)) = tls {
+            let (cert_path, key_path) =
+                (dir.path().join("server.crt"), dir.path().join("server.key"));
+            std::fs::write(&cert_path, cert).unwrap();
+            std::fs::write(&key_path, key).unwrap();
+            tls_args = vec![
+                format!("--ssl-cert={}", cert_path.display()),
+                format!("--ssl-key={}", key_path.display()),
+                "--require-secure-transport=ON".to_string(),
+            ];
+        }
         let child = Command::new(server_bin().unwrap_or("mariadbd"))
             .arg("--no-defaults")
             .arg(format!("--datadir={}", data.display()))
@@ -65,6 +87,7 @@ impl Maria {
                 "--skip-log-bin",
                 "--innodb-buffer-pool-size=16M",
             ])
+            .args(&tls_args)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()

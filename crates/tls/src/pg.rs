@@ -1,4 +1,5 @@
-//! TLS to PostgreSQL for data stores (`store_url`) and data sources, as libpq spells it in the
+//! TLS to PostgreSQL (and, through `tls_request`, MariaDB) for data stores (`store_url`) and
+//! data sources, as libpq spells it in the
 //! URL: `sslmode=verify-full&sslrootcert=FILE` (URL form) or `sslmode=verify-full
 //! sslrootcert=FILE` (key-value form). Only `verify-full` (the server's certificate chains to
 //! the CA in FILE and names the host called) and `disable` are offered: `require`, `prefer`
@@ -19,7 +20,8 @@ pub struct PgTarget {
 
 /// The value of option `key` taken out of `url` (the rest of the URL returned), in either form.
 fn take_option(url: &str, key: &str) -> (String, Option<String>) {
-    let is_url = url.starts_with("postgres://") || url.starts_with("postgresql://");
+    // URL form (`postgresql://`, `mysql://`): options in the query; else libpq's key-value form.
+    let is_url = url.contains("://");
     if is_url {
         let Some((base, query)) = url.split_once('?') else {
             return (url.to_string(), None);
@@ -61,32 +63,40 @@ fn take_option(url: &str, key: &str) -> (String, Option<String>) {
     }
 }
 
+/// For clients other than tokio-postgres (MariaDB): `url` without the two TLS options, and the
+/// CA file when it asks for `verify-full` (None: plain). Other modes are refused as below.
+pub fn tls_request(url: &str) -> Result<(String, Option<String>), String> {
+    let (rest, mode) = take_option(url, "sslmode");
+    let (rest, root) = take_option(&rest, "sslrootcert");
+    match mode.as_deref() {
+        None | Some("disable") => Ok((rest, None)),
+        Some("verify-full") => match root {
+            Some(root) => Ok((rest, Some(root))),
+            None => Err("sslmode=verify-full needs sslrootcert=FILE, the CA that signed the database server's certificate".into()),
+        },
+        Some(other) => Err(format!(
+            "sslmode={other} is not offered: Keel checks the database server's certificate and name, so use sslmode=verify-full&sslrootcert=FILE (or sslmode=disable)"
+        )),
+    }
+}
+
 /// Parses `url` into what `tokio_postgres` connects with; the error is one sentence (without
 /// the URL, which may hold a password).
 pub fn pg_target(url: &str) -> Result<PgTarget, String> {
-    let (rest, mode) = take_option(url, "sslmode");
-    let (rest, root) = take_option(&rest, "sslrootcert");
+    let (rest, root) = tls_request(url)?;
     let mut config: tokio_postgres::Config = rest
         .parse()
         .map_err(|e| format!("the connection URL does not parse ({e})"))?;
-    let tls = match mode.as_deref() {
-        None | Some("disable") => {
+    let tls = match root {
+        None => {
             config.ssl_mode(tokio_postgres::config::SslMode::Disable);
             None
         }
-        Some("verify-full") => {
-            let Some(root) = root else {
-                return Err("sslmode=verify-full needs sslrootcert=FILE, the CA that signed the database server's certificate".into());
-            };
-            let client = client_config_from(std::path::Path::new(&root))
-                .map_err(|e| e.to_string())?;
+        Some(root) => {
+            let client =
+                client_config_from(std::path::Path::new(&root)).map_err(|e| e.to_string())?;
             config.ssl_mode(tokio_postgres::config::SslMode::Require);
             Some(MakeRustlsConnect::new(Arc::unwrap_or_clone(client)))
-        }
-        Some(other) => {
-            return Err(format!(
-                "sslmode={other} is not offered: Keel checks the database server's certificate and name, so use sslmode=verify-full&sslrootcert=FILE (or sslmode=disable)"
-            ))
         }
     };
     Ok(PgTarget { config, tls })

@@ -967,6 +967,31 @@ async fn a_postgresql_that_cannot_prepare_is_refused_at_check_and_begin() {
     assert!(r.recover().await.unwrap().is_empty());
 }
 
+/// A database server's CA (in `dir/db`) with a certificate for `process` on localhost and
+/// 127.0.0.1 (returned as PEM: certificate, key), and another CA (in `dir/other`).
+fn db_certs(dir: &Path, process: &str) -> (keel_tls::Pki, keel_tls::Pki, String, String) {
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let db = keel_tls::Identity {
+        node: "db".into(),
+        process: process.into(),
+        hosts: vec!["localhost".into(), "127.0.0.1".into()],
+    };
+    let pki = keel_tls::Pki::at(dir.join("db"));
+    pki.ensure("dbca", std::slice::from_ref(&db), now_s)
+        .unwrap();
+    let other = keel_tls::Pki::at(dir.join("other"));
+    other.ensure("other", &[], now_s).unwrap();
+    let read = |p: PathBuf| std::fs::read_to_string(p).unwrap();
+    let (cert, key) = (
+        read(pki.cert_path(&db.name())),
+        read(pki.key_path(&db.name())),
+    );
+    (pki, other, cert, key)
+}
+
 /// A data source whose URL asks for TLS (`sslmode=verify-full&sslrootcert=FILE`) runs its
 /// two-phase work over TLS against a PostgreSQL that takes TCP over TLS only; the same URL
 /// trusting another CA cannot connect, and `sslmode=require` is refused with what to use.
@@ -975,26 +1000,8 @@ async fn a_data_source_over_verified_tls_prepares_and_commits() {
     let bin =
         pg_bin().expect("PostgreSQL is installed (initdb and pg_ctl under /usr/lib/postgresql)");
     let certs = tempfile::tempdir().unwrap();
-    let now_s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    let db = keel_tls::Identity {
-        node: "db".into(),
-        process: "pg".into(),
-        hosts: vec!["localhost".into(), "127.0.0.1".into()],
-    };
-    let pki = keel_tls::Pki::at(certs.path().join("db"));
-    pki.ensure("dbca", std::slice::from_ref(&db), now_s)
-        .unwrap();
-    let other = keel_tls::Pki::at(certs.path().join("other"));
-    other.ensure("other", &[], now_s).unwrap();
-    let read = |p: PathBuf| std::fs::read_to_string(p).unwrap();
-    let cluster = Cluster::start_tls(
-        bin,
-        &read(pki.cert_path(&db.name())),
-        &read(pki.key_path(&db.name())),
-    );
+    let (pki, other, cert, key) = db_certs(certs.path(), "pg");
+    let cluster = Cluster::start_tls(bin, &cert, &key);
     cluster
         .psql()
         .args(["-c", "CREATE TABLE t (v int)"])
@@ -1035,5 +1042,60 @@ async fn a_data_source_over_verified_tls_prepares_and_commits() {
         2,
     );
     let e = keel_tx::SqlResource::check(&plain).await.unwrap_err();
+    assert!(e.detail.contains("sslmode=verify-full"), "{e}");
+}
+
+/// The same for MariaDB: a data source URL with `sslmode=verify-full&sslrootcert=FILE` runs
+/// two-phase work over TLS against a server that requires secure transport; the CA is checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mariadb_data_source_over_verified_tls_prepares_and_commits() {
+    let certs = tempfile::tempdir().unwrap();
+    let (pki, other, cert, key) = db_certs(certs.path(), "maria");
+    let m = Maria::start_tls(&cert, &key);
+    let out = m
+        .client()
+        .args(["-e", "CREATE DATABASE keel; CREATE TABLE keel.t (v int)"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let url = |ca: &Path| {
+        format!(
+            "{}?sslmode=verify-full&sslrootcert={}",
+            m.url("keel"),
+            ca.display()
+        )
+    };
+    let r = Arc::new(MariaDbResource::new("maria-tls", &url(&pki.ca_cert_path()), 2).unwrap());
+    let logs = tempfile::tempdir().unwrap();
+    let (log, _) = RecoveryLog::open(logs.path()).unwrap();
+    let c = Coordinator::new(ID, 1, log);
+    let mut tx = c.begin();
+    let x = tx.enlist(r.clone());
+    r.begin(&x).await.unwrap();
+    r.execute(&x, "INSERT INTO t VALUES (?)", &[SqlValue::Int(9)])
+        .await
+        .unwrap();
+    c.commit(tx).await.unwrap();
+    let out = m
+        .client()
+        .args(["-e", "SELECT sum(v) FROM keel.t"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "9");
+    // Plain TCP is refused by the server (secure transport required): the TLS above is real.
+    assert!(maria(&m.url("keel"), "SELECT 1").await.is_err());
+    let wrong = MariaDbResource::new("maria-wrong-ca", &url(&other.ca_cert_path()), 2).unwrap();
+    assert!(keel_tx::SqlResource::check(&wrong).await.is_err());
+    let e = MariaDbResource::new(
+        "maria-require",
+        &format!("{}?sslmode=require", m.url("keel")),
+        2,
+    )
+    .err()
+    .unwrap();
     assert!(e.detail.contains("sslmode=verify-full"), "{e}");
 }
