@@ -149,3 +149,50 @@ async fn pg_specifics(b: &PgBackend) {
     assert!(!s.info().await.unwrap().location.contains("hunter2"));
     s.close().await.unwrap();
 }
+
+/// A data store over TLS (`sslmode=verify-full&sslrootcert=FILE` in its URL) against a cluster
+/// that takes TCP over TLS only: the conformance suite passes over it, and a URL trusting
+/// another CA cannot open the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_over_verified_tls() {
+    let Some(bin) = pg_bin() else {
+        println!("SKIPPED a_store_over_verified_tls: no PostgreSQL binaries under /usr/lib/postgresql/*/bin");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let db = keel_tls::Identity {
+        node: "db".into(),
+        process: "pg".into(),
+        hosts: vec!["localhost".into(), "127.0.0.1".into()],
+    };
+    let pki = keel_tls::Pki::at(dir.path().join("db"));
+    pki.ensure("dbca", std::slice::from_ref(&db), now_s)
+        .unwrap();
+    let other = keel_tls::Pki::at(dir.path().join("other"));
+    other.ensure("other", &[], now_s).unwrap();
+    let read = |p: std::path::PathBuf| std::fs::read_to_string(p).unwrap();
+    let cluster = Cluster::start_tls(
+        bin,
+        &read(pki.cert_path(&db.name())),
+        &read(pki.key_path(&db.name())),
+    );
+    let url = |ca: &std::path::Path| {
+        format!(
+            "{}?sslmode=verify-full&sslrootcert={}",
+            cluster.tcp_url(),
+            ca.display()
+        )
+    };
+    let b = PgBackend {
+        url: url(&pki.ca_cert_path()),
+    };
+    conformance::run_all(&b).await;
+    match PgStore::create(&url(&other.ca_cert_path()), "keel_tls_wrong", ME, UUID).await {
+        Err(e) => assert!(e.to_string().contains("connect over TLS"), "{e}"),
+        Ok(_) => panic!("a store opened trusting another CA"),
+    }
+}
