@@ -332,7 +332,7 @@ pub async fn serve(listener: TcpListener, settings: Arc<Settings>) {
             match kind {
                 Opening::Amqp => {
                     let admitted = surface.client(ticket);
-                    connection(sock, peer, settings, surface, admitted, deadline).await
+                    connection(sock, false, peer, settings, surface, admitted, deadline).await
                 }
                 Opening::Tls | Opening::TlsHeader => {
                     let mut sock = sock;
@@ -376,7 +376,7 @@ pub async fn serve(listener: TcpListener, settings: Arc<Settings>) {
                         }
                     };
                     let admitted = surface.client(ticket);
-                    connection(sock, peer, settings, surface, admitted, deadline).await
+                    connection(sock, true, peer, settings, surface, admitted, deadline).await
                 }
                 Opening::Link => {
                     let admitted = Admitted {
@@ -404,6 +404,7 @@ pub async fn serve(listener: TcpListener, settings: Arc<Settings>) {
 
 async fn connection<S>(
     sock: S,
+    tls: bool,
     peer: SocketAddr,
     settings: Arc<Settings>,
     surface: Arc<Surface>,
@@ -414,7 +415,7 @@ async fn connection<S>(
 {
     let gate = Arc::new(gate::Gate::default());
     let (sasl, verdict) = KeelSasl::new(settings.users.clone(), settings.any_anonymous());
-    let sasl = sasl.guarded(sasl::LoginGuard {
+    let sasl = sasl.channel(tls, peer.ip()).guarded(sasl::LoginGuard {
         source: keel_core::admission::Source::of(peer.ip()),
         throttle: surface.throttle.clone(),
         gate: gate.clone(),

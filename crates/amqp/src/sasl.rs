@@ -39,6 +39,9 @@ pub struct KeelSasl {
     /// (user, password) pairs.
     users: Arc<Vec<(String, String)>>,
     allow_anonymous: bool,
+    /// PLAIN sends the password as it is: offered only over TLS or from a loopback address
+    /// (DESIGN §10), so a client cannot be talked into sending it across a network in clear.
+    plain_allowed: bool,
     verdict: Verdict,
     guard: Option<LoginGuard>,
 }
@@ -50,6 +53,7 @@ impl KeelSasl {
             KeelSasl {
                 users,
                 allow_anonymous,
+                plain_allowed: true,
                 verdict: verdict.clone(),
                 guard: None,
             },
@@ -61,6 +65,13 @@ impl KeelSasl {
     /// one; unit tests of `decide` do without).
     pub fn guarded(mut self, guard: LoginGuard) -> KeelSasl {
         self.guard = Some(guard);
+        self
+    }
+
+    /// Sets what the connection is: PLAIN is offered only when it is TLS or its peer is a
+    /// loopback address.
+    pub fn channel(mut self, tls: bool, peer: std::net::IpAddr) -> KeelSasl {
+        self.plain_allowed = tls || peer.to_canonical().is_loopback();
         self
     }
 
@@ -79,6 +90,9 @@ impl KeelSasl {
 
     fn decide(&self, init: &SaslInit) -> Result<Principal, String> {
         match init.mechanism.0.as_str() {
+            "PLAIN" if !self.plain_allowed => Err(
+                "SASL PLAIN is refused on a connection that is neither TLS nor from a loopback address (the password would cross the network in clear); connect with amqps://".into(),
+            ),
             "PLAIN" => {
                 let response = init
                     .initial_response
@@ -119,7 +133,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 impl SaslAcceptor for KeelSasl {
     fn mechanisms(&self) -> Array<Symbol> {
-        let mut m = vec![Symbol::from("PLAIN")];
+        let mut m = Vec::new();
+        if self.plain_allowed {
+            m.push(Symbol::from("PLAIN"));
+        }
         if self.allow_anonymous {
             m.push(Symbol::from("ANONYMOUS"));
         }
@@ -208,5 +225,31 @@ mod tests {
         let (a, _) = KeelSasl::new(users, true);
         assert_eq!(a.decide(&init("ANONYMOUS", None)), Ok(Principal::Anonymous));
         assert_eq!(a.mechanisms().0.len(), 2);
+    }
+
+    #[test]
+    fn plain_is_offered_only_over_tls_or_from_loopback() {
+        let users = Arc::new(vec![("admin".to_string(), "s3cret".to_string())]);
+        let ok = init("PLAIN", Some(b"\0admin\0s3cret"));
+        let remote: std::net::IpAddr = "198.18.0.2".parse().unwrap();
+        let (s, _) = KeelSasl::new(users.clone(), false);
+        let s = s.channel(false, remote);
+        let e = s.decide(&ok).unwrap_err();
+        assert!(e.contains("amqps://"), "{e}");
+        assert!(s.mechanisms().0.is_empty(), "PLAIN is not even offered");
+        for (tls, peer) in [
+            (true, remote),
+            (false, "127.0.0.1".parse().unwrap()),
+            (false, "::1".parse().unwrap()),
+            (false, "::ffff:127.0.0.1".parse().unwrap()),
+        ] {
+            let (s, _) = KeelSasl::new(users.clone(), false);
+            let s = s.channel(tls, peer);
+            assert_eq!(
+                s.decide(&ok),
+                Ok(Principal::User("admin".into())),
+                "{tls} {peer}"
+            );
+        }
     }
 }
