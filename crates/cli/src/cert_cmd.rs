@@ -3,7 +3,6 @@
 //! a running process keeps the certificate it loaded until it restarts.
 
 use std::process::ExitCode;
-use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{bail, Result};
 use clap::Subcommand;
@@ -65,20 +64,12 @@ pub enum CertCmd {
     },
 }
 
-/// A PEM file an operator names, bounded (a wrong path must not fill memory).
+/// A PEM file an operator names (bounded by keel-tls).
 fn read_pem(path: &std::path::Path) -> Result<String> {
-    const PEM_BYTES_MAX: u64 = 64 * 1024;
-    let len = std::fs::metadata(path)
-        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?
-        .len();
-    if len > PEM_BYTES_MAX {
-        bail!(
-            "{} is {len} bytes, more than a PEM file holds",
-            path.display()
-        );
-    }
-    std::fs::read_to_string(path)
-        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))
+    Ok(keel_tls::read_pem_file(
+        path,
+        "check the path, and that the user running keel can read it",
+    )?)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -257,12 +248,11 @@ pub fn run(ctx: &Ctx, cmd: CertCmd) -> Result<ExitCode> {
 }
 
 fn now_s() -> i64 {
-    (keel_core::unix_ms() / 1000) as i64
+    keel_core::unix_s()
 }
 
 fn date(unix_s: i64) -> String {
-    let t = UNIX_EPOCH + Duration::from_secs(u64::try_from(unix_s).unwrap_or(0));
-    humantime::format_rfc3339_seconds(t).to_string()
+    keel_tls::rfc3339(unix_s)
 }
 
 fn cert_json(pki: &keel_tls::Pki, name: &str, i: &CertInfo, now_s: i64) -> Value {

@@ -39,11 +39,9 @@ impl Profile {
 
     /// Makes the CA and the certificates `cfg` needs that are missing; returns their names.
     pub fn ensure_certificates(&self, cfg: &Config) -> Result<Vec<String>> {
-        Ok(self.pki().ensure(
-            &cfg.cell.name,
-            &identities(cfg),
-            (keel_core::unix_ms() / 1000) as i64,
-        )?)
+        Ok(self
+            .pki()
+            .ensure(&cfg.cell.name, &identities(cfg), keel_core::unix_s())?)
     }
 }
 

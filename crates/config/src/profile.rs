@@ -539,7 +539,7 @@ fn build(root: &Path, opts: &CreateOptions) -> Result<()> {
     keel_tls::Pki::at(layout.tls_dir()).ensure(
         &cfg.cell.name,
         &crate::certs::identities(&cfg),
-        (keel_core::unix_ms() / 1000) as i64,
+        keel_core::unix_s(),
     )?;
     fsx::fsync_dir(&secrets)?;
     fsx::fsync_dir(root)

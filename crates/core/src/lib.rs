@@ -34,5 +34,10 @@ pub fn unix_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
+
+/// The wall clock in whole seconds since the Unix epoch (certificate validity is in seconds).
+pub fn unix_s() -> i64 {
+    i64::try_from(unix_ms() / 1000).unwrap_or(i64::MAX)
+}
 pub use layout::Layout;
 pub use names::{NameError, ObjectName, ObjectPattern};

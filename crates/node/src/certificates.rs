@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 const EXPIRY_CHECK_INTERVAL_S: u64 = 86_400;
 
 fn now_s() -> i64 {
-    (keel_core::unix_ms() / 1000) as i64
+    keel_core::unix_s()
 }
 
 /// The certificates that concern `node`: the CA and the node's processes'.
@@ -70,8 +70,7 @@ pub(crate) async fn watch_expiry(profile: Profile, node: String) {
 }
 
 fn date(unix_s: i64) -> String {
-    let t = std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(unix_s).unwrap_or(0));
-    humantime::format_rfc3339_seconds(t).to_string()
+    keel_tls::rfc3339(unix_s)
 }
 
 /// The NodeAgent object's `certificates` attribute: name, subject, expiry and days left of the

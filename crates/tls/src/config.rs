@@ -10,7 +10,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::error::{Result, TlsError};
-use crate::pki::Pki;
+use crate::pki::{read_pem_file, Pki};
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -26,33 +26,13 @@ fn bad(path: &Path, problem: impl std::fmt::Display) -> TlsError {
     }
 }
 
-fn read(path: &Path) -> Result<String> {
-    // A PEM file is a few KiB; the bound keeps a wrong path (a log, a disk image) out of memory.
-    const PEM_BYTES_MAX: u64 = 64 * 1024;
-    let len = std::fs::metadata(path)
-        .map_err(|e| bad(path, format!("cannot be read ({e})")))?
-        .len();
-    if len > PEM_BYTES_MAX {
-        return Err(bad(
-            path,
-            format!("is {len} bytes, more than a PEM file holds"),
-        ));
-    }
-    std::fs::read_to_string(path).map_err(|e| bad(path, format!("cannot be read ({e})")))
-}
-
 impl Pki {
     /// A listener's configuration for process `name` (`<node>.<process>`): its certificate
     /// and key; clients are not asked for a certificate.
     pub fn server_config(&self, name: &str) -> Result<Arc<rustls::ServerConfig>> {
         let (cert_path, key_path) = (self.cert_path(name), self.key_path(name));
-        let key = read(&key_path).map_err(|_| {
-            bad(
-                &key_path,
-                "cannot be read: the certificate's key is missing",
-            )
-        })?;
-        server_config_from_pem(&read(&cert_path)?, &key, &cert_path)
+        let key = self.read_pem(&key_path)?;
+        server_config_from_pem(&self.read_pem(&cert_path)?, &key, &cert_path)
     }
 
     /// A client's configuration that trusts the cell's CA (and nothing else).
@@ -63,7 +43,10 @@ impl Pki {
 
 /// A client's configuration that trusts the CA certificates in `ca_file` (PEM).
 pub fn client_config_from(ca_file: &Path) -> Result<Arc<rustls::ClientConfig>> {
-    client_config_from_pem(&read(ca_file)?, ca_file)
+    client_config_from_pem(
+        &read_pem_file(ca_file, "give the path of the CA's PEM certificate")?,
+        ca_file,
+    )
 }
 
 /// A whole TLS handshake in memory between `server` and a client of `client` calling

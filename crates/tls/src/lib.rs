@@ -29,5 +29,5 @@ pub use config::client_config_from;
 pub use error::{Result, TlsError};
 pub use info::CertInfo;
 pub use issue::{Identity, CA_DAYS, LEAF_DAYS};
-pub use pki::{Pki, EXPIRY_WARNING_DAYS};
+pub use pki::{read_pem_file, rfc3339, Pki, EXPIRY_WARNING_DAYS};
 pub use rustls;

@@ -196,18 +196,10 @@ impl Pki {
     }
 
     pub(crate) fn read_pem(&self, path: &Path) -> Result<String> {
-        let meta = std::fs::metadata(path).map_err(io_err(
-            "read",
+        read_pem_file(
             path,
             "make the cell's certificates with `keel cert renew --ca` if they are missing",
-        ))?;
-        if meta.len() > PEM_BYTES_MAX {
-            return Err(self.bad(
-                path,
-                format!("is {} bytes, more than a PEM file holds", meta.len()),
-            ));
-        }
-        std::fs::read_to_string(path).map_err(io_err("read", path, FIX_PERM))
+        )
     }
 
     fn ensure_dir(&self) -> Result<()> {
@@ -269,6 +261,29 @@ impl Pki {
         assert_eq!(back, info, "a certificate reads back as written");
         Ok(info)
     }
+}
+
+/// A PEM file's text, bounded: a certificate or key is a few KiB, and the bound keeps a wrong
+/// path (a log, a disk image) out of memory. `fix` says what to do when it cannot be read.
+pub fn read_pem_file(path: &Path, fix: &str) -> Result<String> {
+    let len = std::fs::metadata(path)
+        .map_err(io_err("read", path, fix))?
+        .len();
+    if len > PEM_BYTES_MAX {
+        return Err(TlsError::Bad {
+            path: path.to_path_buf(),
+            problem: format!("is {len} bytes, more than a PEM file holds"),
+            fix: "give the PEM file itself".into(),
+        });
+    }
+    std::fs::read_to_string(path).map_err(io_err("read", path, FIX_PERM))
+}
+
+/// Unix seconds as RFC 3339 (`2026-12-08T01:00:00Z`), how certificates' dates are shown.
+pub fn rfc3339(unix_s: i64) -> String {
+    let t =
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(unix_s).unwrap_or(0));
+    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 /// Writes `bytes` to `path` (mode 0600) by temp + fsync + rename + directory fsync.
