@@ -18,7 +18,9 @@ use keel_core::{ObjectName, ObjectPattern};
 use serde_json::{json, Map, Value};
 
 use crate::error::{CallContext, WireError};
-use crate::{AdminError, FORWARDED_HEADER, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES};
+use crate::{
+    AdminError, FORWARDED_HEADER, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, ON_BEHALF_HEADER,
+};
 
 /// Default bound on one whole call (connect, request, answer).
 pub const DEFAULT_TIMEOUT_MS: u64 = 30_000;
@@ -69,6 +71,9 @@ pub struct AdminClient {
     timeout_ms: u64,
     /// Set when a registry forwards a call: the peer must answer from its own objects only.
     forwarded: bool,
+    /// The user a forwarded call acts for: the peer checks that user's roles (it trusts the
+    /// header only from an Administrator, the forwarder's own credential).
+    on_behalf_of: Option<String>,
     /// HTTPS, trusting what this configuration trusts (the cell's CA); the endpoint's
     /// certificate must name the address called. None: plain HTTP.
     tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
@@ -104,6 +109,7 @@ impl AdminClient {
             credential,
             timeout_ms: DEFAULT_TIMEOUT_MS,
             forwarded: false,
+            on_behalf_of: None,
             tls: None,
         }
     }
@@ -142,9 +148,16 @@ impl AdminClient {
     pub(crate) fn forwarding(&self, timeout_ms: u64) -> AdminClient {
         AdminClient {
             forwarded: true,
+            on_behalf_of: None,
             timeout_ms: self.timeout_ms.min(timeout_ms),
             ..self.clone()
         }
+    }
+
+    /// The same client, acting for `user` (a forwarded call keeps the caller's roles).
+    pub(crate) fn on_behalf_of(mut self, user: &str) -> AdminClient {
+        self.on_behalf_of = Some(user.to_string());
+        self
     }
 
     /// `{"ok": true, "pid": N}` when a Keel process answers and accepts the credential.
@@ -373,6 +386,9 @@ impl AdminClient {
         }
         if self.forwarded {
             request = request.header(FORWARDED_HEADER, "1");
+        }
+        if let Some(user) = &self.on_behalf_of {
+            request = request.header(ON_BEHALF_HEADER, user.as_str());
         }
         let request = request
             .body(Full::new(Bytes::from(body)))

@@ -53,6 +53,10 @@ pub enum AdminError {
         /// Who answered (`process P of node N, cell C`), when the endpoint said so.
         answered_by: String,
     },
+    /// The caller is authenticated but lacks the role (HTTP 403); `why` names the user, the
+    /// role and the object (`keel_core::roles::refusal`).
+    #[error("{why}")]
+    Forbidden { why: String },
     #[error("no Keel process answers at {addr} ({why}); check that the node agent or server is running and the port is right")]
     Unreachable { addr: String, why: String },
     #[error("the Keel process at {addr} did not answer within {timeout_ms} ms; it may be overloaded or hung (see its SystemOut.log), or the operation needs a longer timeout")]
@@ -91,6 +95,7 @@ impl AdminError {
             AdminError::Failed { .. } => "failed",
             AdminError::BadName(_) => "bad_name",
             AdminError::Unauthorized { .. } => "unauthorized",
+            AdminError::Forbidden { .. } => "forbidden",
             AdminError::Unreachable { .. } => "unreachable",
             AdminError::Timeout { .. } => "timeout",
             AdminError::Protocol { .. } => "protocol",
@@ -106,6 +111,7 @@ impl AdminError {
             | AdminError::UnknownOperation { .. }
             | AdminError::UnknownAttribute { .. } => 404,
             AdminError::Failed { .. } => 500,
+            AdminError::Forbidden { .. } => 403,
             AdminError::Unreachable { .. }
             | AdminError::Unauthorized { .. }
             | AdminError::Protocol { .. } => 502,
@@ -141,6 +147,7 @@ impl AdminError {
                 w.why = Some(why.clone());
             }
             AdminError::BadName(NameError::Malformed { text, .. }) => w.text = Some(text.clone()),
+            AdminError::Forbidden { why } => w.why = Some(why.clone()),
             AdminError::Unauthorized { addr, answered_by } => {
                 w.addr = Some(addr.clone());
                 w.why = Some(answered_by.clone());
@@ -209,6 +216,7 @@ impl AdminError {
                 addr,
                 answered_by: w.why.clone().unwrap_or_default(),
             }),
+            "forbidden" => w.why.clone().map(|why| AdminError::Forbidden { why }),
             "unreachable" | "protocol" => match (&w.addr, &w.why) {
                 (Some(addr), Some(why)) => Some(if w.kind == "unreachable" {
                     AdminError::Unreachable {

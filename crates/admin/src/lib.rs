@@ -31,6 +31,8 @@ mod server;
 pub use client::{AdminClient, Credential, DEFAULT_TIMEOUT_MS};
 pub use console::{Console, ConsoleError};
 pub use error::AdminError;
+pub use keel_auth::{Principal, Users};
+pub use keel_core::roles::AdminRole;
 pub use listener::Limits;
 pub use registry::{Delegate, Registry, MAX_OBJECTS, PEER_QUERY_TIMEOUT_MS};
 pub use serde_json::Value;
@@ -49,13 +51,50 @@ pub trait AdminObject: Send + Sync + 'static {
     fn name(&self) -> keel_core::ObjectName;
     /// Current attribute values (a snapshot).
     fn attributes(&self) -> serde_json::Map<String, Value>;
-    /// (operation, one-line description), for help and error messages. The registry refuses
-    /// an operation not listed here with [`AdminError::UnknownOperation`] before calling
-    /// [`AdminObject::invoke`].
-    fn operations(&self) -> Vec<(&'static str, &'static str)>;
+    /// The operations, each with the role it needs and a one-line description. The registry
+    /// refuses an operation not listed here with [`AdminError::UnknownOperation`], and a caller
+    /// without its role with [`AdminError::Forbidden`], before calling [`AdminObject::invoke`].
+    fn operations(&self) -> Vec<Op>;
     /// Runs one operation. Return [`AdminError::BadArguments`] for arguments the operation
     /// cannot take and [`AdminError::Failed`] when it ran and failed.
     fn invoke<'a>(&'a self, op: &'a str, args: Vec<Value>) -> OpFuture<'a>;
+}
+
+/// One operation of an admin object: its name, the administrative role a caller needs for it
+/// (DESIGN §10: Monitor reads, Operator runs, Configurator changes, Administrator all), and a
+/// one-line description for help and error messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Op {
+    pub name: &'static str,
+    pub role: AdminRole,
+    pub help: &'static str,
+}
+
+impl Op {
+    /// Reads only.
+    pub const fn monitor(name: &'static str, help: &'static str) -> Op {
+        Op {
+            name,
+            role: AdminRole::Monitor,
+            help,
+        }
+    }
+    /// Runs the cell: start, stop, recovery, transaction resolution, backups.
+    pub const fn operator(name: &'static str, help: &'static str) -> Op {
+        Op {
+            name,
+            role: AdminRole::Operator,
+            help,
+        }
+    }
+    /// Changes the configuration.
+    pub const fn configurator(name: &'static str, help: &'static str) -> Op {
+        Op {
+            name,
+            role: AdminRole::Configurator,
+            help,
+        }
+    }
 }
 
 /// Builds an operation's errors with the object's name and the operation filled in, so every
@@ -95,7 +134,7 @@ impl<'a> OpErrors<'a> {
             known: obj
                 .operations()
                 .iter()
-                .map(|(o, _)| o.to_string())
+                .map(|o| o.name.to_string())
                 .collect(),
         }
     }
@@ -118,3 +157,6 @@ pub const MAX_RESPONSE_BYTES: usize = 16 << 20;
 /// Header a registry sets when it forwards a call to a peer, so that the peer answers from its
 /// own objects only and a misconfigured delegate can never make calls loop between processes.
 pub(crate) const FORWARDED_HEADER: &str = "x-keel-forwarded";
+/// Header a forwarding registry sets to the user it acts for; honoured only from an
+/// Administrator (the forwarder's own credential), so roles are checked where the object lives.
+pub(crate) const ON_BEHALF_HEADER: &str = "x-keel-on-behalf-of";

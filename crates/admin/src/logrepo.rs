@@ -55,8 +55,8 @@ impl AdminObject for LogRepositoryObject {
         crate::attribute_map(self.state())
     }
 
-    fn operations(&self) -> Vec<(&'static str, &'static str)> {
-        vec![(
+    fn operations(&self) -> Vec<crate::Op> {
+        vec![crate::Op::monitor(
             "stats",
             "size_bytes, segments, oldest, written, dropped, blocks, write_errors",
         )]

@@ -11,7 +11,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use keel_core::{ObjectName, ObjectPattern};
 use serde_json::{Map, Value};
 
-use crate::{AdminClient, AdminError, AdminObject};
+use crate::{AdminClient, AdminError, AdminObject, Principal};
 
 /// At most this many objects per process. A process registers a handful per messaging engine
 /// and destination; more means a leak (objects registered and never unregistered).
@@ -202,13 +202,29 @@ impl Registry {
 
     /// Runs `op` on the object `name`: a local object first, else the peer named by the
     /// name's `process=` key, else [`AdminError::NotFound`].
+    ///
+    /// Runs with every right: for the process's own callers. Calls from the admin API go
+    /// through `invoke_as`, which checks the caller's role.
     pub async fn invoke(
         &self,
         name: &str,
         op: &str,
         args: Vec<Value>,
     ) -> Result<Value, AdminError> {
-        self.invoke_scoped(name, op, args, true).await
+        self.invoke_scoped(name, op, args, true, None).await
+    }
+
+    /// [`Registry::invoke`] for `caller`: refused with [`AdminError::Forbidden`] unless the
+    /// caller holds the operation's role. A forwarded call carries the caller's name, and the
+    /// process that holds the object checks.
+    pub async fn invoke_as(
+        &self,
+        caller: &Principal,
+        name: &str,
+        op: &str,
+        args: Vec<Value>,
+    ) -> Result<Value, AdminError> {
+        self.invoke_scoped(name, op, args, true, Some(caller)).await
     }
 
     pub(crate) async fn invoke_scoped(
@@ -217,21 +233,38 @@ impl Registry {
         op: &str,
         args: Vec<Value>,
         forward: bool,
+        caller: Option<&Principal>,
     ) -> Result<Value, AdminError> {
         match self.locate(name, forward)? {
             Located::Local(obj) => {
-                let known: Vec<&'static str> =
-                    obj.operations().into_iter().map(|(o, _)| o).collect();
-                if !known.contains(&op) {
+                let ops = obj.operations();
+                let Some(found) = ops.iter().find(|o| o.name == op) else {
                     return Err(AdminError::UnknownOperation {
                         name: obj.name().to_string(),
                         op: op.to_string(),
-                        known: known.into_iter().map(String::from).collect(),
+                        known: ops.iter().map(|o| o.name.to_string()).collect(),
                     });
+                };
+                if let Some(caller) = caller {
+                    if !caller.grants.admin(found.role) {
+                        return Err(AdminError::Forbidden {
+                            why: keel_core::roles::refusal(
+                                &caller.user,
+                                found.role,
+                                &format!("operation `{op}` of {}", obj.name()),
+                            ),
+                        });
+                    }
                 }
                 obj.invoke(op, args).await
             }
-            Located::Peer(client) => client.invoke(name, op, args).await,
+            Located::Peer(client) => {
+                let client = match caller {
+                    Some(c) => client.on_behalf_of(&c.user),
+                    None => client,
+                };
+                client.invoke(name, op, args).await
+            }
         }
     }
 
@@ -321,8 +354,8 @@ mod tests {
             m.insert("tag".into(), Value::from(self.1));
             m
         }
-        fn operations(&self) -> Vec<(&'static str, &'static str)> {
-            vec![("tag", "returns the tag")]
+        fn operations(&self) -> Vec<crate::Op> {
+            vec![crate::Op::monitor("tag", "returns the tag")]
         }
         fn invoke<'a>(&'a self, _op: &'a str, _args: Vec<Value>) -> OpFuture<'a> {
             Box::pin(async move { Ok(Value::from(self.1)) })

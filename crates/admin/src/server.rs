@@ -35,7 +35,10 @@ use serde_json::{json, Value};
 
 use crate::error::WireError;
 use crate::listener::{ConnHandle, Limits};
-use crate::{AdminError, Credential, Registry, FORWARDED_HEADER, MAX_REQUEST_BYTES};
+use crate::{
+    AdminError, Principal, Registry, Users, FORWARDED_HEADER, MAX_REQUEST_BYTES, ON_BEHALF_HEADER,
+};
+use keel_core::roles::AdminRole;
 
 /// Requests served at once; more are answered 503 at once instead of queueing without bound.
 const MAX_CONCURRENT_REQUESTS: usize = 256;
@@ -70,7 +73,7 @@ pub struct Settings {
 #[derive(Clone)]
 struct ServerState {
     registry: Arc<Registry>,
-    credential: Arc<Credential>,
+    users: Arc<Users>,
     inflight: Arc<tokio::sync::Semaphore>,
     identity: Arc<Identity>,
     body_read_ms: u64,
@@ -85,30 +88,23 @@ struct ServerState {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     registry: Arc<Registry>,
-    credential: Credential,
+    users: Arc<Users>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    serve_with(
-        listener,
-        registry,
-        credential,
-        Settings::default(),
-        shutdown,
-    )
-    .await
+    serve_with(listener, registry, users, Settings::default(), shutdown).await
 }
 
 /// [`serve`] with an identity and limits.
 pub async fn serve_with(
     listener: tokio::net::TcpListener,
     registry: Arc<Registry>,
-    credential: Credential,
+    users: Arc<Users>,
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let state = ServerState {
         registry,
-        credential: Arc::new(credential),
+        users,
         inflight: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_REQUESTS)),
         identity: Arc::new(settings.identity),
         body_read_ms: settings.limits.body_read_ms,
@@ -193,44 +189,53 @@ async fn guard(State(state): State<ServerState>, request: Request, next: Next) -
             }
         }
     }
-    if let Err(reason) = check_credential(request.headers(), &state.credential) {
-        let mut why = reason.to_string();
-        if let Some(source) = source {
-            state
-                .throttle
-                .failed_and_logged(source, &user, Instant::now());
+    let checked = match basic_credentials(request.headers()) {
+        Err(reason) => Err(reason.to_string()),
+        Ok((claimed, password)) => {
+            // Argon2 takes tens of milliseconds by design: off the runtime's workers.
+            let users = state.users.clone();
+            tokio::task::spawn_blocking(move || users.authenticate(&claimed, &password))
+                .await
+                .unwrap_or_else(|e| Err(format!("the credential check ended abnormally: {e}")))
         }
-        if let Some(left_out) = state.refusals.take(Instant::now()) {
-            why.push_str(&left_out_note(left_out));
-            keel_core::emit!(
-                keel_core::catalog::ADMN0003W,
-                method = clip(request.method().as_str(), 16),
-                path = clip(request.uri().path(), LOGGED_PATH_BYTES_MAX),
-                peer = peer,
-                why = why
-            );
-        }
-        let mut response = error_body(
-            StatusCode::UNAUTHORIZED,
-            WireError {
-                kind: "unauthorized".into(),
-                message: format!("the admin request was refused: {reason}; send the profile's admin credential (HTTP Basic, user `admin`, password in secrets/admin-password)"),
-                ..WireError::default()
-            },
-            Some(&state.identity),
-        );
-        let headers = response.headers_mut();
-        headers.insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Basic realm=\"keel\""),
-        );
-        // The body was never read: the connection cannot carry another request.
-        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return response;
-    }
+    };
+    let mut principal = match checked {
+        Ok(p) => p,
+        Err(reason) => return refuse_credential(&state, &request, source, &user, &peer, reason),
+    };
     if let Some(source) = source {
         state.throttle.succeeded(source, &user);
     }
+    // A registry forwarding a call acts for its caller, whose roles are checked here, where
+    // the object lives. Only an Administrator (a forwarder's own credential) may say so.
+    if let Some(on_behalf) = request.headers().get(ON_BEHALF_HEADER) {
+        if !principal.grants.is_administrator() {
+            return forbidden(format!(
+                "user {:?} may not act for another user: only an Administrator (a node agent's own credential) may",
+                principal.user
+            ));
+        }
+        let named = on_behalf.to_str().unwrap_or_default();
+        principal = match state.users.principal(named) {
+            Some(p) => p,
+            None => {
+                return forbidden(format!(
+                    "user {:?}, for whom this call was forwarded, is not a user here (removed meanwhile?)",
+                    clip(named, 64)
+                ))
+            }
+        };
+    }
+    // Every route but the ping needs at least Monitor: a bus-only user reads nothing here.
+    if request.uri().path() != "/v1/ping" && !principal.grants.admin(AdminRole::Monitor) {
+        return forbidden(keel_core::roles::refusal(
+            &principal.user,
+            AdminRole::Monitor,
+            "the admin API",
+        ));
+    }
+    let mut request = request;
+    request.extensions_mut().insert(principal);
     // Authenticated work is never evicted to make room for new connections.
     let _busy = request
         .extensions()
@@ -295,6 +300,55 @@ async fn guard(State(state): State<ServerState>, request: Request, next: Next) -
     next.run(request).await
 }
 
+/// The 401 of a request whose credential did not check out (ADMN0003W, within its budget).
+fn refuse_credential(
+    state: &ServerState,
+    request: &Request,
+    source: Option<Source>,
+    user: &str,
+    peer: &str,
+    reason: String,
+) -> Response {
+    let mut why = reason.clone();
+    if let Some(source) = source {
+        state
+            .throttle
+            .failed_and_logged(source, user, Instant::now());
+    }
+    if let Some(left_out) = state.refusals.take(Instant::now()) {
+        why.push_str(&left_out_note(left_out));
+        keel_core::emit!(
+            keel_core::catalog::ADMN0003W,
+            method = clip(request.method().as_str(), 16),
+            path = clip(request.uri().path(), LOGGED_PATH_BYTES_MAX),
+            peer = peer,
+            why = why
+        );
+    }
+    let mut response = error_body(
+        StatusCode::UNAUTHORIZED,
+        WireError {
+            kind: "unauthorized".into(),
+            message: format!("the admin request was refused: {reason}; send a user's credential (HTTP Basic); the profile's own user `admin` has its password in secrets/admin-password"),
+            ..WireError::default()
+        },
+        Some(&state.identity),
+    );
+    let headers = response.headers_mut();
+    headers.insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Basic realm=\"keel\""),
+    );
+    // The body was never read: the connection cannot carry another request.
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// A 403 naming the user, the role and the object. The body was not read: close.
+fn forbidden(why: String) -> Response {
+    closing(admin_error(&AdminError::Forbidden { why }))
+}
+
 fn protocol_error(message: String) -> WireError {
     WireError {
         kind: "protocol".into(),
@@ -328,8 +382,8 @@ fn claimed_user(headers: &HeaderMap) -> String {
         .unwrap_or_default()
 }
 
-/// `Ok` when the request carries exactly the configured credential; else why not, for ADMN0003W.
-fn check_credential(headers: &HeaderMap, credential: &Credential) -> Result<(), &'static str> {
+/// The (user, password) of an HTTP Basic `Authorization` header; else why not, for ADMN0003W.
+fn basic_credentials(headers: &HeaderMap) -> Result<(String, String), &'static str> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Err("no credential");
     };
@@ -343,26 +397,9 @@ fn check_credential(headers: &HeaderMap, credential: &Credential) -> Result<(), 
         .decode(token.trim())
         .map_err(|_| wrong)?;
     let split = decoded.iter().position(|b| *b == b':').ok_or(wrong)?;
-    let (user, password) = (&decoded[..split], &decoded[split + 1..]);
-    // Both halves are compared in full whatever the first gives, so timing tells nothing.
-    let user_ok = constant_time_eq(user, credential.user.as_bytes());
-    let password_ok = constant_time_eq(password, credential.password.as_bytes());
-    if user_ok & password_ok {
-        Ok(())
-    } else {
-        Err(wrong)
-    }
-}
-
-/// Compares in time that depends only on the lengths, never on where the bytes differ.
-fn constant_time_eq(given: &[u8], expected: &[u8]) -> bool {
-    let mut diff = u8::from(given.len() != expected.len());
-    for i in 0..given.len().max(expected.len()) {
-        let a = given.get(i).copied().unwrap_or(0);
-        let b = expected.get(i).copied().unwrap_or(0xff);
-        diff |= a ^ b;
-    }
-    std::hint::black_box(diff) == 0
+    let user = std::str::from_utf8(&decoded[..split]).map_err(|_| wrong)?;
+    let password = std::str::from_utf8(&decoded[split + 1..]).map_err(|_| wrong)?;
+    Ok((user.to_string(), password.to_string()))
 }
 
 fn error_body(status: StatusCode, error: WireError, identity: Option<&Identity>) -> Response {
@@ -472,6 +509,7 @@ struct InvokeRequest {
 
 async fn invoke(
     State(state): State<ServerState>,
+    axum::Extension(caller): axum::Extension<Principal>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -487,6 +525,7 @@ async fn invoke(
             &request.op,
             request.args,
             may_forward(&headers),
+            Some(&caller),
         )
         .await
     {
@@ -575,45 +614,30 @@ mod tests {
     }
 
     #[test]
-    fn credentials_are_checked_exactly() {
-        let cred = Credential::new("admin", "pw:with:colons");
+    fn basic_credentials_are_parsed_exactly() {
+        let cred = crate::Credential::new("admin", "pw:with:colons");
         assert_eq!(
-            check_credential(&headers(Some(&cred.basic_header())), &cred),
-            Ok(())
+            basic_credentials(&headers(Some(&cred.basic_header()))),
+            Ok(("admin".to_string(), "pw:with:colons".to_string()))
         );
-        assert_eq!(
-            check_credential(&headers(None), &cred),
-            Err("no credential")
-        );
+        assert_eq!(basic_credentials(&headers(None)), Err("no credential"));
         for bad in [
-            Credential::new("admin", "pw:with:colon").basic_header(),
-            Credential::new("admin", "pw:with:colonss").basic_header(),
-            Credential::new("Admin", "pw:with:colons").basic_header(),
-            Credential::new("", "").basic_header(),
             "Bearer abc".to_string(),
             "Basic !!!notbase64".to_string(),
             "Basic".to_string(),
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode("no-colon")
+            ),
         ] {
             assert_eq!(
-                check_credential(&headers(Some(&bad)), &cred),
+                basic_credentials(&headers(Some(&bad))),
                 Err("wrong credential"),
                 "{bad}"
             );
         }
         // The scheme is case-insensitive (RFC 7617).
         let lower = cred.basic_header().replacen("Basic", "basic", 1);
-        assert_eq!(check_credential(&headers(Some(&lower)), &cred), Ok(()));
-    }
-
-    #[test]
-    fn constant_time_eq_is_equality() {
-        assert!(constant_time_eq(b"", b""));
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"ab"));
-        assert!(!constant_time_eq(b"ab", b"abc"));
-        // A prefix padded with what the padding byte would be must still differ.
-        assert!(!constant_time_eq(b"ab\xff", b"ab"));
-        assert!(!constant_time_eq(b"", b"\xff"));
+        assert!(basic_credentials(&headers(Some(&lower))).is_ok());
     }
 }

@@ -219,7 +219,7 @@ async fn requests_without_credential_get_401_and_a_challenge() {
         body["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("wrong credential"),
+            .contains("wrong user or password"),
         "{body}"
     );
     // And the right one passes.

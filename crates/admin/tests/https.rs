@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::credential;
+use common::{credential, users};
 use keel_admin::{AdminClient, AdminError, Limits, Registry, Settings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -50,7 +50,7 @@ async fn start(
     tokio::spawn(keel_admin::serve_with(
         listener,
         Registry::new(),
-        credential(),
+        users(),
         settings,
         async move {
             let _ = rx.await;

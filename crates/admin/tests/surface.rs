@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{client, credential};
+use common::{client, credential, users};
 use keel_admin::{
     AdminClient, AdminError, AdminObject, Credential, Identity, Limits, OpFuture, Registry,
     Settings,
@@ -31,8 +31,11 @@ impl AdminObject for Blocker {
     fn attributes(&self) -> Map<String, Value> {
         Map::new()
     }
-    fn operations(&self) -> Vec<(&'static str, &'static str)> {
-        vec![("wait", "holds the request until released")]
+    fn operations(&self) -> Vec<keel_admin::Op> {
+        vec![keel_admin::Op::monitor(
+            "wait",
+            "holds the request until released",
+        )]
     }
     fn invoke<'a>(&'a self, _op: &'a str, _args: Vec<Value>) -> OpFuture<'a> {
         Box::pin(async move {
@@ -73,7 +76,7 @@ async fn start_throttled(
     tokio::spawn(keel_admin::serve_with(
         listener,
         registry,
-        credential(),
+        users(),
         settings,
         async move {
             let _ = rx.await;

@@ -70,6 +70,7 @@ use fe2o3_amqp::types::primitives::Value;
 use fe2o3_amqp::Sendable;
 use keel_core::admission::{Admission, Ticket};
 use keel_core::budget::{left_out_note, LogBudget};
+use keel_core::roles::BusRole;
 use keel_core::throttle::LoginThrottle;
 use keel_core::{catalog, emit};
 use keel_engine::messaging::{Messaging, MessagingError, Outcome, SUBSCRIPTION_SEPARATOR};
@@ -129,6 +130,8 @@ pub const TXN_OPEN_MAX: usize = 32;
 pub struct Hosted {
     pub engine: Arc<Engine>,
     pub allow_anonymous: bool,
+    /// The user anonymous clients of this bus act as (its grants are theirs).
+    pub anonymous_user: String,
     pub max_message_bytes: u64,
 }
 
@@ -200,8 +203,8 @@ impl Surface {
 /// What the endpoint serves.
 pub struct Settings {
     pub server: String,
-    /// (user, password) pairs for SASL PLAIN.
-    pub users: Arc<Vec<(String, String)>>,
+    /// The cell's users (read again when the configuration changes).
+    pub users: Arc<keel_auth::Users>,
     pub hosted: Vec<Hosted>,
     /// ME-to-ME links on the same port, told apart by their first four bytes.
     pub links: Option<LinkHandler>,
@@ -471,7 +474,20 @@ async fn connection<S>(
         let _ = conn.close_with_error(error).await;
         return;
     }
+    // A named user must be a connector of some bus this server hosts; anonymous clients are
+    // checked per link, as their bus's anonymous user.
+    if let Principal::User(name) = &principal {
+        if let Err(why) = may_connect(&settings, name) {
+            surface.refused(peer, &why);
+            let error = definitions::Error::new(AmqpError::UnauthorizedAccess, Some(why), None);
+            let _ = conn.close_with_error(error).await;
+            return;
+        }
+    }
     tracing::debug!(target: "keel_amqp", %peer, ?principal, "AMQP connection open");
+    // A removed user's connections close when this server next reads the users
+    // (`keel_auth::Users::refresh`, every USERS_REFRESH_MS).
+    let mut users_changed = settings.users.subscribe();
     let mut sessions = JoinSet::new();
     // Open transactions of this connection, across its sessions (TXN_OPEN_MAX).
     let txn_open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -484,7 +500,26 @@ async fn connection<S>(
                     .with_limits(txn::limits(&txn_open)),
             )
             .build();
-        let Ok(session) = acceptor.accept(&mut conn).await else {
+        let accepted = tokio::select! {
+            accepted = acceptor.accept(&mut conn) => accepted,
+            changed = users_changed.changed() => {
+                if changed.is_err() {
+                    continue;
+                }
+                let Principal::User(name) = &principal else { continue };
+                if settings.users.principal(name).is_some() {
+                    continue;
+                }
+                let why = format!("user {name:?} was removed: its connections are closed");
+                surface.refused(peer, &why);
+                let error =
+                    definitions::Error::new(AmqpError::UnauthorizedAccess, Some(why), None);
+                let _ = conn.close_with_error(error).await;
+                sessions.abort_all();
+                return;
+            }
+        };
+        let Ok(session) = accepted else {
             break;
         };
         sessions.spawn(run_session(
@@ -660,6 +695,31 @@ fn refusal(condition: impl Into<ErrorCondition>, description: impl Into<String>)
     }
 }
 
+/// Whether user `name` holds the connector role of some bus this server hosts; else why not.
+fn may_connect(settings: &Settings, name: &str) -> Result<(), String> {
+    let Some(p) = settings.users.principal(name) else {
+        return Err(format!("user {name:?} no longer exists"));
+    };
+    let buses: Vec<&str> = settings
+        .hosted
+        .iter()
+        .map(|h| h.engine.config().bus.as_str())
+        .collect();
+    if buses.is_empty()
+        || buses
+            .iter()
+            .any(|b| p.grants.bus(b, BusRole::Connector, None))
+    {
+        return Ok(());
+    }
+    Err(keel_core::roles::bus_refusal(
+        name,
+        BusRole::Connector,
+        &buses.join(" or "),
+        None,
+    ))
+}
+
 fn route(settings: &Settings, principal: &Principal, attach: &Attach) -> Result<Route, Refusal> {
     use fe2o3_amqp::types::definitions::Role;
     // The client's role: its sending link targets an address, its receiving link sources one.
@@ -752,14 +812,39 @@ fn route(settings: &Settings, principal: &Principal, attach: &Attach) -> Result<
             ));
         }
     };
-    if *principal == Principal::Anonymous && !hosted.allow_anonymous {
+    let bus_name = &hosted.engine.config().bus;
+    let acting =
+        match principal {
+            Principal::Anonymous if !hosted.allow_anonymous => return Err(refusal(
+                AmqpError::UnauthorizedAccess,
+                format!(
+                    "bus {bus_name} does not allow anonymous clients: authenticate with SASL PLAIN"
+                ),
+            )),
+            Principal::Anonymous => &hosted.anonymous_user,
+            Principal::User(name) => name,
+        };
+    // The grants as they stand now: a role revoked while connected applies to the next link.
+    let Some(grants) = settings.users.principal(acting).map(|p| p.grants) else {
         return Err(refusal(
             AmqpError::UnauthorizedAccess,
-            format!(
-                "bus {} does not allow anonymous clients: authenticate with SASL PLAIN",
-                hosted.engine.config().bus
-            ),
+            match principal {
+                Principal::Anonymous => format!("bus {bus_name} lets anonymous clients act as user {acting:?}, which does not exist; an Administrator can add it with `keel user add {acting} --no-password`"),
+                Principal::User(_) => format!("user {acting:?} no longer exists"),
+            },
         ));
+    };
+    let needed = match attach.role {
+        Role::Sender => BusRole::Sender,
+        Role::Receiver => BusRole::Receiver,
+    };
+    for (role, destination) in [(BusRole::Connector, None), (needed, Some(defined))] {
+        if !grants.bus(bus_name, role, destination) {
+            return Err(refusal(
+                AmqpError::UnauthorizedAccess,
+                keel_core::roles::bus_refusal(acting, role, bus_name, destination),
+            ));
+        }
     }
     let messaging = hosted
         .engine

@@ -1,5 +1,6 @@
-//! SASL for the bus port: PLAIN against the profile's users, ANONYMOUS only when a bus hosted
-//! here allows it. One acceptor per connection, so the outcome (who the peer is) can be read
+//! SASL for the bus port: PLAIN against the cell's users (`keel_auth::Users`: Argon2id hashes),
+//! ANONYMOUS only when a bus hosted here allows it (the client then acts as the bus's
+//! anonymous user, resolved per link). One acceptor per connection, so the outcome (who the peer is) can be read
 //! back by the connection's task. Failed logins are throttled per source and user
 //! (`keel_core::throttle`, shared with the admin port's rules): a throttled attempt's outcome is
 //! held back by the connection's write gate (`gate.rs`), right or wrong.
@@ -34,10 +35,9 @@ pub struct LoginGuard {
     pub gate: Arc<Gate>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct KeelSasl {
-    /// (user, password) pairs.
-    users: Arc<Vec<(String, String)>>,
+    users: Arc<keel_auth::Users>,
     allow_anonymous: bool,
     /// PLAIN sends the password as it is: offered only over TLS or from a loopback address
     /// (DESIGN §10), so a client cannot be talked into sending it across a network in clear.
@@ -47,7 +47,7 @@ pub struct KeelSasl {
 }
 
 impl KeelSasl {
-    pub fn new(users: Arc<Vec<(String, String)>>, allow_anonymous: bool) -> (KeelSasl, Verdict) {
+    pub fn new(users: Arc<keel_auth::Users>, allow_anonymous: bool) -> (KeelSasl, Verdict) {
         let verdict: Verdict = Arc::default();
         (
             KeelSasl {
@@ -104,31 +104,26 @@ impl KeelSasl {
                     (Some(a), Some(u), Some(p)) => (a, u, p),
                     _ => return Err("malformed SASL PLAIN response".into()),
                 };
-                let user = String::from_utf8_lossy(user).into_owned();
-                // Compare every entry in full: the time taken does not tell which part failed.
-                let mut ok = false;
-                for (u, p) in self.users.iter() {
-                    ok |= constant_time_eq(u.as_bytes(), user.as_bytes())
-                        & constant_time_eq(p.as_bytes(), password);
-                }
-                if ok {
-                    Ok(Principal::User(user))
-                } else {
-                    Err(format!("wrong user or password for user {user:?}"))
-                }
+                let (Ok(user), Ok(password)) = (std::str::from_utf8(user), std::str::from_utf8(password))
+                else {
+                    return Err("the SASL PLAIN user or password is not UTF-8".into());
+                };
+                // Argon2 takes tens of milliseconds by design: tell the runtime this worker
+                // blocks, so other connections' tasks move to another one meanwhile.
+                let check = || self.users.authenticate(user, password);
+                let checked = match tokio::runtime::Handle::try_current() {
+                    Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                        tokio::task::block_in_place(check)
+                    }
+                    _ => check(),
+                };
+                checked.map(|p| Principal::User(p.user))
             }
             "ANONYMOUS" if self.allow_anonymous => Ok(Principal::Anonymous),
             "ANONYMOUS" => Err("SASL ANONYMOUS is not allowed on any bus of this server".into()),
             other => Err(format!("SASL mechanism {other} is not offered")),
         }
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl SaslAcceptor for KeelSasl {
@@ -208,9 +203,13 @@ mod tests {
         }
     }
 
+    fn admin(password: &str) -> Arc<keel_auth::Users> {
+        Arc::new(keel_auth::Users::admin_only(password).unwrap())
+    }
+
     #[test]
     fn plain_checks_user_and_password_and_anonymous_needs_a_bus_that_allows_it() {
-        let users = Arc::new(vec![("admin".to_string(), "s3cret".to_string())]);
+        let users = admin("s3cret");
         let (s, _) = KeelSasl::new(users.clone(), false);
         assert_eq!(
             s.decide(&init("PLAIN", Some(b"\0admin\0s3cret"))),
@@ -229,7 +228,7 @@ mod tests {
 
     #[test]
     fn plain_is_offered_only_over_tls_or_from_loopback() {
-        let users = Arc::new(vec![("admin".to_string(), "s3cret".to_string())]);
+        let users = admin("s3cret");
         let ok = init("PLAIN", Some(b"\0admin\0s3cret"));
         let remote: std::net::IpAddr = "198.18.0.2".parse().unwrap();
         let (s, _) = KeelSasl::new(users.clone(), false);

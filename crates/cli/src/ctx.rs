@@ -30,7 +30,18 @@ impl Ctx {
         Ok(Profile::open(&self.profile_dir)?)
     }
 
+    /// Who `keel` commands log in as: `KEEL_USER` with the password in `KEEL_PASSWORD` when
+    /// set (an operator acting with their own roles), else the profile's own `admin` with
+    /// secrets/admin-password.
     pub fn credential(&self, profile: &Profile) -> Result<Credential> {
+        if let Ok(user) = std::env::var("KEEL_USER") {
+            let password = std::env::var("KEEL_PASSWORD").map_err(|_| {
+                anyhow!(
+                    "KEEL_USER is set to {user:?}, so KEEL_PASSWORD must hold that user's password"
+                )
+            })?;
+            return Ok(Credential { user, password });
+        }
         Ok(Credential {
             user: "admin".into(),
             password: profile.admin_password()?,

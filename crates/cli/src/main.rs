@@ -36,6 +36,7 @@ mod node_cmd;
 mod quickstart;
 mod server_cmd;
 mod tx_cmd;
+mod user_cmd;
 
 pub use ctx::Ctx;
 
@@ -101,6 +102,12 @@ enum Command {
     /// The cell's certificate authority and each process's certificate: show, renew.
     #[command(subcommand)]
     Cert(cert_cmd::CertCmd),
+    /// The cell's users: add, remove, list, passwd (Argon2id hashes; never a password kept).
+    #[command(subcommand)]
+    User(user_cmd::UserCmd),
+    /// Administrative and bus roles of users: grant, revoke, list.
+    #[command(subcommand)]
+    Role(user_cmd::RoleCmd),
     /// Explain a message ID: what it means and what to do.
     Explain {
         /// A message ID such as WSVR0001I.
@@ -167,6 +174,8 @@ fn main() -> ExitCode {
         Command::Receive(a) => msg_cmd::receive(&ctx, a),
         Command::Admin(a) => admin_cmd::run(&ctx, a),
         Command::Cert(c) => cert_cmd::run(&ctx, c),
+        Command::User(c) => user_cmd::run_user(&ctx, c),
+        Command::Role(c) => user_cmd::run_role(&ctx, c),
         Command::Explain { id, json } => explain(&id, json),
         Command::Quickstart => quickstart::run(&ctx),
     };
@@ -271,6 +280,8 @@ fn profile_create(c: ProfileCreate) -> anyhow::Result<ExitCode> {
         bus: c.bus,
     };
     let profile = keel_config::Profile::create(&c.dir, &opts)?;
+    // The first user, `admin` (Administrator), with the password of secrets/admin-password.
+    keel_auth::ensure_users(&profile)?;
     let cfg = profile.master().load()?;
     let node = &cfg.nodes[0];
     println!("Created profile {}", profile.root().display());

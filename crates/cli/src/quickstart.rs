@@ -32,6 +32,7 @@ pub fn run(ctx: &Ctx) -> Result<ExitCode> {
         Profile::open(&dir)?
     } else {
         let p = Profile::create(&dir, &CreateOptions::default())?;
+        keel_auth::ensure_users(&p)?;
         // Something to send to: a queue `orders` on the first bus.
         p.master().update(|c| {
             let Some(bus) = c.buses.first().map(|b| b.name.clone()) else {

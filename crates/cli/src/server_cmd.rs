@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 use clap::Subcommand;
-use keel_admin::{AdminClient, Value};
+use keel_admin::{AdminClient, AdminError, Value};
 use keel_core::faults;
 use serde_json::json;
 
@@ -322,6 +322,9 @@ fn status(ctx: &Ctx, name: Option<&str>, json_out: bool) -> Result<ExitCode> {
             .as_array()
             .cloned()
             .unwrap_or_default(),
+        // The node agent answered and refused this caller: probing the servers with the same
+        // credential would only show them all as stopped.
+        Err(e) if e.downcast_ref::<AdminError>().is_some() => return Err(e),
         Err(_) => {
             let credential = ctx.credential(&profile)?;
             let servers = cfg

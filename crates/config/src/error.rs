@@ -92,6 +92,13 @@ pub enum ConfigError {
     UnknownApp { name: String, known: Vec<String> },
 
     /// A data source cannot go while sql applications name it.
+    #[error("there is no user `{name}` in the cell (known users: {}); add it with `keel user add {name} --role ROLE`", if known.is_empty() { "none".to_string() } else { known.join(", ") })]
+    UnknownUser { name: String, known: Vec<String> },
+
+    /// A change to users or roles that would leave the cell without a way in, or break a bus.
+    #[error("{what} is refused: {why}")]
+    UserChangeRefused { what: String, why: String },
+
     #[error("data source `{name}` is used by the sql application(s) {}; delete or change them first (`keel app delete NAME`)", apps.join(", "))]
     DataSourceInUse { name: String, apps: Vec<String> },
 

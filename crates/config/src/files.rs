@@ -4,8 +4,8 @@
 //! cell.toml                          [repository] format, version, saved_at; [cell] name
 //! nodes/<node>/node.toml             [node] name, host, admin_port
 //! nodes/<node>/servers/<server>.toml [server] name, admin_port, bus_port; [monitor] …
-//! buses/<bus>.toml                   [bus] name, allow_anonymous, max_message_bytes,
-//!                                      duplicate_window_hours;
+//! buses/<bus>.toml                   [bus] name, allow_anonymous, anonymous_user,
+//!                                      max_message_bytes, duplicate_window_hours;
 //!                                    [[member]] node, server, me, uuid, initial_state,
 //!                                      store_url (PostgreSQL store; absent = SQLite);
 //!                                    [[destination]] name, type, me, reliability,
@@ -15,6 +15,9 @@
 //!                                      (no password: it is in the profile's secrets)
 //! apps/<name>.toml                   [app] name, server, bus, on, kind, to, datasource,
 //!                                      statement, script, concurrency, timeout_s
+//! users/<name>.toml                  [user] name, roles, password_hash, scram_sha_256
+//!                                      (verifiers only, never a password);
+//!                                    [[grant]] role, bus, destination
 //! ```
 //!
 //! Files are read in three steps so that every mistake gets the most precise message: TOML
@@ -35,8 +38,10 @@ use crate::fsx::read_file;
 use crate::model::{
     self, invalid, AppCfg, AppKind, BusCfg, BusMember, Cell, Config, DataSourceCfg, DataSourceKind,
     DestinationCfg, DestinationKind, InitialState, MonitorPolicy, NodeCfg, Reliability, ServerCfg,
+    UserCfg,
 };
 use crate::paths;
+use keel_core::roles::{AdminRole, BusGrant, BusRole};
 
 /// The repository format this code reads and writes (`[repository] format`).
 pub(crate) const FORMAT: i64 = 1;
@@ -129,6 +134,8 @@ struct BusSection {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     allow_anonymous: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    anonymous_user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     max_message_bytes: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     duplicate_window_hours: Option<i64>,
@@ -183,6 +190,35 @@ struct DataSourceSection {
 
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct UserFile {
+    user: UserSection,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    grant: Vec<GrantSection>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserSection {
+    name: String,
+    #[serde(default)]
+    roles: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    password_hash: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    scram_sha_256: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrantSection {
+    role: String,
+    bus: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    destination: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct AppFile {
     app: AppSection,
 }
@@ -217,6 +253,8 @@ enum Kind {
     Str,
     Int,
     Bool,
+    /// An array of strings.
+    StrList,
 }
 
 struct KeySpec {
@@ -302,6 +340,7 @@ const BUS_SCHEMA: &[TableSpec] = &[
         keys: &[
             key("name", Kind::Str, true),
             key("allow_anonymous", Kind::Bool, false),
+            key("anonymous_user", Kind::Str, false),
             key("max_message_bytes", Kind::Int, false),
             key("duplicate_window_hours", Kind::Int, false),
         ],
@@ -349,6 +388,30 @@ const DATASOURCE_SCHEMA: &[TableSpec] = &[TableSpec {
     required: true,
     array: false,
 }];
+
+const USER_SCHEMA: &[TableSpec] = &[
+    TableSpec {
+        name: "user",
+        keys: &[
+            key("name", Kind::Str, true),
+            key("roles", Kind::StrList, false),
+            key("password_hash", Kind::Str, false),
+            key("scram_sha_256", Kind::Str, false),
+        ],
+        required: true,
+        array: false,
+    },
+    TableSpec {
+        name: "grant",
+        keys: &[
+            key("role", Kind::Str, true),
+            key("bus", Kind::Str, true),
+            key("destination", Kind::Str, false),
+        ],
+        required: false,
+        array: true,
+    },
+];
 
 const APP_SCHEMA: &[TableSpec] = &[TableSpec {
     name: "app",
@@ -492,12 +555,16 @@ fn check_keys(
             Kind::Str => v.is_str(),
             Kind::Int => v.is_integer(),
             Kind::Bool => v.is_bool(),
+            Kind::StrList => v
+                .as_array()
+                .is_some_and(|a| a.iter().all(toml::Value::is_str)),
         };
         if !ok {
             let (want, fix) = match spec.kind {
                 Kind::Str => ("a string", "write the value in double quotes"),
                 Kind::Int => ("a whole number", "write a number without quotes"),
                 Kind::Bool => ("true or false", "write true or false without quotes"),
+                Kind::StrList => ("a list of strings", "write it as [\"A\", \"B\"]"),
             };
             return Err(schema_error(
                 file,
@@ -601,7 +668,7 @@ pub(crate) fn list_object_files(dir: &Path) -> Result<Vec<PathBuf>> {
             break;
         }
     }
-    for top in ["buses", "datasources", "apps"] {
+    for top in ["buses", "datasources", "apps", "users"] {
         for f in list(dir, Path::new(top), false)? {
             out.push(Path::new(top).join(f));
         }
@@ -684,6 +751,7 @@ enum Kind2<'a> {
     Bus(&'a str),
     DataSource(&'a str),
     App(&'a str),
+    User(&'a str),
     Other,
 }
 
@@ -712,6 +780,7 @@ fn classify(rel: &Path) -> Kind2<'_> {
             .strip_suffix(".toml")
             .map_or(Kind2::Other, Kind2::DataSource),
         ["apps", f] => f.strip_suffix(".toml").map_or(Kind2::Other, Kind2::App),
+        ["users", f] => f.strip_suffix(".toml").map_or(Kind2::Other, Kind2::User),
         _ => Kind2::Other,
     }
 }
@@ -810,6 +879,7 @@ pub(crate) fn parse_tree(tree: &Tree, root: &Path) -> Result<Config> {
     let mut buses = Vec::new();
     let mut datasources = Vec::new();
     let mut apps = Vec::new();
+    let mut users = Vec::new();
     for (rel, bytes) in tree {
         let file = root.join(rel);
         match classify(rel) {
@@ -934,12 +1004,14 @@ pub(crate) fn parse_tree(tree: &Tree, root: &Path) -> Result<Config> {
                     members,
                     destinations,
                     allow_anonymous: b.bus.allow_anonymous.unwrap_or(false),
+                    anonymous_user: b.bus.anonymous_user,
                     max_message_bytes,
                     duplicate_window_hours,
                 });
             }
             Kind2::DataSource(stem) => datasources.push(parse_datasource(&file, bytes, stem)?),
             Kind2::App(stem) => apps.push(parse_app(&file, bytes, stem)?),
+            Kind2::User(stem) => users.push(parse_user(&file, bytes, stem)?),
             Kind2::Other => {
                 tracing::warn!(file = %file.display(), "ignoring a file that is not part of the configuration layout")
             }
@@ -970,6 +1042,7 @@ pub(crate) fn parse_tree(tree: &Tree, root: &Path) -> Result<Config> {
         buses,
         datasources,
         apps,
+        users,
     };
     // Validate before sorting: `[[destination]]` tables are sorted by name, and an error's
     // `destination[i]` must count the tables in the order the file has them.
@@ -1069,6 +1142,50 @@ fn parse_datasource(file: &Path, bytes: &[u8], stem: &str) -> Result<DataSourceC
         kind,
         url: d.url,
         pool_max,
+    })
+}
+
+/// One `users/<stem>.toml`: schema, name matching the file, role spellings; the value rules
+/// (verifier forms, patterns) are left to `Config::validate`.
+fn parse_user(file: &Path, bytes: &[u8], stem: &str) -> Result<UserCfg> {
+    let u: UserFile = parse_doc(file, bytes, USER_SCHEMA)?;
+    name_matches(file, "user.name", "user", &u.user.name, stem, "user file")?;
+    let mut roles = Vec::with_capacity(u.user.roles.len());
+    for r in &u.user.roles {
+        let Some(role) = AdminRole::parse(r) else {
+            return Err(invalid(
+                file,
+                "user.roles",
+                format!("{r:?}"),
+                "is not an administrative role (Administrator, Configurator, Operator, Monitor)",
+                "correct its spelling, or grant bus roles in [[grant]] tables",
+            ));
+        };
+        roles.push(role);
+    }
+    let mut grants = Vec::with_capacity(u.grant.len());
+    for (i, g) in u.grant.into_iter().enumerate() {
+        let Some(role) = BusRole::parse(&g.role) else {
+            return Err(invalid(
+                file,
+                &format!("grant[{}].role", i + 1),
+                format!("{:?}", g.role),
+                "is not a bus role (connector, sender, receiver, browser)",
+                "correct its spelling; administrative roles go in `user.roles`",
+            ));
+        };
+        grants.push(BusGrant {
+            role,
+            bus: g.bus,
+            destination: g.destination,
+        });
+    }
+    Ok(UserCfg {
+        name: u.user.name,
+        password_hash: u.user.password_hash,
+        scram_sha_256: u.user.scram_sha_256,
+        roles,
+        grants,
     })
 }
 
@@ -1216,6 +1333,7 @@ pub(crate) fn render_objects(cfg: &Config) -> Tree {
             bus: BusSection {
                 name: b.name.clone(),
                 allow_anonymous: Some(b.allow_anonymous),
+                anonymous_user: b.anonymous_user.clone(),
                 max_message_bytes: Some(i64::try_from(b.max_message_bytes).unwrap_or(i64::MAX)),
                 duplicate_window_hours: Some(i64::from(b.duplicate_window_hours)),
             },
@@ -1285,6 +1403,30 @@ pub(crate) fn render_objects(cfg: &Config) -> Tree {
         };
         out.insert(paths::rel_app(&a.name), to_toml(&header, &file));
     }
+    for u in &cfg.users {
+        let header = format!(
+            "# Keel user {}: its administrative roles and bus grants. The password itself is never kept:\n# only an Argon2id hash and a SCRAM-SHA-256 verifier. Change them with `keel user passwd`.\n\n",
+            u.name
+        );
+        let file = UserFile {
+            user: UserSection {
+                name: u.name.clone(),
+                roles: u.roles.iter().map(|r| r.as_str().to_string()).collect(),
+                password_hash: u.password_hash.clone(),
+                scram_sha_256: u.scram_sha_256.clone(),
+            },
+            grant: u
+                .grants
+                .iter()
+                .map(|g| GrantSection {
+                    role: g.role.as_str().into(),
+                    bus: g.bus.clone(),
+                    destination: g.destination.clone(),
+                })
+                .collect(),
+        };
+        out.insert(paths::rel_user(&u.name), to_toml(&header, &file));
+    }
     out
 }
 
@@ -1292,7 +1434,12 @@ pub(crate) fn render_objects(cfg: &Config) -> Tree {
 pub(crate) fn is_object_file(rel: &Path) -> bool {
     matches!(
         classify(rel),
-        Kind2::Node(_) | Kind2::Server(..) | Kind2::Bus(_) | Kind2::DataSource(_) | Kind2::App(_)
+        Kind2::Node(_)
+            | Kind2::Server(..)
+            | Kind2::Bus(_)
+            | Kind2::DataSource(_)
+            | Kind2::App(_)
+            | Kind2::User(_)
     )
 }
 

@@ -26,13 +26,14 @@ pub use certs::identities;
 pub use error::{ConfigError, Result};
 pub use fsx::write_pid_file;
 pub use model::{
-    me_name, system_exception_destination, take_url_password, url_has_password, AppCfg, AppKind,
-    BusCfg, BusMember, Cell, Config, DataSourceCfg, DataSourceKind, DestinationCfg,
-    DestinationKind, InitialState, MonitorPolicy, NodeCfg, Reliability, ServerCfg,
-    DEFAULT_APP_CONCURRENCY, DEFAULT_APP_TIMEOUT_S, DEFAULT_MAX_FAILED_DELIVERIES,
-    DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_POOL_MAX, DEFAULT_PRIORITY, MAX_APP_CONCURRENCY,
-    MAX_DESTINATION_NAME_LEN, MAX_FAILED_DELIVERIES, MAX_MESSAGE_BYTES, MAX_POOL_MAX, MAX_PRIORITY,
-    MAX_SCRIPT_BYTES, MAX_STATEMENT_BYTES, MIN_MESSAGE_BYTES, SYSTEM_PREFIX,
+    me_name, system_exception_destination, take_url_password, url_has_password, AdminRole, AppCfg,
+    AppKind, BusCfg, BusGrant, BusMember, BusRole, Cell, Config, DataSourceCfg, DataSourceKind,
+    DestinationCfg, DestinationKind, Grants, InitialState, MonitorPolicy, NodeCfg, Reliability,
+    ServerCfg, UserCfg, DEFAULT_ANONYMOUS_USER, DEFAULT_APP_CONCURRENCY, DEFAULT_APP_TIMEOUT_S,
+    DEFAULT_MAX_FAILED_DELIVERIES, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_POOL_MAX, DEFAULT_PRIORITY,
+    MAX_APP_CONCURRENCY, MAX_DESTINATION_NAME_LEN, MAX_FAILED_DELIVERIES, MAX_MESSAGE_BYTES,
+    MAX_POOL_MAX, MAX_PRIORITY, MAX_SCRIPT_BYTES, MAX_STATEMENT_BYTES, MIN_MESSAGE_BYTES,
+    SYSTEM_PREFIX,
 };
 pub use profile::{read_datasource_password, CreateOptions, Profile};
 pub use repo::{sync, Repository, SyncOutcome};

@@ -24,3 +24,6 @@ pub(crate) fn rel_datasource(name: &str) -> PathBuf {
 pub(crate) fn rel_app(name: &str) -> PathBuf {
     Path::new("apps").join(format!("{name}.toml"))
 }
+pub(crate) fn rel_user(name: &str) -> PathBuf {
+    Path::new("users").join(format!("{name}.toml"))
+}

@@ -276,6 +276,22 @@ impl Profile {
         Ok(pw.to_string())
     }
 
+    /// Replaces the profile's admin password file (mode 0600, atomically, durable on return):
+    /// `keel user passwd admin` keeps it equal to user admin's password, because keel commands
+    /// and node agents on this host log in with it.
+    pub fn set_admin_password(&self, password: &str) -> Result<()> {
+        let file = self.layout.admin_password();
+        if password.is_empty() || password.contains(['\n', '\r', '\0']) {
+            return Err(ConfigError::BadOption {
+                option: "the admin password".into(),
+                problem: "is empty or holds a line break or NUL".into(),
+                fix: "use a password of one line".into(),
+            });
+        }
+        ensure_private_dir(&self.layout.secrets())?;
+        fsx::write_atomic_private(&file, format!("{password}\n").as_bytes())
+    }
+
     /// Where the password of data source `name` is kept (`secrets/datasources/<name>`),
     /// whether or not it exists.
     pub fn datasource_password_file(&self, name: &str) -> Result<PathBuf> {
@@ -485,6 +501,7 @@ fn initial_config(opts: &CreateOptions) -> Result<Config> {
         buses: Vec::new(),
         datasources: Vec::new(),
         apps: Vec::new(),
+        users: Vec::new(),
     };
     let s = cfg.add_server(&opts.node, &opts.server)?;
     assert_eq!(

@@ -735,9 +735,9 @@ pub(crate) mod tests {
                     });
                 }
                 let mes: Vec<String> = out.iter().map(|m| m.me.clone()).collect();
-                BusCfg { name: bus, members: out, destinations: destinations(&mes, dests), allow_anonymous, max_message_bytes, duplicate_window_hours: 1 + (max_message_bytes % 500) as u32 }
+                BusCfg { name: bus, members: out, destinations: destinations(&mes, dests), allow_anonymous, anonymous_user: None, max_message_bytes, duplicate_window_hours: 1 + (max_message_bytes % 500) as u32 }
             }).collect();
-            let mut c = Config { version, cell: Cell { name: cell }, nodes, buses, datasources: Vec::new(), apps: Vec::new() };
+            let mut c = Config { version, cell: Cell { name: cell }, nodes, buses, datasources: Vec::new(), apps: Vec::new(), users: Vec::new() };
             c.canonicalize();
             c
         }

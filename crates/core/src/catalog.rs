@@ -148,6 +148,9 @@ catalog! {
     ADMN0042W, Warning, "The certificates of node {node} could not be checked or made: {reason}.",
         "The node agent checks the profile's certificates (secrets/tls/) when it starts. It keeps running; listeners that need a certificate say so when they start.",
         "Fix what the reason names (usually the permissions of secrets/tls/), or remake them with `keel cert renew --ca`.";
+    ADMN0043I, Info, "Made user {user} (Administrator) from the profile's admin password: the configuration had no users.",
+        "Profiles made before users and roles existed (DESIGN \u{a7}10) get their first user the first time a `keel` command or the node agent opens them: `admin`, with the password of secrets/admin-password, stored as an Argon2id hash and a SCRAM-SHA-256 verifier. Said once: afterwards the configuration has users.",
+        "None. `keel user list` shows the users; `keel user add` and `keel role grant` make more.";
     ADMN0010I, Info, "Launching server {server} in {mode} mode (attempt {attempt} of {max_attempts}).",
         "The node agent is starting a server process.",
         "None.";

@@ -54,30 +54,30 @@ impl AdminObject for EngineObject {
         }))
     }
 
-    fn operations(&self) -> Vec<(&'static str, &'static str)> {
+    fn operations(&self) -> Vec<keel_admin::Op> {
         vec![
-            (
+            keel_admin::Op::monitor(
                 "state",
                 "the engine's state: stopped, starting, started, stopping, or failed (its data store failed: restart the engine)",
             ),
-            (
+            keel_admin::Op::monitor(
                 "storeHealth",
                 "the data store's condition: state ok, disk-full or failed, since, and text (one line for an operator); null when stopped",
             ),
-            (
+            keel_admin::Op::operator(
                 "start",
                 "start([\"FLUSH\"]): start the engine; FLUSH = restart after restore",
             ),
-            ("stop", "stop([\"FORCE\"]): stop the engine"),
-            (
+            keel_admin::Op::operator("stop", "stop([\"FORCE\"]): stop the engine"),
+            keel_admin::Op::monitor(
                 "flushState",
                 "the restart-after-restore (FLUSH) still waiting for peers: pending, epoch, started_ms, waiting (null when none)",
             ),
-            (
+            keel_admin::Op::monitor(
                 "storeInfo",
                 "the data store: uuid, backend, path, restore_state, messages, incarnation",
             ),
-            (
+            keel_admin::Op::operator(
                 "backup",
                 "backup(FILE): online, consistent backup of the data store to FILE",
             ),
@@ -279,11 +279,11 @@ impl AdminObject for QueuePointObject {
         m
     }
 
-    fn operations(&self) -> Vec<(&'static str, &'static str)> {
+    fn operations(&self) -> Vec<keel_admin::Op> {
         vec![
-            ("depth", "messages on the queue point, counted in the store"),
-            ("send", "send(body[, {priority, reliability, ttl_ms, properties}]): returns the message ID once stored"),
-            ("receive", "receive([{count, timeout_ms}]): consume up to count messages (accepted on return)"),
+            keel_admin::Op::monitor("depth", "messages on the queue point, counted in the store"),
+            keel_admin::Op::operator("send", "send(body[, {priority, reliability, ttl_ms, properties}]): returns the message ID once stored"),
+            keel_admin::Op::operator("receive", "receive([{count, timeout_ms}]): consume up to count messages (accepted on return)"),
         ]
     }
 

@@ -194,6 +194,15 @@ async fn serve(profile: Profile) -> Result<(), (u8, String)> {
     let refused = |e: String| (exit::REFUSED, e);
     profile.secure_directories_logged();
     let node = profile.local_node().map_err(|e| refused(e.to_string()))?;
+    // A profile made before users existed gets user `admin` now (ADMN0043I, said once).
+    match keel_auth::ensure_users(&profile) {
+        Ok(keel_auth::UpgradeOutcome::MadeAdmin) => {
+            emit!(catalog::ADMN0043I, user = keel_auth::LEGACY_ADMIN)
+        }
+        Ok(keel_auth::UpgradeOutcome::HadUsers) => {}
+        // The legacy credential keeps working meanwhile (`keel_auth::Users`).
+        Err(e) => tracing::warn!("could not make the profile's first user: {e}"),
+    }
     sync_config(&profile, &node);
     let cfg = profile
         .node_copy(&node)
@@ -303,8 +312,16 @@ async fn serve(profile: Profile) -> Result<(), (u8, String)> {
         limits: keel_admin::Limits::default(),
         logins: Default::default(),
     };
+    let users = Arc::new(
+        keel_auth::Users::watching(
+            agent.profile.node_copy(&node),
+            agent.profile.layout().admin_password(),
+        )
+        .map_err(|e| refused(format!("users of node {node}: {e}")))?,
+    );
+    let users_task = tokio::spawn(users.clone().keep_fresh());
     let admin_task = tokio::spawn(keel_admin::serve_with(
-        listener, registry, credential, settings, shutdown,
+        listener, registry, users, settings, shutdown,
     ));
     spawn_signal_watch(stop_tx.clone());
     tokio::spawn(certificates::watch_expiry(
@@ -320,6 +337,7 @@ async fn serve(profile: Profile) -> Result<(), (u8, String)> {
 
     let _ = stop_rx.wait_for(|v| v.is_some()).await;
     let _ = admin_task.await;
+    users_task.abort();
     let _ = std::fs::remove_file(&pid_file);
     emit!(catalog::ADMN0002I, node = node);
     Ok(())
@@ -1009,14 +1027,14 @@ impl AdminObject for NodeAgentObject {
         }))
     }
 
-    fn operations(&self) -> Vec<(&'static str, &'static str)> {
+    fn operations(&self) -> Vec<keel_admin::Op> {
         vec![
-            ("launchProcess", "launchProcess(server[, {recovery, faults}]): start a server and wait until it is open"),
-            ("stopProcess", "stopProcess(server[, {force}]): stop a server (SIGTERM, or SIGKILL with force)"),
-            ("status", "status(): every server of the node with state, pid and endpoints"),
-            ("serverStatus", "serverStatus(server): one server's state, pid and endpoints"),
-            ("syncConfig", "syncConfig(): copy the master configuration to this node now"),
-            ("stop", "stop([{stop_servers}]): stop the node agent (servers keep running unless stop_servers)"),
+            keel_admin::Op::operator("launchProcess", "launchProcess(server[, {recovery, faults}]): start a server and wait until it is open"),
+            keel_admin::Op::operator("stopProcess", "stopProcess(server[, {force}]): stop a server (SIGTERM, or SIGKILL with force)"),
+            keel_admin::Op::monitor("status", "status(): every server of the node with state, pid and endpoints"),
+            keel_admin::Op::monitor("serverStatus", "serverStatus(server): one server's state, pid and endpoints"),
+            keel_admin::Op::configurator("syncConfig", "syncConfig(): copy the master configuration to this node now"),
+            keel_admin::Op::operator("stop", "stop([{stop_servers}]): stop the node agent (servers keep running unless stop_servers)"),
         ]
     }
 

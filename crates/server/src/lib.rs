@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use keel_admin::{AdminError, AdminObject, Credential, OpFuture, Registry, Value};
+use keel_admin::{AdminError, AdminObject, OpFuture, Registry, Value};
 use keel_config::Profile;
 use keel_core::{catalog, emit, faults, ObjectName};
 use serde_json::json;
@@ -292,11 +292,17 @@ async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
         Ok(c) => (Some(c), format!("plain and TLS, certificate {cert_name}")),
         Err(e) => (None, format!("plain only, no TLS: {e}")),
     };
+    // The cell's users, from the node's copy of the configuration, read again when it changes.
+    let users = Arc::new(
+        keel_auth::Users::watching(profile.node_copy(&node), profile.layout().admin_password())
+            .map_err(|e| Fatal::refused(format!("users of server {}: {e}", opts.server)))?,
+    );
+    let users_task = tokio::spawn(users.clone().keep_fresh());
     let amqp_settings = Arc::new(keel_amqp::Settings {
         tls: tls.clone(),
         tls_note,
         server: opts.server.clone(),
-        users: Arc::new(vec![("admin".to_string(), password.clone())]),
+        users: users.clone(),
         hosted: engines
             .iter()
             .map(|e| {
@@ -304,6 +310,9 @@ async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
                 keel_amqp::Hosted {
                     engine: e.clone(),
                     allow_anonymous: bus.is_some_and(|b| b.allow_anonymous),
+                    anonymous_user: bus
+                        .map_or(keel_config::DEFAULT_ANONYMOUS_USER, |b| b.anonymous_user())
+                        .to_string(),
                     max_message_bytes: e.config().max_message_bytes,
                 }
             })
@@ -317,14 +326,11 @@ async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
             .handler(),
         ),
     });
-    let credential = Credential {
-        user: "admin".into(),
-        password,
-    };
+    drop(password);
     let admin_task = tokio::spawn(keel_admin::serve_with(
         admin_listener,
         registry.clone(),
-        credential,
+        users,
         keel_admin::Settings {
             identity: keel_admin::Identity {
                 cell: cfg.cell.name.clone(),
@@ -457,6 +463,7 @@ async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
     if let Some(a) = apps {
         a.stop().await;
     }
+    users_task.abort();
     let _ = tx_stop.send(true);
     while tx_tasks.join_next().await.is_some() {}
     tx_svc.shutdown().await;
@@ -685,11 +692,11 @@ impl AdminObject for ServerObject {
         }))
     }
 
-    fn operations(&self) -> Vec<(&'static str, &'static str)> {
+    fn operations(&self) -> Vec<keel_admin::Op> {
         vec![
-            ("state", "the server's state: starting, started or stopping"),
-            ("stop", "stop the server normally (WSVR0024I)"),
-            ("ping", "answers \"pong\""),
+            keel_admin::Op::monitor("state", "the server's state: starting, started or stopping"),
+            keel_admin::Op::operator("stop", "stop the server normally (WSVR0024I)"),
+            keel_admin::Op::monitor("ping", "answers \"pong\""),
         ]
     }
 

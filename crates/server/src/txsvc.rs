@@ -1009,21 +1009,21 @@ impl keel_admin::AdminObject for TxServiceObject {
         }))
     }
 
-    fn operations(&self) -> Vec<(&'static str, &'static str)> {
+    fn operations(&self) -> Vec<keel_admin::Op> {
         vec![
-            (
+            keel_admin::Op::monitor(
                 "list",
                 "transactions in doubt {transactions: [{xid, state (committing, in-doubt, running), branches}], unknown: [{resource, reason}]}: resources in unknown did not answer, so they may hold more",
             ),
-            (
+            keel_admin::Op::operator(
                 "commit",
                 "commit(XID): commit every prepared branch of the transaction by hand",
             ),
-            (
+            keel_admin::Op::operator(
                 "rollback",
                 "rollback(XID): roll back every prepared branch of the transaction by hand",
             ),
-            (
+            keel_admin::Op::monitor(
                 "recoveryStatus",
                 "complete, passes, committed, rolled_back, pending, last_error",
             ),

@@ -86,11 +86,13 @@ fn config(sides: &[&Side]) -> Config {
             members: sides.iter().map(|s| member(s.host, &s.uuid)).collect(),
             destinations: vec![q2],
             allow_anonymous: false,
+            anonymous_user: None,
             max_message_bytes: 1 << 20,
             duplicate_window_hours: 168,
         }],
         datasources: Vec::new(),
         apps: Vec::new(),
+        users: Vec::new(),
     }
 }
 

@@ -12,6 +12,11 @@ use serde_json::{json, Map};
 
 pub const PASSWORD: &str = "correct horse battery staple";
 
+/// What the test endpoints check logins against: `admin` with [`PASSWORD`].
+pub fn users() -> std::sync::Arc<keel_admin::Users> {
+    std::sync::Arc::new(keel_admin::Users::admin_only(PASSWORD).unwrap())
+}
+
 pub fn credential() -> Credential {
     Credential {
         user: "admin".into(),
@@ -56,11 +61,11 @@ impl AdminObject for TestServer {
         m
     }
 
-    fn operations(&self) -> Vec<(&'static str, &'static str)> {
+    fn operations(&self) -> Vec<keel_admin::Op> {
         vec![
-            ("state", "current state"),
-            ("echo", "returns its arguments"),
-            ("fail", "always fails"),
+            keel_admin::Op::monitor("state", "current state"),
+            keel_admin::Op::monitor("echo", "returns its arguments"),
+            keel_admin::Op::monitor("fail", "always fails"),
         ]
     }
 
@@ -116,11 +121,11 @@ impl AdminObject for FakeMe {
         m
     }
 
-    fn operations(&self) -> Vec<(&'static str, &'static str)> {
+    fn operations(&self) -> Vec<keel_admin::Op> {
         vec![
-            ("state", "stopped|starting|started|stopping"),
-            ("start", "start [FLUSH]"),
-            ("stop", "stop"),
+            keel_admin::Op::monitor("state", "stopped|starting|started|stopping"),
+            keel_admin::Op::operator("start", "start [FLUSH]"),
+            keel_admin::Op::operator("stop", "stop"),
         ]
     }
 
@@ -169,7 +174,7 @@ pub async fn start(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(serve(listener, registry, credential(), async move {
+    let task = tokio::spawn(serve(listener, registry, users(), async move {
         let _ = rx.await;
     }));
     (addr, tx, task)

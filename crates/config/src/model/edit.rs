@@ -8,7 +8,7 @@ use crate::paths::{rel_app, rel_datasource};
 use super::types::*;
 use super::validate::{check_datasource, destination_name_problem, name_problem};
 
-fn bad_name(what: &'static str, name: &str) -> Result<()> {
+pub(crate) fn bad_name(what: &'static str, name: &str) -> Result<()> {
     match name_problem(name) {
         None if what == "server" && name == keel_core::layout::NODE_AGENT => {
             Err(ConfigError::BadName {
@@ -111,6 +111,7 @@ impl Config {
                         members: Vec::new(),
                         destinations: Vec::new(),
                         allow_anonymous: false,
+                        anonymous_user: None,
                         max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
                         duplicate_window_hours: DEFAULT_DUPLICATE_WINDOW_HOURS,
                     },

@@ -7,7 +7,9 @@
 //! - `edit`: the changes the CLI and admin objects make (`add_server`, `add_destination`, ...);
 //! - `validate`: every rule of a valid configuration, each in one place; `Config::validate`
 //!   runs them all, once per load and before every save;
-//! - `url`: passwords in data source URLs.
+//! - `url`: passwords in data source URLs;
+//! - `users`: the edits of users and their roles (`add_user`, `grant_admin`, ...), which refuse
+//!   to leave the cell without an Administrator who can log in.
 //!
 //! This module re-exports them, so `keel_config::` paths do not depend on the split.
 //!
@@ -21,6 +23,7 @@
 mod edit;
 mod types;
 mod url;
+mod users;
 mod validate;
 
 #[cfg(test)]

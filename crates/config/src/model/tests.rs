@@ -20,6 +20,7 @@ pub(crate) fn sample() -> Config {
         buses: vec![],
         datasources: vec![],
         apps: vec![],
+        users: vec![],
     };
     c.add_server("node01", "server1").expect("add server");
     c.add_bus_member("bus1", "server1").expect("add member");

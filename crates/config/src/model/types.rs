@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use keel_core::roles::{AdminRole, BusGrant, BusRole, Grants};
+
 use crate::error::{ConfigError, Result};
 use crate::fsx::natural_cmp;
 
@@ -24,7 +26,46 @@ pub struct Config {
     /// Message-driven applications, in natural name order.
     #[serde(default)]
     pub apps: Vec<AppCfg>,
+    /// Users of the admin API, the console and the bus, in natural name order. None at all
+    /// means a profile made before users existed: its processes accept the admin credential
+    /// of the profile's secrets until `keel_auth::ensure_users` makes user `admin`.
+    #[serde(default)]
+    pub users: Vec<UserCfg>,
 }
+
+/// One user: how it proves who it is (password verifiers, never the password) and what it may
+/// do (`keel_core::roles`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserCfg {
+    pub name: String,
+    /// Argon2id PHC string; None: the user cannot log in with a password (it exists to be what
+    /// anonymous clients of a bus act as).
+    #[serde(default)]
+    pub password_hash: Option<String>,
+    /// SCRAM-SHA-256 verifier in PostgreSQL's form (`SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`),
+    /// made with the hash from the same password, for clients that cannot use TLS.
+    #[serde(default)]
+    pub scram_sha_256: Option<String>,
+    #[serde(default)]
+    pub roles: Vec<AdminRole>,
+    #[serde(default)]
+    pub grants: Vec<BusGrant>,
+}
+
+impl UserCfg {
+    /// What the user holds, as the listeners check it.
+    pub fn grants(&self) -> Grants {
+        Grants {
+            roles: self.roles.clone(),
+            bus: self.grants.clone(),
+        }
+    }
+}
+
+/// Longest password verifier (hash or SCRAM) a user file may hold.
+pub const MAX_VERIFIER_LEN: usize = 512;
+/// Most grants one user may hold (each is checked on every attach).
+pub const MAX_GRANTS: usize = 256;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Cell {
@@ -108,6 +149,9 @@ pub struct BusCfg {
     /// Whether AMQP clients may authenticate with SASL ANONYMOUS on this bus.
     #[serde(default)]
     pub allow_anonymous: bool,
+    /// The user anonymous clients act as (its roles are theirs); None: [`DEFAULT_ANONYMOUS_USER`].
+    #[serde(default)]
+    pub anonymous_user: Option<String>,
     /// Largest message body the bus accepts, in bytes
     /// ([`MIN_MESSAGE_BYTES`]..=[`MAX_MESSAGE_BYTES`]).
     #[serde(default = "default_max_message_bytes")]
@@ -117,6 +161,18 @@ pub struct BusCfg {
     /// twice (DESIGN §5). Zero duplicates when it covers the age of the restored backup.
     #[serde(default = "default_duplicate_window_hours")]
     pub duplicate_window_hours: u32,
+}
+
+/// The user anonymous clients of a bus act as when the bus names none.
+pub const DEFAULT_ANONYMOUS_USER: &str = "anonymous";
+
+impl BusCfg {
+    /// The user this bus's anonymous clients act as.
+    pub fn anonymous_user(&self) -> &str {
+        self.anonymous_user
+            .as_deref()
+            .unwrap_or(DEFAULT_ANONYMOUS_USER)
+    }
 }
 
 /// `duplicate_window_hours` of a bus that does not set it: 7 days.
@@ -558,5 +614,12 @@ impl Config {
         self.datasources
             .sort_by(|a, b| natural_cmp(&a.name, &b.name));
         self.apps.sort_by(|a, b| natural_cmp(&a.name, &b.name));
+        self.users.sort_by(|a, b| natural_cmp(&a.name, &b.name));
+        for u in &mut self.users {
+            u.roles.sort();
+            u.roles.dedup();
+            u.grants.sort();
+            u.grants.dedup();
+        }
     }
 }

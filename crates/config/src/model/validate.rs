@@ -18,7 +18,7 @@ use std::fmt::Display;
 use std::path::{Path, PathBuf};
 
 use crate::error::{ConfigError, Result};
-use crate::paths::{rel_app, rel_bus, rel_cell, rel_datasource, rel_node, rel_server};
+use crate::paths::{rel_app, rel_bus, rel_cell, rel_datasource, rel_node, rel_server, rel_user};
 
 use super::types::*;
 use super::url::{store_url_has_password, url_has_password};
@@ -284,6 +284,81 @@ pub(crate) fn check_monitor_value(file: &Path, key: &str, value: i64) -> Result<
     } else {
         check_range(file, key, value, 1, 3600, "number of seconds")
     }
+}
+
+/// One user: its name, the forms of its verifiers (never checked against a password here),
+/// its grants (bus name, pattern, connector without a destination, the others with one).
+/// Keys as in `users/<name>.toml`.
+pub(crate) fn check_user(file: &Path, u: &UserCfg) -> Result<()> {
+    check_name(file, "user.name", "user", &u.name)?;
+    for (key, value, prefix, how) in [
+        (
+            "user.password_hash",
+            &u.password_hash,
+            "$argon2id$",
+            "an Argon2id PHC string",
+        ),
+        (
+            "user.scram_sha_256",
+            &u.scram_sha_256,
+            "SCRAM-SHA-256$",
+            "a SCRAM-SHA-256 verifier",
+        ),
+    ] {
+        if let Some(v) = value {
+            if !v.starts_with(prefix)
+                || v.len() > MAX_VERIFIER_LEN
+                || v.contains(char::is_whitespace)
+            {
+                return Err(invalid(
+                    file,
+                    key,
+                    "(not shown)",
+                    &format!("must be {how} starting with `{prefix}`, at most {MAX_VERIFIER_LEN} bytes; a password is never written here"),
+                    &format!("set the password with `keel user passwd {}`", u.name),
+                ));
+            }
+        }
+    }
+    if u.grants.len() > MAX_GRANTS {
+        return Err(invalid(
+            file,
+            "grant",
+            format!("{} tables", u.grants.len()),
+            &format!("a user holds at most {MAX_GRANTS} bus grants"),
+            "grant patterns (`orders.*`) instead of one grant per destination",
+        ));
+    }
+    for (i, g) in u.grants.iter().enumerate() {
+        let at = |k: &str| format!("grant[{}].{k}", i + 1);
+        check_name(file, &at("bus"), "bus", &g.bus)?;
+        match (&g.destination, g.role.per_destination()) {
+            (Some(d), false) => {
+                return Err(invalid(
+                    file,
+                    &at("destination"),
+                    format!("{d:?}"),
+                    "the connector role is granted per bus, not per destination",
+                    "remove `destination` from this grant",
+                ))
+            }
+            (None, true) => {
+                return Err(missing(
+                    file,
+                    &at("destination"),
+                    &format!("the {} role is granted per destination", g.role),
+                    "add `destination = \"NAME\"`, a prefix such as \"orders.*\", or \"*\" for every destination",
+                ))
+            }
+            (Some(d), true) => {
+                if let Some(p) = keel_core::roles::pattern_problem(d) {
+                    return Err(invalid(file, &at("destination"), format!("{d:?}"), &p, "correct the pattern"));
+                }
+            }
+            (None, false) => {}
+        }
+    }
+    Ok(())
 }
 
 /// The rules of one data source that need no other object: name, URL (scheme of its kind, no
@@ -832,6 +907,35 @@ impl Config {
                     "another data source has the same name",
                     "give each data source its own name",
                 ));
+            }
+        }
+        let mut user_names = HashSet::new();
+        for u in &self.users {
+            let uf = rel_user(&u.name);
+            check_user(&uf, u)?;
+            if !user_names.insert(u.name.as_str()) {
+                return Err(invalid(
+                    &uf,
+                    "user.name",
+                    format!("{:?}", u.name),
+                    "another user has the same name",
+                    "give each user its own name",
+                ));
+            }
+        }
+        for b in &self.buses {
+            if let Some(anon) = &b.anonymous_user {
+                let bf = rel_bus(&b.name);
+                check_name(&bf, "bus.anonymous_user", "user", anon)?;
+                if !self.users.is_empty() && !user_names.contains(anon.as_str()) {
+                    return Err(invalid(
+                        &bf,
+                        "bus.anonymous_user",
+                        format!("{anon:?}"),
+                        "names no user of the cell",
+                        &format!("add the user with `keel user add {anon} --no-password`, then grant it the bus roles anonymous clients need"),
+                    ));
+                }
             }
         }
         // After the buses and data sources: applications refer to both. A removed server, bus
