@@ -297,14 +297,24 @@ async fn stream(
     head_ms: u64,
     budget: &LogBudget,
 ) -> Option<Box<dyn Io>> {
+    // Plain HTTP only from loopback (keel_core::plaintext): elsewhere, TLS or nothing.
+    let plain_ok = keel_core::plaintext::plain_allowed(peer.ip());
     let Some(tls) = tls else {
+        if !plain_ok {
+            note(budget, peer, keel_core::plaintext::plain_refusal(peer));
+            return None;
+        }
         return Some(Box::new(sock));
     };
     let deadline = tokio::time::Instant::now() + Duration::from_millis(head_ms);
     let mut first = [0u8; 1];
     match tokio::time::timeout_at(deadline, sock.peek(&mut first)).await {
         Ok(Ok(1)) if first[0] == TLS_HANDSHAKE_RECORD => {}
-        Ok(Ok(1)) => return Some(Box::new(sock)),
+        Ok(Ok(1)) if plain_ok => return Some(Box::new(sock)),
+        Ok(Ok(1)) => {
+            note(budget, peer, keel_core::plaintext::plain_refusal(peer));
+            return None;
+        }
         _ => return None,
     }
     match tokio::time::timeout_at(deadline, tls.accept(sock)).await {

@@ -277,9 +277,9 @@ pub async fn serve(listener: TcpListener, settings: Arc<Settings>) {
         .map(|a| a.to_string())
         .unwrap_or_default();
     let mechanisms = if settings.any_anonymous() {
-        "PLAIN, ANONYMOUS"
+        "SCRAM-SHA-256, PLAIN (TLS or loopback only), ANONYMOUS"
     } else {
-        "PLAIN"
+        "SCRAM-SHA-256, PLAIN (TLS or loopback only)"
     };
     let mes: Vec<String> = settings
         .hosted
@@ -332,6 +332,13 @@ pub async fn serve(listener: TcpListener, settings: Arc<Settings>) {
         tokio::spawn(async move {
             let deadline = tokio::time::Instant::now() + Duration::from_millis(AUTH_DEADLINE_MS);
             let kind = opening(&sock, deadline).await;
+            // Plain AMQP and plain engine links only from loopback (keel_core::plaintext).
+            if matches!(kind, Opening::Amqp | Opening::Link)
+                && !keel_core::plaintext::plain_allowed(peer.ip())
+            {
+                surface.refused(peer, keel_core::plaintext::plain_refusal(peer));
+                return;
+            }
             match kind {
                 Opening::Amqp => {
                     let admitted = surface.client(ticket);
@@ -813,17 +820,18 @@ fn route(settings: &Settings, principal: &Principal, attach: &Attach) -> Result<
         }
     };
     let bus_name = &hosted.engine.config().bus;
-    let acting =
-        match principal {
-            Principal::Anonymous if !hosted.allow_anonymous => return Err(refusal(
+    let acting = match principal {
+        Principal::Anonymous if !hosted.allow_anonymous => {
+            return Err(refusal(
                 AmqpError::UnauthorizedAccess,
                 format!(
                     "bus {bus_name} does not allow anonymous clients: authenticate with SASL PLAIN"
                 ),
-            )),
-            Principal::Anonymous => &hosted.anonymous_user,
-            Principal::User(name) => name,
-        };
+            ))
+        }
+        Principal::Anonymous => &hosted.anonymous_user,
+        Principal::User(name) => name,
+    };
     // The grants as they stand now: a role revoked while connected applies to the next link.
     let Some(grants) = settings.users.principal(acting).map(|p| p.grants) else {
         return Err(refusal(

@@ -14,6 +14,9 @@ use keel_core::throttle::LoginThrottle;
 use crate::gate::Gate;
 
 use fe2o3_amqp::acceptor::sasl_acceptor::{SaslAcceptor, SaslServerFrame};
+use fe2o3_amqp::auth::scram::{
+    ScramAuthenticator, ScramCredentialProvider, ScramVersion, StoredPassword,
+};
 use fe2o3_amqp::types::primitives::{Array, Symbol};
 use fe2o3_amqp::types::sasl::{SaslCode, SaslInit, SaslOutcome, SaslResponse};
 
@@ -44,6 +47,44 @@ pub struct KeelSasl {
     plain_allowed: bool,
     verdict: Verdict,
     guard: Option<LoginGuard>,
+    /// A SCRAM-SHA-256 exchange in progress: (user, fe2o3's server side of it).
+    scram: Option<(String, ScramAuthenticator<OneVerifier>)>,
+}
+
+/// SCRAM mechanism name (RFC 7677).
+const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
+
+/// The stored verifier of the one user a SCRAM exchange is about (looked up when it starts).
+#[derive(Clone)]
+struct OneVerifier {
+    user: String,
+    verifier: Option<keel_auth::scram::Verifier>,
+    version: ScramVersion,
+}
+
+impl ScramCredentialProvider for OneVerifier {
+    fn scram_version(&self) -> &ScramVersion {
+        &self.version
+    }
+
+    fn get_stored_password<'a>(&'a self, username: &str) -> Option<StoredPassword<'a>> {
+        let v = self.verifier.as_ref().filter(|_| username == self.user)?;
+        Some(StoredPassword {
+            salt: &v.salt,
+            iterations: v.iterations,
+            stored_key: &v.stored_key,
+            server_key: &v.server_key,
+        })
+    }
+}
+
+/// The user of a SCRAM client-first message (`n,,n=USER,r=NONCE`, RFC 5802 §5.1: `=2C` and
+/// `=3D` stand for `,` and `=`); None when it is not one.
+fn scram_user(client_first: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(client_first).ok()?;
+    let bare = text.strip_prefix("n,,")?;
+    let name = bare.split(',').next()?.strip_prefix("n=")?;
+    Some(name.replace("=2C", ",").replace("=3D", "="))
 }
 
 impl KeelSasl {
@@ -56,6 +97,7 @@ impl KeelSasl {
                 plain_allowed: true,
                 verdict: verdict.clone(),
                 guard: None,
+                scram: None,
             },
             verdict,
         )
@@ -78,6 +120,7 @@ impl KeelSasl {
     /// The user a SASL init claims to be ("" for ANONYMOUS or an unreadable response).
     fn claimed_user(init: &SaslInit) -> String {
         match (init.mechanism.0.as_str(), init.initial_response.as_ref()) {
+            (SCRAM_SHA_256, Some(r)) => scram_user(r.as_ref()).unwrap_or_default(),
             ("PLAIN", Some(r)) => r
                 .as_ref()
                 .split(|b| *b == 0)
@@ -126,9 +169,63 @@ impl KeelSasl {
     }
 }
 
+impl KeelSasl {
+    /// The first step of SCRAM-SHA-256: throttled like PLAIN (the delay owed is served before
+    /// the challenge), then fe2o3's server side with the user's stored verifier. A user
+    /// without one (or unknown) fails at the proof, like a wrong password.
+    fn scram_init(&mut self, init: SaslInit) -> SaslServerFrame {
+        let user = Self::claimed_user(&init);
+        if let Some(g) = &self.guard {
+            match g.throttle.reserve(g.source, &user, Instant::now()) {
+                Err(retry) => {
+                    *self.verdict.lock().expect("sasl verdict lock") = Some(Err(format!(
+                        "too many login attempts from {} as user {:?}: refused without being checked; retry in {} s",
+                        g.source,
+                        keel_core::budget::clip(&user, 64),
+                        retry.as_secs() + 1
+                    )));
+                    return SaslServerFrame::Outcome(SaslOutcome {
+                        code: SaslCode::Auth,
+                        additional_data: None,
+                    });
+                }
+                Ok(owed) if !owed.is_zero() => {
+                    g.gate.close_until(tokio::time::Instant::now() + owed)
+                }
+                Ok(_) => {}
+            }
+        }
+        let provider = OneVerifier {
+            verifier: self
+                .users
+                .scram(&user)
+                .or_else(|| keel_auth::scram::Verifier::unmatchable().ok()),
+            user: user.clone(),
+            version: ScramVersion::Sha256,
+        };
+        let mut scram = ScramAuthenticator::new(provider);
+        let frame = scram.on_init(init);
+        if matches!(frame, SaslServerFrame::Challenge(_)) {
+            self.scram = Some((user, scram));
+        } else {
+            if let Some(g) = &self.guard {
+                g.throttle
+                    .failed_and_logged(g.source, &user, Instant::now());
+            }
+            *self.verdict.lock().expect("sasl verdict lock") = Some(Err(format!(
+                "wrong user or password for user {:?} (SCRAM-SHA-256)",
+                keel_core::budget::clip(&user, 64)
+            )));
+        }
+        frame
+    }
+}
+
 impl SaslAcceptor for KeelSasl {
     fn mechanisms(&self) -> Array<Symbol> {
-        let mut m = Vec::new();
+        // SCRAM first: the client proves it knows the password without sending it, so it is
+        // offered on every connection, TLS or not.
+        let mut m = vec![Symbol::from(SCRAM_SHA_256)];
         if self.plain_allowed {
             m.push(Symbol::from("PLAIN"));
         }
@@ -139,6 +236,9 @@ impl SaslAcceptor for KeelSasl {
     }
 
     fn on_init(&mut self, init: SaslInit) -> SaslServerFrame {
+        if init.mechanism.0.as_str() == SCRAM_SHA_256 {
+            return self.scram_init(init);
+        }
         let verdict = match &self.guard {
             None => self.decide(&init),
             Some(g) => {
@@ -179,8 +279,29 @@ impl SaslAcceptor for KeelSasl {
         })
     }
 
-    fn on_response(&mut self, _response: SaslResponse) -> SaslServerFrame {
-        // Neither mechanism has a second step.
+    fn on_response(&mut self, response: SaslResponse) -> SaslServerFrame {
+        if let Some((user, mut scram)) = self.scram.take() {
+            let frame = scram.on_response(response);
+            let ok = matches!(&frame, SaslServerFrame::Outcome(o) if o.code == SaslCode::Ok);
+            let verdict = if ok {
+                Ok(Principal::User(user.clone()))
+            } else {
+                Err(format!(
+                    "wrong user or password for user {user:?} (SCRAM-SHA-256)"
+                ))
+            };
+            if let Some(g) = &self.guard {
+                if ok {
+                    g.throttle.succeeded(g.source, &user);
+                } else {
+                    g.throttle
+                        .failed_and_logged(g.source, &user, Instant::now());
+                }
+            }
+            *self.verdict.lock().expect("sasl verdict lock") = Some(verdict);
+            return frame;
+        }
+        // PLAIN and ANONYMOUS have no second step.
         *self.verdict.lock().expect("sasl verdict lock") =
             Some(Err("unexpected SASL response".into()));
         SaslServerFrame::Outcome(SaslOutcome {
@@ -192,6 +313,17 @@ impl SaslAcceptor for KeelSasl {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn scram_user_names_are_unescaped() {
+        assert_eq!(super::scram_user(b"n,,n=bob,r=abc").as_deref(), Some("bob"));
+        assert_eq!(
+            super::scram_user(b"n,,n=a=2Cb=3Dc,r=abc").as_deref(),
+            Some("a,b=c")
+        );
+        assert_eq!(super::scram_user(b"p=tls-unique,,n=bob,r=abc"), None);
+        assert_eq!(super::scram_user(b"n,,r=abc"), None);
+    }
+
     use super::*;
     use fe2o3_amqp::types::primitives::Binary;
 
@@ -223,7 +355,8 @@ mod tests {
         assert!(s.decide(&init("SCRAM-SHA-256", None)).is_err());
         let (a, _) = KeelSasl::new(users, true);
         assert_eq!(a.decide(&init("ANONYMOUS", None)), Ok(Principal::Anonymous));
-        assert_eq!(a.mechanisms().0.len(), 2);
+        let offered: Vec<String> = a.mechanisms().0.iter().map(|m| m.0.clone()).collect();
+        assert_eq!(offered, ["SCRAM-SHA-256", "PLAIN", "ANONYMOUS"]);
     }
 
     #[test]
@@ -235,7 +368,8 @@ mod tests {
         let s = s.channel(false, remote);
         let e = s.decide(&ok).unwrap_err();
         assert!(e.contains("amqps://"), "{e}");
-        assert!(s.mechanisms().0.is_empty(), "PLAIN is not even offered");
+        let offered: Vec<String> = s.mechanisms().0.iter().map(|m| m.0.clone()).collect();
+        assert_eq!(offered, ["SCRAM-SHA-256"], "PLAIN is not even offered");
         for (tls, peer) in [
             (true, remote),
             (false, "127.0.0.1".parse().unwrap()),

@@ -41,6 +41,20 @@ impl Verifier {
         Ok(Verifier::with_salt(password, salt, ITERATIONS))
     }
 
+    /// A verifier no password matches (random keys): what an exchange about an unknown user,
+    /// or a user without a password, runs against, so it fails at the proof like a wrong
+    /// password instead of telling at once that the user does not exist.
+    pub fn unmatchable() -> Result<Verifier, AuthError> {
+        let mut bytes = [0u8; 80];
+        getrandom::fill(&mut bytes).map_err(|e| AuthError::Random(e.to_string()))?;
+        Ok(Verifier {
+            iterations: ITERATIONS,
+            salt: bytes[..16].to_vec(),
+            stored_key: bytes[16..48].to_vec(),
+            server_key: bytes[48..80].to_vec(),
+        })
+    }
+
     fn with_salt(password: &str, salt: Vec<u8>, iterations: u32) -> Verifier {
         let mut salted = [0u8; 32];
         pbkdf2::pbkdf2::<Hmac<Sha256>>(password.as_bytes(), &salt, iterations, &mut salted)

@@ -197,6 +197,22 @@ async fn connect(
         .map_err(|e| format!("{e:?}"))
 }
 
+/// A connection that logs in with SCRAM-SHA-256.
+async fn scram_connect(
+    port: u16,
+    user: &str,
+    password: &str,
+) -> Result<fe2o3_amqp::connection::ConnectionHandle<()>, String> {
+    fe2o3_amqp::connection::Connection::builder()
+        .container_id("keel-users-scram")
+        .sasl_profile(fe2o3_amqp::sasl_profile::SaslProfile::ScramSha256(
+            fe2o3_amqp::sasl_profile::SaslScramSha256::new(user, password),
+        ))
+        .open(format!("amqp://127.0.0.1:{port}").as_str())
+        .await
+        .map_err(|e| format!("{e:?}"))
+}
+
 #[test]
 fn bus_roles_are_checked_at_connect_and_attach() {
     let env = started();
@@ -315,6 +331,29 @@ fn bus_roles_are_checked_at_connect_and_attach() {
         }
         let mut c3 = connect(port, "bob", "bob-new-password").await.unwrap();
         c3.close().await.unwrap();
+        // SCRAM-SHA-256 (fe2o3's client side, RFC 7677): the password never crosses the wire,
+        // so it is offered on plain connections too; the client checks the server's proof.
+        let mut c4 = scram_connect(port, "bob", "bob-new-password")
+            .await
+            .expect("SCRAM-SHA-256 login");
+        let mut s4 = Session::begin(&mut c4).await.unwrap();
+        let mut snd4 = Sender::attach(&mut s4, "bob-scram", "q1").await.unwrap();
+        assert!(matches!(
+            snd4.send(numbered(3)).await.unwrap(),
+            Outcome::Accepted(_)
+        ));
+        snd4.close().await.unwrap();
+        c4.close().await.unwrap();
+        assert!(
+            scram_connect(port, "bob", "bob-password").await.is_err(),
+            "SCRAM with the old password"
+        );
+        assert!(
+            scram_connect(port, "nobody", "bob-new-password")
+                .await
+                .is_err(),
+            "SCRAM as an unknown user"
+        );
         assert!(matches!(
             snd.send(numbered(2)).await.unwrap(),
             Outcome::Accepted(_)

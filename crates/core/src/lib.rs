@@ -19,6 +19,7 @@ pub mod fuzz;
 pub mod hex;
 pub mod layout;
 pub mod names;
+pub mod plaintext;
 pub mod roles;
 #[doc(hidden)]
 pub mod testfs;

@@ -234,6 +234,15 @@ async fn serve(profile: Profile) -> Result<(), (u8, String)> {
             return Err(refused(format!("the node agent of node {node} is already running (pid {pid}, admin {addr}); stop it with `keel node stop` first")));
         }
     }
+    let cert = format!("{node}.{NODE_AGENT}");
+    if let Some(problem) = keel_core::plaintext::bind_problem(
+        addr,
+        profile.pki().server_config(&cert).is_ok(),
+        &format!("the node agent of node {node}"),
+        &format!("make its certificate with `keel cert renew {cert}`, or bind a loopback address"),
+    ) {
+        return Err(refused(problem));
+    }
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
         (
             exit::RESOURCE,

@@ -560,6 +560,16 @@ async fn bind(
     server: &str,
 ) -> Result<TcpListener, Fatal> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let cert = format!("{node}.{server}");
+    let serves_tls = profile.pki().server_config(&cert).is_ok();
+    if let Some(problem) = keel_core::plaintext::bind_problem(
+        addr,
+        serves_tls,
+        &format!("{key} of server {server}"),
+        &format!("make its certificate with `keel cert renew {cert}`, or bind a loopback address"),
+    ) {
+        return Err(Fatal::refused(problem));
+    }
     TcpListener::bind(addr).await.map_err(|e| {
         let file = profile.layout().master_config().join("nodes").join(node).join("servers").join(format!("{server}.toml"));
         Fatal::resource(format!(
