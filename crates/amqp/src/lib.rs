@@ -50,7 +50,10 @@
 
 pub mod convert;
 pub mod gate;
+mod linksock;
 pub mod sasl;
+
+pub use linksock::{LinkSocket, Prefixed};
 mod txn;
 
 use std::net::SocketAddr;
@@ -135,10 +138,11 @@ pub struct Hosted {
     pub max_message_bytes: u64,
 }
 
-/// Takes over a bus-port connection that opened with the ME-to-ME link header (`KEEL`). It
-/// calls [`Admitted::authenticated`] once the peer's `Open` checks out.
+/// Takes over a bus-port connection that opened with the ME-to-ME link header (`KEEL`), in
+/// plain TCP (loopback peers only) or inside TLS. It calls [`Admitted::authenticated`] once
+/// the peer's `Open` checks out.
 pub type LinkHandler = Arc<
-    dyn Fn(TcpStream, SocketAddr, Admitted) -> futures_util::future::BoxFuture<'static, ()>
+    dyn Fn(LinkSocket, SocketAddr, Admitted) -> futures_util::future::BoxFuture<'static, ()>
         + Send
         + Sync,
 >;
@@ -188,6 +192,16 @@ impl Surface {
             slots: self.clients.clone(),
             slots_max: CONNECTIONS_MAX,
             what: "client connections",
+            permit: None,
+        }
+    }
+
+    fn link(&self, ticket: keel_core::admission::Ticket) -> Admitted {
+        Admitted {
+            ticket: Some(ticket),
+            slots: self.links.clone(),
+            slots_max: LINKS_MAX,
+            what: "engine links",
             permit: None,
         }
     }
@@ -385,30 +399,46 @@ pub async fn serve(listener: TcpListener, settings: Arc<Settings>) {
                             return;
                         }
                     };
-                    let admitted = surface.client(ticket);
-                    connection(sock, true, peer, settings, surface, admitted, deadline).await
+                    // Inside TLS: an engine link (mutual TLS) or AMQP, told by the first bytes,
+                    // which are read (TLS cannot be peeked) and put back in front.
+                    let mut sock = sock;
+                    let mut head = [0u8; 4];
+                    if !matches!(
+                        tokio::time::timeout_at(deadline, sock.read_exact(&mut head)).await,
+                        Ok(Ok(_))
+                    ) {
+                        surface.refused(peer, "it sent no protocol header inside TLS in time");
+                        return;
+                    }
+                    let sock = Prefixed::new(head.to_vec(), sock);
+                    if &head == b"KEEL" {
+                        let admitted = surface.link(ticket);
+                        let sock = LinkSocket::Tls(Box::new(sock));
+                        hand_link(&settings, sock, peer, admitted).await
+                    } else {
+                        let admitted = surface.client(ticket);
+                        connection(sock, true, peer, settings, surface, admitted, deadline).await
+                    }
                 }
                 Opening::Link => {
-                    let admitted = Admitted {
-                        ticket: Some(ticket),
-                        slots: surface.links.clone(),
-                        slots_max: LINKS_MAX,
-                        what: "engine links",
-                        permit: None,
-                    };
-                    match &settings.links {
-                        Some(handler) => handler(sock, peer, admitted).await,
-                        None => emit!(
-                            catalog::CWSIT0004W,
-                            peer = peer,
-                            me = "unknown",
-                            why = "this server hosts no messaging engine that takes links"
-                        ),
-                    }
+                    let admitted = surface.link(ticket);
+                    hand_link(&settings, LinkSocket::Plain(sock), peer, admitted).await
                 }
                 Opening::Gone => {}
             }
         });
+    }
+}
+
+async fn hand_link(settings: &Settings, sock: LinkSocket, peer: SocketAddr, admitted: Admitted) {
+    match &settings.links {
+        Some(handler) => handler(sock, peer, admitted).await,
+        None => emit!(
+            catalog::CWSIT0004W,
+            peer = peer,
+            me = "unknown",
+            why = "this server hosts no messaging engine that takes links"
+        ),
     }
 }
 

@@ -38,9 +38,35 @@ fn open(bus: &str, me: &str, uuid: &str, key: &[u8; 32]) -> LinkFrame {
 /// Opens a link, sends `bytes` after the header, then the `after` frames once the server has
 /// answered, and returns every frame the server sent until it closed the connection.
 fn exchange(port: u16, first: &[u8], after: &[LinkFrame]) -> Vec<LinkFrame> {
-    let mut sock = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let sock = TcpStream::connect(("127.0.0.1", port)).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(15)))
         .unwrap();
+    exchange_on(sock, first, after)
+}
+
+/// [`exchange`] inside TLS, showing the certificate of `process` (`<node>.<process>`) of the
+/// profile's cell, or none.
+fn exchange_tls(
+    env: &Env,
+    port: u16,
+    process: Option<&str>,
+    first: &[u8],
+    after: &[LinkFrame],
+) -> Vec<LinkFrame> {
+    let pki = keel_tls::Pki::at(env.profile.join("secrets/tls"));
+    let config = match process {
+        Some(p) => pki.mutual_client_config(p).unwrap(),
+        None => pki.client_config().unwrap(),
+    };
+    let name = keel_tls::rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let conn = keel_tls::rustls::ClientConnection::new(config, name).unwrap();
+    let sock = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    exchange_on(keel_tls::rustls::StreamOwned::new(conn, sock), first, after)
+}
+
+fn exchange_on(mut sock: impl Read + Write, first: &[u8], after: &[LinkFrame]) -> Vec<LinkFrame> {
     sock.write_all(&PROTOCOL_HEADER).unwrap();
     sock.write_all(first).unwrap();
     let mut buf = BytesMut::new();
@@ -48,9 +74,12 @@ fn exchange(port: u16, first: &[u8], after: &[LinkFrame]) -> Vec<LinkFrame> {
     let mut sent_after = false;
     loop {
         let mut chunk = [0u8; 4096];
-        let n = sock
-            .read(&mut chunk)
-            .expect("the server answers or closes in time");
+        let n = match sock.read(&mut chunk) {
+            Ok(n) => n,
+            // A TLS peer that closes without close_notify.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
+            Err(e) => panic!("the server answers or closes in time: {e}"),
+        };
         if n == 0 {
             return frames;
         }
@@ -166,6 +195,41 @@ fn member_engines_are_let_in_and_strangers_are_refused() {
     ));
     assert!(why.contains("an engine of this server"), "{why}");
 
+    // Over TLS the peer must show the certificate of the server that hosts the engine it
+    // claims to be (mutual TLS), on top of the credential proof.
+    let frames = exchange_tls(
+        &env,
+        port,
+        Some("node01.server2"),
+        &encode(open("bus1", ME2, &uuid2, &key)),
+        &[LinkFrame::Close {
+            reason: "test done".into(),
+        }],
+    );
+    assert!(
+        matches!(&frames[..], [LinkFrame::Open { .. }]),
+        "{frames:?}"
+    );
+    let why = closed_because(&exchange_tls(
+        &env,
+        port,
+        Some("node01.nodeagent"),
+        &encode(open("bus1", ME2, &uuid2, &key)),
+        &[],
+    ));
+    assert!(
+        why.contains("its certificate names process node01/nodeagent, but node01.server2-bus1 runs on node01/server2"),
+        "{why}"
+    );
+    let why = closed_because(&exchange_tls(
+        &env,
+        port,
+        None,
+        &encode(open("bus1", ME2, &uuid2, &key)),
+        &[],
+    ));
+    assert!(why.contains("without a client certificate"), "{why}");
+
     // Malformed frames close that link only, with nothing sent back.
     let mut garbage = encode(open("bus1", ME2, &uuid2, &key));
     let last = garbage.len() - 1;
@@ -184,7 +248,7 @@ fn member_engines_are_let_in_and_strangers_are_refused() {
 
     let log = env.wait_for(Duration::from_secs(10), "the link log lines", || {
         let log = env.log("server1");
-        (log.matches("CWSIT0004W").count() >= 7).then_some(log)
+        (log.matches("CWSIT0004W").count() >= 9).then_some(log)
     });
     assert!(
         log.contains(&format!("CWSIT0005I: Messaging engine link from {ME2}")),
@@ -215,6 +279,19 @@ fn member_engines_link_up_and_relink_after_a_peer_restarts() {
     env.wait_for(Duration::from_secs(20), "links both ways", || {
         (linked("server1", ME2) >= 1 && linked("server2", ME1) >= 1).then_some(())
     });
+    // Both ways over mutual TLS, each side naming the other's certificate.
+    assert!(
+        env.log("server2")
+            .contains("(mutual TLS with the certificate of node01/server1)"),
+        "{}",
+        env.log("server2")
+    );
+    assert!(
+        env.log("server1")
+            .contains("(mutual TLS with the certificate of node01/server2)"),
+        "{}",
+        env.log("server1")
+    );
     assert!(env
         .log("server2")
         .contains(&format!("CWSIT0005I: Messaging engine link from {ME1}")));

@@ -246,14 +246,14 @@ catalog! {
     CWSIT0004W, Warning, "Messaging engine link from {peer} (engine {me}) refused: {why}.",
         "Another process opened an ME-to-ME link on the bus port but was not let in: it names another bus or an engine that is not a member of this bus, its credential does not match this bus's link key, or its frames are malformed. Nothing it sent was taken.",
         "Check that both servers belong to the same profile and bus (`keel bus show`), that the engine is a member (`keel bus add-member`), and that the two machines' clocks agree within two minutes.";
-    CWSIT0005I, Info, "Messaging engine link from {me} at {peer} accepted for bus {bus}.",
-        "A member engine of the bus opened an ME-to-ME link and proved its credential.",
+    CWSIT0005I, Info, "Messaging engine link from {me} at {peer} accepted for bus {bus} ({transport}).",
+        "A member engine of the bus opened an ME-to-ME link and proved its credential: over mutual TLS, its certificate names the server that hosts it; plain TCP is accepted from loopback addresses only.",
         "None.";
     CWSIT0006I, Info, "Messaging engine link from {me} closed: {why}.",
         "An accepted ME-to-ME link ended.",
         "None if the peer was stopped; otherwise look at the peer server's log.";
-    CWSIT0007I, Info, "Messaging engine {me} linked to messaging engine {peer} at {address}.",
-        "This server's engine opened an ME-to-ME link to a member engine of its bus and checked that engine's credential.",
+    CWSIT0007I, Info, "Messaging engine {me} linked to messaging engine {peer} at {address} ({transport}).",
+        "This server's engine opened an ME-to-ME link to a member engine of its bus and checked that engine's credential (over mutual TLS when this server has its certificate: the peer's certificate must name the address called and the server that hosts the engine).",
         "None.";
     CWSIT0008W, Warning, "Messaging engine {me} has no link to messaging engine {peer} at {address}: {why}; retrying with back-off.",
         "The link to another member engine of the bus could not be opened or was lost. This server keeps trying (from 0.1 s up to every 10 s) and logs again only when the reason changes.",

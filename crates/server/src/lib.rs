@@ -288,9 +288,23 @@ async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
     // AMQP over TLS on the bus port, with this server's certificate (`keel cert`); without
     // one the port serves plain AMQP and CWSIT0001I says why.
     let cert_name = format!("{node}.{}", opts.server);
-    let (tls, tls_note) = match profile.pki().server_config(&cert_name) {
+    // Clients may show a certificate of the cell's CA (engine links and node agents do:
+    // mutual TLS); AMQP clients and browsers need none.
+    let (tls, tls_note) = match profile
+        .pki()
+        .mutual_server_config(&cert_name)
+        .or_else(|_| profile.pki().server_config(&cert_name))
+    {
         Ok(c) => (Some(c), format!("plain and TLS, certificate {cert_name}")),
         Err(e) => (None, format!("plain only, no TLS: {e}")),
+    };
+    // Links to other engines run over mutual TLS with this certificate when it is there.
+    let link_tls = match profile.pki().mutual_client_config(&cert_name) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(target: "keel_server", "engine links of server {} use plain TCP (loopback peers only): {e}", opts.server);
+            None
+        }
     };
     // The cell's users, from the node's copy of the configuration, read again when it changes.
     let users = Arc::new(
@@ -424,6 +438,7 @@ async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
                     e.clone(),
                     link_secret.as_bytes().to_vec(),
                     peer,
+                    link_tls.clone(),
                 ));
             }
         }

@@ -21,7 +21,7 @@ use std::time::Duration;
 use keel_config::{BusCfg, BusMember, Cell, Config, DestinationCfg, DestinationKind, InitialState};
 use keel_engine::messaging::OutgoingMessage;
 use keel_engine::{Engine, EngineConfig, StartMode};
-use keel_server::links::{source_link, LinkAcceptor, Peer};
+use keel_server::links::{source_link, LinkAcceptor, Peer, Transport};
 use rand::{Rng, SeedableRng};
 
 const BUS: &str = "bus1";
@@ -130,6 +130,8 @@ fn install(sim: &mut turmoil::Sim<'_>, cfg: &Config, side: &Side, peer: &Side) {
         me: peer.me.clone(),
         uuid: peer.uuid.clone(),
         address: format!("{}:{PORT}", peer.host),
+        node: "node01".into(),
+        server: peer.host.to_string(),
     };
     let peer_host = peer_host(&peer);
     sim.host(side.host, move || {
@@ -169,7 +171,7 @@ fn install(sim: &mut turmoil::Sim<'_>, cfg: &Config, side: &Side, peer: &Side) {
                     if let Ok(s) =
                         turmoil::net::TcpStream::connect((peer_host.as_str(), PORT)).await
                     {
-                        let r = source_link(&linker, &key, &peer, s).await;
+                        let r = source_link(&linker, &key, &peer, Transport::Plain, s).await;
                         if std::env::var_os("KEEL_SIM_LOG").is_some() {
                             println!("link {} -> {}: {r:?}", linker.config().me, peer.me);
                         }
@@ -180,7 +182,10 @@ fn install(sim: &mut turmoil::Sim<'_>, cfg: &Config, side: &Side, peer: &Side) {
             loop {
                 let (s, from) = listener.accept().await?;
                 let a = acceptor.clone();
-                tokio::spawn(async move { a.serve(s, &from.to_string(), &mut || Ok(())).await });
+                tokio::spawn(async move {
+                    a.serve(s, &from.to_string(), Transport::Plain, &mut || Ok(()))
+                        .await
+                });
             }
         }
     });

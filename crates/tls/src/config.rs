@@ -39,6 +39,104 @@ impl Pki {
     pub fn client_config(&self) -> Result<Arc<rustls::ClientConfig>> {
         client_config_from(&self.ca_cert_path())
     }
+
+    /// A listener's configuration for process `name` that also asks clients for a
+    /// certificate: one that is presented must chain to the cell's CA (else the handshake
+    /// fails); a client without one is served as before (AMQP clients, browsers), and what
+    /// needs a process's identity (engine links) checks that there was one
+    /// ([`peer_process`]).
+    pub fn mutual_server_config(&self, name: &str) -> Result<Arc<rustls::ServerConfig>> {
+        let (cert_path, key_path) = (self.cert_path(name), self.key_path(name));
+        let (chain, key) = chain_and_key(
+            &self.read_pem(&cert_path)?,
+            &self.read_pem(&key_path)?,
+            &cert_path,
+        )?;
+        let ca_path = self.ca_cert_path();
+        let roots = roots_from_pem(
+            &read_pem_file(&ca_path, "give the path of the CA's PEM certificate")?,
+            &ca_path,
+        )?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider(),
+        )
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| bad(&ca_path, format!("cannot verify clients with it ({e})")))?;
+        let config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(&cert_path, e))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(|e| bad(&cert_path, format!("does not go with its key ({e})")))?;
+        Ok(Arc::new(config))
+    }
+
+    /// A client's configuration for process `name`: trusts the cell's CA and presents the
+    /// process's certificate (mutual TLS between Keel processes).
+    pub fn mutual_client_config(&self, name: &str) -> Result<Arc<rustls::ClientConfig>> {
+        let (cert_path, key_path) = (self.cert_path(name), self.key_path(name));
+        let (chain, key) = chain_and_key(
+            &self.read_pem(&cert_path)?,
+            &self.read_pem(&key_path)?,
+            &cert_path,
+        )?;
+        let ca_path = self.ca_cert_path();
+        let roots = roots_from_pem(
+            &read_pem_file(&ca_path, "give the path of the CA's PEM certificate")?,
+            &ca_path,
+        )?;
+        let config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(&ca_path, e))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| bad(&cert_path, format!("does not go with its key ({e})")))?;
+        Ok(Arc::new(config))
+    }
+}
+
+/// The Keel process (`node`, `process`) a peer's certificate chain names, from its leaf's
+/// common name (`node/process`, as `keel cert` issues them); None without a certificate or
+/// with one that names no process. Only meaningful on a connection whose handshake verified
+/// the chain against the cell's CA.
+pub fn peer_process(chain: Option<&[CertificateDer<'_>]>) -> Option<(String, String)> {
+    let leaf = chain?.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    let (node, process) = cn.split_once('/')?;
+    Some((node.to_string(), process.to_string()))
+}
+
+fn chain_and_key(
+    cert_pem: &str,
+    key_pem: &str,
+    cert_path: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| bad(cert_path, format!("holds a damaged PEM certificate ({e})")))?;
+    if chain.is_empty() {
+        return Err(bad(cert_path, "holds no certificate"));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| bad(cert_path, format!("comes with no usable private key ({e})")))?;
+    Ok((chain, key))
+}
+
+fn roots_from_pem(ca_pem: &str, ca_path: &Path) -> Result<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        let c = c.map_err(|e| bad(ca_path, format!("holds a damaged PEM certificate ({e})")))?;
+        roots.add(c).map_err(|e| {
+            bad(
+                ca_path,
+                format!("holds a certificate that is no usable CA ({e})"),
+            )
+        })?;
+    }
+    Ok(roots)
 }
 
 /// A client's configuration that trusts the CA certificates in `ca_file` (PEM).
@@ -57,6 +155,15 @@ pub(crate) fn handshake(
     client: Arc<rustls::ClientConfig>,
     name: &str,
 ) -> std::result::Result<(), rustls::Error> {
+    handshake_seen(server, client, name).map(|_| ())
+}
+
+/// [`handshake`], answering the certificate chain the server was shown by the client.
+pub(crate) fn handshake_seen(
+    server: Arc<rustls::ServerConfig>,
+    client: Arc<rustls::ClientConfig>,
+    name: &str,
+) -> std::result::Result<Option<Vec<CertificateDer<'static>>>, rustls::Error> {
     let name = rustls::pki_types::ServerName::try_from(name.to_string())
         .map_err(|e| rustls::Error::General(format!("{name} is no host name or address ({e})")))?;
     let mut c = rustls::ClientConnection::new(client, name)?;
@@ -80,7 +187,7 @@ pub(crate) fn handshake(
             c.process_new_packets()?;
         }
         if !c.is_handshaking() && !s.is_handshaking() {
-            return Ok(());
+            return Ok(s.peer_certificates().map(|c| c.to_vec()));
         }
     }
     Err(rustls::Error::General(
@@ -94,14 +201,7 @@ pub(crate) fn server_config_from_pem(
     key_pem: &str,
     cert_path: &Path,
 ) -> Result<Arc<rustls::ServerConfig>> {
-    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| bad(cert_path, format!("holds a damaged PEM certificate ({e})")))?;
-    if chain.is_empty() {
-        return Err(bad(cert_path, "holds no certificate"));
-    }
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-        .map_err(|e| bad(cert_path, format!("comes with no usable private key ({e})")))?;
+    let (chain, key) = chain_and_key(cert_pem, key_pem, cert_path)?;
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| bad(cert_path, e))?
@@ -116,16 +216,7 @@ pub(crate) fn client_config_from_pem(
     ca_pem: &str,
     ca_path: &Path,
 ) -> Result<Arc<rustls::ClientConfig>> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        let c = c.map_err(|e| bad(ca_path, format!("holds a damaged PEM certificate ({e})")))?;
-        roots.add(c).map_err(|e| {
-            bad(
-                ca_path,
-                format!("holds a certificate that is no usable CA ({e})"),
-            )
-        })?;
-    }
+    let roots = roots_from_pem(ca_pem, ca_path)?;
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| bad(ca_path, e))?
@@ -152,6 +243,56 @@ mod tests {
             process: "server1".into(),
             hosts: vec!["localhost".into(), "127.0.0.1".into()],
         }
+    }
+
+    #[test]
+    fn mutual_tls_names_the_client_process_and_refuses_another_cas_client() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::at(dir.path().join("a"));
+        let s2 = Identity {
+            process: "server2".into(),
+            ..id()
+        };
+        pki.ensure("a", &[id(), s2], now_s()).unwrap();
+        let server = pki.mutual_server_config("node01.server1").unwrap();
+        let seen = handshake_seen(
+            server.clone(),
+            pki.mutual_client_config("node01.server2").unwrap(),
+            "127.0.0.1",
+        )
+        .unwrap();
+        assert_eq!(
+            peer_process(seen.as_deref()),
+            Some(("node01".to_string(), "server2".to_string()))
+        );
+        // A client without a certificate is served, and names no process.
+        let seen =
+            handshake_seen(server.clone(), pki.client_config().unwrap(), "127.0.0.1").unwrap();
+        assert_eq!(peer_process(seen.as_deref()), None);
+        // A client certificate of another cell's CA fails the handshake.
+        let other = Pki::at(dir.path().join("b"));
+        other.ensure("a", &[id()], now_s()).unwrap();
+        // The client trusts our CA for the server side, so only its own certificate can fail.
+        let mixed = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(
+                roots_from_pem(
+                    &std::fs::read_to_string(pki.ca_cert_path()).unwrap(),
+                    &pki.ca_cert_path(),
+                )
+                .unwrap(),
+            )
+            .with_client_auth_cert(
+                CertificateDer::pem_file_iter(other.cert_path("node01.server1"))
+                    .unwrap()
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .unwrap(),
+                PrivateKeyDer::from_pem_file(other.key_path("node01.server1")).unwrap(),
+            )
+            .unwrap();
+        let e = handshake_seen(server, Arc::new(mixed), "127.0.0.1").unwrap_err();
+        assert!(e.to_string().contains("certificate"), "{e}");
     }
 
     #[test]

@@ -25,7 +25,7 @@ mod operator;
 pub mod pg;
 mod pki;
 
-pub use config::client_config_from;
+pub use config::{client_config_from, peer_process};
 pub use error::{Result, TlsError};
 pub use info::CertInfo;
 pub use issue::{Identity, CA_DAYS, LEAF_DAYS};

@@ -6,8 +6,8 @@ use super::*;
 pub(crate) struct Local {
     engine: Arc<Engine>,
     key: [u8; 32],
-    /// Member engines of its bus (name → UUID), this one excluded.
-    peers: HashMap<String, String>,
+    /// Member engines of its bus, this one excluded, by name.
+    peers: HashMap<String, Peer>,
 }
 
 /// Accepts links for the engines of one server.
@@ -27,7 +27,7 @@ impl LinkAcceptor {
             let bus = &e.config().bus;
             let peers = peers_of(cfg, e)
                 .into_iter()
-                .map(|p| (p.me, p.uuid))
+                .map(|p| (p.me.clone(), p))
                 .collect();
             local.insert(
                 bus.clone(),
@@ -49,13 +49,25 @@ impl LinkAcceptor {
         })
     }
 
-    async fn accept(&self, sock: TcpStream, peer: SocketAddr, mut admitted: keel_amqp::Admitted) {
-        if let Err(e) = harden(&sock) {
+    async fn accept(
+        &self,
+        sock: keel_amqp::LinkSocket,
+        peer: SocketAddr,
+        mut admitted: keel_amqp::Admitted,
+    ) {
+        if let Err(e) = harden(sock.tcp()) {
             let why = format!("cannot set keepalive on the connection ({e})");
             return emit!(catalog::CWSIT0004W, peer = peer, me = "unknown", why = why);
         }
-        self.serve(sock, &peer.to_string(), &mut || admitted.authenticated())
-            .await
+        let transport = if sock.is_tls() {
+            Transport::Tls(sock.peer_process())
+        } else {
+            Transport::Plain
+        };
+        self.serve(sock, &peer.to_string(), transport, &mut || {
+            admitted.authenticated()
+        })
+        .await
     }
 
     /// Serves one accepted connection (after its socket options are set): header, `Open`,
@@ -67,6 +79,7 @@ impl LinkAcceptor {
         &self,
         mut sock: S,
         peer: &str,
+        transport: Transport,
         authenticated: &mut (dyn FnMut() -> Result<(), String> + Send),
     ) {
         let refuse = |me: &str, why: &str| {
@@ -102,7 +115,7 @@ impl LinkAcceptor {
         else {
             return refuse("unknown", "the first frame was not Open");
         };
-        let verdict = self.check_open(&bus, &me, &me_uuid, &credential_proof);
+        let verdict = self.check_open(&bus, &me, &me_uuid, &credential_proof, &transport);
         let local = match verdict {
             Ok(local) => local,
             Err(why) => {
@@ -117,7 +130,13 @@ impl LinkAcceptor {
             return;
         }
         framed.codec_mut().authenticated();
-        emit!(catalog::CWSIT0005I, me = me, peer = peer, bus = bus);
+        emit!(
+            catalog::CWSIT0005I,
+            me = me,
+            peer = peer,
+            bus = bus,
+            transport = transport
+        );
         let incarnation = local.engine.info().await.map_or(0, |i| i.incarnation);
         let reply = open_frame(&local.key, local.engine.config(), incarnation, Vec::new());
         if framed.send(reply).await.is_err() {
@@ -140,7 +159,14 @@ impl LinkAcceptor {
     }
 
     /// The local engine a valid `Open` is for, or why it is refused.
-    fn check_open(&self, bus: &str, me: &str, uuid: &str, proof: &[u8]) -> Result<&Local, String> {
+    fn check_open(
+        &self,
+        bus: &str,
+        me: &str,
+        uuid: &str,
+        proof: &[u8],
+        transport: &Transport,
+    ) -> Result<&Local, String> {
         let Some(local) = self.local.get(bus) else {
             return Err(format!(
                 "it is an engine of bus {bus}, which this server has no engine on"
@@ -150,14 +176,30 @@ impl LinkAcceptor {
         if me == ours {
             return Err(format!("it claims to be {me}, an engine of this server"));
         }
-        match local.peers.get(me) {
+        let member = match local.peers.get(me) {
             None => return Err(format!("{me} is not a member of bus {bus}")),
-            Some(known) if known != uuid => {
+            Some(known) if known.uuid != uuid => {
                 return Err(format!(
-                    "{me} has UUID {uuid}, but the bus's member {me} has UUID {known}"
+                    "{me} has UUID {uuid}, but the bus's member {me} has UUID {}",
+                    known.uuid
                 ))
             }
-            Some(_) => {}
+            Some(known) => known,
+        };
+        // Over TLS the peer proves which process it is with its certificate (mutual TLS):
+        // it must be the server that hosts the engine it claims to be.
+        if let Transport::Tls(shown) = transport {
+            let expected = (member.node.clone(), member.server.clone());
+            match shown {
+                None => return Err(format!("it linked over TLS without a client certificate; engine links need mutual TLS (the certificate of {}/{})", expected.0, expected.1)),
+                Some(p) if *p != expected => {
+                    return Err(format!(
+                        "its certificate names process {}/{}, but {me} runs on {}/{}",
+                        p.0, p.1, expected.0, expected.1
+                    ))
+                }
+                Some(_) => {}
+            }
         }
         auth::verify_proof(&local.key, proof, now_ms(), bus, me, uuid)
             .map_err(|e| e.to_string())?;

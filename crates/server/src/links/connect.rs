@@ -13,7 +13,10 @@ pub const CONNECT_WAIT_MS: u64 = 5_000;
 /// (doubling from RECONNECT_FIRST_MS up to RECONNECT_MAX_MS). Logs `CWSIT0007I` when a link
 /// comes up and `CWSIT0008W` when an attempt fails or a link is lost, once per distinct reason,
 /// so a peer that stays down does not flood the log.
-pub async fn keep_linked(engine: Arc<Engine>, shared_secret: Vec<u8>, peer: Peer) {
+///
+/// With `tls` (this server's certificate and the cell's CA) the link runs over mutual TLS:
+/// the peer's certificate must name the address called and the process that hosts `peer`.
+pub async fn keep_linked(engine: Arc<Engine>, shared_secret: Vec<u8>, peer: Peer, tls: LinkTls) {
     let ours = engine.config().clone();
     let key = auth::link_key(&shared_secret, &ours.bus);
     let mut pause_ms = RECONNECT_FIRST_MS;
@@ -24,7 +27,7 @@ pub async fn keep_linked(engine: Arc<Engine>, shared_secret: Vec<u8>, peer: Peer
             tokio::time::sleep(Duration::from_millis(RECONNECT_MAX_MS / 10)).await;
             continue;
         }
-        let failure = match link_once(&engine, &key, &peer).await {
+        let failure = match link_once(&engine, &key, &peer, tls.as_ref()).await {
             Ok(lost) => {
                 // It was up: the next failure is news, and retrying starts quickly again.
                 pause_ms = RECONNECT_FIRST_MS;
@@ -53,6 +56,7 @@ pub(crate) async fn link_once(
     engine: &Engine,
     key: &[u8; 32],
     peer: &Peer,
+    tls: Option<&Arc<keel_tls::rustls::ClientConfig>>,
 ) -> Result<String, LinkError> {
     let wait = Duration::from_millis(CONNECT_WAIT_MS);
     let sock = match tokio::time::timeout(wait, TcpStream::connect(&peer.address)).await {
@@ -67,7 +71,52 @@ pub(crate) async fn link_once(
     };
     let _ = sock.set_nodelay(true);
     harden(&sock).map_err(LinkError::Socket)?;
-    source_link(engine, key, peer, sock).await
+    let Some(tls) = tls else {
+        return source_link(engine, key, peer, Transport::Plain, sock).await;
+    };
+    let host = peer
+        .address
+        .rsplit_once(':')
+        .map_or(peer.address.as_str(), |(h, _)| h)
+        .trim_matches(['[', ']']);
+    let name = keel_tls::rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| LinkError::Protocol(format!("{host} is no host name or address ({e})")))?;
+    let connector = tokio_rustls::TlsConnector::from(tls.clone());
+    let sock = match tokio::time::timeout(wait, connector.connect(name, sock)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            return Err(LinkError::Protocol(format!(
+                "the TLS handshake with {} failed ({e})",
+                peer.address
+            )))
+        }
+        Err(_) => {
+            return Err(LinkError::Timeout {
+                what: "TLS handshake",
+                ms: CONNECT_WAIT_MS,
+            })
+        }
+    };
+    // The name check proved a process of this cell answers at the address; the certificate
+    // must also be the one of the server that hosts the peer engine.
+    let expected = (peer.node.clone(), peer.server.clone());
+    match keel_tls::peer_process(sock.get_ref().1.peer_certificates()) {
+        Some(p) if p == expected => {}
+        shown => {
+            return Err(LinkError::Protocol(format!(
+                "the certificate at {} names {}, not {}/{}, which hosts {}",
+                peer.address,
+                shown.map_or("no Keel process".to_string(), |(n, s)| format!(
+                    "process {n}/{s}"
+                )),
+                expected.0,
+                expected.1,
+                peer.me
+            )))
+        }
+    }
+    let transport = Transport::Tls(Some(expected));
+    source_link(engine, key, peer, transport, sock).await
 }
 
 /// The connecting side of one link over `sock` (connected, socket options set): header,
@@ -78,6 +127,7 @@ pub async fn source_link<S: LinkIo>(
     engine: &Engine,
     key: &[u8; 32],
     peer: &Peer,
+    transport: Transport,
     mut sock: S,
 ) -> Result<String, LinkError> {
     let ours = engine.config();
@@ -163,7 +213,8 @@ pub async fn source_link<S: LinkIo>(
         catalog::CWSIT0007I,
         me = ours.me,
         peer = peer.me,
-        address = peer.address
+        address = peer.address,
+        transport = transport
     );
     let (kind, a, b, last, _) = verdict;
     let verdict = match check_verdict(&messaging, peer, &st, (kind, a, b, last)).await {

@@ -61,6 +61,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
+/// The process certificate a server presents on its links (`<node>.<server>`), with the
+/// cell's CA: links use mutual TLS when the server has them.
+pub type LinkTls = Option<Arc<keel_tls::rustls::ClientConfig>>;
+
 /// How long a peer may take for its header and `Open` frame together.
 pub const OPEN_WAIT_MS: u64 = 5_000;
 
@@ -113,6 +117,30 @@ pub struct Peer {
     pub me: String,
     pub uuid: String,
     pub address: String,
+    /// The node and server that host it: the process its certificate must name.
+    pub node: String,
+    pub server: String,
+}
+
+/// How the peer of an accepted link connection is known at the transport: plain TCP (a
+/// loopback peer: the bus port serves plain to nothing else), or TLS with the process its
+/// client certificate names (None: it showed none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    Plain,
+    Tls(Option<(String, String)>),
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Transport::Plain => f.write_str("plain TCP on loopback"),
+            Transport::Tls(Some((node, process))) => {
+                write!(f, "mutual TLS with the certificate of {node}/{process}")
+            }
+            Transport::Tls(None) => f.write_str("TLS without a client certificate"),
+        }
+    }
 }
 
 /// The other member engines of `engine`'s bus, from the configuration.
@@ -130,6 +158,8 @@ pub fn peers_of(cfg: &keel_config::Config, engine: &Engine) -> Vec<Peer> {
                 me: m.me.clone(),
                 uuid: m.uuid.clone(),
                 address: format!("{}:{}", node.host, server.bus_port),
+                node: m.node.clone(),
+                server: m.server.clone(),
             })
         })
         .collect()
