@@ -50,6 +50,20 @@ pub enum BusCmd {
         #[command(flatten)]
         sync: SyncFlag,
     },
+    /// Let anonymous AMQP clients (SASL ANONYMOUS) onto a bus, acting as a named user whose
+    /// bus roles are theirs, or stop letting them on. Servers apply it when they start.
+    Anonymous {
+        /// The bus.
+        bus: String,
+        /// on: allow anonymous clients; off: refuse them.
+        #[arg(value_parser = ["on", "off"])]
+        allow: String,
+        /// The user they act as (default: the bus's current one, `anonymous` unless set).
+        #[arg(long = "as", value_name = "USER")]
+        user: Option<String>,
+        #[command(flatten)]
+        sync: SyncFlag,
+    },
 }
 
 pub fn run(ctx: &Ctx, cmd: ConfigCmd) -> Result<ExitCode> {
@@ -107,6 +121,31 @@ pub fn run_bus(ctx: &Ctx, cmd: BusCmd) -> Result<ExitCode> {
                 .and_then(|b| b.members.iter().find(|m| m.server == server))
                 .ok_or_else(|| anyhow!("member {server} of bus {bus} vanished after saving"))?;
             println!("Server {server} is a member of bus {bus} with messaging engine {} (uuid {}); configuration version {}.", m.me, m.uuid, cfg.version);
+            after_save(ctx, &profile, sync.sync)?;
+        }
+        BusCmd::Anonymous {
+            bus,
+            allow,
+            user,
+            sync,
+        } => {
+            crate::user_cmd::upgrade(&profile)?;
+            let allow = allow == "on";
+            let cfg = profile
+                .master()
+                .update(|c| c.set_anonymous(&bus, allow, user.as_deref()).map(|_| ()))?;
+            let b = cfg
+                .buses
+                .iter()
+                .find(|b| b.name == bus)
+                .ok_or_else(|| anyhow!("bus {bus} vanished after saving"))?;
+            if allow {
+                println!("Anonymous clients may connect to bus {bus}, acting as user {} (its bus roles are theirs); servers apply it when they start.", b.anonymous_user());
+            } else {
+                println!(
+                    "Anonymous clients are refused on bus {bus}; servers apply it when they start."
+                );
+            }
             after_save(ctx, &profile, sync.sync)?;
         }
     }

@@ -389,15 +389,21 @@ fn bus_roles_are_checked_at_connect_and_attach() {
     });
 
     // python-qpid-proton sees amqp:unauthorized-access with the sentence.
+    let found = proton_roles(port, "bob", "bob-new-password", "sender");
+    let refused = found["refused"].as_str().unwrap();
+    assert!(
+        refused.contains("amqp:unauthorized-access") && refused.contains("receiver role"),
+        "{refused}"
+    );
+    env.ok(&["node", "stop", "--stop-servers"]);
+}
+
+/// Runs tests/amqp_roles.py (python-qpid-proton) in `mode`; returns its findings.
+fn proton_roles(port: u16, user: &str, password: &str, mode: &str) -> serde_json::Value {
     let script = format!("{}/tests/amqp_roles.py", env!("CARGO_MANIFEST_DIR"));
     let out = Command::new("/usr/bin/python3")
         .arg(&script)
-        .args([
-            &format!("127.0.0.1:{port}"),
-            "bob",
-            "bob-new-password",
-            "q1",
-        ])
+        .args([&format!("127.0.0.1:{port}"), user, password, "q1", mode])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -406,10 +412,56 @@ fn bus_roles_are_checked_at_connect_and_attach() {
         "{script}: {}\n{stdout}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let found: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-    let refused = found["receive_refused"].as_str().unwrap();
+    serde_json::from_str(stdout.trim()).unwrap()
+}
+
+#[test]
+fn anonymous_clients_act_as_the_buses_anonymous_user() {
+    let env = Env::new();
+    env.ok(&["destination", "create", "bus1", "q1", "--type", "queue"]);
+    let e = env.fails(&["bus", "anonymous", "bus1", "on"]);
+    assert!(e.contains("user `anonymous`, which does not exist"), "{e}");
+    env.ok(&["user", "add", "guest", "--no-password"]);
+    env.ok(&[
+        "role",
+        "grant",
+        "connector",
+        "--user",
+        "guest",
+        "--bus",
+        "bus1",
+    ]);
+    env.ok(&[
+        "role",
+        "grant",
+        "receiver",
+        "--user",
+        "guest",
+        "--bus",
+        "bus1",
+        "--destination",
+        "q1",
+    ]);
+    env.ok(&["bus", "anonymous", "bus1", "on", "--as", "guest"]);
+    // guest cannot log in with a password, and cannot be removed while the bus maps to it.
+    let e = env.fails(&["user", "remove", "guest"]);
     assert!(
-        refused.contains("amqp:unauthorized-access") && refused.contains("receiver role"),
+        e.contains("anonymous clients of bus `bus1` act as this user"),
+        "{e}"
+    );
+    env.ok(&["node", "start"]);
+    env.ok(&["server", "start", "server1"]);
+    assert!(
+        env.log("server1").contains("ANONYMOUS"),
+        "CWSIT0001I names the mechanism"
+    );
+    env.ok(&["send", "q1", "--body", "for-anyone", "--server", "server1"]);
+    let found = proton_roles(env.bus_port("server1"), "-", "-", "anonymous-receiver");
+    assert_eq!(found["received"], "for-anyone", "{found}");
+    let refused = found["refused"].as_str().unwrap();
+    assert!(
+        refused.contains("amqp:unauthorized-access")
+            && refused.contains("user \"guest\" does not hold the sender role"),
         "{refused}"
     );
     env.ok(&["node", "stop", "--stop-servers"]);

@@ -156,6 +156,43 @@ impl Config {
         Ok(true)
     }
 
+    /// Lets anonymous clients (SASL ANONYMOUS) onto `bus`, acting as user `user` (its grants
+    /// are theirs), or stops letting them on. The user must exist.
+    pub fn set_anonymous(&mut self, bus: &str, allow: bool, user: Option<&str>) -> Result<&BusCfg> {
+        if let Some(u) = user {
+            if self.user(u).is_none() {
+                return Err(ConfigError::UnknownUser {
+                    name: u.into(),
+                    known: self.users.iter().map(|u| u.name.clone()).collect(),
+                });
+            }
+        }
+        let known: Vec<String> = self.buses.iter().map(|b| b.name.clone()).collect();
+        let has_users = !self.users.is_empty();
+        let exists = |name: &str| self.users.iter().any(|u| u.name == name);
+        let Some(at) = self.buses.iter().position(|b| b.name == bus) else {
+            return Err(ConfigError::UnknownBus {
+                bus: bus.into(),
+                known,
+            });
+        };
+        let effective = user
+            .map(str::to_string)
+            .unwrap_or_else(|| self.buses[at].anonymous_user().to_string());
+        if allow && has_users && !exists(&effective) {
+            return Err(ConfigError::UserChangeRefused {
+                what: format!("letting anonymous clients onto bus `{bus}`"),
+                why: format!("they would act as user `{effective}`, which does not exist; add it with `keel user add {effective} --no-password` and grant it the bus roles they need, or name another user with --as"),
+            });
+        }
+        let b = &mut self.buses[at];
+        b.allow_anonymous = allow;
+        if let Some(u) = user {
+            b.anonymous_user = Some(u.to_string());
+        }
+        Ok(b)
+    }
+
     /// Revokes exactly one bus grant; false if the user did not hold it.
     pub fn revoke_bus(&mut self, name: &str, grant: &BusGrant) -> Result<bool> {
         let u = self.user_mut(name)?;
