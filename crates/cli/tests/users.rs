@@ -62,6 +62,16 @@ fn administrative_roles_are_checked_on_every_operation_class() {
     // The processes read users again within a second of the change.
     std::thread::sleep(Duration::from_millis(1500));
 
+    // The node agent calls its servers over mutual TLS (its certificate, the cell's CA).
+    let status: serde_json::Value =
+        serde_json::from_str(&env.ok(&["server", "status", "server1", "--json"])).unwrap();
+    let status = if status.is_array() {
+        status[0].clone()
+    } else {
+        status
+    };
+    assert_eq!(status["admin_transport"], "mutual TLS", "{status}");
+
     // Monitor reads, on the node agent and (forwarded) on the server.
     let r = keel_as(&env, "mon", "monitor-pw", &["server", "status", "server1"]);
     assert_eq!(r.code, 0, "{}", r.stderr);

@@ -148,6 +148,11 @@ pub(crate) struct Agent {
     stop: watch::Sender<Option<String>>,
     started_at: SystemTime,
     admin_port: u16,
+    /// The node agent's certificate and the cell's CA: calls to servers use mutual TLS.
+    tls: Option<Arc<keel_tls::rustls::ClientConfig>>,
+    /// Admin ports of adopted servers that serve plain HTTP only (started by an earlier
+    /// build): called over plain HTTP on loopback until they are started again.
+    plain_ports: Mutex<std::collections::HashSet<u16>>,
 }
 
 /// Runs the node agent to completion; returns the process exit code.
@@ -265,6 +270,9 @@ async fn serve(profile: Profile) -> Result<(), (u8, String)> {
             format!("cannot find the keel executable: {e}"),
         )
     })?;
+    let agent_tls = profile
+        .pki()
+        .mutual_client_config(&format!("{node}.{NODE_AGENT}"));
     let (stop_tx, mut stop_rx) = watch::channel(None);
     let agent = Arc::new(Agent {
         profile,
@@ -275,6 +283,16 @@ async fn serve(profile: Profile) -> Result<(), (u8, String)> {
         stop: stop_tx.clone(),
         started_at: SystemTime::now(),
         admin_port: node_cfg.admin_port,
+        tls: match agent_tls {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(
+                    "calls to the servers of node {node} use plain HTTP on loopback: {e}"
+                );
+                None
+            }
+        },
+        plain_ports: Mutex::new(std::collections::HashSet::new()),
     });
     agent.adopt_running(&cfg).await;
 
@@ -437,13 +455,67 @@ impl Agent {
         }
     }
 
+    /// A client of a server's admin port: mutual TLS with the node agent's certificate, or
+    /// plain HTTP on loopback (allowed there, DESIGN §10) for a server that serves nothing
+    /// else (adopted from an earlier build) or when the agent has no certificate.
     fn client(&self, admin_port: u16) -> AdminClient {
-        // Plain HTTP on loopback (allowed there, DESIGN §10): a server adopted from an earlier
-        // build serves nothing else. HTTPS between processes comes with the cell across hosts.
-        AdminClient::new(
+        let plain = AdminClient::new(
             std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, admin_port)),
             self.credential.clone(),
-        )
+        );
+        match &self.tls {
+            Some(tls) if !self.is_plain(admin_port) => plain.with_tls(tls.clone()),
+            _ => plain,
+        }
+    }
+
+    fn is_plain(&self, admin_port: u16) -> bool {
+        self.plain_ports
+            .lock()
+            .expect("plain ports lock")
+            .contains(&admin_port)
+    }
+
+    /// How the agent calls a server on `admin_port`, for `status`.
+    fn transport(&self, admin_port: u16) -> &'static str {
+        if self.tls.is_some() && !self.is_plain(admin_port) {
+            "mutual TLS"
+        } else {
+            "plain HTTP on loopback"
+        }
+    }
+
+    /// For an adopted server: if it does not answer over TLS but does in plain HTTP, call it
+    /// in plain HTTP until it is started again.
+    async fn learn_transport(&self, server: &str, admin_port: u16) {
+        if self.tls.is_none()
+            || self
+                .client(admin_port)
+                .with_timeout_ms(PING_TIMEOUT_MS)
+                .ping()
+                .await
+                .is_ok()
+        {
+            return;
+        }
+        self.plain_ports
+            .lock()
+            .expect("plain ports lock")
+            .insert(admin_port);
+        if self
+            .client(admin_port)
+            .with_timeout_ms(PING_TIMEOUT_MS)
+            .ping()
+            .await
+            .is_ok()
+        {
+            tracing::warn!("server {server} (started by an earlier build) does not answer over TLS: the node agent calls it in plain HTTP on loopback until it is started again");
+        } else {
+            self.plain_ports
+                .lock()
+                .expect("plain ports lock")
+                .remove(&admin_port);
+        }
     }
 
     /// Servers left running by an earlier node agent (their pid file names a live process that
@@ -472,6 +544,7 @@ impl Agent {
                 slot.check(&s.name);
                 slot.generation
             };
+            self.learn_transport(&s.name, s.admin_port).await;
             emit!(catalog::ADMN0019I, server = s.name, pid = pid);
             let agent = self.clone();
             let name = s.name.clone();
@@ -531,6 +604,13 @@ impl Agent {
     ) -> Result<Value, String> {
         sync_config(&self.profile, &self.node);
         let cfg = self.config()?;
+        if let Some((_, s)) = cfg.find_server(server) {
+            // A server this agent starts is of its build: it serves TLS.
+            self.plain_ports
+                .lock()
+                .expect("plain ports lock")
+                .remove(&s.admin_port);
+        }
         let (_, scfg) = cfg
             .find_server(server)
             .ok_or_else(|| format!("server {server} is not defined on node {}; create it with `keel server create {server}`", self.node))?;
@@ -926,6 +1006,7 @@ impl Agent {
             "mode": if live { Some(slot.mode.as_str()) } else { None },
             "endpoints": {"admin": format!("127.0.0.1:{admin}"), "bus": if bus_served { Some(format!("127.0.0.1:{bus}")) } else { None }},
             "auto_restart": s.monitor.auto_restart,
+            "admin_transport": self.transport(admin),
             "restarts": slot.restarts,
             "last_exit": slot.last_exit,
         }))
