@@ -337,6 +337,46 @@ mod tests {
     }
 
     #[test]
+    fn mutual_tls_refuses_expired_and_self_signed_client_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::at(dir.path());
+        let s2 = Identity {
+            process: "server2".into(),
+            ..id()
+        };
+        pki.ensure("c", &[id(), s2.clone()], now_s()).unwrap();
+        let server = pki.mutual_server_config("node01.server1").unwrap();
+        // Issued two years ago: expired a year ago.
+        pki.issue(&s2, now_s() - 2 * 365 * 86_400).unwrap();
+        let e = handshake(
+            server.clone(),
+            pki.mutual_client_config("node01.server2").unwrap(),
+            "127.0.0.1",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("xpired"), "{e}");
+        // Self-signed: no chain to the cell's CA.
+        let own = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(
+                roots_from_pem(
+                    &std::fs::read_to_string(pki.ca_cert_path()).unwrap(),
+                    &pki.ca_cert_path(),
+                )
+                .unwrap(),
+            )
+            .with_client_auth_cert(
+                vec![own.cert.der().clone()],
+                PrivateKeyDer::try_from(own.signing_key.serialize_der()).unwrap(),
+            )
+            .unwrap();
+        let e = handshake(server, Arc::new(client), "127.0.0.1").unwrap_err();
+        assert!(e.to_string().contains("certificate"), "{e}");
+    }
+
+    #[test]
     fn a_missing_or_mismatched_key_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let pki = Pki::at(dir.path());
