@@ -161,6 +161,13 @@ enum What {
     Peers {
         #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
         rabbitmq: String,
+        /// RabbitMQ over TLS (system `rabbitmq-tls`), e.g. the throwaway node of
+        /// `scripts/rabbitmq-tls-node start DIR`: amqps://guest:guest@localhost:27671/%2f.
+        #[arg(long)]
+        rabbitmq_tls: Option<String>,
+        /// The CA (PEM) that signed the RabbitMQ TLS listener's certificate.
+        #[arg(long)]
+        rabbitmq_ca: Option<PathBuf>,
         #[arg(long, default_value = "nats://127.0.0.1:4222")]
         nats: String,
         /// The keel binary whose server is measured (default: next to keel-bench).
@@ -170,7 +177,8 @@ enum What {
         #[arg(long, default_value_t = 27400)]
         keel_base_port: u16,
         /// Systems to run, in order (keel, rabbitmq, nats; keel-bus: the queue on a second
-        /// engine, producers on the first; keel-tls: keel with every connection over TLS).
+        /// engine, producers on the first; keel-tls: keel with every connection over TLS;
+        /// rabbitmq-tls: RabbitMQ at --rabbitmq-tls trusting --rabbitmq-ca).
         #[arg(long, value_delimiter = ',', default_value = "keel,rabbitmq,nats")]
         systems: Vec<String>,
         #[arg(long, default_value_t = 4)]
@@ -265,6 +273,8 @@ fn main() -> Result<()> {
         #[cfg(feature = "peers")]
         What::Peers {
             rabbitmq,
+            rabbitmq_tls,
+            rabbitmq_ca,
             nats,
             keel,
             keel_base_port,
@@ -278,6 +288,8 @@ fn main() -> Result<()> {
             json,
         } => peers::run(peers::Opts {
             rabbitmq_url: rabbitmq,
+            rabbitmq_tls_url: rabbitmq_tls,
+            rabbitmq_ca,
             nats_url: nats,
             keel,
             keel_base_port,

@@ -57,6 +57,9 @@ const PROGRESS_POLL_MS: u64 = 20;
 
 pub struct Opts {
     pub rabbitmq_url: String,
+    /// RabbitMQ's TLS listener (`amqps://`) and the CA that signed its certificate.
+    pub rabbitmq_tls_url: Option<String>,
+    pub rabbitmq_ca: Option<std::path::PathBuf>,
     pub nats_url: String,
     /// The keel binary to measure; None = next to keel-bench.
     pub keel: Option<std::path::PathBuf>,
@@ -518,14 +521,26 @@ async fn run_system(o: &Opts, system: &str) -> Result<Report> {
                 .await
                 .with_context(|| format!("Keel over TLS ({})", bin.display()))
         }
-        "rabbitmq" => run_rabbitmq(&o.rabbitmq_url, w)
+        "rabbitmq" => run_rabbitmq(&o.rabbitmq_url, None, w)
             .await
             .with_context(|| format!("RabbitMQ at {}", o.rabbitmq_url)),
+        "rabbitmq-tls" => {
+            let (Some(url), Some(ca)) = (&o.rabbitmq_tls_url, &o.rabbitmq_ca) else {
+                return Err(anyhow!(
+                    "rabbitmq-tls needs --rabbitmq-tls amqps://... and --rabbitmq-ca FILE (scripts/rabbitmq-tls-node start DIR prints both)"
+                ));
+            };
+            let pem = std::fs::read_to_string(ca)
+                .with_context(|| format!("reading the RabbitMQ CA {}", ca.display()))?;
+            run_rabbitmq(url, Some(pem), w)
+                .await
+                .with_context(|| format!("RabbitMQ over TLS at {url}"))
+        }
         "nats" => run_nats(&o.nats_url, w)
             .await
             .with_context(|| format!("NATS at {}", o.nats_url)),
         other => Err(anyhow!(
-            "unknown system {other} (keel, keel-bus, keel-tls, rabbitmq, nats)"
+            "unknown system {other} (keel, keel-bus, keel-tls, rabbitmq, rabbitmq-tls, nats)"
         )),
     }
 }

@@ -1,6 +1,7 @@
 //! RabbitMQ over AMQP 0-9-1 (lapin): a durable quorum queue, publisher confirms, persistent
 //! messages; consumers with a prefetch window and manual acks. One connection per producer and
-//! per consumer, as independent clients would have.
+//! per consumer, as independent clients would have. Over TLS (`amqps://`, rustls with ring,
+//! trusting the given CA only) for `rabbitmq-tls`.
 
 use std::sync::Arc;
 
@@ -22,9 +23,13 @@ const PREFETCH: u16 = 256;
 const DELIVERY_MODE_PERSISTENT: u8 = 2;
 const REPLY_SUCCESS: u16 = 200;
 
-pub async fn run_rabbitmq(url: &str, w: &Workload) -> Result<Report> {
+pub async fn run_rabbitmq(url: &str, ca_pem: Option<String>, w: &Workload) -> Result<Report> {
     let queue = format!("keel-bench-{}", unique_suffix()?);
-    let admin = connect(url).await?;
+    let tls = lapin::tcp::OwnedTLSConfig {
+        identity: None,
+        cert_chain: ca_pem,
+    };
+    let admin = connect(url, &tls).await?;
     let admin_channel = admin.create_channel().await.context("admin channel")?;
     let mut arguments = FieldTable::default();
     arguments.insert(
@@ -43,7 +48,7 @@ pub async fn run_rabbitmq(url: &str, w: &Workload) -> Result<Report> {
         .await
         .with_context(|| format!("declaring quorum queue {queue}"))?;
 
-    let result = measure(url, &queue, w).await;
+    let result = measure(url, &tls, &queue, w).await;
     // Delete the queue even after a failed run so runs do not pile up on the broker.
     let deleted = admin_channel
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
@@ -59,16 +64,22 @@ pub async fn run_rabbitmq(url: &str, w: &Workload) -> Result<Report> {
     Ok(report)
 }
 
-async fn connect(url: &str) -> Result<Connection> {
-    Connection::connect(url, ConnectionProperties::default())
+async fn connect(url: &str, tls: &lapin::tcp::OwnedTLSConfig) -> Result<Connection> {
+    let runtime = lapin::runtime::default_runtime().context("lapin's runtime")?;
+    Connection::connect_with_config(url, ConnectionProperties::default(), tls.clone(), runtime)
         .await
         .context("connecting")
 }
 
-async fn measure(url: &str, queue: &str, w: &Workload) -> Result<Report> {
+async fn measure(
+    url: &str,
+    tls: &lapin::tcp::OwnedTLSConfig,
+    queue: &str,
+    w: &Workload,
+) -> Result<Report> {
     let mut producers = Vec::with_capacity(w.producers);
     for index in 0..w.producers {
-        let connection = connect(url)
+        let connection = connect(url, tls)
             .await
             .with_context(|| format!("producer {index}"))?;
         let channel = connection
@@ -83,7 +94,7 @@ async fn measure(url: &str, queue: &str, w: &Workload) -> Result<Report> {
     }
     let mut consumers = Vec::with_capacity(w.consumers);
     for index in 0..w.consumers {
-        let connection = connect(url)
+        let connection = connect(url, tls)
             .await
             .with_context(|| format!("consumer {index}"))?;
         let channel = connection
@@ -147,7 +158,11 @@ async fn measure(url: &str, queue: &str, w: &Workload) -> Result<Report> {
     };
 
     drive(
-        "rabbitmq",
+        if tls.cert_chain.is_some() {
+            "rabbitmq-tls"
+        } else {
+            "rabbitmq"
+        },
         w,
         producers,
         producer_task,
