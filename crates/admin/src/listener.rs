@@ -288,6 +288,12 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 /// The first byte of a TLS connection (a handshake record); HTTP starts with a method name.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
+/// The Keel process a connection's TLS client certificate names (`node`, `process`), verified
+/// against the cell's CA during the handshake; None over plain HTTP or without a certificate.
+/// Set on every request of the connection.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct PeerProcess(pub(crate) Option<(String, String)>);
+
 /// Plain or TLS, told by the first byte, within the head deadline (a peer that sends nothing
 /// is closed then, as hyper would close it). None: closed, failed or refused.
 async fn stream(
@@ -296,7 +302,7 @@ async fn stream(
     tls: Option<tokio_rustls::TlsAcceptor>,
     head_ms: u64,
     budget: &LogBudget,
-) -> Option<Box<dyn Io>> {
+) -> Option<(Box<dyn Io>, PeerProcess)> {
     // Plain HTTP only from loopback (keel_core::plaintext): elsewhere, TLS or nothing.
     let plain_ok = keel_core::plaintext::plain_allowed(peer.ip());
     let Some(tls) = tls else {
@@ -304,13 +310,13 @@ async fn stream(
             note(budget, peer, keel_core::plaintext::plain_refusal(peer));
             return None;
         }
-        return Some(Box::new(sock));
+        return Some((Box::new(sock), PeerProcess(None)));
     };
     let deadline = tokio::time::Instant::now() + Duration::from_millis(head_ms);
     let mut first = [0u8; 1];
     match tokio::time::timeout_at(deadline, sock.peek(&mut first)).await {
         Ok(Ok(1)) if first[0] == TLS_HANDSHAKE_RECORD => {}
-        Ok(Ok(1)) if plain_ok => return Some(Box::new(sock)),
+        Ok(Ok(1)) if plain_ok => return Some((Box::new(sock), PeerProcess(None))),
         Ok(Ok(1)) => {
             note(budget, peer, keel_core::plaintext::plain_refusal(peer));
             return None;
@@ -318,7 +324,10 @@ async fn stream(
         _ => return None,
     }
     match tokio::time::timeout_at(deadline, tls.accept(sock)).await {
-        Ok(Ok(s)) => Some(Box::new(s)),
+        Ok(Ok(s)) => {
+            let process = keel_tls::peer_process(s.get_ref().1.peer_certificates());
+            Some((Box::new(s), PeerProcess(process)))
+        }
         Ok(Err(e)) => {
             note(budget, peer, format!("its TLS handshake failed ({e})"));
             None
@@ -345,7 +354,8 @@ async fn connection(
 ) {
     let limits = table.limits;
     let tls = table.tls.clone();
-    let Some(sock) = stream(sock, peer, tls, limits.header_read_ms, &budget).await else {
+    let Some((sock, process)) = stream(sock, peer, tls, limits.header_read_ms, &budget).await
+    else {
         table.remove(state.id);
         return;
     };
@@ -358,6 +368,7 @@ async fn connection(
             let mut app = app.clone();
             request.extensions_mut().insert(ConnectInfo(peer));
             request.extensions_mut().insert(ConnHandle(state.clone()));
+            request.extensions_mut().insert(process.clone());
             async move {
                 state.in_request.store(true, Ordering::Release);
                 let response =

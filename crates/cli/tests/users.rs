@@ -183,6 +183,20 @@ fn administrative_roles_are_checked_on_every_operation_class() {
         .map(|u| u["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["admin", "busonly", "conf", "mon", "op"]);
+    // The admin password changes while the node agent runs: its calls to the servers do not
+    // depend on it (mutual TLS, its certificate), and `keel` logs in with the new one.
+    keel_pw(
+        &env,
+        "a-new-admin-password",
+        &["user", "passwd", "admin", "--password-env", "PW"],
+    );
+    assert_eq!(env.admin_password(), "a-new-admin-password");
+    std::thread::sleep(Duration::from_millis(1500));
+    // Through the node agent, which forwards to the server.
+    let state = env.ok(&["admin", "invoke", &engine, "state"]);
+    assert!(state.contains("started"), "{state}");
+    let names = env.ok(&["admin", "query", "type=SIBMessagingEngine,*"]);
+    assert!(names.contains(ME), "the node agent's fan-out reached the server: {names}");
     // The last Administrator cannot be removed or demoted.
     let e = env.fails(&["user", "remove", "admin"]);
     assert!(e.contains("last Administrator"), "{e}");
