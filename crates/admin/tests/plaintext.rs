@@ -1,7 +1,6 @@
-//! Plain TCP only on loopback (DESIGN §10, `keel_core::plaintext`), tried in a network
-//! namespace of its own: there the test gives its loopback interface an address from
-//! 198.18.0.0/15 as well, so a connection from that address is a connection from a
-//! non-loopback peer on this machine, and nothing leaves the namespace. The admin endpoint
+//! Plain TCP only on loopback (DESIGN §10, `keel_core::plaintext`), tried in a host of a
+//! network-namespace lab (`keel_testkit::netlab`, address 198.18.0.1): a connection from that
+//! address is one from a non-loopback peer, and nothing leaves the lab. The admin endpoint
 //! listens on every address of the namespace: plain HTTP from 127.0.0.1 is served, plain HTTP
 //! from 198.18.0.1 is closed without an answer, HTTPS from 198.18.0.1 is served.
 //!
@@ -11,7 +10,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::Duration;
 
 use common::{credential, users};
@@ -21,53 +19,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const CHILD_ENV: &str = "KEEL_PLAINTEXT_CHILD";
 const HOST: &str = "198.18.0.1";
 
-/// Deletes the namespace however the test ends.
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &self.0])
-            .status();
-    }
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().unwrap_or_else(|e| {
-        panic!(
-            "`ip {}` could not run ({e}): this test needs iproute2 and root",
-            args.join(" ")
-        )
-    });
-    assert!(
-        out.status.success(),
-        "`ip {}` failed: {} (this test needs root to make a network namespace)",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn plain_http_is_served_to_loopback_only_https_to_anyone() {
-    let name = format!("keel-plain-{}", std::process::id());
-    ip(&["netns", "add", &name]);
-    let _ns = Netns(name.clone());
-    ip(&["netns", "exec", &name, "ip", "link", "set", "lo", "up"]);
-    ip(&[
-        "netns",
-        "exec",
-        &name,
-        "ip",
-        "addr",
-        "add",
-        &format!("{HOST}/32"),
-        "dev",
-        "lo",
-    ]);
+    // One host of a lab: its address is 198.18.0.1 (HOST), and nothing leaves the lab.
+    let lab = keel_testkit::netlab::Lab::new(1).unwrap();
+    assert_eq!(lab.addr(0), HOST);
+    let name = lab.ns(0).to_string();
     let exe = std::env::current_exe().unwrap();
-    let out = Command::new("ip")
-        .args(["netns", "exec", &name])
-        .arg(&exe)
+    let out = lab
+        .cmd(0, &exe)
         .args(["--exact", "plaintext_child", "--nocapture"])
         .env(CHILD_ENV, "1")
         .output()

@@ -1,11 +1,9 @@
-//! The bus port's downgrade rules (DESIGN §10), tried from a non-loopback address in a network
-//! namespace of the test's own (its loopback interface also gets 198.18.0.1, so a connection
-//! from that address is one from a non-loopback peer and nothing leaves the namespace): plain
+//! The bus port's downgrade rules (DESIGN §10), tried from a non-loopback address in a host of a
+//! network-namespace lab (`keel_testkit::netlab`, 198.18.0.1; nothing leaves the lab): plain
 //! AMQP from 198.18.0.1 is closed before its protocol header is answered, so SASL PLAIN is never
 //! even offered in clear; over TLS from the same address the SASL mechanisms include PLAIN;
 //! plain AMQP from 127.0.0.1 is served. The test re-runs its own binary inside the namespace.
 
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,51 +13,14 @@ const CHILD_ENV: &str = "KEEL_AMQP_PLAINTEXT_CHILD";
 const HOST: &str = "198.18.0.1";
 const SASL_HEADER: &[u8; 8] = b"AMQP\x03\x01\x00\x00";
 
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &self.0])
-            .status();
-    }
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().unwrap_or_else(|e| {
-        panic!(
-            "`ip {}` could not run ({e}): this test needs iproute2 and root",
-            args.join(" ")
-        )
-    });
-    assert!(
-        out.status.success(),
-        "`ip {}` failed: {} (this test needs root to make a network namespace)",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn plain_amqp_from_elsewhere_is_closed_and_plain_is_offered_only_over_tls() {
-    let name = format!("keel-amqp-plain-{}", std::process::id());
-    ip(&["netns", "add", &name]);
-    let _ns = Netns(name.clone());
-    ip(&["netns", "exec", &name, "ip", "link", "set", "lo", "up"]);
-    ip(&[
-        "netns",
-        "exec",
-        &name,
-        "ip",
-        "addr",
-        "add",
-        &format!("{HOST}/32"),
-        "dev",
-        "lo",
-    ]);
-    let out = Command::new("ip")
-        .args(["netns", "exec", &name])
-        .arg(std::env::current_exe().unwrap())
+    // One host of a lab: its address is 198.18.0.1 (HOST), and nothing leaves the lab.
+    let lab = keel_testkit::netlab::Lab::new(1).unwrap();
+    assert_eq!(lab.addr(0), HOST);
+    let name = lab.ns(0).to_string();
+    let out = lab
+        .cmd(0, std::env::current_exe().unwrap())
         .args(["--exact", "amqp_plaintext_child", "--nocapture"])
         .env(CHILD_ENV, "1")
         .output()

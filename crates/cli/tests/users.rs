@@ -196,7 +196,10 @@ fn administrative_roles_are_checked_on_every_operation_class() {
     let state = env.ok(&["admin", "invoke", &engine, "state"]);
     assert!(state.contains("started"), "{state}");
     let names = env.ok(&["admin", "query", "type=SIBMessagingEngine,*"]);
-    assert!(names.contains(ME), "the node agent's fan-out reached the server: {names}");
+    assert!(
+        names.contains(ME),
+        "the node agent's fan-out reached the server: {names}"
+    );
     // The last Administrator cannot be removed or demoted.
     let e = env.fails(&["user", "remove", "admin"]);
     assert!(e.contains("last Administrator"), "{e}");

@@ -4,7 +4,10 @@
 //! keel-bench (`tx-pg`) only; nothing the server links.
 //!
 //! - [`pgtest`]: a PostgreSQL cluster (initdb + pg_ctl) in a temp dir, on a free port;
-//! - [`mariatest`]: a MariaDB server (mariadb-install-db + mariadbd) in a temp dir.
+//! - [`mariatest`]: a MariaDB server (mariadb-install-db + mariadbd) in a temp dir;
+//! - [`netlab`]: hosts on one machine, as network namespaces joined to a bridge, with
+//!   partitions (DESIGN §11).
 
 pub mod mariatest;
+pub mod netlab;
 pub mod pgtest;
