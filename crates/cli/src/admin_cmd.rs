@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use keel_admin::console::Console;
 use keel_admin::{AdminClient, Value};
 
-use crate::ctx::{local, runtime, Ctx, NodeAgent};
+use crate::ctx::{runtime, Ctx, NodeAgent};
 
 #[derive(Args, Debug)]
 pub struct AdminArgs {
@@ -64,10 +64,7 @@ fn client(ctx: &Ctx, server: Option<&str>) -> Result<AdminClient> {
             let (_, scfg) = cfg
                 .find_server(s)
                 .ok_or_else(|| anyhow!("server {s} is not defined on node {node}"))?;
-            Ok(AdminClient::new(
-                local(scfg.admin_port),
-                ctx.credential(&profile)?,
-            ))
+            ctx.client(&profile, scfg.admin_port)
         }
     }
 }

@@ -1,7 +1,7 @@
 //! What every command needs: the profile, the admin credential, clients for the node agent and
 //! servers, and a small runtime to drive them.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -48,6 +48,19 @@ impl Ctx {
         })
     }
 
+    /// A client of this node's process listening on `port`, as this command's user: plain
+    /// HTTP on a loopback host, else HTTPS trusting the cell's CA (plain TCP is for loopback
+    /// only, DESIGN §10).
+    pub fn client(&self, profile: &Profile, port: u16) -> Result<AdminClient> {
+        let addr = endpoint(self, profile, port)?;
+        let client = AdminClient::new(addr, self.credential(profile)?);
+        if keel_core::plaintext::plain_allowed(addr.ip()) {
+            Ok(client)
+        } else {
+            Ok(client.with_tls(profile.pki().client_config()?))
+        }
+    }
+
     /// The node's synchronized configuration when present, else the master (before the first
     /// node agent start the copy may not exist yet).
     pub fn config(&self, profile: &Profile) -> Result<(String, Config)> {
@@ -67,8 +80,14 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-pub fn local(port: u16) -> SocketAddr {
-    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+/// Where this node's process listening on `port` is: the node's host (DESIGN §11).
+pub fn endpoint(ctx: &Ctx, profile: &Profile, port: u16) -> Result<SocketAddr> {
+    let (node, cfg) = ctx.config(profile)?;
+    let n = cfg
+        .node(&node)
+        .ok_or_else(|| anyhow!("node {node} is not in the configuration"))?;
+    n.endpoint(port)
+        .with_context(|| format!("the host {} of node {node} gives no address", n.host))
 }
 
 /// A connection to the node agent, or the sentence an operator needs when it is not running.
@@ -89,12 +108,13 @@ impl NodeAgent {
             .node(&node)
             .map(|n| n.admin_port)
             .ok_or_else(|| anyhow!("node {node} is not in the configuration"))?;
-        let client = AdminClient::new(local(port), ctx.credential(profile)?);
+        let client = ctx.client(profile, port)?;
         match rt.block_on(client.clone().with_timeout_ms(2_000).ping()) {
             Ok(_) => {}
             Err(AdminError::Unreachable { .. }) | Err(AdminError::Timeout { .. }) => {
                 return Err(anyhow!(
-                    "the node agent of node {node} is not running (nothing answers at 127.0.0.1:{port}); start it with `keel --profile {} node start`, then retry",
+                    "the node agent of node {node} is not running (nothing answers at {}); start it with `keel --profile {} node start`, then retry",
+                    client.addr(),
                     ctx.profile_dir.display()
                 ))
             }

@@ -15,14 +15,14 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
 use clap::Subcommand;
-use keel_admin::{AdminClient, AdminError, Value};
+use keel_admin::{AdminError, Value};
 use keel_config::{Config, DestinationCfg, DestinationKind, Profile};
 use keel_store::Store;
 use serde_json::json;
 
 use crate::choices::{DestinationType, Reliability};
 use crate::config_cmd::{after_save, after_save_text, SyncFlag};
-use crate::ctx::{local, print_json, runtime, Ctx};
+use crate::ctx::{print_json, runtime, Ctx};
 use crate::me_cmd::{target, Target};
 
 #[derive(Subcommand, Debug)]
@@ -130,14 +130,12 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// The servers of `bus`'s members whose admin endpoint answers now.
 fn running_members(ctx: &Ctx, profile: &Profile, cfg: &Config, bus: &str) -> Result<Vec<String>> {
     let rt = runtime()?;
-    let credential = ctx.credential(profile)?;
     let mut running = Vec::new();
     for m in cfg.bus(bus).map(|b| b.members.as_slice()).unwrap_or(&[]) {
         let Some((_, s)) = cfg.find_server(&m.server) else {
             continue;
         };
-        let client =
-            AdminClient::new(local(s.admin_port), credential.clone()).with_timeout_ms(1_000);
+        let client = ctx.client(profile, s.admin_port)?.with_timeout_ms(1_000);
         if rt.block_on(client.ping()).is_ok() {
             running.push(m.server.clone());
         }

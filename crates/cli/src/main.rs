@@ -145,6 +145,10 @@ struct ProfileCreate {
     /// The first bus; the first server is its member.
     #[arg(long, default_value = "bus1")]
     bus: String,
+    /// The node's host: the address its node agent and servers bind and advertise. Any
+    /// other than a loopback address needs TLS, which the profile's certificates give.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
 }
 
 fn main() -> ExitCode {
@@ -278,6 +282,7 @@ fn profile_create(c: ProfileCreate) -> anyhow::Result<ExitCode> {
         node: c.node,
         server: c.server,
         bus: c.bus,
+        host: c.host,
     };
     let profile = keel_config::Profile::create(&c.dir, &opts)?;
     // The first user, `admin` (Administrator), with the password of secrets/admin-password.
@@ -286,13 +291,13 @@ fn profile_create(c: ProfileCreate) -> anyhow::Result<ExitCode> {
     let node = &cfg.nodes[0];
     println!("Created profile {}", profile.root().display());
     println!(
-        "  cell {}, node {} (node agent admin 127.0.0.1:{})",
-        cfg.cell.name, node.name, node.admin_port
+        "  cell {}, node {} (node agent admin {}:{})",
+        cfg.cell.name, node.name, node.host, node.admin_port
     );
     for s in &node.servers {
         println!(
-            "  server {} (admin 127.0.0.1:{}, bus 127.0.0.1:{})",
-            s.name, s.admin_port, s.bus_port
+            "  server {} (admin {}:{}, bus {}:{})",
+            s.name, node.host, s.admin_port, node.host, s.bus_port
         );
     }
     for b in &cfg.buses {

@@ -11,7 +11,7 @@ use keel_config::{Config, InitialState, Profile};
 use serde_json::json;
 
 use crate::config_cmd::{after_save, SyncFlag};
-use crate::ctx::{local, print_json, runtime, Ctx};
+use crate::ctx::{print_json, runtime, Ctx};
 
 #[derive(Subcommand, Debug)]
 pub enum MeCmd {
@@ -158,7 +158,7 @@ pub(crate) fn target(ctx: &Ctx, profile: &Profile, cfg: &Config, me: &str) -> Re
         server: m.server.clone(),
         object,
         store: keel_engine::store_path(profile.layout(), me),
-        client: AdminClient::new(local(s.admin_port), ctx.credential(profile)?),
+        client: ctx.client(profile, s.admin_port)?,
     })
 }
 

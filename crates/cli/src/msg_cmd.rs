@@ -10,7 +10,7 @@ use clap::Args;
 use keel_admin::{AdminClient, Value};
 use serde_json::json;
 
-use crate::ctx::{local, runtime, Ctx};
+use crate::ctx::{runtime, Ctx};
 
 #[derive(Args, Debug)]
 pub struct SendArgs {
@@ -107,18 +107,15 @@ fn queue_point(ctx: &Ctx, server: &str, dest: &str) -> Result<(AdminClient, Stri
         ("process", server),
     ])
     .to_string();
-    Ok((
-        AdminClient::new(local(s.admin_port), ctx.credential(&profile)?),
-        name,
-    ))
+    Ok((ctx.client(&profile, s.admin_port)?, name))
 }
 
 /// Whether the server whose admin port is `admin_port` answers.
 fn server_running(ctx: &Ctx, profile: &keel_config::Profile, admin_port: u16) -> bool {
-    let Ok(credential) = ctx.credential(profile) else {
+    let Ok(client) = ctx.client(profile, admin_port) else {
         return false;
     };
-    let client = AdminClient::new(local(admin_port), credential).with_timeout_ms(2_000);
+    let client = client.with_timeout_ms(2_000);
     runtime().is_ok_and(|rt| rt.block_on(client.ping()).is_ok())
 }
 

@@ -56,8 +56,9 @@ pub fn run(ctx: &Ctx, cmd: NodeCmd) -> Result<ExitCode> {
             let profile = ctx.profile()?;
             let (pid, port) = start_background(ctx, &profile)?;
             println!(
-                "Node agent of node {} started (pid {pid}, admin 127.0.0.1:{port}).",
-                profile.local_node()?
+                "Node agent of node {} started (pid {pid}, admin {}).",
+                profile.local_node()?,
+                crate::ctx::endpoint(ctx, &profile, port)?
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -194,8 +195,12 @@ fn status(ctx: &Ctx, json_out: bool) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "Node agent of node {}: started (pid {}, admin 127.0.0.1:{}), configuration version {} (master {})",
-        na.node, v["pid"], v["admin_port"], v["config_version"], v["master_config_version"]
+        "Node agent of node {}: started (pid {}, admin {}), configuration version {} (master {})",
+        na.node,
+        v["pid"],
+        na.client.addr(),
+        v["config_version"],
+        v["master_config_version"]
     );
     crate::server_cmd::print_table(v["servers"].as_array().map(Vec::as_slice).unwrap_or(&[]));
     Ok(ExitCode::SUCCESS)

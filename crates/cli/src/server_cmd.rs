@@ -5,12 +5,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 use clap::Subcommand;
-use keel_admin::{AdminClient, AdminError, Value};
+use keel_admin::{AdminError, Value};
 use keel_core::faults;
 use serde_json::json;
 
 use crate::config_cmd::{after_save, SyncFlag};
-use crate::ctx::{local, print_json, runtime, Ctx, NodeAgent};
+use crate::ctx::{print_json, runtime, Ctx, NodeAgent};
 
 #[derive(Subcommand, Debug)]
 pub enum ServerCmd {
@@ -93,7 +93,8 @@ pub fn run(ctx: &Ctx, cmd: ServerCmd) -> Result<ExitCode> {
             let (_, s) = cfg.find_server(&name).ok_or_else(|| {
                 anyhow!("server {name} vanished from the configuration after saving it")
             })?;
-            println!("Created server {name} on node {node} (admin 127.0.0.1:{}, bus 127.0.0.1:{}); configuration version {}.", s.admin_port, s.bus_port, cfg.version);
+            let host = cfg.node(&node).map_or("127.0.0.1", |n| n.host.as_str());
+            println!("Created server {name} on node {node} (admin {host}:{}, bus {host}:{}); configuration version {}.", s.admin_port, s.bus_port, cfg.version);
             after_save(ctx, &profile, sync.sync)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -278,7 +279,7 @@ pub fn stop_direct(
             nix::sys::signal::Signal::SIGKILL,
         );
     } else {
-        let client = AdminClient::new(local(s.admin_port), ctx.credential(profile)?);
+        let client = ctx.client(profile, s.admin_port)?;
         let server_obj = format!(
             "Keel:type=Server,name={name},node={},process={name}",
             profile.local_node()?
@@ -326,22 +327,27 @@ fn status(ctx: &Ctx, name: Option<&str>, json_out: bool) -> Result<ExitCode> {
         // credential would only show them all as stopped.
         Err(e) if e.downcast_ref::<AdminError>().is_some() => return Err(e),
         Err(_) => {
-            let credential = ctx.credential(&profile)?;
             let servers = cfg
                 .node(&node)
                 .map(|n| n.servers.clone())
                 .unwrap_or_default();
-            servers
-                .iter()
-                .map(|s| {
-                    let client = AdminClient::new(local(s.admin_port), credential.clone()).with_timeout_ms(1_000);
-                    let ping = rt.block_on(client.ping()).ok();
+            let endpoint = |port| {
+                crate::ctx::endpoint(ctx, &profile, port)
+                    .map_or_else(|e| e.to_string(), |a| a.to_string())
+            };
+            let mut all = Vec::new();
+            for s in &servers {
+                let client = ctx.client(&profile, s.admin_port)?.with_timeout_ms(1_000);
+                all.push((s, rt.block_on(client.ping()).ok()));
+            }
+            all.into_iter()
+                .map(|(s, ping)| {
                     let pid = ping.as_ref().and_then(|p| p.get("pid").cloned());
                     json!({
                         "name": s.name, "node": node,
                         "state": if ping.is_some() { "started" } else { "stopped" },
                         "pid": pid,
-                        "endpoints": {"admin": format!("127.0.0.1:{}", s.admin_port), "bus": format!("127.0.0.1:{}", s.bus_port)},
+                        "endpoints": {"admin": endpoint(s.admin_port), "bus": endpoint(s.bus_port)},
                         "auto_restart": s.monitor.auto_restart,
                         "node_agent": "not running",
                     })

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
 use clap::Subcommand;
-use keel_admin::{AdminClient, AdminError, Value};
+use keel_admin::{AdminError, Value};
 use keel_config::Config;
 
-use crate::ctx::{local, print_json, runtime, Ctx};
+use crate::ctx::{print_json, runtime, Ctx};
 
 #[derive(Subcommand, Debug)]
 pub enum TxCmd {
@@ -92,7 +92,8 @@ fn invoke(
     let (_, s) = cfg
         .find_server(server)
         .ok_or_else(|| anyhow!("there is no server {server}"))?;
-    let client = AdminClient::new(local(s.admin_port), ctx.credential(&profile)?)
+    let client = ctx
+        .client(&profile, s.admin_port)?
         .with_timeout_ms(Duration::from_secs(120).as_millis() as u64);
     let rt = runtime()?;
     match rt.block_on(client.invoke(&object(node, server), op, args)) {

@@ -38,6 +38,8 @@ pub struct CreateOptions {
     pub node: String,
     pub server: String,
     pub bus: String,
+    /// The node's host: the address its processes bind and advertise (DESIGN §11).
+    pub host: String,
 }
 
 impl Default for CreateOptions {
@@ -48,6 +50,7 @@ impl Default for CreateOptions {
             node: "node01".into(),
             server: "server1".into(),
             bus: "bus1".into(),
+            host: "127.0.0.1".into(),
         }
     }
 }
@@ -494,7 +497,7 @@ fn initial_config(opts: &CreateOptions) -> Result<Config> {
         },
         nodes: vec![NodeCfg {
             name: opts.node.clone(),
-            host: "127.0.0.1".into(),
+            host: opts.host.clone(),
             admin_port: opts.base_port,
             servers: Vec::new(),
         }],
@@ -671,6 +674,7 @@ mod tests {
             node: "n1".into(),
             server: "s1".into(),
             bus: "b1".into(),
+            host: "127.0.0.1".into(),
         };
         let p = Profile::create(t.path(), &opts).expect("create into the empty tempdir");
         let cfg = p.master().load().expect("load");

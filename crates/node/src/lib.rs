@@ -148,6 +148,8 @@ pub(crate) struct Agent {
     stop: watch::Sender<Option<String>>,
     started_at: SystemTime,
     admin_port: u16,
+    /// The address of the node's host: its servers listen there.
+    host: std::net::IpAddr,
     /// The node agent's certificate and the cell's CA: calls to servers use mutual TLS.
     tls: Option<Arc<keel_tls::rustls::ClientConfig>>,
     /// Admin ports of adopted servers that serve plain HTTP only (started by an earlier
@@ -220,7 +222,13 @@ async fn serve(profile: Profile) -> Result<(), (u8, String)> {
     certificates::ensure(&profile, &cfg, &node);
 
     let pid_file = profile.layout().pid_file(NODE_AGENT);
-    let addr = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, node_cfg.admin_port));
+    // The node's host is the address its processes bind and advertise (DESIGN §11).
+    let addr = node_cfg.endpoint(node_cfg.admin_port).map_err(|e| {
+        refused(format!(
+            "the host {} of node {node} gives no address to listen on ({e}); set `host` in its node.toml",
+            node_cfg.host
+        ))
+    })?;
     let password = profile
         .admin_password()
         .map_err(|e| refused(e.to_string()))?;
@@ -229,13 +237,14 @@ async fn serve(profile: Profile) -> Result<(), (u8, String)> {
         password,
     };
     if let Some(pid) = launch::read_pid(&pid_file) {
-        if launch::is_profile_process(pid, profile.root())
-            && AdminClient::new(addr, credential.clone())
-                .with_timeout_ms(PING_TIMEOUT_MS)
-                .ping()
-                .await
-                .is_ok()
-        {
+        // Plain HTTP to a loopback host, else HTTPS (plain is for loopback only).
+        let mut probe = AdminClient::new(addr, credential.clone()).with_timeout_ms(PING_TIMEOUT_MS);
+        if !keel_core::plaintext::plain_allowed(addr.ip()) {
+            if let Ok(tls) = profile.pki().client_config() {
+                probe = probe.with_tls(tls);
+            }
+        }
+        if launch::is_profile_process(pid, profile.root()) && probe.ping().await.is_ok() {
             return Err(refused(format!("the node agent of node {node} is already running (pid {pid}, admin {addr}); stop it with `keel node stop` first")));
         }
     }
@@ -283,6 +292,7 @@ async fn serve(profile: Profile) -> Result<(), (u8, String)> {
         stop: stop_tx.clone(),
         started_at: SystemTime::now(),
         admin_port: node_cfg.admin_port,
+        host: addr.ip(),
         tls: match agent_tls {
             Ok(c) => Some(c),
             Err(e) => {
@@ -460,7 +470,7 @@ impl Agent {
     /// else (adopted from an earlier build) or when the agent has no certificate.
     fn client(&self, admin_port: u16) -> AdminClient {
         let plain = AdminClient::new(
-            std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, admin_port)),
+            std::net::SocketAddr::new(self.host, admin_port),
             self.credential.clone(),
         );
         match &self.tls {
@@ -1004,7 +1014,7 @@ impl Agent {
             "state": slot.state.as_str(),
             "pid": slot.pid,
             "mode": if live { Some(slot.mode.as_str()) } else { None },
-            "endpoints": {"admin": format!("127.0.0.1:{admin}"), "bus": if bus_served { Some(format!("127.0.0.1:{bus}")) } else { None }},
+            "endpoints": {"admin": std::net::SocketAddr::new(self.host, admin).to_string(), "bus": if bus_served { Some(std::net::SocketAddr::new(self.host, bus).to_string()) } else { None }},
             "auto_restart": s.monitor.auto_restart,
             "admin_transport": self.transport(admin),
             "restarts": slot.restarts,

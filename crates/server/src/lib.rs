@@ -19,7 +19,6 @@
 //! Invariant: a fatal start error is written both to SystemOut.log (`WSVR0101E`) and as one line
 //! on stderr, which the node agent captures in native_stderr.log and hands back to the operator.
 
-use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
@@ -184,11 +183,15 @@ async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
         )));
     }
 
+    let node_cfg = cfg
+        .node(&node)
+        .ok_or_else(|| Fatal::refused(format!("node {node} is not in the configuration")))?
+        .clone();
     let admin_listener = bind(
         server_cfg.admin_port,
         "admin_port",
         &profile,
-        &node,
+        &node_cfg,
         &opts.server,
     )
     .await?;
@@ -202,7 +205,7 @@ async fn serve(profile: Profile, opts: &RunOptions) -> Result<(), Fatal> {
                 server_cfg.bus_port,
                 "bus_port",
                 &profile,
-                &node,
+                &node_cfg,
                 &opts.server,
             )
             .await?,
@@ -571,10 +574,17 @@ async fn bind(
     port: u16,
     key: &str,
     profile: &Profile,
-    node: &str,
+    node: &keel_config::NodeCfg,
     server: &str,
 ) -> Result<TcpListener, Fatal> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    // The node's host is the address its processes bind and advertise (DESIGN §11).
+    let addr = node.endpoint(port).map_err(|e| {
+        Fatal::refused(format!(
+            "the host {} of node {} gives no address to listen on ({e}); set `host` in its node.toml",
+            node.host, node.name
+        ))
+    })?;
+    let node = node.name.as_str();
     let cert = format!("{node}.{server}");
     let serves_tls = profile.pki().server_config(&cert).is_ok();
     if let Some(problem) = keel_core::plaintext::bind_problem(

@@ -72,6 +72,29 @@ pub struct Cell {
     pub name: String,
 }
 
+impl NodeCfg {
+    /// The address the node's processes bind and that callers on any host reach them at
+    /// (`host` as an IP address, else the first address its name resolves to), with `port`.
+    pub fn endpoint(&self, port: u16) -> std::io::Result<std::net::SocketAddr> {
+        use std::net::ToSocketAddrs;
+        if let Ok(ip) = self.host.parse::<std::net::IpAddr>() {
+            return Ok(std::net::SocketAddr::new(ip, port));
+        }
+        (self.host.as_str(), port)
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!(
+                        "host {} of node {} resolves to no address",
+                        self.host, self.name
+                    ),
+                )
+            })
+    }
+}
+
 /// One node: its node agent's endpoint and the servers it supervises.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NodeCfg {
