@@ -37,6 +37,16 @@ pub fn unix_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// 64 random bits from the operating system (0 if it has none to give: callers use them for
+/// jitter, never for secrets).
+pub fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        return 0;
+    }
+    u64::from_le_bytes(b)
+}
+
 /// The wall clock in whole seconds since the Unix epoch (certificate validity is in seconds).
 pub fn unix_s() -> i64 {
     i64::try_from(unix_ms() / 1000).unwrap_or(i64::MAX)

@@ -10,7 +10,7 @@ pub const CONNECT_WAIT_MS: u64 = 5_000;
 
 /// Keeps `engine` linked to `peer` until the task is aborted: connects, proves its credential,
 /// checks the peer's, holds the link, and after a failure or a loss tries again with back-off
-/// (doubling from RECONNECT_FIRST_MS up to RECONNECT_MAX_MS). Logs `CWSIT0007I` when a link
+/// (doubling from RECONNECT_FIRST_MS up to RECONNECT_MAX_MS, each pause jittered down to half). Logs `CWSIT0007I` when a link
 /// comes up and `CWSIT0008W` when an attempt fails or a link is lost, once per distinct reason,
 /// so a peer that stays down does not flood the log.
 ///
@@ -46,8 +46,38 @@ pub async fn keep_linked(engine: Arc<Engine>, shared_secret: Vec<u8>, peer: Peer
             );
             last_failure = Some(failure);
         }
-        tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+        tokio::time::sleep(Duration::from_millis(jittered(
+            pause_ms,
+            keel_core::random_u64(),
+        )))
+        .await;
         pause_ms = (pause_ms * 2).min(RECONNECT_MAX_MS);
+    }
+}
+
+/// A pause between `pause_ms / 2` and `pause_ms` ("equal jitter"): the engines of a cell that
+/// lost the same peer (a restart, a healed partition) do not all call it at the same instants.
+fn jittered(pause_ms: u64, random: u64) -> u64 {
+    let half = pause_ms / 2;
+    half + random % (pause_ms - half + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::jittered;
+
+    #[test]
+    fn jitter_stays_between_half_and_the_whole_pause() {
+        for pause in [super::RECONNECT_FIRST_MS, 1_000, super::RECONNECT_MAX_MS] {
+            let mut seen = std::collections::BTreeSet::new();
+            for r in [0, 1, 7, u64::MAX / 3, u64::MAX - 1, u64::MAX] {
+                let p = jittered(pause, r);
+                assert!((pause / 2..=pause).contains(&p), "{pause}: {p}");
+                seen.insert(p);
+            }
+            assert!(seen.len() > 1, "the pause varies");
+        }
+        assert_eq!(jittered(0, 12345), 0);
     }
 }
 
