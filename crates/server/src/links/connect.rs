@@ -62,25 +62,6 @@ fn jittered(pause_ms: u64, random: u64) -> u64 {
     half + random % (pause_ms - half + 1)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::jittered;
-
-    #[test]
-    fn jitter_stays_between_half_and_the_whole_pause() {
-        for pause in [super::RECONNECT_FIRST_MS, 1_000, super::RECONNECT_MAX_MS] {
-            let mut seen = std::collections::BTreeSet::new();
-            for r in [0, 1, 7, u64::MAX / 3, u64::MAX - 1, u64::MAX] {
-                let p = jittered(pause, r);
-                assert!((pause / 2..=pause).contains(&p), "{pause}: {p}");
-                seen.insert(p);
-            }
-            assert!(seen.len() > 1, "the pause varies");
-        }
-        assert_eq!(jittered(0, 12345), 0);
-    }
-}
-
 /// One link: Err(why) if it never came up, Ok(why it ended) once it was up.
 pub(crate) async fn link_once(
     engine: &Engine,
@@ -272,4 +253,23 @@ pub async fn source_link<S: LinkIo>(
         }
     };
     Ok(source_side(&messaging, peer, &stream, from, &mut framed).await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::jittered;
+
+    #[test]
+    fn jitter_stays_between_half_and_the_whole_pause() {
+        for pause in [super::RECONNECT_FIRST_MS, 1_000, super::RECONNECT_MAX_MS] {
+            let mut seen = std::collections::BTreeSet::new();
+            for r in [0, 1, 7, u64::MAX / 3, u64::MAX - 1, u64::MAX] {
+                let p = jittered(pause, r);
+                assert!((pause / 2..=pause).contains(&p), "{pause}: {p}");
+                seen.insert(p);
+            }
+            assert!(seen.len() > 1, "the pause varies");
+        }
+        assert_eq!(jittered(0, 12345), 0);
+    }
 }
