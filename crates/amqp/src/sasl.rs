@@ -196,10 +196,7 @@ impl KeelSasl {
             }
         }
         let provider = OneVerifier {
-            verifier: self
-                .users
-                .scram(&user)
-                .or_else(|| keel_auth::scram::Verifier::unmatchable().ok()),
+            verifier: self.users.scram_or_decoy(&user).ok(),
             user: user.clone(),
             version: ScramVersion::Sha256,
         };

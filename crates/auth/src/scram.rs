@@ -41,17 +41,19 @@ impl Verifier {
         Ok(Verifier::with_salt(password, salt, ITERATIONS))
     }
 
-    /// A verifier no password matches (random keys): what an exchange about an unknown user,
-    /// or a user without a password, runs against, so it fails at the proof like a wrong
-    /// password instead of telling at once that the user does not exist.
-    pub fn unmatchable() -> Result<Verifier, AuthError> {
-        let mut bytes = [0u8; 80];
-        getrandom::fill(&mut bytes).map_err(|e| AuthError::Random(e.to_string()))?;
+    /// A verifier no password matches (random keys) with `salt`: what an exchange about an
+    /// unknown user, or a user without a password, runs against, so it fails at the proof like
+    /// a wrong password instead of telling at once that the user does not exist. The caller
+    /// gives the same salt for the same name ([`crate::Users::scram_or_decoy`]), as a real
+    /// user's salt stays the same between attempts.
+    pub fn unmatchable(salt: &[u8]) -> Result<Verifier, AuthError> {
+        let mut keys = [0u8; 64];
+        getrandom::fill(&mut keys).map_err(|e| AuthError::Random(e.to_string()))?;
         Ok(Verifier {
             iterations: ITERATIONS,
-            salt: bytes[..16].to_vec(),
-            stored_key: bytes[16..48].to_vec(),
-            server_key: bytes[48..80].to_vec(),
+            salt: salt.to_vec(),
+            stored_key: keys[..32].to_vec(),
+            server_key: keys[32..].to_vec(),
         })
     }
 

@@ -260,6 +260,17 @@ impl Users {
         Verifier::parse(text)
     }
 
+    /// The verifier a SCRAM exchange about `name` runs against: the user's own, else one no
+    /// password matches, with a salt that is the same for the same name in this process (a
+    /// changing salt would tell that the user does not exist).
+    pub fn scram_or_decoy(&self, name: &str) -> Result<Verifier, AuthError> {
+        if let Some(v) = self.scram(name) {
+            return Ok(v);
+        }
+        let salt = self.cache_mac("scram decoy salt", "", name);
+        Verifier::unmatchable(&salt[..16])
+    }
+
     fn cache_mac(&self, user: &str, phc: &str, password: &str) -> [u8; 32] {
         let mut mac =
             <Hmac<Sha256> as KeyInit>::new_from_slice(&self.cache_key).expect("any key length");
@@ -296,9 +307,10 @@ impl Users {
             return Err(wrong());
         };
         let Some(phc) = u.password_hash.as_deref() else {
-            return Err(format!(
-                "user {user:?} has no password: it cannot log in (it exists for anonymous clients)"
-            ));
+            // A user without a password (a bus's anonymous user) cannot log in; it is refused
+            // in the same words and time as a wrong password, so probing tells nothing.
+            let _ = crate::password::verify(DECOY_HASH, password);
+            return Err(wrong());
         };
         let mac = self.cache_mac(user, phc, password);
         let cached = self
@@ -380,12 +392,28 @@ mod tests {
             unknown,
             "the refusal does not tell which part was wrong"
         );
-        assert!(users
-            .authenticate("guest", "")
-            .unwrap_err()
-            .contains("no password"));
+        assert_eq!(
+            users.authenticate("guest", "").unwrap_err(),
+            "wrong user or password for user \"guest\"",
+            "a user without a password is refused like a wrong password"
+        );
         assert!(users.authenticate("admin", "legacy-is-ignored").is_err());
         assert!(users.principal("guest").is_some() && users.principal("bob").is_none());
+    }
+
+    #[test]
+    fn scram_decoys_keep_their_salt_and_match_nothing() {
+        let alice = crate::new_user("alice", Some("alice-password"), vec![]).unwrap();
+        let users = Users::fixed(&cfg(vec![alice]), None).unwrap();
+        let a = users.scram_or_decoy("nobody").unwrap();
+        let b = users.scram_or_decoy("nobody").unwrap();
+        assert_eq!(a.salt, b.salt, "the same name gets the same salt");
+        assert_ne!(a.stored_key, b.stored_key);
+        assert_ne!(users.scram_or_decoy("somebody").unwrap().salt, a.salt);
+        assert_eq!(
+            users.scram_or_decoy("alice").unwrap(),
+            users.scram("alice").unwrap()
+        );
     }
 
     #[test]
