@@ -24,19 +24,11 @@ fn plain_http_is_served_to_loopback_only_https_to_anyone() {
     // One host of a lab: its address is 198.18.0.1 (HOST), and nothing leaves the lab.
     let lab = keel_testkit::netlab::Lab::new(1).unwrap();
     assert_eq!(lab.addr(0), HOST);
-    let name = lab.ns(0).to_string();
-    let exe = std::env::current_exe().unwrap();
-    let out = lab
-        .cmd(0, &exe)
-        .args(["--exact", "plaintext_child", "--nocapture"])
-        .env(CHILD_ENV, "1")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("plaintext child: all checks passed"),
-        "the child in namespace {name} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    lab.run_child_test(
+        0,
+        "plaintext_child",
+        CHILD_ENV,
+        "plaintext child: all checks passed",
     );
 }
 

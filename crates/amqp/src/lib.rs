@@ -524,7 +524,24 @@ async fn connection<S>(
     tracing::debug!(target: "keel_amqp", %peer, ?principal, "AMQP connection open");
     // A removed user's connections close when this server next reads the users
     // (`keel_auth::Users::refresh`, every USERS_REFRESH_MS).
+    // Resolves only when this connection's user is removed: the session accept below is
+    // dropped only then (the connection closes anyway), and a closed watch waits forever
+    // instead of spinning.
     let mut users_changed = settings.users.subscribe();
+    let removed = async {
+        let Principal::User(name) = &principal else {
+            return std::future::pending().await;
+        };
+        loop {
+            if users_changed.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            if settings.users.principal(name).is_none() {
+                return name.clone();
+            }
+        }
+    };
+    tokio::pin!(removed);
     let mut sessions = JoinSet::new();
     // Open transactions of this connection, across its sessions (TXN_OPEN_MAX).
     let txn_open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -539,14 +556,7 @@ async fn connection<S>(
             .build();
         let accepted = tokio::select! {
             accepted = acceptor.accept(&mut conn) => accepted,
-            changed = users_changed.changed() => {
-                if changed.is_err() {
-                    continue;
-                }
-                let Principal::User(name) = &principal else { continue };
-                if settings.users.principal(name).is_some() {
-                    continue;
-                }
+            name = &mut removed => {
                 let why = format!("user {name:?} was removed: its connections are closed");
                 surface.refused(peer, &why);
                 let error =

@@ -18,18 +18,11 @@ fn plain_amqp_from_elsewhere_is_closed_and_plain_is_offered_only_over_tls() {
     // One host of a lab: its address is 198.18.0.1 (HOST), and nothing leaves the lab.
     let lab = keel_testkit::netlab::Lab::new(1).unwrap();
     assert_eq!(lab.addr(0), HOST);
-    let name = lab.ns(0).to_string();
-    let out = lab
-        .cmd(0, std::env::current_exe().unwrap())
-        .args(["--exact", "amqp_plaintext_child", "--nocapture"])
-        .env(CHILD_ENV, "1")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("amqp plaintext child: all checks passed"),
-        "the child in namespace {name} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    lab.run_child_test(
+        0,
+        "amqp_plaintext_child",
+        CHILD_ENV,
+        "amqp plaintext child: all checks passed",
     );
 }
 

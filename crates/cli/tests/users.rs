@@ -43,6 +43,15 @@ fn add_user(env: &Env, name: &str, password: &str, roles: &[&str]) {
     keel_pw(env, password, &args);
 }
 
+/// `keel role grant ROLE --user USER --bus bus1 [--destination DEST]`.
+fn grant(env: &Env, role: &str, user: &str, destination: Option<&str>) {
+    let mut args = vec!["role", "grant", role, "--user", user, "--bus", "bus1"];
+    if let Some(d) = destination {
+        args.extend(["--destination", d]);
+    }
+    env.ok(&args);
+}
+
 fn started() -> Env {
     let env = Env::new();
     env.ok(&["destination", "create", "bus1", "q1", "--type", "queue"]);
@@ -244,47 +253,11 @@ async fn scram_connect(
 fn bus_roles_are_checked_at_connect_and_attach() {
     let env = started();
     add_user(&env, "bob", "bob-password", &[]);
-    env.ok(&[
-        "role",
-        "grant",
-        "connector",
-        "--user",
-        "bob",
-        "--bus",
-        "bus1",
-    ]);
-    env.ok(&[
-        "role",
-        "grant",
-        "sender",
-        "--user",
-        "bob",
-        "--bus",
-        "bus1",
-        "--destination",
-        "q1",
-    ]);
+    grant(&env, "connector", "bob", None);
+    grant(&env, "sender", "bob", Some("q1"));
     add_user(&env, "carol", "carol-password", &[]);
-    env.ok(&[
-        "role",
-        "grant",
-        "connector",
-        "--user",
-        "carol",
-        "--bus",
-        "bus1",
-    ]);
-    env.ok(&[
-        "role",
-        "grant",
-        "receiver",
-        "--user",
-        "carol",
-        "--bus",
-        "bus1",
-        "--destination",
-        "q*",
-    ]);
+    grant(&env, "connector", "carol", None);
+    grant(&env, "receiver", "carol", Some("q*"));
     add_user(&env, "dave", "dave-password", &["Monitor"]);
     let roles = env.ok(&["role", "list", "--user", "carol", "--json"]);
     assert!(roles.contains("\"destination\": \"q*\""), "{roles}");
@@ -449,26 +422,8 @@ fn anonymous_clients_act_as_the_buses_anonymous_user() {
     let e = env.fails(&["bus", "anonymous", "bus1", "on"]);
     assert!(e.contains("user `anonymous`, which does not exist"), "{e}");
     env.ok(&["user", "add", "guest", "--no-password"]);
-    env.ok(&[
-        "role",
-        "grant",
-        "connector",
-        "--user",
-        "guest",
-        "--bus",
-        "bus1",
-    ]);
-    env.ok(&[
-        "role",
-        "grant",
-        "receiver",
-        "--user",
-        "guest",
-        "--bus",
-        "bus1",
-        "--destination",
-        "q1",
-    ]);
+    grant(&env, "connector", "guest", None);
+    grant(&env, "receiver", "guest", Some("q1"));
     env.ok(&["bus", "anonymous", "bus1", "on", "--as", "guest"]);
     // guest cannot log in with a password, and cannot be removed while the bus maps to it.
     let e = env.fails(&["user", "remove", "guest"]);

@@ -160,26 +160,13 @@ async fn a_store_over_verified_tls() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let now_s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    let db = keel_tls::Identity {
-        node: "db".into(),
-        process: "pg".into(),
-        hosts: vec!["localhost".into(), "127.0.0.1".into()],
-    };
-    let pki = keel_tls::Pki::at(dir.path().join("db"));
-    pki.ensure("dbca", std::slice::from_ref(&db), now_s)
-        .unwrap();
-    let other = keel_tls::Pki::at(dir.path().join("other"));
-    other.ensure("other", &[], now_s).unwrap();
-    let read = |p: std::path::PathBuf| std::fs::read_to_string(p).unwrap();
-    let cluster = Cluster::start_tls(
-        bin,
-        &read(pki.cert_path(&db.name())),
-        &read(pki.key_path(&db.name())),
-    );
+    let keel_testkit::dbcerts::DbCerts {
+        pki,
+        other,
+        cert_pem,
+        key_pem,
+    } = keel_testkit::dbcerts::db_certs(dir.path(), "pg");
+    let cluster = Cluster::start_tls(bin, &cert_pem, &key_pem);
     let url = |ca: &std::path::Path| {
         format!(
             "{}?sslmode=verify-full&sslrootcert={}",

@@ -142,32 +142,40 @@ impl Lab {
         c
     }
 
+    /// Runs test `test` of the running test binary on host `i`, with `env` set to 1 (a test
+    /// that returns at once when `env` is unset), and panics with its output unless it passed
+    /// and printed `passed`: a process's threads are all in one network namespace only if the
+    /// process started there.
+    pub fn run_child_test(&self, i: usize, test: &str, env: &str, passed: &str) {
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let out = self
+            .cmd(i, exe)
+            .args(["--exact", test, "--nocapture"])
+            .env(env, "1")
+            .output()
+            .expect("running the test binary in the lab");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains(passed),
+            "{test} on host {i} ({}) failed:\n{stdout}\n{}",
+            self.ns(i),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Cuts host `i` off the others: its port on the switch goes down.
     pub fn partition(&self, i: usize) -> Result<(), String> {
-        run(&[
-            "ip",
-            "-n",
-            &self.switch(),
-            "link",
-            "set",
-            &format!("p{i}"),
-            "down",
-        ])
-        .map(|_| ())
+        self.set_port(i, "down")
     }
 
     /// Joins host `i` again after [`Lab::partition`].
     pub fn heal(&self, i: usize) -> Result<(), String> {
-        run(&[
-            "ip",
-            "-n",
-            &self.switch(),
-            "link",
-            "set",
-            &format!("p{i}"),
-            "up",
-        ])
-        .map(|_| ())
+        self.set_port(i, "up")
+    }
+
+    fn set_port(&self, i: usize, state: &str) -> Result<(), String> {
+        let port = format!("p{i}");
+        run(&["ip", "-n", &self.switch(), "link", "set", &port, state]).map(|_| ())
     }
 
     /// The namespaces this lab holds now (hosts and switch), as `ip netns list` shows them.

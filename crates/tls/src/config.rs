@@ -3,7 +3,7 @@
 //! ring is the crypto provider throughout (one provider per process, never the global
 //! default, so nothing depends on which crate installed one first).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
@@ -46,17 +46,8 @@ impl Pki {
     /// needs a process's identity (engine links) checks that there was one
     /// ([`peer_process`]).
     pub fn mutual_server_config(&self, name: &str) -> Result<Arc<rustls::ServerConfig>> {
-        let (cert_path, key_path) = (self.cert_path(name), self.key_path(name));
-        let (chain, key) = chain_and_key(
-            &self.read_pem(&cert_path)?,
-            &self.read_pem(&key_path)?,
-            &cert_path,
-        )?;
-        let ca_path = self.ca_cert_path();
-        let roots = roots_from_pem(
-            &read_pem_file(&ca_path, "give the path of the CA's PEM certificate")?,
-            &ca_path,
-        )?;
+        let (chain, key, cert_path) = self.process_pair(name)?;
+        let (roots, ca_path) = self.cell_roots()?;
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
             Arc::new(roots),
             provider(),
@@ -76,17 +67,8 @@ impl Pki {
     /// A client's configuration for process `name`: trusts the cell's CA and presents the
     /// process's certificate (mutual TLS between Keel processes).
     pub fn mutual_client_config(&self, name: &str) -> Result<Arc<rustls::ClientConfig>> {
-        let (cert_path, key_path) = (self.cert_path(name), self.key_path(name));
-        let (chain, key) = chain_and_key(
-            &self.read_pem(&cert_path)?,
-            &self.read_pem(&key_path)?,
-            &cert_path,
-        )?;
-        let ca_path = self.ca_cert_path();
-        let roots = roots_from_pem(
-            &read_pem_file(&ca_path, "give the path of the CA's PEM certificate")?,
-            &ca_path,
-        )?;
+        let (chain, key, cert_path) = self.process_pair(name)?;
+        let (roots, ca_path) = self.cell_roots()?;
         let config = rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| bad(&ca_path, e))?
@@ -94,6 +76,34 @@ impl Pki {
             .with_client_auth_cert(chain, key)
             .map_err(|e| bad(&cert_path, format!("does not go with its key ({e})")))?;
         Ok(Arc::new(config))
+    }
+
+    /// Process `name`'s certificate chain and key, with the certificate's path (for errors).
+    fn process_pair(
+        &self,
+        name: &str,
+    ) -> Result<(
+        Vec<CertificateDer<'static>>,
+        PrivateKeyDer<'static>,
+        PathBuf,
+    )> {
+        let (cert_path, key_path) = (self.cert_path(name), self.key_path(name));
+        let (chain, key) = chain_and_key(
+            &self.read_pem(&cert_path)?,
+            &self.read_pem(&key_path)?,
+            &cert_path,
+        )?;
+        Ok((chain, key, cert_path))
+    }
+
+    /// The cell's CA as rustls roots, with its path (for errors).
+    fn cell_roots(&self) -> Result<(rustls::RootCertStore, PathBuf)> {
+        let ca_path = self.ca_cert_path();
+        let roots = roots_from_pem(
+            &read_pem_file(&ca_path, "give the path of the CA's PEM certificate")?,
+            &ca_path,
+        )?;
+        Ok((roots, ca_path))
     }
 }
 

@@ -967,31 +967,6 @@ async fn a_postgresql_that_cannot_prepare_is_refused_at_check_and_begin() {
     assert!(r.recover().await.unwrap().is_empty());
 }
 
-/// A database server's CA (in `dir/db`) with a certificate for `process` on localhost and
-/// 127.0.0.1 (returned as PEM: certificate, key), and another CA (in `dir/other`).
-fn db_certs(dir: &Path, process: &str) -> (keel_tls::Pki, keel_tls::Pki, String, String) {
-    let now_s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    let db = keel_tls::Identity {
-        node: "db".into(),
-        process: process.into(),
-        hosts: vec!["localhost".into(), "127.0.0.1".into()],
-    };
-    let pki = keel_tls::Pki::at(dir.join("db"));
-    pki.ensure("dbca", std::slice::from_ref(&db), now_s)
-        .unwrap();
-    let other = keel_tls::Pki::at(dir.join("other"));
-    other.ensure("other", &[], now_s).unwrap();
-    let read = |p: PathBuf| std::fs::read_to_string(p).unwrap();
-    let (cert, key) = (
-        read(pki.cert_path(&db.name())),
-        read(pki.key_path(&db.name())),
-    );
-    (pki, other, cert, key)
-}
-
 /// A data source whose URL asks for TLS (`sslmode=verify-full&sslrootcert=FILE`) runs its
 /// two-phase work over TLS against a PostgreSQL that takes TCP over TLS only; the same URL
 /// trusting another CA cannot connect, and `sslmode=require` is refused with what to use.
@@ -1000,7 +975,12 @@ async fn a_data_source_over_verified_tls_prepares_and_commits() {
     let bin =
         pg_bin().expect("PostgreSQL is installed (initdb and pg_ctl under /usr/lib/postgresql)");
     let certs = tempfile::tempdir().unwrap();
-    let (pki, other, cert, key) = db_certs(certs.path(), "pg");
+    let keel_testkit::dbcerts::DbCerts {
+        pki,
+        other,
+        cert_pem: cert,
+        key_pem: key,
+    } = keel_testkit::dbcerts::db_certs(certs.path(), "pg");
     let cluster = Cluster::start_tls(bin, &cert, &key);
     cluster
         .psql()
@@ -1050,7 +1030,12 @@ async fn a_data_source_over_verified_tls_prepares_and_commits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mariadb_data_source_over_verified_tls_prepares_and_commits() {
     let certs = tempfile::tempdir().unwrap();
-    let (pki, other, cert, key) = db_certs(certs.path(), "maria");
+    let keel_testkit::dbcerts::DbCerts {
+        pki,
+        other,
+        cert_pem: cert,
+        key_pem: key,
+    } = keel_testkit::dbcerts::db_certs(certs.path(), "maria");
     let m = Maria::start_tls(&cert, &key);
     let out = m
         .client()
